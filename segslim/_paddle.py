@@ -1,0 +1,44 @@
+"""The one import of paddle: every module that needs paddle, paddleseg or paddleslim
+imports them through here so the process-wide fixes below always run first."""
+import ctypes
+import ctypes.util
+import os
+import warnings
+
+# libpaddle.so (2.6) exports its own zlib symbols; with a Python whose zlib module is a
+# shared library, importing paddleslim/paddleseg then segfaults in inflateReset2. Loading
+# the system libz globally before paddle makes every module bind to one zlib.
+_libz = ctypes.util.find_library('z')
+if _libz:
+    ctypes.CDLL(_libz, mode=ctypes.RTLD_GLOBAL)
+
+os.environ.setdefault('GLOG_minloglevel', '2')
+warnings.filterwarnings('ignore', message='Setuptools is replacing distutils')
+warnings.filterwarnings('ignore', category=DeprecationWarning)
+
+import paddle  # noqa: E402
+
+SUPPORTED_PADDLE = ('2.6',)
+
+
+def check_versions() -> None:
+    """Warns when the installed paddle is outside the tested line (QAT export breaks on 3.x)."""
+    if not paddle.__version__.startswith(SUPPORTED_PADDLE) and paddle.__version__ != '0.0.0':
+        warnings.warn('segslim is tested with paddlepaddle 2.6.x; found {}. Paddle 3.x breaks '
+                      'PaddleSlim QAT export.'.format(paddle.__version__))
+
+
+def set_device(device: str) -> str:
+    """Selects 'cpu' or 'gpu'; on a CPU-only build 'gpu' falls back to CPU with a warning."""
+    from segslim.logger import logger
+    if device is None:
+        device = 'gpu' if paddle.is_compiled_with_cuda() else 'cpu'
+    if device == 'gpu' and not paddle.is_compiled_with_cuda():
+        logger.warning('--device gpu asked for, but this paddlepaddle build has no CUDA: '
+                       'running on CPU (install paddlepaddle-gpu for GPU runs)')
+        device = 'cpu'
+    paddle.set_device(device)
+    return device
+
+
+__all__ = ['paddle', 'check_versions', 'set_device']

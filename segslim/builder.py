@@ -1,0 +1,169 @@
+"""Builds models, datasets, transforms, losses, optimizers and LR schedules from a config.
+
+`type:` names resolve against paddleseg's component managers and paddle's schedulers.
+Building never loads weights: see segslim.engine.checkpoint for that.
+"""
+import copy
+import difflib
+from typing import Any, Dict, List, Optional, Tuple
+
+from segslim._paddle import paddle
+from segslim.errors import UserError
+
+import paddleseg  # noqa: F401  (registers every component with the managers)
+from paddleseg.cvlibs import manager
+
+KINDS = {
+    'model': manager.MODELS,
+    'backbone': manager.BACKBONES,
+    'dataset': manager.DATASETS,
+    'transform': manager.TRANSFORMS,
+    'loss': manager.LOSSES,
+    'optimizer': manager.OPTIMIZERS,
+}
+NESTED_KINDS = {'backbone': 'backbone'}
+
+
+def lookup(kind: str, name: str, key: str) -> Any:
+    """The class registered as `name` for `kind`; an unknown name lists the closest ones."""
+    registry = KINDS[kind].components_dict
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), list(registry), n=3, cutoff=0.4)
+        hint = ('did you mean {}?'.format(', '.join(close)) if close else
+                'known: {}'.format(', '.join(sorted(registry)[:12]) + ', ...'))
+        raise UserError('config key `{}`: unknown {} type {!r}; {}'.format(key, kind, name,
+                                                                          hint))
+    return registry[name]
+
+
+def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> Any:
+    """Instantiates `{type: Name, **kwargs}`; nested `{type: ...}` dicts (a backbone) are built too."""
+    cfg = copy.deepcopy(cfg)
+    cls = lookup(kind, cfg.pop('type'), key + '.type')
+    for name, value in list(cfg.items()):
+        if isinstance(value, dict) and 'type' in value and name in NESTED_KINDS:
+            cfg[name] = build_component(NESTED_KINDS[name], value, key + '.' + name)
+    cfg.update(extra)
+    try:
+        return cls(**cfg)
+    except TypeError as e:
+        raise UserError('config key `{}`: cannot build {} ({}); check its arguments'.format(
+            key, cls.__name__, e))
+
+
+def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    cfg = copy.deepcopy(cfg)
+    cfg.pop('pretrained', None)
+    if isinstance(cfg.get('backbone'), dict):
+        cfg['backbone'].pop('pretrained', None)
+    return cfg
+
+
+def num_classes_of(cfg: Dict[str, Any]) -> int:
+    """num_classes from the model, else the train dataset (its class constant or its key)."""
+    model_cfg = cfg['model']
+    if 'num_classes' in model_cfg:
+        return int(model_cfg['num_classes'])
+    data_cfg = cfg['train_dataset']
+    if 'num_classes' in data_cfg:
+        return int(data_cfg['num_classes'])
+    cls = lookup('dataset', data_cfg['type'], 'train_dataset.type')
+    if hasattr(cls, 'NUM_CLASSES'):
+        return int(cls.NUM_CLASSES)
+    raise UserError('config: set `model.num_classes` (the dataset type {} does not define '
+                    'it)'.format(data_cfg['type']))
+
+
+def ignore_index_of(cfg: Dict[str, Any], key: str = 'train_dataset') -> int:
+    data_cfg = cfg[key]
+    if 'ignore_index' in data_cfg:
+        return int(data_cfg['ignore_index'])
+    cls = lookup('dataset', data_cfg['type'], key + '.type')
+    return int(getattr(cls, 'IGNORE_INDEX', 255))
+
+
+def build_model(cfg: Dict[str, Any]) -> paddle.nn.Layer:
+    """The segmentation network with random weights (`pretrained` keys are not loaded here)."""
+    model_cfg = _without_pretrained(cfg['model'])
+    model_cfg['num_classes'] = num_classes_of(cfg)
+    return build_component('model', model_cfg, 'model')
+
+
+def pretrained_paths(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """[(sublayer name or '', path or URL)] named by `model.pretrained` / `model.backbone.pretrained`."""
+    found = []
+    model_cfg = cfg['model']
+    if isinstance(model_cfg.get('backbone'), dict) and model_cfg['backbone'].get('pretrained'):
+        found.append(('backbone', model_cfg['backbone']['pretrained']))
+    if model_cfg.get('pretrained'):
+        found.append(('', model_cfg['pretrained']))
+    return found
+
+
+def build_transforms(items: Optional[List[Dict[str, Any]]], key: str) -> list:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise UserError('config key `{}`: transforms must be a list of {{type: ...}}'.format(key))
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or 'type' not in item:
+            raise UserError('config key `{}[{}]`: expected {{type: Name, ...}}'.format(key, i))
+        out.append(build_component('transform', item, '{}[{}]'.format(key, i)))
+    return out
+
+
+def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
+    """{'types': [loss objects, one per coef], 'coef': [...]} for multi-output models."""
+    loss_cfg = cfg['loss']
+    ignore = ignore_index_of(cfg)
+    types = []
+    for i, item in enumerate(loss_cfg['types']):
+        item = dict(item)
+        cls = lookup('loss', item.get('type'), 'loss.types[{}].type'.format(i))
+        if 'ignore_index' in cls.__init__.__code__.co_varnames:
+            item.setdefault('ignore_index', ignore)
+        types.append(build_component('loss', item, 'loss.types[{}]'.format(i)))
+    if len(types) == 1 and len(loss_cfg['coef']) > 1:
+        types = types * len(loss_cfg['coef'])
+    return {'types': types, 'coef': [float(c) for c in loss_cfg['coef']]}
+
+
+def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
+    """The LR schedule; PolynomialDecay decays over `iters` unless decay_steps is set."""
+    if 'lr_scheduler' not in cfg:
+        value = cfg['learning_rate']['value']
+        decay = cfg['learning_rate'].get('decay', {}) or {}
+        lr_cfg = {'type': 'PolynomialDecay', 'learning_rate': value,
+                  'power': decay.get('power', 0.9), 'end_lr': decay.get('end_lr', 0.0)}
+    else:
+        lr_cfg = copy.deepcopy(cfg['lr_scheduler'])
+    lr_type = lr_cfg.pop('type')
+    warmup_iters = lr_cfg.pop('warmup_iters', 0)
+    warmup_start = lr_cfg.pop('warmup_start_lr', 0.0)
+    if lr_type == 'PolynomialDecay':
+        lr_cfg.setdefault('decay_steps', max(cfg['iters'] - warmup_iters, 1))
+    cls = getattr(paddle.optimizer.lr, lr_type, None)
+    if cls is None or not isinstance(cls, type):
+        raise UserError('config key `lr_scheduler.type`: unknown scheduler {!r}'.format(lr_type))
+    try:
+        sched = cls(**lr_cfg)
+    except TypeError as e:
+        raise UserError('config key `lr_scheduler`: cannot build {} ({})'.format(lr_type, e))
+    if warmup_iters:
+        sched = paddle.optimizer.lr.LinearWarmup(sched, warmup_iters, warmup_start,
+                                                 lr_cfg['learning_rate'])
+    return sched
+
+
+def build_optimizer(cfg: Dict[str, Any], model: paddle.nn.Layer,
+                    lr: paddle.optimizer.lr.LRScheduler) -> paddle.optimizer.Optimizer:
+    """PaddleSeg semantics: `SGD` with `momentum` means Momentum."""
+    opt_cfg = copy.deepcopy(cfg['optimizer'])
+    opt_cfg['type'] = {'sgd': 'SGD', 'adam': 'Adam'}.get(opt_cfg['type'], opt_cfg['type'])
+    if opt_cfg['type'] == 'SGD' and 'momentum' in opt_cfg:
+        opt_cfg['type'] = 'Momentum'
+    if isinstance(opt_cfg.get('weight_decay'), int):
+        opt_cfg['weight_decay'] = float(opt_cfg['weight_decay'])
+    factory = build_component('optimizer', opt_cfg, 'optimizer')
+    return factory(model, lr)

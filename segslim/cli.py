@@ -1,0 +1,122 @@
+"""The argument-parser factory every script starts from, and the error-to-exit-code edge."""
+import argparse
+import os
+import sys
+from typing import Callable, List, Optional
+
+from segslim.errors import UserError
+
+
+def base_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
+    """--config, --device, --opts and --debug, shared by every training-side script."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument('--config', required=config_required, help='the YAML config file')
+    p.add_argument('--device', choices=['cpu', 'gpu'], default=None,
+                   help='default: gpu when paddle is compiled with CUDA, else cpu')
+    p.add_argument('--opts', nargs='+', default=None, metavar='KEY=VALUE',
+                   help='override config keys, e.g. model.align_corners=True')
+    p.add_argument('--debug', action='store_true', help='show tracebacks')
+    return p
+
+
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags train.py and qat_train.py share (names and defaults of PaddleSeg's)."""
+    p.add_argument('--iters', type=int, default=None, help='iterations (overrides config)')
+    p.add_argument('--batch_size', type=int, default=None, help='images per step')
+    p.add_argument('--learning_rate', type=float, default=None,
+                   help='overrides lr_scheduler.learning_rate')
+    p.add_argument('--save_interval', '--save_interval_iters', dest='save_interval', type=int,
+                   default=1000, help='save (and evaluate) every N iterations')
+    p.add_argument('--save_dir', default='./output', help='run folder')
+    p.add_argument('--resume_model', default=None, help='an iter_N folder to continue from')
+    p.add_argument('--keep_checkpoint_max', type=int, default=5,
+                   help='iter_N folders to keep (best_model is always kept)')
+    p.add_argument('--num_workers', type=int, default=0, help='data loader processes')
+    p.add_argument('--do_eval', action='store_true', help='evaluate at every save')
+    p.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars')
+    p.add_argument('--log_iters', type=int, default=10, help='log every N iterations')
+    p.add_argument('--seed', type=int, default=0, help='seeds weights init, data order and augmentation')
+    return p
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags val.py and qat_val.py share."""
+    p.add_argument('--model_path', required=True, help='model.pdparams to evaluate')
+    p.add_argument('--num_workers', type=int, default=0, help='kept for compatibility')
+    p.add_argument('--aug_eval', action='store_true', help='multi-scale / flip evaluation')
+    p.add_argument('--scales', nargs='+', type=float, default=[1.0], help='with --aug_eval')
+    p.add_argument('--flip_horizontal', action='store_true', help='with --aug_eval')
+    p.add_argument('--flip_vertical', action='store_true', help='with --aug_eval')
+    p.add_argument('--is_slide', action='store_true', help='sliding-window inference')
+    p.add_argument('--crop_size', nargs=2, type=int, default=None, metavar=('W', 'H'))
+    p.add_argument('--stride', nargs=2, type=int, default=None, metavar=('W', 'H'))
+    p.add_argument('--json', default=None, help='also write the metrics to this JSON file')
+    return p
+
+
+def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags export.py and qat_export.py share."""
+    p.add_argument('--model_path', required=True, help='model.pdparams to export')
+    p.add_argument('--save_dir', default='./output', help='where the inference model goes')
+    p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
+                   help='head on the logits (default argmax)')
+    p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
+    p.add_argument('--without_argmax', action='store_true', help='same as --output_op none')
+    p.add_argument('--input_shape', nargs=4, type=int, default=None,
+                   metavar=('N', 'C', 'H', 'W'), help='fixed input shape (default dynamic)')
+    return p
+
+
+def eval_kwargs(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
+    """Evaluation options from the flags, falling back on the config's test_config."""
+    test_cfg = dict((cfg or {}).get('test_config') or {})
+    kwargs = {
+        'aug_eval': getattr(args, 'aug_eval', False) or test_cfg.get('aug_eval', False),
+        'scales': getattr(args, 'scales', None) or test_cfg.get('scales', 1.0),
+        'flip_horizontal': getattr(args, 'flip_horizontal', False) or
+        test_cfg.get('flip_horizontal', False),
+        'flip_vertical': getattr(args, 'flip_vertical', False) or
+        test_cfg.get('flip_vertical', False),
+        'is_slide': getattr(args, 'is_slide', False) or test_cfg.get('is_slide', False),
+        'crop_size': getattr(args, 'crop_size', None) or test_cfg.get('crop_size'),
+        'stride': getattr(args, 'stride', None) or test_cfg.get('stride'),
+    }
+    if isinstance(kwargs['scales'], list) and len(kwargs['scales']) == 1:
+        kwargs['scales'] = float(kwargs['scales'][0])
+    return kwargs
+
+
+def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
+    """Runs main(args): a UserError or a failing OS call becomes one line on stderr and
+    exit code 2; Ctrl-C exits 130; anything else exits 1 with a one-line summary.
+    --debug (or SEGSLIM_DEBUG=1) shows the traceback instead."""
+    debug = getattr(args, 'debug', False) or bool(os.environ.get('SEGSLIM_DEBUG'))
+    try:
+        return int(main(args) or 0)
+    except UserError as e:
+        if debug:
+            raise
+        print('error: {}'.format(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        return 130
+    except MemoryError:
+        if debug:
+            raise
+        print('error: out of memory; lower --batch_size or the input size', file=sys.stderr)
+        return 1
+    except Exception as e:
+        if debug:
+            raise
+        first = str(e).strip().splitlines()
+        print('error: {}: {} (rerun with --debug for the traceback)'.format(
+            type(e).__name__, first[-1] if first else ''), file=sys.stderr)
+        return 1
+
+
+def entry(build_parser: Callable[[], argparse.ArgumentParser],
+          main: Callable[[argparse.Namespace], Optional[int]],
+          argv: Optional[List[str]] = None) -> None:
+    """Parse, run, exit: the body of every script's `if __name__ == '__main__'`."""
+    sys.exit(run(main, build_parser().parse_args(argv)))

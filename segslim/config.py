@@ -1,0 +1,195 @@
+"""PaddleSeg-style YAML configs: `_base_` inheritance, command-line overrides, validation.
+
+Precedence, lowest first: built-in defaults < YAML (a child file wins over its
+`_base_`) < the --iters/--batch_size/--learning_rate flags < --opts key=value.
+"""
+import ast
+import copy
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from segslim.errors import UserError
+
+BASE_KEY = '_base_'
+INHERIT_KEY = '_inherited_'
+
+DEFAULTS: Dict[str, Any] = {'batch_size': 1, 'iters': 1000}
+KNOWN_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'test_dataset',
+              'optimizer', 'lr_scheduler', 'learning_rate', 'loss', 'model', 'export',
+              'test_config', 'quant_config', 'distill_loss')
+REQUIRED_KEYS = ('model', 'train_dataset', 'val_dataset', 'loss', 'optimizer',
+                 'lr_scheduler')
+
+
+def load_yaml(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
+    """Reads one YAML file and everything it inherits through `_base_`."""
+    path = os.path.abspath(path)
+    if path in _chain:
+        cycle = ' -> '.join(os.path.relpath(p) for p in list(_chain) + [path])
+        raise UserError('config {}: `_base_` is cyclic ({}); remove one of the links'.format(
+            os.path.relpath(path), cycle))
+    if not os.path.isfile(path):
+        if _chain:
+            raise UserError('config {}: `_base_` file {} does not exist; fix the path (it is '
+                            'relative to the child file)'.format(os.path.relpath(_chain[-1]),
+                                                                 os.path.relpath(path)))
+        raise UserError('config file {} does not exist; pass --config with a .yml file'.format(
+            os.path.relpath(path)))
+    try:
+        with open(path, 'r', encoding='utf-8') as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = ' line {}'.format(mark.line + 1) if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise UserError('config {}{}: YAML syntax error ({}); fix the file'.format(
+            os.path.relpath(path), where, problem))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError('config {}: cannot read ({})'.format(os.path.relpath(path), e))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError('config {}: the top level must be a mapping of keys, got {}'.format(
+            os.path.relpath(path), type(data).__name__))
+    bases = data.pop(BASE_KEY, None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: Dict[str, Any] = {}
+    for base in bases:
+        base_path = os.path.join(os.path.dirname(path), str(base))
+        merged = merge(merged, load_yaml(base_path, list(_chain) + [path]))
+    return merge(merged, data)
+
+
+def merge(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
+    """Child wins; dicts merge recursively, lists and scalars replace; a child dict with
+    `_inherited_: False` replaces the base dict whole."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = dict(value)
+            if value.pop(INHERIT_KEY, True):
+                out[key] = merge(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+        else:
+            if isinstance(value, dict):
+                value = {k: v for k, v in value.items() if k != INHERIT_KEY}
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_opts(opts: Optional[List[str]]) -> Dict[str, Any]:
+    """Turns ['a.b=1', 'c=x'] into {'a.b': 1, 'c': 'x'}; values are Python literals or strings."""
+    parsed: Dict[str, Any] = {}
+    for item in opts or []:
+        if '=' not in item or not item.split('=', 1)[0].strip():
+            raise UserError('--opts {!r}: expected key.sub=value'.format(item))
+        key, raw = item.split('=', 1)
+        key = key.strip()
+        if any(not part for part in key.split('.')):
+            raise UserError('--opts {!r}: empty part in the key {!r}'.format(item, key))
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        parsed[key] = value
+    return parsed
+
+
+def set_by_path(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets cfg['a']['b'] for 'a.b'; the top-level key must be known and parents must exist."""
+    parts = dotted.split('.')
+    if parts[0] not in KNOWN_KEYS:
+        raise UserError('--opts {}: unknown key {!r}; known top-level keys: {}'.format(
+            dotted, parts[0], ', '.join(KNOWN_KEYS)))
+    node = cfg
+    for depth, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict) or part not in node:
+            if isinstance(node, dict) and depth == 0:
+                node[part] = {}
+            else:
+                raise UserError('--opts {}: {!r} does not exist in the config; check the key '
+                                'path'.format(dotted, '.'.join(parts[:depth + 1])))
+        node = node[part]
+    leaf = parts[-1]
+    if isinstance(node, list) and leaf.isdigit() and int(leaf) < len(node):
+        node[int(leaf)] = value
+    elif isinstance(node, dict):
+        node[leaf] = value
+    else:
+        raise UserError('--opts {}: {!r} is not a mapping'.format(dotted, '.'.join(parts[:-1])))
+
+
+def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int] = None,
+                learning_rate: Optional[float] = None,
+                opts: Optional[List[str]] = None) -> Dict[str, Any]:
+    """The resolved config dict: defaults, YAML, flags and --opts in that order."""
+    cfg = merge(DEFAULTS, load_yaml(path))
+    if iters is not None:
+        _check_positive('--iters', iters)
+        cfg['iters'] = iters
+    if batch_size is not None:
+        _check_positive('--batch_size', batch_size)
+        cfg['batch_size'] = batch_size
+    if learning_rate is not None:
+        _check_positive('--learning_rate', learning_rate)
+        if isinstance(cfg.get('lr_scheduler'), dict):
+            cfg['lr_scheduler']['learning_rate'] = learning_rate
+        else:
+            cfg['learning_rate'] = {'value': learning_rate}
+    for key, value in parse_opts(opts).items():
+        set_by_path(cfg, key, value)
+    validate(cfg, path)
+    return cfg
+
+
+def _check_positive(flag: str, value: Any) -> None:
+    if value <= 0:
+        raise UserError('{} must be positive, got {}'.format(flag, value))
+
+
+def validate(cfg: Dict[str, Any], path: str = '<config>') -> None:
+    """Checks the keys every script relies on; names the file and the key."""
+    name = os.path.relpath(path) if os.path.exists(path) else path
+    for key in REQUIRED_KEYS:
+        if key == 'lr_scheduler' and 'learning_rate' in cfg:
+            continue
+        if not cfg.get(key):
+            raise UserError('config {}: required key `{}` is missing; add it (see '
+                            'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(
+                                name, key))
+    for key in ('model', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler'):
+        value = cfg.get(key)
+        if value is not None and not (isinstance(value, dict) and 'type' in value):
+            raise UserError('config {}: `{}` needs a `type:` entry'.format(name, key))
+    for key in ('iters', 'batch_size'):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError('config {}: `{}` must be a positive integer, got {!r}'.format(
+                name, key, value))
+    loss = cfg.get('loss')
+    if not isinstance(loss, dict) or not loss.get('types') or not loss.get('coef'):
+        raise UserError('config {}: `loss` needs `types` and `coef` lists'.format(name))
+    if len(loss['types']) not in (1, len(loss['coef'])):
+        raise UserError('config {}: `loss.types` has {} entries and `loss.coef` {}; give one '
+                        'type or one per coef'.format(name, len(loss['types']),
+                                                      len(loss['coef'])))
+
+
+def save_config(cfg: Dict[str, Any], save_dir: str) -> str:
+    """Writes the resolved config as <save_dir>/config.yaml (atomically); returns its path."""
+    os.makedirs(save_dir, exist_ok=True)
+    path = os.path.join(save_dir, 'config.yaml')
+    tmp = path + '.tmp'
+    with open(tmp, 'w', encoding='utf-8') as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
+    os.replace(tmp, path)
+    return path

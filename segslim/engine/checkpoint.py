@@ -1,0 +1,242 @@
+"""Checkpoint io: atomic writes, strict weight loading, resume state, pruning.
+
+A checkpoint folder (`iter_N/`, `best_model/`) holds model.pdparams, and for resumable
+ones model.pdopt (optimizer + LR scheduler) and train_state.pkl (iteration, best metric,
+RNG states, resolved config). Folders are written under a temporary name and renamed
+into place, so a kill at any moment leaves every complete checkpoint intact.
+"""
+import errno
+import glob
+import os
+import pickle
+import random
+import shutil
+import uuid
+from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+
+from segslim._paddle import paddle
+from segslim.errors import UserError
+
+PARAMS = 'model.pdparams'
+OPT = 'model.pdopt'
+STATE = 'train_state.pkl'
+TMP_MARK = '.tmp-'
+OLD_MARK = '.old-'
+
+
+def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
+    """The state dict stored in a .pdparams file, or a one-line error naming the file."""
+    if os.path.isdir(path):
+        path = os.path.join(path, PARAMS)
+    if not os.path.isfile(path):
+        raise UserError('{} {} does not exist; pass a model.pdparams written by train.py '
+                        'or qat_train.py'.format(flag, path))
+    try:
+        state = paddle.load(path, return_numpy=True)
+    except Exception as e:  # paddle raises many types for a bad file
+        raise UserError('{} {} is not a Paddle params file ({}); pass a model.pdparams '
+                        'written by train.py or qat_train.py'.format(
+                            flag, path, type(e).__name__))
+    if not isinstance(state, dict) or not state or not all(
+            hasattr(v, 'shape') for v in state.values()):
+        raise UserError('{} {} holds no model weights; pass a model.pdparams written by '
+                        'train.py or qat_train.py'.format(flag, path))
+    return state
+
+
+def is_quantized(keys: Iterable[str]) -> bool:
+    """True for the state dict of a QAT (fake-quant) model."""
+    return any('_fake_quant' in k for k in keys)
+
+
+def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
+                 flag: str = '--model_path') -> Dict[str, List[str]]:
+    """Loads a params file into `model`; any missing, unexpected or shape-mismatched key is
+    an error listing them unless `allow_partial`. Returns the three lists."""
+    state = read_params(path, flag)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = ['{} {}->{}'.format(k, list(state[k].shape), list(own[k].shape))
+                  for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
+    report = {'missing': missing, 'unexpected': unexpected, 'mismatched': mismatched}
+    if (missing or unexpected or mismatched) and not allow_partial:
+        if is_quantized(own) and not is_quantized(state):
+            raise UserError('{} {} holds FP32 weights but this model is quantized; run '
+                            'slim/quant/qat_train.py first and pass its '
+                            'best_model/model.pdparams'.format(flag, path))
+        if is_quantized(state) and not is_quantized(own):
+            raise UserError('{} {} holds QAT (quantized) weights; use the slim/quant/qat_*.py '
+                            'scripts for them'.format(flag, path))
+        parts = []
+        for kind, keys in report.items():
+            if keys:
+                parts.append('{} {} ({}{})'.format(len(keys), kind, ', '.join(keys[:4]),
+                                                   ', ...' if len(keys) > 4 else ''))
+        raise UserError('{} {} does not fit the model of --config: {}; check that the config '
+                        'and weights match (same model and num_classes)'.format(
+                            flag, path, '; '.join(parts)))
+    bad = {m.split(' ')[0] for m in mismatched}
+    model.set_state_dict({k: v for k, v in state.items() if k in own and k not in bad})
+    return report
+
+
+def _write_atomic(path: str, write) -> None:
+    tmp = '{}{}{}'.format(path, TMP_MARK, uuid.uuid4().hex[:8])
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def _explain_os_error(e: OSError, target: str) -> UserError:
+    if e.errno == errno.ENOSPC:
+        return UserError('disk full while writing {}; free space and resume from the last '
+                         'complete checkpoint (it is intact)'.format(target))
+    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return UserError('cannot write {} ({}); choose a writable --save_dir'.format(
+            target, e.strerror))
+    return UserError('cannot write {} ({})'.format(target, e))
+
+
+def write_dir_atomic(final: str, files: Dict[str, Any]) -> None:
+    """Writes {name: object-or-callable(path)} into a fresh folder renamed to `final`.
+
+    An existing `final` is swapped out and removed only after the new one is in place.
+    """
+    parent = os.path.dirname(os.path.abspath(final))
+    tmp = '{}{}{}'.format(final, TMP_MARK, uuid.uuid4().hex[:8])
+    try:
+        os.makedirs(parent, exist_ok=True)
+        os.makedirs(tmp)
+        for name, obj in files.items():
+            target = os.path.join(tmp, name)
+            if callable(obj):
+                obj(target)
+            elif name.endswith('.pkl'):
+                with open(target, 'wb') as f:
+                    pickle.dump(obj, f)
+            else:
+                paddle.save(obj, target)
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(final):
+            old = '{}{}{}'.format(final, OLD_MARK, uuid.uuid4().hex[:8])
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(parent)
+        if old:
+            _remove(old)
+    except OSError as e:
+        _remove(tmp)
+        raise _explain_os_error(e, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _fsync_dir(path: str) -> None:
+    for name in os.listdir(path):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            with open(full, 'rb') as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover(save_dir: str) -> None:
+    """Cleans leftovers of a killed write: restores a swapped-out folder whose replacement
+    never landed and removes unfinished temporaries."""
+    for old in glob.glob(os.path.join(save_dir, '*' + OLD_MARK + '*')):
+        final = old.split(OLD_MARK)[0]
+        if not os.path.exists(final):
+            os.replace(old, final)
+        else:
+            _remove(old)
+    for tmp in glob.glob(os.path.join(save_dir, '*' + TMP_MARK + '*')):
+        _remove(tmp)
+
+
+def rng_state() -> Dict[str, Any]:
+    return {'python': random.getstate(), 'numpy': np.random.get_state(),
+            'paddle': paddle.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    if 'paddle' in state:
+        paddle.set_rng_state(state['paddle'])
+
+
+def save_checkpoint(path: str, model: paddle.nn.Layer,
+                    optimizer: Optional[paddle.optimizer.Optimizer] = None,
+                    scheduler: Optional[paddle.optimizer.lr.LRScheduler] = None,
+                    state: Optional[Dict[str, Any]] = None) -> None:
+    """Writes a checkpoint folder atomically; with optimizer and state it is resumable."""
+    files: Dict[str, Any] = {PARAMS: model.state_dict()}
+    if optimizer is not None:
+        opt_state = dict(optimizer.state_dict())
+        if scheduler is not None:
+            opt_state['LR_Scheduler'] = scheduler.state_dict()
+        files[OPT] = opt_state
+    if state is not None:
+        files[STATE] = dict(state, rng=rng_state())
+    write_dir_atomic(path, files)
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """The parts of a resumable checkpoint folder; a one-line error if it is incomplete."""
+    if not os.path.isdir(path):
+        raise UserError('--resume_model {} is not a checkpoint folder; pass an iter_N folder '
+                        'of a previous run'.format(path))
+    for name in (PARAMS, OPT, STATE):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UserError('--resume_model {}: {} is missing, the checkpoint is incomplete; '
+                            'resume from another iter_N folder'.format(path, name))
+    try:
+        with open(os.path.join(path, STATE), 'rb') as f:
+            state = pickle.load(f)
+        opt_state = paddle.load(os.path.join(path, OPT))
+    except Exception as e:
+        raise UserError('--resume_model {} is corrupt ({}); resume from another iter_N '
+                        'folder'.format(path, type(e).__name__))
+    if not isinstance(state, dict) or 'iter' not in state:
+        raise UserError('--resume_model {}: {} is not a training state; resume from another '
+                        'iter_N folder'.format(path, STATE))
+    return {'params': os.path.join(path, PARAMS), 'opt': opt_state, 'state': state}
+
+
+def iter_checkpoints(save_dir: str) -> List[str]:
+    """iter_N folders of save_dir, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(save_dir, 'iter_*')):
+        tail = os.path.basename(path)[len('iter_'):]
+        if tail.isdigit() and os.path.isdir(path):
+            found.append((int(tail), path))
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(save_dir: str, keep: int, protect: Iterable[str] = ()) -> None:
+    """Keeps the newest `keep` iter_N folders (keep <= 0 keeps all); never removes `protect`."""
+    if keep <= 0:
+        return
+    protected = {os.path.abspath(p) for p in protect if p}
+    for path in iter_checkpoints(save_dir)[:-keep]:
+        if os.path.abspath(path) not in protected:
+            _remove(path)

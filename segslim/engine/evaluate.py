@@ -1,0 +1,46 @@
+"""Evaluation of a dygraph model on a dataset (FP32 or fake-quant alike)."""
+from typing import Any, Dict, Optional, Sequence, Union
+
+import numpy as np
+
+from segslim._paddle import paddle
+from segslim.data.datasets import SegDataset
+from segslim.engine.metrics import ConfusionMatrix
+from segslim.logger import logger
+
+from paddleseg.core import infer
+
+
+def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False,
+             scales: Union[float, Sequence[float]] = 1.0, flip_horizontal: bool = False,
+             flip_vertical: bool = False, is_slide: bool = False,
+             crop_size: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
+             log_every: int = 0) -> Dict[str, Any]:
+    """Metrics of `model` on every sample of `dataset` at the original label size."""
+    if is_slide and (crop_size is None or stride is None):
+        from segslim.errors import UserError
+        raise UserError('--is_slide needs --crop_size W H and --stride W H')
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    try:
+        with paddle.no_grad():
+            for i in range(len(dataset)):
+                sample = dataset[i]
+                im = paddle.to_tensor(sample['img'][np.newaxis])
+                if aug_eval:
+                    pred, _ = infer.aug_inference(
+                        model, im, trans_info=sample['trans_info'], scales=scales,
+                        flip_horizontal=flip_horizontal, flip_vertical=flip_vertical,
+                        is_slide=is_slide, crop_size=crop_size, stride=stride)
+                else:
+                    pred, _ = infer.inference(model, im, trans_info=sample['trans_info'],
+                                              is_slide=is_slide, crop_size=crop_size,
+                                              stride=stride)
+                cm.update(pred.numpy(), sample['label'])
+                if log_every and (i + 1) % log_every == 0:
+                    logger.info('[EVAL] %d/%d images', i + 1, len(dataset))
+    finally:
+        if was_training:
+            model.train()
+    return cm.compute()

@@ -1,0 +1,211 @@
+"""The training loop, shared by train.py (FP32) and qat_train.py (fake-quant models)."""
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from segslim._paddle import paddle
+from segslim.data.datasets import SegDataset, collate
+from segslim.engine import checkpoint as ckpt
+from segslim.engine.metrics import format_metrics
+from segslim.errors import UserError
+from segslim.logger import logger
+
+
+@dataclass
+class TrainOptions:
+    """What the command line controls about a training run."""
+    save_dir: str = 'output'
+    iters: int = 1000
+    batch_size: int = 4
+    do_eval: bool = False
+    use_vdl: bool = False
+    save_interval: int = 1000
+    log_iters: int = 10
+    keep_checkpoint_max: int = 5
+    num_workers: int = 0
+    seed: int = 0
+    precision: str = 'fp32'
+    amp_level: str = 'O1'
+    eval_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
+            num_workers: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+    """Endless (images, labels, epoch) batches; epoch e visits a permutation drawn from
+    (seed, e), dropping the last partial batch. Starting at `start_iter` yields exactly what
+    an uninterrupted run would yield from there on."""
+    n = len(dataset)
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise UserError('config key `{}`: {} images are fewer than batch_size {}; lower '
+                        '--batch_size or add images'.format(dataset.key, n, batch_size))
+    epoch, offset = divmod(start_iter, per_epoch)
+    loader = None
+    while True:
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        keys = [[epoch * n + int(i) for i in order[b * batch_size:(b + 1) * batch_size]]
+                for b in range(offset, per_epoch)]
+        if num_workers > 0:
+            loader = paddle.io.DataLoader(dataset, batch_sampler=keys, num_workers=num_workers,
+                                          collate_fn=lambda s: collate(s, dataset.key),
+                                          return_list=True, use_shared_memory=False)
+            for imgs, labels in loader:
+                yield imgs, labels, epoch
+        else:
+            for batch in keys:
+                imgs, labels = collate([dataset.sample(k) for k in batch], dataset.key)
+                yield imgs, labels, epoch
+        epoch, offset = epoch + 1, 0
+
+
+def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
+                 losses: Dict[str, list]) -> List[paddle.Tensor]:
+    """One weighted loss per model output; the counts must match (`loss.coef`)."""
+    if len(logits) != len(losses['coef']):
+        raise UserError('config key `loss.coef`: the model has {} outputs but coef has {} '
+                        'entries; give one coefficient per output'.format(
+                            len(logits), len(losses['coef'])))
+    return [coef * loss(logit, labels)
+            for logit, loss, coef in zip(logits, losses['types'], losses['coef'])]
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return '{:02d}:{:02d}:{:02d}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegDataset],
+          optimizer: paddle.optimizer.Optimizer, scheduler: paddle.optimizer.lr.LRScheduler,
+          losses: Dict[str, list], cfg: Dict[str, Any], opts: TrainOptions,
+          resume: Optional[Dict[str, Any]] = None,
+          evaluate_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """Runs iterations up to opts.iters; saves iter_N/ every save_interval and best_model/
+    on a better mIoU. `resume` comes from checkpoint.load_checkpoint. Returns
+    {'iter', 'best_miou', 'best_iter', 'last_checkpoint'}."""
+    if evaluate_fn is None:
+        from segslim.engine.evaluate import evaluate as evaluate_fn
+    os.makedirs(opts.save_dir, exist_ok=True)
+    ckpt.recover(opts.save_dir)
+    start_iter, best_miou, best_iter, resumed_from = 0, -1.0, -1, None
+    if resume is not None:
+        state = resume['state']
+        start_iter = int(state['iter'])
+        best_miou, best_iter = state.get('best_miou', -1.0), state.get('best_iter', -1)
+        opts.seed = state.get('seed', opts.seed)
+        ckpt.set_rng_state(state['rng'])
+        resumed_from = os.path.dirname(resume['params'])
+        logger.info('Resumed from %s at iter %d (best mIoU %.4f at iter %d)',
+                    resumed_from, start_iter, best_miou, best_iter)
+    if start_iter >= opts.iters:
+        logger.info('Nothing to do: the checkpoint is at iter %d of %d', start_iter, opts.iters)
+
+    scaler = None
+    if opts.precision == 'fp16':
+        if not paddle.is_compiled_with_cuda() or 'gpu' not in paddle.get_device():
+            raise UserError('--precision fp16 needs a GPU; drop it on CPU')
+        scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+        if opts.amp_level == 'O2':
+            model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer,
+                                                   level='O2', save_dtype='float32')
+    writer = None
+    if opts.use_vdl:
+        from visualdl import LogWriter
+        writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
+
+    per_epoch = max(len(train_ds) // opts.batch_size, 1)
+    data = batches(train_ds, opts.batch_size, opts.seed, start_iter, opts.num_workers)
+    model.train()
+    it, last_ckpt = start_iter, resumed_from
+    avg_loss, cost, reader, samples = 0.0, 0.0, 0.0, 0
+    tic = time.time()
+    try:
+        while it < opts.iters:
+            imgs, labels, epoch = next(data)
+            reader += time.time() - tic
+            it += 1
+            x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
+            if scaler is not None:
+                with paddle.amp.auto_cast(level=opts.amp_level, enable=True):
+                    logits = model(x)
+                    loss = sum(compute_loss(logits, y, losses))
+                scaled = scaler.scale(loss)
+                scaled.backward()
+                scaler.minimize(optimizer, scaled)
+            else:
+                logits = model(x)
+                loss = sum(compute_loss(logits, y, losses))
+                loss.backward()
+                optimizer.step()
+            model.clear_gradients()
+            lr = optimizer.get_lr()
+            scheduler.step()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise UserError('loss became {} at iter {}; nothing was saved from this '
+                                'iteration (last checkpoint: {}); lower --learning_rate or '
+                                'check the labels'.format(value, it, last_ckpt or 'none'))
+            avg_loss += value
+            cost += time.time() - tic
+            samples += len(imgs)
+            if it % opts.log_iters == 0 or it == opts.iters:
+                n = opts.log_iters if it % opts.log_iters == 0 else (it - start_iter) % \
+                    opts.log_iters or opts.log_iters
+                batch_cost = cost / n
+                logger.info('[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, '
+                            'batch_cost: %.4f, reader_cost: %.5f, ips: %.4f samples/sec | '
+                            'ETA %s', epoch + 1, it, opts.iters, avg_loss / n, lr, batch_cost,
+                            reader / n, samples / cost if cost else 0.0,
+                            _eta((opts.iters - it) * batch_cost))
+                if writer is not None:
+                    writer.add_scalar('Train/loss', avg_loss / n, it)
+                    writer.add_scalar('Train/lr', lr, it)
+                    writer.add_scalar('Train/batch_cost', batch_cost, it)
+                avg_loss, cost, reader, samples = 0.0, 0.0, 0.0, 0
+            if it % opts.save_interval == 0 or it == opts.iters:
+                if opts.do_eval and val_ds is not None:
+                    metrics = evaluate_fn(model, val_ds, **opts.eval_kwargs)
+                    logger.info('\n' + format_metrics(metrics))
+                    if writer is not None:
+                        for key in ('miou', 'acc', 'kappa', 'mdice'):
+                            writer.add_scalar('Evaluate/' + key, metrics[key], it)
+                    if metrics['miou'] > best_miou:
+                        best_miou, best_iter = metrics['miou'], it
+                        ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), model)
+                    logger.info('[EVAL] The model with the best validation mIoU (%.4f) was '
+                                'saved at iter %d.', best_miou, best_iter)
+                state = {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
+                         'seed': opts.seed, 'config': cfg}
+                last_ckpt = os.path.join(opts.save_dir, 'iter_{}'.format(it))
+                ckpt.save_checkpoint(last_ckpt, model, optimizer, scheduler, state)
+                ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
+                                       protect=[resumed_from, last_ckpt])
+            tic = time.time()
+    except KeyboardInterrupt:
+        logger.warning('Interrupted at iter %d. %s', it,
+                       'Resume with --resume_model {}'.format(last_ckpt) if last_ckpt
+                       else 'No checkpoint was written yet.')
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+    if not opts.do_eval and it > start_iter:
+        # Without evaluation the last weights are the deliverable.
+        ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), model)
+    return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
+            'last_checkpoint': last_ckpt}
+
+
+def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
+                     optimizer: paddle.optimizer.Optimizer,
+                     scheduler: paddle.optimizer.lr.LRScheduler) -> None:
+    """Loads model, optimizer and LR state of a checkpoint from load_checkpoint()."""
+    ckpt.load_weights(model, resume['params'], flag='--resume_model')
+    opt_state = dict(resume['opt'])
+    sched_state = opt_state.pop('LR_Scheduler', None)
+    optimizer.set_state_dict(opt_state)
+    if sched_state is not None:
+        scheduler.set_state_dict(sched_state)

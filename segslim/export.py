@@ -1,0 +1,160 @@
+"""Inference-model export: output heads, deploy.yaml, and the program pass that lets
+oneDNN fuse conv + bias + batch-norm + activation."""
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from segslim._paddle import paddle
+from segslim.errors import UserError
+from segslim.logger import logger
+
+OUTPUT_OPS = ('argmax', 'softmax', 'none')
+MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'deploy.yaml')
+
+
+class InferenceModel(paddle.nn.Layer):
+    """The segmentation net with its deploy head on the first logit: argmax -> int32
+    N,1,H,W labels; softmax -> float N,C,H,W; none -> logits."""
+
+    def __init__(self, model: paddle.nn.Layer, output_op: str = 'argmax'):
+        super().__init__()
+        self.model = model
+        self.output_op = output_op
+
+    # jit.save matches the input spec by parameter name: keep it `x`.
+    def forward(self, x):
+        logit = self.model(x)[0]
+        if self.output_op == 'argmax':
+            return paddle.argmax(logit, axis=1, keepdim=True, dtype='int32')
+        if self.output_op == 'softmax':
+            return paddle.nn.functional.softmax(logit, axis=1)
+        return logit
+
+
+def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: bool) -> str:
+    """Resolves --output_op and the reference's --with_softmax/--without_argmax aliases."""
+    if output_op is not None:
+        return output_op
+    if with_softmax:
+        return 'softmax'
+    return 'none' if without_argmax else 'argmax'
+
+
+def fold_conv_bias_reshape(model_file: str) -> int:
+    """Rewrites `reshape2(bias[C]) -> elementwise_add(x, ., axis=-1)` into
+    `elementwise_add(x, bias, axis=1)` in a saved program; returns how many were rewritten.
+
+    Paddle 2.6 exports every conv bias through that reshape; oneDNN's conv/bias/BN/activation
+    fuse passes do not match it, which leaves BN unfolded and INT8 convs with FP32 outputs.
+    The weights file is untouched: the same persistable variables stay in the program.
+    """
+    from paddle.base import core
+    with open(model_file, 'rb') as f:
+        desc = core.ProgramDesc(f.read())
+    block = desc.block(0)
+    consumers: Dict[str, List[int]] = {}
+    for i in range(block.op_size()):
+        op = block.op(i)
+        for name in op.input_names():
+            for var in op.input(name):
+                consumers.setdefault(var, []).append(i)
+    remove, rewritten = [], 0
+    for i in range(block.op_size()):
+        op = block.op(i)
+        if op.type() != 'reshape2':
+            continue
+        src, out = op.input('X')[0], op.output('Out')[0]
+        src_var = block.find_var(src.encode())
+        users = consumers.get(out, [])
+        if src_var is None or not src_var.persistable() or len(src_var.shape()) != 1:
+            continue
+        channels = src_var.shape()[0]
+        if list(op.attr('shape')) != [1, channels, 1, 1] or len(users) != 1:
+            continue
+        add = block.op(users[0])
+        if add.type() != 'elementwise_add' or add.input('Y') != [out] or \
+                add.attr('axis') not in (-1, 1):
+            continue
+        add.set_input('Y', [src])
+        add._set_attr('axis', 1)
+        remove.append(i)
+        rewritten += 1
+    for i in reversed(remove):
+        op = block.op(i)
+        dead = op.output('Out') + (op.output('XShape') if 'XShape' in op.output_names() else [])
+        block._remove_op(i, i + 1)
+        for name in dead:
+            block._remove_var(name.encode())
+    if rewritten:
+        desc.flush()
+        tmp = model_file + '.tmp'
+        with open(tmp, 'wb') as f:
+            f.write(desc.serialize_to_string())
+        os.replace(tmp, model_file)
+    return rewritten
+
+
+def deploy_transforms(cfg: Dict[str, Any]) -> list:
+    export_cfg = cfg.get('export') or {}
+    if export_cfg.get('transforms') is not None:
+        return export_cfg['transforms']
+    return (cfg.get('val_dataset') or {}).get('transforms') or [{'type': 'Normalize'}]
+
+
+def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir: str,
+                           output_op: str = 'argmax',
+                           input_shape: Optional[Sequence[int]] = None,
+                           quanter: Any = None) -> Dict[str, Any]:
+    """Saves model.pdmodel, model.pdiparams and deploy.yaml into save_dir.
+
+    With `quanter` (a PaddleSlim QAT object) the program holds quantize_linear /
+    dequantize_linear ops and INT8 weights. Files are staged in a temporary folder and
+    each moved into place, so an existing model in save_dir is replaced, not mixed.
+    """
+    if output_op not in OUTPUT_OPS:
+        raise UserError('--output_op {} is not one of {}'.format(output_op, OUTPUT_OPS))
+    shape = list(input_shape) if input_shape else [None, 3, None, None]
+    if len(shape) != 4:
+        raise UserError('--input_shape takes N C H W, got {}'.format(input_shape))
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix='.export-', dir=save_dir)
+    except OSError as e:
+        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
+            save_dir, e.strerror))
+    try:
+        model.eval()
+        net = InferenceModel(model, output_op)
+        net.eval()
+        spec = [paddle.static.InputSpec(shape=shape, dtype='float32', name='x')]
+        prefix = os.path.join(stage, 'model')
+        if quanter is not None:
+            quanter.save_quantized_model(net, prefix, input_spec=spec)
+        else:
+            paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
+                            prefix)
+        folded = fold_conv_bias_reshape(prefix + '.pdmodel')
+        deploy = {'Deploy': {
+            'model': 'model.pdmodel',
+            'params': 'model.pdiparams',
+            'transforms': deploy_transforms(cfg),
+            'output_op': output_op,
+            'input_shape': shape,
+            'quantized': quanter is not None,
+        }}
+        with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
+            yaml.safe_dump(deploy, f, sort_keys=False, default_flow_style=None)
+        for name in MODEL_FILES:
+            if os.path.exists(os.path.join(stage, name)):
+                os.replace(os.path.join(stage, name), os.path.join(save_dir, name))
+    except OSError as e:
+        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
+            save_dir, e.strerror or e))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    logger.info('Exported %s inference model (%s head, %d conv biases folded) to %s',
+                'INT8' if quanter is not None else 'FP32', output_op, folded, save_dir)
+    return {'save_dir': save_dir, 'output_op': output_op, 'folded_biases': folded}

@@ -1,0 +1,109 @@
+"""The QAT wrapper: quantization config, layer-skip policy, quantize, and the one place that
+builds a model, quantizes it and loads weights for qat_train, qat_val and qat_export."""
+import copy
+import fnmatch
+from typing import Any, Dict, List, Optional, Tuple
+
+from segslim._paddle import paddle
+from segslim import builder
+from segslim.engine.checkpoint import load_weights
+from segslim.errors import UserError
+from segslim.logger import logger
+
+# The reference QAT setup (PaddleSeg deploy/slim/quant); `quant_config:` in the YAML
+# overrides any key.
+DEFAULT_QUANT_CONFIG: Dict[str, Any] = {
+    'weight_quantize_type': 'channel_wise_abs_max',
+    'activation_quantize_type': 'moving_average_abs_max',
+    'weight_bits': 8,
+    'activation_bits': 8,
+    'moving_rate': 0.9,
+    'quantizable_layer_type': ['Conv2D', 'Linear'],
+    'onnx_format': True,
+    # 'backbone': only layers under `backbone` when the model has one, else all;
+    # 'all': every quantizable layer.
+    'layers': 'backbone',
+    # fnmatch patterns of layer names never to quantize, e.g. ['head.*', '*.cls'].
+    'skip': [],
+}
+WEIGHT_TYPES = ('abs_max', 'channel_wise_abs_max', 'range_abs_max', 'moving_average_abs_max')
+ACT_TYPES = ('abs_max', 'range_abs_max', 'moving_average_abs_max')
+LAYER_TYPES = {'Conv2D': paddle.nn.Conv2D, 'Linear': paddle.nn.Linear,
+               'Conv2DTranspose': paddle.nn.Conv2DTranspose}
+
+
+def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The checked QAT settings: defaults overridden by the config's `quant_config`."""
+    user = cfg.get('quant_config') or {}
+    if not isinstance(user, dict):
+        raise UserError('config key `quant_config` must be a mapping')
+    unknown = sorted(set(user) - set(DEFAULT_QUANT_CONFIG))
+    if unknown:
+        raise UserError('config key `quant_config.{}` is unknown; known: {}'.format(
+            unknown[0], ', '.join(DEFAULT_QUANT_CONFIG)))
+    qcfg = copy.deepcopy(DEFAULT_QUANT_CONFIG)
+    qcfg.update(copy.deepcopy(user))
+    checks = [
+        ('weight_quantize_type', qcfg['weight_quantize_type'] in WEIGHT_TYPES, WEIGHT_TYPES),
+        ('activation_quantize_type', qcfg['activation_quantize_type'] in ACT_TYPES, ACT_TYPES),
+        ('weight_bits', qcfg['weight_bits'] in range(2, 17), '2..16'),
+        ('activation_bits', qcfg['activation_bits'] in range(2, 17), '2..16'),
+        ('moving_rate', isinstance(qcfg['moving_rate'], (int, float)) and
+         0 < qcfg['moving_rate'] < 1, '(0, 1)'),
+        ('quantizable_layer_type', isinstance(qcfg['quantizable_layer_type'], list) and
+         all(t in LAYER_TYPES for t in qcfg['quantizable_layer_type']), list(LAYER_TYPES)),
+        ('layers', qcfg['layers'] in ('backbone', 'all'), ('backbone', 'all')),
+        ('skip', isinstance(qcfg['skip'], list), 'a list of layer-name patterns'),
+    ]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise UserError('config key `quant_config.{}`: {!r} is not allowed; use {}'.format(
+                key, qcfg[key], allowed))
+    qcfg['moving_rate'] = float(qcfg['moving_rate'])
+    return qcfg
+
+
+def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """Sets `skip_quant` on quantizable layers the policy leaves out; returns
+    (names to quantize, names skipped)."""
+    types = tuple(LAYER_TYPES[t] for t in qcfg['quantizable_layer_type'])
+    only_backbone = qcfg['layers'] == 'backbone' and hasattr(model, 'backbone')
+    quantized, skipped = [], []
+    for name, layer in model.named_sublayers():
+        if not isinstance(layer, types):
+            continue
+        skip = (only_backbone and not name.startswith('backbone.')) or any(
+            fnmatch.fnmatch(name, pattern) for pattern in qcfg['skip'])
+        layer.skip_quant = skip
+        (skipped if skip else quantized).append(name)
+    return quantized, skipped
+
+
+def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any]):
+    """Inserts fake-quant layers in place; returns the PaddleSlim QAT object (for export)."""
+    from paddleslim import QAT
+    quantized, skipped = mark_skipped(model, qcfg)
+    if not quantized:
+        raise UserError('config key `quant_config`: no layer is left to quantize (layers: {}, '
+                        'skip: {}); loosen the policy'.format(qcfg['layers'], qcfg['skip']))
+    logger.info('QAT: quantizing %d layers (%s), skipping %d%s', len(quantized),
+                '/'.join(qcfg['quantizable_layer_type']), len(skipped),
+                ': ' + ', '.join(skipped[:8]) + (' ...' if len(skipped) > 8 else '')
+                if skipped else '')
+    slim_cfg = {k: v for k, v in qcfg.items() if k not in ('layers', 'skip')}
+    quanter = QAT(config=slim_cfg)
+    quanter.quantize(model)
+    return quanter
+
+
+def build_quant_model(cfg: Dict[str, Any], fp32_weights: Optional[str] = None,
+                      qat_weights: Optional[str] = None, allow_partial: bool = False):
+    """Builds the config's model, loads FP32 weights (before quantizing) or QAT weights
+    (after), and returns (quantized model, QAT object)."""
+    model = builder.build_model(cfg)
+    if fp32_weights is not None:
+        load_weights(model, fp32_weights, allow_partial=allow_partial)
+    quanter = quantize_model(model, quant_config_of(cfg))
+    if qat_weights is not None:
+        load_weights(model, qat_weights, allow_partial=allow_partial)
+    return model, quanter
