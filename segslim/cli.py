@@ -67,6 +67,23 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Paddle Inference flags infer.py and benchmark.py share (PaddleSeg deploy names)."""
+    if not any(a.dest == 'device' for a in p._actions):
+        p.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
+    p.add_argument('--use_trt', action='store_true', help='TensorRT on GPU')
+    p.add_argument('--precision', choices=['fp32', 'fp16', 'int8', 'bf16'], default='fp32',
+                   help='engine precision; a QAT model always runs INT8')
+    p.add_argument('--min_subgraph_size', type=int, default=3, help='TensorRT subgraphs')
+    p.add_argument('--enable_auto_tune', action='store_true',
+                   help='TensorRT: collect/use dynamic shape ranges')
+    p.add_argument('--cpu_threads', type=int, default=2, help='CPU math threads')
+    p.add_argument('--enable_mkldnn', type=lambda v: str(v).lower() in ('1', 'true', 'yes'),
+                   default=True, help='oneDNN on CPU (default True)')
+    p.add_argument('--benchmark', action='store_true', help='print timing')
+    return p
+
+
 def eval_kwargs(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
     """Evaluation options from the flags, falling back on the config's test_config."""
     test_cfg = dict((cfg or {}).get('test_config') or {})
@@ -115,8 +132,8 @@ def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Name
         return 1
 
 
-def entry(build_parser: Callable[[], argparse.ArgumentParser],
+def entry(parser: argparse.ArgumentParser,
           main: Callable[[argparse.Namespace], Optional[int]],
           argv: Optional[List[str]] = None) -> None:
-    """Parse, run, exit: the body of every script's `if __name__ == '__main__'`."""
-    sys.exit(run(main, build_parser().parse_args(argv)))
+    """Parse, run, exit: what every command does."""
+    sys.exit(run(main, parser.parse_args(argv)))

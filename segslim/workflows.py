@@ -140,4 +140,83 @@ def run_export(args: argparse.Namespace, quant: bool = False) -> int:
     export_inference_model(model, cfg, args.save_dir,
                            output_op_of(args.output_op, args.with_softmax, args.without_argmax),
                            args.input_shape, quanter)
+    if quant and getattr(args, 'verify_images', 0) > 0:
+        verify_engine(model, cfg, args.save_dir, args.verify_images)
+    return 0
+
+
+def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
+                  limit: int) -> float:
+    """Runs the exported model in Paddle Inference (CPU, oneDNN INT8) on val images and logs
+    how many pixels agree with the QAT model; warns below 99.9 %."""
+    from segslim.deploy.benchmark import agreement_with_model
+    from segslim.deploy.predictor import EngineOptions, Predictor
+    try:
+        dataset = build_dataset(cfg, 'val_dataset')
+    except UserError as e:
+        logger.warning('Skipped checking the INT8 engine against the QAT model: %s', e)
+        return float('nan')
+    predictor = Predictor(model_dir, EngineOptions(device='cpu', precision='int8'))
+    share = agreement_with_model(model, predictor, dataset, limit)
+    n = min(limit, len(dataset))
+    if predictor.fallback:
+        logger.warning('INT8 engine: %s', predictor.fallback)
+    summary = predictor.engine
+    (logger.info if share >= 0.999 else logger.warning)(
+        'INT8 engine (oneDNN, %s/%s convs INT8) agrees with the QAT model on %.4f%% of pixels '
+        '(%d val images)', summary.get('int8_conv_ops'), summary.get('conv_ops'), 100 * share, n)
+    return share
+
+
+def _engine_options(args: argparse.Namespace):
+    from segslim.deploy.predictor import EngineOptions
+    device = args.device or 'cpu'
+    if device == 'gpu' and not paddle.is_compiled_with_cuda():
+        logger.warning('--device gpu asked for, but this paddlepaddle build has no CUDA: '
+                       'running on CPU')
+        device = 'cpu'
+    shape = tuple(getattr(args, 'input_shape', None) or (1, 3, 512, 512))
+    return EngineOptions(device=device, precision=args.precision, cpu_threads=args.cpu_threads,
+                         enable_mkldnn=args.enable_mkldnn, use_trt=args.use_trt,
+                         min_subgraph_size=args.min_subgraph_size,
+                         enable_auto_tune=args.enable_auto_tune, input_shape=shape)
+
+
+def run_infer(args: argparse.Namespace) -> int:
+    """deploy/python/infer.py: masks for image files."""
+    import time
+    from segslim.deploy.infer import list_images, predict_images
+    from segslim.deploy.predictor import Predictor
+    paths = list_images(args.image_path)
+    predictor = Predictor(os.path.dirname(args.config) if args.config.endswith(
+        ('.yaml', '.yml')) else args.config, _engine_options(args))
+    if predictor.fallback:
+        logger.warning(predictor.fallback)
+    tic = time.perf_counter()
+    written = predict_images(predictor, paths, args.save_dir, args.batch_size, args.overlay)
+    if args.benchmark:
+        logger.info('%d images in %.3f s (%.4f s/img, preprocessing included)', len(paths),
+                    time.perf_counter() - tic, (time.perf_counter() - tic) / len(paths))
+    logger.info('Wrote %d masks to %s', len(written), args.save_dir)
+    return 0
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """deploy/python/benchmark.py: the FP32-vs-INT8 report."""
+    from segslim.deploy import benchmark as bench
+    dataset = None
+    if args.config:
+        cfg = load_config(args.config, opts=args.opts)
+        dataset = build_dataset(cfg, 'val_dataset')
+    report = bench.benchmark(args.model_dirs, dataset, _engine_options(args),
+                             shape=args.input_shape, warmup=args.warmup, repeats=args.repeats,
+                             with_bf16=False if args.no_bf16 else None)
+    text = bench.format_report(report)
+    print(text, flush=True)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(text + '\n')
+    if args.json:
+        bench.write_json(report, args.json)
+        bench.write_chart(report, os.path.splitext(args.json)[0] + '.png')
     return 0

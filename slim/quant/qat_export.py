@@ -5,17 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', '..'))
 
-from segslim import cli  # noqa: E402
-
-
-def build_parser():
-    return cli.add_export_args(cli.base_parser('Export a QAT model as an INT8 inference model.'))
-
-
-def main(args):
-    from segslim.workflows import run_export
-    return run_export(args, quant=True)
-
+from segslim import commands  # noqa: E402
 
 if __name__ == '__main__':
-    cli.entry(build_parser, main)
+    commands.qat_export()

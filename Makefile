@@ -1,0 +1,54 @@
+# make install  -> .venv with the pinned stack (PADDLE=paddlepaddle-gpu==2.6.2 on GPU machines)
+# make demo     -> generated data, FP32 train/val/export, QAT train/val/export, FP32-vs-INT8 report
+# make test     -> the test suite
+# make bench    -> docs/benchmark.md: 512x512 latency FP32 vs INT8 for the shipped configs
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PADDLE ?= paddlepaddle==2.6.2
+STAMP := $(VENV)/.installed
+
+DEMO_CFG := configs/quick_start/bisenet_optic_disc_demo.yml
+DEMO_OUT ?= output/demo
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(PADDLE)" -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps paddleseg==2.8.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) tools/check_install.py
+	touch $(STAMP)
+
+demo: install
+	$(PY) tools/make_demo_dataset.py --save_dir data/optic_disc_demo
+	$(PY) train.py --config $(DEMO_CFG) --do_eval --save_interval 100 --log_iters 50 \
+		--save_dir $(DEMO_OUT)/fp32
+	$(PY) val.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams
+	$(PY) export.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams \
+		--save_dir $(DEMO_OUT)/fp32_infer
+	$(PY) slim/quant/qat_train.py --config $(DEMO_CFG) \
+		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --learning_rate 0.001 \
+		--iters 100 --do_eval --save_interval 50 --log_iters 50 --save_dir $(DEMO_OUT)/quant
+	$(PY) slim/quant/qat_val.py --config $(DEMO_CFG) \
+		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams
+	$(PY) slim/quant/qat_export.py --config $(DEMO_CFG) \
+		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer
+	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
+		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer \
+		--json $(DEMO_OUT)/report.json --markdown $(DEMO_OUT)/report.md
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: install
+	$(PY) tools/bench_models.py --out docs/benchmark.md
+
+clean:
+	rm -rf output data/optic_disc_demo .pytest_cache

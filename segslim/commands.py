@@ -1,0 +1,138 @@
+"""One function per command: its own flags on top of the shared parser, then the workflow.
+The scripts (train.py, slim/quant/qat_*.py, deploy/python/*.py) and the console scripts
+of setup.py all call these."""
+import argparse
+from typing import List, Optional
+
+from segslim import cli
+
+
+def _parser(description: str, *adders, config_required: bool = True) -> argparse.ArgumentParser:
+    p = cli.base_parser(description, config_required=config_required)
+    for add in adders:
+        add(p)
+    return p
+
+
+def train(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Train a segmentation model (FP32).', cli.add_train_args)
+    p.add_argument('--precision', choices=['fp32', 'fp16'], default='fp32',
+                   help='fp16 enables automatic mixed precision (GPU only)')
+    p.add_argument('--amp_level', choices=['O1', 'O2'], default='O1', help='AMP level')
+    p.add_argument('--use_ema', action='store_true', help='accepted for compatibility; unused')
+
+    def main(args):
+        from segslim.workflows import run_train
+        return run_train(args)
+    cli.entry(p, main, argv)
+
+
+def val(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Evaluate a segmentation model (FP32).', cli.add_eval_args)
+
+    def main(args):
+        from segslim.workflows import run_val
+        return run_val(args)
+    cli.entry(p, main, argv)
+
+
+def export(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Export an FP32 inference model.', cli.add_export_args)
+
+    def main(args):
+        from segslim.workflows import run_export
+        return run_export(args)
+    cli.entry(p, main, argv)
+
+
+def qat_train(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
+                cli.add_train_args)
+    p.add_argument('--model_path', required=True, help='FP32 model.pdparams to start from')
+    p.add_argument('--allow_partial', action='store_true',
+                   help='load FP32 weights even if some keys are missing or mismatched')
+
+    def main(args):
+        from segslim.workflows import run_train
+        return run_train(args, quant=True)
+    cli.entry(p, main, argv)
+
+
+def qat_val(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Evaluate a quantization-aware trained model.', cli.add_eval_args)
+
+    def main(args):
+        from segslim.workflows import run_val
+        return run_val(args, quant=True)
+    cli.entry(p, main, argv)
+
+
+def qat_export(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Export a QAT model as an INT8 inference model.', cli.add_export_args)
+    p.add_argument('--verify_images', type=int, default=8,
+                   help='compare the INT8 engine with the QAT model on this many val images '
+                        '(0: skip)')
+
+    def main(args):
+        from segslim.workflows import run_export
+        return run_export(args, quant=True)
+    cli.entry(p, main, argv)
+
+
+def infer(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description='Segment images with an exported model.')
+    p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')
+    p.add_argument('--image_path', required=True, help='an image file or a folder')
+    p.add_argument('--save_dir', default='./output/result')
+    p.add_argument('--batch_size', type=int, default=1)
+    p.add_argument('--overlay', action='store_true', help='also write image+mask overlays')
+    p.add_argument('--with_argmax', action='store_true',
+                   help='accepted for compatibility: masks are always class ids')
+    p.add_argument('--debug', action='store_true', help='show tracebacks')
+    cli.add_engine_args(p)
+
+    def main(args):
+        from segslim.workflows import run_infer
+        return run_infer(args)
+    cli.entry(p, main, argv)
+
+
+def benchmark(argv: Optional[List[str]] = None) -> None:
+    p = _parser('FP32 vs INT8 on the deployed engine: mIoU, latency, agreement, INT8 ops.',
+                config_required=False)
+    p.add_argument('--model_dirs', nargs='+', required=True,
+                   help='exported model folders; the first is the baseline')
+    p.add_argument('--input_shape', nargs=4, type=int, default=[1, 3, 512, 512],
+                   metavar=('N', 'C', 'H', 'W'), help='timing input')
+    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
+    p.add_argument('--json', default=None, help='write the report as JSON (and a PNG chart)')
+    p.add_argument('--markdown', default=None, help='write the report to a markdown file')
+    cli.add_engine_args(p)
+
+    def main(args):
+        from segslim.workflows import run_benchmark
+        return run_benchmark(args)
+    cli.entry(p, main, argv)
+
+
+def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description='Generate deterministic demo optic-disc data.')
+    p.add_argument('--save_dir', default='data/optic_disc_seg')
+    p.add_argument('--num_train', type=int, default=60)
+    p.add_argument('--num_val', type=int, default=20)
+    p.add_argument('--num_test', type=int, default=10)
+    p.add_argument('--size', type=int, default=128, help='image side in pixels')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--debug', action='store_true', help='show tracebacks')
+
+    def main(args):
+        from segslim.data.demo import make_demo_dataset as make
+        if min(args.num_train, args.num_val, args.size) <= 0 or args.num_test < 0:
+            from segslim.errors import UserError
+            raise UserError('--num_train, --num_val and --size must be positive')
+        make(args.save_dir, args.num_train, args.num_val, args.num_test, args.size, args.seed)
+        print('wrote {} train / {} val / {} test images of {}x{} to {}'.format(
+            args.num_train, args.num_val, args.num_test, args.size, args.size, args.save_dir))
+    cli.entry(p, main, argv)

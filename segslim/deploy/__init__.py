@@ -1,0 +1,1 @@
+"""Paddle Inference deployment: predictor factory (CPU oneDNN / GPU TensorRT) and benchmark."""

@@ -1,0 +1,228 @@
+"""FP32 vs INT8 on the deployed engine: mIoU with the training metric code, latency
+(interleaved, median and p90), pixel agreement, and which convs really run INT8."""
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import cv2
+import numpy as np
+
+from segslim import builder
+from segslim.data.datasets import SegDataset, read_image, read_label
+from segslim.deploy.cpu import cpu_features
+from segslim.deploy.predictor import EngineOptions, Predictor
+from segslim.engine.metrics import ConfusionMatrix
+from segslim.logger import logger
+
+
+class Preprocessor:
+    """The deploy.yaml transforms applied to an image file, as in deployment."""
+
+    def __init__(self, transforms: List[Dict[str, Any]]):
+        from paddleseg.transforms import Compose
+        self.compose = Compose(builder.build_transforms(transforms, 'Deploy.transforms'))
+
+    def __call__(self, path: str):
+        data = self.compose({'img': read_image(path), 'trans_info': [], 'gt_fields': []})
+        return data['img'], data['trans_info']
+
+
+def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
+    """Undoes resize/padding records of the transforms on a H,W label map."""
+    for item in reversed(trans_info):
+        mode = item[0][0] if isinstance(item[0], list) else item[0]
+        h, w = item[1][0], item[1][1]
+        if mode == 'resize':
+            labels = cv2.resize(labels.astype(np.int32), (w, h),
+                                interpolation=cv2.INTER_NEAREST)
+        elif mode == 'padding':
+            labels = labels[:h, :w]
+    return labels
+
+
+def predict_dataset(predictor: Predictor, dataset: SegDataset,
+                    limit: Optional[int] = None) -> List[np.ndarray]:
+    """Label maps of the val images (the first `limit`) at their labels' size."""
+    pre = Preprocessor(predictor.deploy['transforms'])
+    preds = []
+    for img_path, _ in dataset.file_list[:limit]:
+        img, info = pre(img_path)
+        preds.append(restore_size(predictor.labels(img[np.newaxis])[0], info))
+    return preds
+
+
+def agreement_with_model(model: Any, predictor: Predictor, dataset: SegDataset,
+                         limit: int) -> float:
+    """Share of pixels where the engine and the dygraph model (e.g. the QAT model with its
+    fake-quant ops) predict the same class, over the first `limit` val images."""
+    from segslim._paddle import paddle
+    from paddleseg.core import infer
+    engine = predict_dataset(predictor, dataset, limit)
+    model.eval()
+    ours = []
+    with paddle.no_grad():
+        for i in range(len(engine)):
+            sample = dataset[i]
+            pred, _ = infer.inference(model, paddle.to_tensor(sample['img'][np.newaxis]),
+                                      trans_info=sample['trans_info'])
+            ours.append(pred.numpy()[0, 0])
+    return agreement(engine, ours)
+
+
+def score(preds: List[np.ndarray], dataset: SegDataset) -> Dict[str, Any]:
+    cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    for pred, (_, label_path) in zip(preds, dataset.file_list):
+        cm.update(pred, read_label(label_path))
+    return cm.compute()
+
+
+def agreement(a: List[np.ndarray], b: List[np.ndarray]) -> float:
+    same = sum(int((x == y).sum()) for x, y in zip(a, b))
+    return same / max(sum(x.size for x in a), 1)
+
+
+def time_interleaved(predictors: Sequence[Predictor], batch: np.ndarray, warmup: int,
+                     repeats: int) -> List[List[float]]:
+    """Seconds per run of each predictor; runs alternate between predictors so that
+    machine noise hits all of them alike."""
+    for p in predictors:
+        for _ in range(warmup):
+            p.run(batch)
+    times: List[List[float]] = [[] for _ in predictors]
+    for _ in range(repeats):
+        for i, p in enumerate(predictors):
+            tic = time.perf_counter()
+            p.run(batch)
+            times[i].append(time.perf_counter() - tic)
+    return times
+
+
+def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: EngineOptions,
+              shape: Sequence[int] = (1, 3, 512, 512), warmup: int = 5, repeats: int = 20,
+              with_bf16: Optional[bool] = None) -> Dict[str, Any]:
+    """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; the first
+    model dir (run in FP32) is the baseline for speedup and pixel agreement."""
+    cpu = cpu_features()
+    runs = []  # (model_dir, precision, Predictor)
+    for i, model_dir in enumerate(model_dirs):
+        probe = Predictor(model_dir, EngineOptions(**dict(opts.__dict__, precision='fp32')))
+        precision = 'int8' if probe.quantized else ('fp16' if opts.precision == 'fp16'
+                                                    and opts.device == 'gpu' else 'fp32')
+        runs.append((model_dir, precision, probe))
+        if i == 0 and opts.device == 'cpu' and not probe.quantized and \
+                (with_bf16 if with_bf16 is not None else cpu['bf16']):
+            runs.append((model_dir, 'bf16',
+                         Predictor(model_dir, EngineOptions(**dict(opts.__dict__,
+                                                                   precision='bf16')))))
+    batch = _timing_batch(runs[0][2], dataset, shape)
+    times = time_interleaved([p for _, _, p in runs], batch, warmup, repeats)
+    rows = []
+    base_preds = None
+    for (model_dir, precision, pred), secs in zip(runs, times):
+        row: Dict[str, Any] = {
+            'model_dir': model_dir, 'precision': precision,
+            's_per_img': float(np.median(secs)) / shape[0],
+            'p90_s': float(np.percentile(secs, 90)) / shape[0],
+            'params_mb': os.path.getsize(pred.deploy['params']) / 2 ** 20,
+            'conv_ops': pred.engine.get('conv_ops'),
+            'int8_conv_ops': pred.engine.get('int8_conv_ops'),
+            'fp32_conv_ops': pred.engine.get('fp32_conv_ops'),
+            'fallback': pred.fallback,
+        }
+        if dataset is not None:
+            logger.info('Evaluating %s (%s) on %d images', model_dir, precision, len(dataset))
+            preds = predict_dataset(pred, dataset)
+            metrics = score(preds, dataset)
+            row.update(miou=metrics['miou'], class_iou=metrics['class_iou'],
+                       acc=metrics['acc'])
+            if base_preds is None:
+                base_preds = preds
+            row['pixel_agreement'] = agreement(preds, base_preds)
+        rows.append(row)
+    base = rows[0]['s_per_img']
+    bf16 = next((r['s_per_img'] for r in rows if r['precision'] == 'bf16'), None)
+    for row in rows:
+        row['speedup'] = base / row['s_per_img']
+        row['speedup_vs_bf16'] = bf16 / row['s_per_img'] if bf16 else None
+    return {'isa': cpu['isa'] if opts.device == 'cpu' else 'gpu', 'cpu': cpu['model'],
+            'vnni': cpu['vnni'], 'threads': opts.cpu_threads, 'device': opts.device,
+            'input_shape': list(shape), 'warmup': warmup, 'repeats': repeats, 'rows': rows}
+
+
+def _timing_batch(pred: Predictor, dataset: Optional[SegDataset],
+                  shape: Sequence[int]) -> np.ndarray:
+    """A real val image resized to `shape` (random data if there is no dataset)."""
+    n, c, h, w = shape
+    if dataset is None:
+        return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    img, _ = Preprocessor(pred.deploy['transforms'])(dataset.file_list[0][0])
+    img = cv2.resize(np.transpose(img, (1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.repeat(np.transpose(img, (2, 0, 1))[np.newaxis], n, axis=0).astype(np.float32)
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """The markdown report: header line, the main table, per-class IoU, engine ops."""
+    lines = ['Device: {} | CPU: {} | ISA: {} | threads: {} | input {} | median of {} runs, '
+             'models interleaved'.format(report['device'], report['cpu'], report['isa'],
+                                         report['threads'], 'x'.join(map(str,
+                                                                         report['input_shape'])),
+                                         report['repeats'])]
+    if report['device'] == 'cpu' and not report['vnni']:
+        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
+    lines += ['', '| Model | Type | mIoU | s/img | p90 s | speedup | vs bf16 | params MB | '
+              'agreement | INT8 convs |', '|---|---|---|---|---|---|---|---|---|---|']
+    for r in report['rows']:
+        lines.append('| {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} |'.format(
+            r['model_dir'], r['precision'].upper(),
+            '{:.4f}'.format(r['miou']) if 'miou' in r else '-', r['s_per_img'], r['p90_s'],
+            r['speedup'], '{:.2f}x'.format(r['speedup_vs_bf16']) if r['speedup_vs_bf16'] else '-',
+            r['params_mb'],
+            '{:.4%}'.format(r['pixel_agreement']) if 'pixel_agreement' in r else '-',
+            '{}/{}'.format(r['int8_conv_ops'], r['conv_ops']) if r['conv_ops'] is not None
+            else '-'))
+    if any('class_iou' in r for r in report['rows']):
+        lines += ['', '| Model | Type | per-class IoU |', '|---|---|---|']
+        for r in report['rows']:
+            lines.append('| {} | {} | {} |'.format(r['model_dir'], r['precision'].upper(),
+                                                  ', '.join('{:.4f}'.format(v)
+                                                            for v in r.get('class_iou', []))))
+    for r in report['rows']:
+        if r['fallback']:
+            lines.append('Note: {} ({}): {}'.format(r['model_dir'], r['precision'],
+                                                   r['fallback']))
+        if r['precision'] == 'int8' and r.get('fp32_conv_ops'):
+            lines.append('Note: {} runs {} conv ops in FP32: {}'.format(
+                r['model_dir'], len(r['fp32_conv_ops']), ', '.join(r['fp32_conv_ops'][:6])))
+    return '\n'.join(lines)
+
+
+def write_json(report: Dict[str, Any], path: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(report, f, indent=2)
+    os.replace(tmp, path)
+
+
+def write_chart(report: Dict[str, Any], path: str) -> None:
+    """A PNG with latency and mIoU bars per row."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    rows = report['rows']
+    names = ['{}\n{}'.format(os.path.basename(os.path.normpath(r['model_dir'])),
+                             r['precision'].upper()) for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(rows)), 3.6))
+    axes[0].bar(names, [r['s_per_img'] * 1000 for r in rows], color='#4878a8')
+    axes[0].set_ylabel('ms / image (median)')
+    axes[0].set_title('Latency, {} {} threads'.format(report['isa'], report['threads']))
+    if all('miou' in r for r in rows):
+        axes[1].bar(names, [r['miou'] for r in rows], color='#6a9f58')
+        low = min(r['miou'] for r in rows)
+        axes[1].set_ylim(max(0.0, low - 0.05), min(1.0, max(r['miou'] for r in rows) + 0.02))
+        axes[1].set_ylabel('mIoU (deployed engine)')
+    else:
+        axes[1].axis('off')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

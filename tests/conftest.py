@@ -1,0 +1,71 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+INSTANT = os.path.join(ROOT, 'tests', 'configs', 'instant.yml')
+
+
+def run_cli(script, *args, cwd=None, timeout=600, env=None):
+    """Runs a repo script with the test interpreter; returns the CompletedProcess."""
+    full_env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore')
+    full_env.pop('SEGSLIM_DEBUG', None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args],
+                          cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+def data_opts(root):
+    return ['train_dataset.dataset_root={}'.format(root), 'val_dataset.dataset_root={}'.format(root)]
+
+
+@pytest.fixture(scope='session')
+def instant_data(tmp_path_factory):
+    from segslim.data.demo import make_demo_dataset
+    root = str(tmp_path_factory.mktemp('data') / 'instant')
+    make_demo_dataset(root, num_train=8, num_val=4, num_test=2, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope='session')
+def fp32_run(instant_data, tmp_path_factory):
+    """A 20-iteration FP32 run of train.py with evaluation."""
+    out = str(tmp_path_factory.mktemp('fp32'))
+    proc = run_cli('train.py', '--config', INSTANT, '--do_eval', '--save_interval', 10,
+                   '--log_iters', 5, '--save_dir', out, '--opts', *data_opts(instant_data))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {'dir': out, 'stdout': proc.stdout, 'data': instant_data}
+
+
+@pytest.fixture(scope='session')
+def qat_run(fp32_run, tmp_path_factory):
+    """A 10-iteration qat_train.py run from the FP32 best model."""
+    out = str(tmp_path_factory.mktemp('quant'))
+    proc = run_cli('slim/quant/qat_train.py', '--config', INSTANT, '--model_path',
+                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
+                   '--learning_rate', 0.001, '--iters', 10, '--do_eval', '--save_interval', 5,
+                   '--log_iters', 5, '--save_dir', out, '--opts', *data_opts(fp32_run['data']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {'dir': out, 'stdout': proc.stdout, 'data': fp32_run['data']}
+
+
+@pytest.fixture(scope='session')
+def exported(fp32_run, qat_run, tmp_path_factory):
+    """FP32 and INT8 inference models with the argmax head."""
+    base = tmp_path_factory.mktemp('infer')
+    dirs = {'fp32': str(base / 'fp32'), 'int8': str(base / 'int8')}
+    proc = run_cli('export.py', '--config', INSTANT, '--model_path',
+                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
+                   '--save_dir', dirs['fp32'], '--opts', *data_opts(fp32_run['data']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli('slim/quant/qat_export.py', '--config', INSTANT, '--model_path',
+                   os.path.join(qat_run['dir'], 'best_model', 'model.pdparams'),
+                   '--save_dir', dirs['int8'], '--opts', *data_opts(fp32_run['data']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs['qat_export_stdout'] = proc.stdout
+    dirs['data'] = fp32_run['data']
+    return dirs

@@ -1,0 +1,29 @@
+"""Checks the installed stack: imports (with the zlib fix), versions, and `pip check`
+apart from paddleseg's known opencv pin. Exits non-zero on any other problem."""
+import subprocess
+import sys
+import os
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+KNOWN = ('paddleseg 2.8.0 has requirement opencv-python<=4.6.0',)
+
+
+def main() -> int:
+    from segslim._paddle import paddle
+    import paddleseg
+    import paddleslim  # noqa: F401
+    print('paddlepaddle {} (CUDA: {}), paddleseg {}'.format(
+        paddle.__version__, paddle.is_compiled_with_cuda(), paddleseg.__version__))
+    out = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True,
+                         text=True).stdout
+    problems = [line for line in out.splitlines()
+                if line.strip() and not line.startswith(KNOWN) and
+                not line.startswith('No broken requirements')]
+    for line in problems:
+        print('pip check: ' + line)
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
