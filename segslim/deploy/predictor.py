@@ -18,6 +18,7 @@ from paddle import inference as pi
 # oneDNN INT8 ops that run on every model tried here once programs are fused; the
 # default set crashes on concat for BiSeNetV2, PP-LiteSeg and DeepLabV3P.
 INT8_OPS = ('conv2d', 'depthwise_conv2d', 'fused_conv2d', 'pool2d')
+# Op sets tried in order until the engine runs; 'default' is Paddle's own set.
 INT8_FALLBACK_OPS = (INT8_OPS, ('conv2d', 'depthwise_conv2d', 'fused_conv2d'))
 # Without this pass residual convs (conv + elementwise_add) are left in FP32.
 INT8_DELETE_PASSES = ('conv_elementwise_add_mkldnn_fuse_pass',)
@@ -41,7 +42,6 @@ class EngineOptions:
     gpu_id: int = 0
     trt_shape_file: Optional[str] = None
     input_shape: Sequence[int] = (1, 3, 512, 512)
-    int8_ops: Sequence[str] = INT8_OPS
     delete_passes: Sequence[str] = field(default_factory=lambda: list(INT8_DELETE_PASSES))
 
 
@@ -166,7 +166,10 @@ class Predictor:
         if opts.precision == 'bf16':
             config.enable_mkldnn_bfloat16()
         if opts.precision == 'int8' or self.quantized:
-            config.enable_mkldnn_int8(set(int8_ops or opts.int8_ops))
+            if int8_ops == 'default':
+                config.enable_mkldnn_int8()
+            else:
+                config.enable_mkldnn_int8(set(int8_ops))
             for name in opts.delete_passes:
                 config.delete_pass(name)
         if cache:
@@ -209,7 +212,7 @@ class Predictor:
                     self.predictor = pi.create_predictor(self._config(ops, cache))
                     self.run(np.zeros(self._probe_shape(), np.float32))
                 if level:
-                    self.fallback = 'oneDNN INT8 ops narrowed to {} ({})'.format(
+                    self.fallback = 'oneDNN INT8 ops narrowed to {} after: {}'.format(
                         '/'.join(ops), errors[-1])
                 optimized = os.path.join(cache, '_optimized.pdmodel') if cache else None
                 if optimized and os.path.exists(optimized):

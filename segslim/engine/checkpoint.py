@@ -12,6 +12,7 @@ import pickle
 import random
 import shutil
 import uuid
+import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
@@ -79,7 +80,9 @@ def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
                         'and weights match (same model and num_classes)'.format(
                             flag, path, '; '.join(parts)))
     bad = {m.split(' ')[0] for m in mismatched}
-    model.set_state_dict({k: v for k, v in state.items() if k in own and k not in bad})
+    with warnings.catch_warnings():  # paddle warns per skipped key; the report says it once
+        warnings.simplefilter('ignore')
+        model.set_state_dict({k: v for k, v in state.items() if k in own and k not in bad})
     return report
 
 
@@ -173,15 +176,12 @@ def recover(save_dir: str) -> None:
 
 
 def rng_state() -> Dict[str, Any]:
-    return {'python': random.getstate(), 'numpy': np.random.get_state(),
-            'paddle': paddle.get_rng_state()}
+    return {'python': random.getstate(), 'numpy': np.random.get_state()}
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state['python'])
     np.random.set_state(state['numpy'])
-    if 'paddle' in state:
-        paddle.set_rng_state(state['paddle'])
 
 
 def save_checkpoint(path: str, model: paddle.nn.Layer,
@@ -192,7 +192,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer,
     files: Dict[str, Any] = {PARAMS: model.state_dict()}
     if optimizer is not None:
         opt_state = dict(optimizer.state_dict())
-        if scheduler is not None:
+        if scheduler is not None:  # paddle adds it when the LR is a scheduler; be explicit
             opt_state['LR_Scheduler'] = scheduler.state_dict()
         files[OPT] = opt_state
     if state is not None:

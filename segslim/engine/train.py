@@ -127,6 +127,9 @@ def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegData
             imgs, labels, epoch = next(data)
             reader += time.time() - tic
             it += 1
+            # Dropout draws from paddle's global generator, whose state does not survive a
+            # save/load; seeding it per iteration makes a resumed run draw the same masks.
+            paddle.seed(opts.seed * 1000003 + it)
             x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
             if scaler is not None:
                 with paddle.amp.auto_cast(level=opts.amp_level, enable=True):
@@ -205,7 +208,11 @@ def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
     """Loads model, optimizer and LR state of a checkpoint from load_checkpoint()."""
     ckpt.load_weights(model, resume['params'], flag='--resume_model')
     opt_state = dict(resume['opt'])
-    sched_state = opt_state.pop('LR_Scheduler', None)
-    optimizer.set_state_dict(opt_state)
-    if sched_state is not None:
-        scheduler.set_state_dict(sched_state)
+    try:
+        optimizer.set_state_dict(opt_state)  # restores the LR scheduler it holds too
+    except (KeyError, ValueError) as e:
+        raise UserError('--resume_model {}: the optimizer state does not fit this config '
+                        '({}); resume with the config the run was started with'.format(
+                            os.path.dirname(resume['params']), e))
+    if 'LR_Scheduler' in opt_state:
+        scheduler.set_state_dict(opt_state['LR_Scheduler'])

@@ -1,0 +1,74 @@
+"""Deployment: benchmark report, infer masks, INT8 op-set fallback, bad model folders."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segslim.deploy import predictor as predictor_mod
+from segslim.deploy.predictor import EngineOptions, Predictor
+
+from conftest import INSTANT, data_opts, run_cli
+
+ROW_FIELDS = ('model_dir', 'precision', 'miou', 'class_iou', 's_per_img', 'p90_s', 'speedup',
+              'params_mb', 'pixel_agreement', 'int8_conv_ops', 'conv_ops', 'fallback')
+
+
+def test_benchmark_json_has_every_field(exported, tmp_path):
+    out = tmp_path / 'report.json'
+    proc = run_cli('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
+                   exported['fp32'], exported['int8'], '--device', 'cpu', '--cpu_threads', 2,
+                   '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--repeats', 3,
+                   '--json', out, '--opts', *data_opts(exported['data']))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.load(open(out))
+    assert report['threads'] == 2 and report['isa']
+    rows = report['rows']
+    assert [r['precision'] for r in rows][0] == 'fp32' and rows[-1]['precision'] == 'int8'
+    for row in rows:
+        for key in ROW_FIELDS:
+            assert key in row, key
+        assert 0 <= row['miou'] <= 1 and len(row['class_iou']) == 2
+        assert row['s_per_img'] > 0 and row['p90_s'] >= row['s_per_img']
+    assert rows[0]['speedup'] == 1.0 and rows[0]['pixel_agreement'] == 1.0
+    int8 = rows[-1]
+    assert int8['int8_conv_ops'] == int8['conv_ops'] > 0 and int8['fallback'] is None
+    assert int8['pixel_agreement'] > 0.9 and int8['params_mb'] < rows[0]['params_mb']
+    assert rows[0]['int8_conv_ops'] == 0
+    assert os.path.getsize(str(out).replace('.json', '.png')) > 1000
+    assert '| Model | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
+
+
+def test_infer_writes_masks_of_input_size(exported, tmp_path):
+    img = os.path.join(exported['data'], 'JPEGImages', 'N0000.jpg')
+    odd = tmp_path / 'odd.png'
+    Image.open(img).convert('L').resize((80, 48)).save(odd)  # grayscale, other size
+    for path in (img, str(odd)):
+        proc = run_cli('deploy/python/infer.py', '--config',
+                       os.path.join(exported['int8'], 'deploy.yaml'), '--image_path', path,
+                       '--save_dir', tmp_path / 'out', '--overlay')
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        name = os.path.splitext(os.path.basename(path))[0]
+        mask = Image.open(tmp_path / 'out' / (name + '.png'))
+        assert mask.mode == 'P' and mask.size == Image.open(path).size
+        assert set(np.unique(np.asarray(mask))) <= {0, 1}
+        assert (tmp_path / 'out' / (name + '_overlay.jpg')).exists()
+
+
+def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
+    # Paddle's default INT8 op set crashes oneDNN on BiSeNetV2's concat
+    monkeypatch.setattr(predictor_mod, 'INT8_FALLBACK_OPS',
+                        ('default', predictor_mod.INT8_OPS))
+    pred = Predictor(exported['int8'], EngineOptions(precision='int8'))
+    assert pred.fallback and 'narrowed' in pred.fallback and 'concat' in pred.fallback
+    assert pred.engine['int8_conv_ops'] > 0
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    assert pred.labels(x).shape == (1, 64, 64)
+
+
+def test_model_folder_without_deploy_yaml_is_one_line_error(exported, tmp_path):
+    proc = run_cli('deploy/python/benchmark.py', '--model_dirs', str(tmp_path),
+                   '--repeats', 1)
+    assert proc.returncode == 2 and 'has no deploy.yaml' in proc.stderr
+    assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,77 @@
+"""--resume_model really resumes: iteration, LR, optimizer state, data order."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from segslim._paddle import paddle
+
+from conftest import INSTANT, ROOT, data_opts, run_cli
+
+
+def params(path):
+    return paddle.load(path, return_numpy=True)
+
+
+def assert_same_weights(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        np.testing.assert_array_equal(pa[key], pb[key], err_msg=key)
+
+
+def log_lines(stdout):
+    return {int(m.group(1)): m.group(0) for m in re.finditer(
+        r'iter: (\d+)/\d+, loss: [0-9.]+, lr: [0-9.]+', stdout)}
+
+
+def test_qat_resume_restores_iteration_lr_and_weights(qat_run, tmp_path):
+    out = str(tmp_path / 'resumed')
+    proc = run_cli('slim/quant/qat_train.py', '--config', INSTANT, '--model_path',
+                   'unused-when-resuming', '--learning_rate', 0.001, '--iters', 10,
+                   '--do_eval', '--save_interval', 5, '--log_iters', 5, '--save_dir', out,
+                   '--resume_model', os.path.join(qat_run['dir'], 'iter_5'),
+                   '--opts', *data_opts(qat_run['data']))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'Resumed from' in proc.stdout and 'at iter 5' in proc.stdout
+    resumed, original = log_lines(proc.stdout), log_lines(qat_run['stdout'])
+    assert 5 not in resumed and resumed[10] == original[10]  # same loss and LR at iter 10
+    assert_same_weights(os.path.join(out, 'iter_10', 'model.pdparams'),
+                        os.path.join(qat_run['dir'], 'iter_10', 'model.pdparams'))
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
+    common = ['--config', INSTANT, '--iters', 30, '--save_interval', 5, '--log_iters', 5,
+              '--keep_checkpoint_max', 2, '--opts'] + data_opts(instant_data)
+    straight = str(tmp_path / 'straight')
+    proc = run_cli('train.py', '--save_dir', straight, *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    killed = str(tmp_path / 'killed')
+    env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore')
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--save_dir',
+                              killed] + [str(a) for a in common], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.isdir(os.path.join(killed, 'iter_10')) and time.time() < deadline:
+        assert child.poll() is None, 'training ended before it could be killed'
+        time.sleep(0.05)
+    time.sleep(0.3)  # land somewhere inside the next iterations
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done = sorted(int(n[5:]) for n in os.listdir(killed) if re.fullmatch(r'iter_\d+', n))
+    assert done and done[-1] < 30, done
+    last = os.path.join(killed, 'iter_{}'.format(done[-1]))
+    proc = run_cli('train.py', '--save_dir', killed, '--resume_model', last, *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_weights(os.path.join(killed, 'iter_30', 'model.pdparams'),
+                        os.path.join(straight, 'iter_30', 'model.pdparams'))
+    # keep_checkpoint_max 2 pruned the old ones but never the one resumed from
+    left = sorted(n for n in os.listdir(killed) if n.startswith('iter_'))
+    assert 'iter_30' in left and len(left) <= 3
