@@ -38,16 +38,18 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _check_writable(save_dir: str) -> None:
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        probe = os.path.join(save_dir, '.write-test')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as e:
-        raise UserError('--save_dir {} is not writable ({}); choose another folder'.format(
-            save_dir, e.strerror))
+def check_writable(save_dir: str, flag: str = '--save_dir') -> None:
+    """Fails early, creating nothing, when save_dir (or the folder it would be made in)
+    cannot be written."""
+    path = os.path.abspath(save_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError('{} {} is a file; choose a folder'.format(flag, save_dir))
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError('{} {} is not writable ({} is {}); choose another folder'.format(
+            flag, save_dir, parent, 'a file' if not os.path.isdir(parent) else 'read-only'))
 
 
 def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> None:
@@ -79,8 +81,7 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     cfg = _setup(args, training=True)
     _seed_everything(args.seed)
     resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
-    _check_writable(args.save_dir)
-    save_config(cfg, args.save_dir)
+    check_writable(args.save_dir)
     if quant:
         fp32 = None if resume else args.model_path
         model, _ = build_quant_model(cfg, fp32_weights=fp32,
@@ -96,6 +97,12 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     losses = builder.build_loss(cfg)
     if resume is not None:
         restore_training(resume, model, optimizer, scheduler)
+    # Written only once everything was built, so a setup error leaves save_dir untouched.
+    try:
+        save_config(cfg, args.save_dir)
+    except OSError as e:
+        raise UserError('cannot write {} ({}); choose a writable --save_dir'.format(
+            args.save_dir, e.strerror))
     opts = TrainOptions(
         save_dir=args.save_dir, iters=cfg['iters'], batch_size=cfg['batch_size'],
         do_eval=args.do_eval, use_vdl=args.use_vdl, save_interval=max(args.save_interval, 1),
@@ -136,6 +143,7 @@ def run_val(args: argparse.Namespace, quant: bool = False) -> int:
 def run_export(args: argparse.Namespace, quant: bool = False) -> int:
     """export.py and qat_export.py: an inference model with its deploy.yaml."""
     cfg = _setup(args)
+    check_writable(args.save_dir)
     model, quanter = _load_for_inference(args, cfg, quant)
     export_inference_model(model, cfg, args.save_dir,
                            output_op_of(args.output_op, args.with_softmax, args.without_argmax),

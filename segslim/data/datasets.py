@@ -168,13 +168,33 @@ def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
     if not file_list:
         raise UserError('config key `{}`: the {} list of {} is empty; add lines '
                         '"image.jpg label.png"'.format(key, mode, ds.dataset_root))
-    for img, lab in file_list:
-        for path in (img, lab):
-            if path is not None and not os.path.isfile(path):
-                raise UserError('config key `{}`: {} is listed but does not exist; fix the '
-                                'list file or add the file'.format(key, path))
+    check_files(file_list, key)
     return SegDataset(file_list, transforms, builder.num_classes_of(cfg),
                       getattr(ds, 'ignore_index', 255), mode, key, seed)
+
+
+def check_files(file_list: List[Tuple[str, Optional[str]]], key: str) -> None:
+    """Every listed file exists and decodes as an image, and each label has its image's
+    size. Reads headers only, so it is quick even for large sets; label values are checked
+    when a sample is read."""
+    for img, lab in file_list:
+        sizes = []
+        for path in (img, lab):
+            if path is None:
+                continue
+            if not os.path.isfile(path):
+                raise UserError('config key `{}`: {} is listed but does not exist; fix the '
+                                'list file or add the file'.format(key, path))
+            try:
+                with Image.open(path) as im:
+                    sizes.append(im.size)
+            except (OSError, ValueError):
+                raise UserError('config key `{}`: {} is not an image; fix the list file or '
+                                'replace the file'.format(key, path))
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            raise UserError('label {} is {}x{} but its image {} is {}x{}; labels must match '
+                            'their images'.format(lab, sizes[1][0], sizes[1][1], img,
+                                                  sizes[0][0], sizes[0][1]))
 
 
 def collate(samples: List[Dict[str, Any]], key: str) -> Tuple[np.ndarray, np.ndarray]:
