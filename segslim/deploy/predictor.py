@@ -231,7 +231,7 @@ class Predictor:
         shape = list(self.deploy.get('input_shape') or [])
         if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape):
             return shape
-        return [1, 3, 64, 64]
+        return list(self.opts.input_shape)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""
