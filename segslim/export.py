@@ -3,6 +3,7 @@ oneDNN fuse conv + bias + batch-norm + activation."""
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
@@ -132,7 +133,9 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
         spec = [paddle.static.InputSpec(shape=shape, dtype='float32', name='x')]
         prefix = os.path.join(stage, 'model')
         if quanter is not None:
-            quanter.save_quantized_model(net, prefix, input_spec=spec)
+            with warnings.catch_warnings():  # paddle warns that its own call ignores a flag
+                warnings.filterwarnings('ignore', message='full_graph=False')
+                quanter.save_quantized_model(net, prefix, input_spec=spec)
         else:
             paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
                             prefix)

@@ -112,9 +112,13 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
         amp_level=getattr(args, 'amp_level', 'O1'), eval_kwargs=cli.eval_kwargs(args, cfg))
     result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
                    resume=resume)
-    logger.info('Training done at iter %d; best mIoU %.4f (iter %d); weights in %s',
-                result['iter'], result['best_miou'], result['best_iter'],
-                os.path.join(args.save_dir, 'best_model'))
+    best = os.path.join(args.save_dir, 'best_model')
+    if result['best_iter'] > 0:
+        logger.info('Training done at iter %d; best mIoU %.4f at iter %d, weights in %s',
+                    result['iter'], result['best_miou'], result['best_iter'], best)
+    else:
+        logger.info('Training done at iter %d; last weights in %s (add --do_eval to keep the '
+                    'best by mIoU)', result['iter'], best)
     return 0
 
 

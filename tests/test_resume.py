@@ -75,3 +75,14 @@ def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     # keep_checkpoint_max 2 pruned the old ones but never the one resumed from
     left = sorted(n for n in os.listdir(killed) if n.startswith('iter_'))
     assert 'iter_30' in left and len(left) <= 3
+
+
+def test_worker_processes_feed_the_same_batches(instant_data, tmp_path):
+    logs = []
+    for workers in (0, 2):
+        proc = run_cli('train.py', '--config', INSTANT, '--iters', 4, '--log_iters', 1,
+                       '--num_workers', workers, '--save_dir', tmp_path / str(workers),
+                       '--opts', *data_opts(instant_data))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logs.append(log_lines(proc.stdout))
+    assert len(logs[0]) == 4 and logs[0] == logs[1]

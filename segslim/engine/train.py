@@ -78,6 +78,23 @@ def _eta(seconds: float) -> str:
     return '{:02d}:{:02d}:{:02d}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
 
 
+def _log_window(window: Dict[str, float], it: int, epoch: int, lr: float,
+                opts: TrainOptions, writer: Any) -> None:
+    """One log line (and VisualDL scalars) for the iterations since the last one; resets."""
+    n = max(window['iters'], 1)
+    loss, batch_cost = window['loss'] / n, window['cost'] / n
+    logger.info('[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, '
+                'reader_cost: %.5f, ips: %.4f samples/sec | ETA %s', epoch + 1, it, opts.iters,
+                loss, lr, batch_cost, window['reader'] / n,
+                window['samples'] / window['cost'] if window['cost'] else 0.0,
+                _eta((opts.iters - it) * batch_cost))
+    if writer is not None:
+        writer.add_scalar('Train/loss', loss, it)
+        writer.add_scalar('Train/lr', lr, it)
+        writer.add_scalar('Train/batch_cost', batch_cost, it)
+    window.update(loss=0.0, cost=0.0, reader=0.0, samples=0, iters=0)
+
+
 def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegDataset],
           optimizer: paddle.optimizer.Optimizer, scheduler: paddle.optimizer.lr.LRScheduler,
           losses: Dict[str, list], cfg: Dict[str, Any], opts: TrainOptions,
@@ -116,16 +133,15 @@ def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegData
         from visualdl import LogWriter
         writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
 
-    per_epoch = max(len(train_ds) // opts.batch_size, 1)
     data = batches(train_ds, opts.batch_size, opts.seed, start_iter, opts.num_workers)
     model.train()
     it, last_ckpt = start_iter, resumed_from
-    avg_loss, cost, reader, samples = 0.0, 0.0, 0.0, 0
+    window = {'loss': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0, 'iters': 0}
     tic = time.time()
     try:
         while it < opts.iters:
             imgs, labels, epoch = next(data)
-            reader += time.time() - tic
+            window['reader'] += time.time() - tic
             it += 1
             # Dropout draws from paddle's global generator, whose state does not survive a
             # save/load; seeding it per iteration makes a resumed run draw the same masks.
@@ -151,23 +167,12 @@ def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegData
                 raise UserError('loss became {} at iter {}; nothing was saved from this '
                                 'iteration (last checkpoint: {}); lower --learning_rate or '
                                 'check the labels'.format(value, it, last_ckpt or 'none'))
-            avg_loss += value
-            cost += time.time() - tic
-            samples += len(imgs)
+            window['loss'] += value
+            window['cost'] += time.time() - tic
+            window['samples'] += len(imgs)
+            window['iters'] += 1
             if it % opts.log_iters == 0 or it == opts.iters:
-                n = opts.log_iters if it % opts.log_iters == 0 else (it - start_iter) % \
-                    opts.log_iters or opts.log_iters
-                batch_cost = cost / n
-                logger.info('[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, '
-                            'batch_cost: %.4f, reader_cost: %.5f, ips: %.4f samples/sec | '
-                            'ETA %s', epoch + 1, it, opts.iters, avg_loss / n, lr, batch_cost,
-                            reader / n, samples / cost if cost else 0.0,
-                            _eta((opts.iters - it) * batch_cost))
-                if writer is not None:
-                    writer.add_scalar('Train/loss', avg_loss / n, it)
-                    writer.add_scalar('Train/lr', lr, it)
-                    writer.add_scalar('Train/batch_cost', batch_cost, it)
-                avg_loss, cost, reader, samples = 0.0, 0.0, 0.0, 0
+                _log_window(window, it, epoch, lr, opts, writer)
             if it % opts.save_interval == 0 or it == opts.iters:
                 if opts.do_eval and val_ds is not None:
                     metrics = evaluate_fn(model, val_ds, **opts.eval_kwargs)
