@@ -19,7 +19,8 @@ def train(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--precision', choices=['fp32', 'fp16'], default='fp32',
                    help='fp16 enables automatic mixed precision (GPU only)')
     p.add_argument('--amp_level', choices=['O1', 'O2'], default='O1', help='AMP level')
-    p.add_argument('--use_ema', action='store_true', help='accepted for compatibility; unused')
+    p.add_argument('--use_ema', action='store_true',
+                   help='also keep an EMA of the weights (best_ema_model/, ema_model.pdparams)')
 
     def main(args):
         from segslim.workflows import run_train

@@ -1,5 +1,6 @@
 """Inference-model export: output heads, deploy.yaml, and the program pass that lets
 oneDNN fuse conv + bias + batch-norm + activation."""
+import logging
 import os
 import shutil
 import tempfile
@@ -133,9 +134,16 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
         spec = [paddle.static.InputSpec(shape=shape, dtype='float32', name='x')]
         prefix = os.path.join(stage, 'model')
         if quanter is not None:
-            with warnings.catch_warnings():  # paddle warns that its own call ignores a flag
-                warnings.filterwarnings('ignore', message='full_graph=False')
-                quanter.save_quantized_model(net, prefix, input_spec=spec)
+            # Paddle's QAT save warns about its own internal calls; keep the log readable.
+            io_logger = logging.getLogger('paddle.static.io')
+            level = io_logger.level
+            io_logger.setLevel(logging.ERROR)
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings('ignore', message='full_graph=False')
+                    quanter.save_quantized_model(net, prefix, input_spec=spec)
+            finally:
+                io_logger.setLevel(level)
         else:
             paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
                             prefix)

@@ -109,7 +109,8 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
         log_iters=max(args.log_iters, 1), keep_checkpoint_max=args.keep_checkpoint_max,
         num_workers=args.num_workers, seed=args.seed,
         precision=getattr(args, 'precision', 'fp32'),
-        amp_level=getattr(args, 'amp_level', 'O1'), eval_kwargs=cli.eval_kwargs(args, cfg))
+        amp_level=getattr(args, 'amp_level', 'O1'), use_ema=getattr(args, 'use_ema', False),
+        eval_kwargs=cli.eval_kwargs(args, cfg))
     result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
                    resume=resume)
     best = os.path.join(args.save_dir, 'best_model')

@@ -86,3 +86,22 @@ def test_worker_processes_feed_the_same_batches(instant_data, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs.append(log_lines(proc.stdout))
     assert len(logs[0]) == 4 and logs[0] == logs[1]
+
+
+def test_ema_weights_are_saved_and_resumed(instant_data, tmp_path):
+    common = ['--config', INSTANT, '--iters', 4, '--save_interval', 2, '--use_ema',
+              '--do_eval', '--opts'] + data_opts(instant_data)
+    straight = tmp_path / 'straight'
+    proc = run_cli('train.py', '--save_dir', straight, *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert '[EVAL EMA]' in proc.stdout
+    assert (straight / 'best_ema_model' / 'model.pdparams').exists()
+    resumed = tmp_path / 'resumed'
+    proc = run_cli('train.py', '--save_dir', resumed, '--resume_model', straight / 'iter_2',
+                   *common)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ('model.pdparams', 'ema_model.pdparams'):
+        assert_same_weights(str(resumed / 'iter_4' / name), str(straight / 'iter_4' / name))
+    ema, raw = params(str(straight / 'iter_4' / 'ema_model.pdparams')), params(
+        str(straight / 'iter_4' / 'model.pdparams'))
+    assert any(not np.array_equal(ema[k], raw[k]) for k in raw)

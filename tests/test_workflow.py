@@ -70,3 +70,47 @@ def test_qat_export_is_int8_and_verified(exported):
     int8 = os.path.getsize(os.path.join(exported['int8'], 'model.pdiparams'))
     fp32 = os.path.getsize(os.path.join(exported['fp32'], 'model.pdiparams'))
     assert int8 < 0.4 * fp32  # INT8 weights
+
+
+def test_val_aug_eval_and_sliding_window(fp32_run):
+    weights = os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams')
+    for extra in (['--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal'],
+                  ['--is_slide', '--crop_size', 32, 32, '--stride', 24, 24]):
+        proc = run_cli('val.py', '--config', INSTANT, '--model_path', weights, *extra,
+                       '--opts', *data_opts(fp32_run['data']))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert re.search(r'mIoU: 0\.[4-9]', proc.stdout), proc.stdout[-1000:]
+
+
+def test_plain_dataset_type_with_file_lists(fp32_run, tmp_path):
+    root = fp32_run['data']
+    cfg = yaml.safe_load(open(INSTANT))
+    cfg['_base_'] = os.path.join(os.path.dirname(INSTANT), cfg['_base_'])
+    for key, mode in (('train_dataset', 'train'), ('val_dataset', 'val')):
+        cfg[key] = {'_inherited_': False, 'type': 'Dataset', 'dataset_root': root,
+                    'num_classes': 2, 'mode': mode,
+                    mode + '_path': os.path.join(root, mode + '_list.txt'),
+                    'transforms': cfg['train_dataset']['transforms'] if mode == 'train'
+                    else [{'type': 'Normalize'}]}
+    path = tmp_path / 'plain.yml'
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_cli('train.py', '--config', path, '--iters', 2, '--do_eval', '--save_dir',
+                   tmp_path / 'out')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'mIoU' in proc.stdout
+
+
+def test_qat_export_heads(qat_run, tmp_path):
+    import numpy as np
+    from segslim.deploy.predictor import EngineOptions, Predictor
+    weights = os.path.join(qat_run['dir'], 'best_model', 'model.pdparams')
+    for flag, dtype, channels in (('--with_softmax', 'float32', 2),
+                                  ('--without_argmax', 'float32', 2)):
+        out = tmp_path / flag.strip('-')
+        proc = run_cli('slim/quant/qat_export.py', '--config', INSTANT, '--model_path', weights,
+                       '--save_dir', out, flag, '--verify_images', 0)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        pred = Predictor(str(out), EngineOptions(precision='int8', input_shape=(1, 3, 64, 64)))
+        y = pred.run(np.zeros((1, 3, 64, 64), np.float32))
+        assert str(y.dtype) == dtype and y.shape == (1, channels, 64, 64)
+        assert pred.engine['int8_conv_ops'] > 0

@@ -187,9 +187,12 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 def save_checkpoint(path: str, model: paddle.nn.Layer,
                     optimizer: Optional[paddle.optimizer.Optimizer] = None,
                     scheduler: Optional[paddle.optimizer.lr.LRScheduler] = None,
-                    state: Optional[Dict[str, Any]] = None) -> None:
-    """Writes a checkpoint folder atomically; with optimizer and state it is resumable."""
+                    state: Optional[Dict[str, Any]] = None,
+                    extra: Optional[Dict[str, Any]] = None) -> None:
+    """Writes a checkpoint folder atomically; with optimizer and state it is resumable.
+    `extra` adds {file name: state dict} (e.g. EMA weights)."""
     files: Dict[str, Any] = {PARAMS: model.state_dict()}
+    files.update(extra or {})
     if optimizer is not None:
         opt_state = dict(optimizer.state_dict())
         if scheduler is not None:  # paddle adds it when the LR is a scheduler; be explicit

@@ -3,16 +3,20 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, collate
 from segslim.engine import checkpoint as ckpt
+from segslim.engine.ema import ModelEMA
+from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.errors import UserError
 from segslim.logger import logger
+
+EMA_PARAMS = 'ema_model.pdparams'
 
 
 @dataclass
@@ -30,6 +34,7 @@ class TrainOptions:
     seed: int = 0
     precision: str = 'fp32'
     amp_level: str = 'O1'
+    use_ema: bool = False
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -98,113 +103,158 @@ def _log_window(window: Dict[str, float], it: int, epoch: int, lr: float,
 def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegDataset],
           optimizer: paddle.optimizer.Optimizer, scheduler: paddle.optimizer.lr.LRScheduler,
           losses: Dict[str, list], cfg: Dict[str, Any], opts: TrainOptions,
-          resume: Optional[Dict[str, Any]] = None,
-          evaluate_fn: Optional[Callable[..., Dict[str, Any]]] = None) -> Dict[str, Any]:
+          resume: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Runs iterations up to opts.iters; saves iter_N/ every save_interval and best_model/
-    on a better mIoU. `resume` comes from checkpoint.load_checkpoint. Returns
-    {'iter', 'best_miou', 'best_iter', 'last_checkpoint'}."""
-    if evaluate_fn is None:
-        from segslim.engine.evaluate import evaluate as evaluate_fn
-    os.makedirs(opts.save_dir, exist_ok=True)
-    ckpt.recover(opts.save_dir)
-    start_iter, best_miou, best_iter, resumed_from = 0, -1.0, -1, None
-    if resume is not None:
+    on a better mIoU (best_ema_model/ too with opts.use_ema). `resume` comes from
+    checkpoint.load_checkpoint. Returns {'iter', 'best_miou', 'best_iter', 'last_checkpoint'}."""
+    return Trainer(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
+                   resume).run()
+
+
+class Trainer:
+    """The state of one training run; see train()."""
+
+    def __init__(self, model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
+                 resume=None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.train_ds, self.val_ds, self.losses, self.cfg, self.opts = (
+            train_ds, val_ds, losses, cfg, opts)
+        self.start_iter, self.resumed_from = 0, None
+        self.best = {'model': (-1.0, -1), 'ema': (-1.0, -1)}  # (mIoU, iter)
+        os.makedirs(opts.save_dir, exist_ok=True)
+        ckpt.recover(opts.save_dir)
+        self.ema = ModelEMA(model) if opts.use_ema else None
+        if resume is not None:
+            self._resume(resume)
+        self.last_ckpt = self.resumed_from
+        self.scaler = None
+        if opts.precision == 'fp16':
+            if not paddle.is_compiled_with_cuda() or 'gpu' not in paddle.get_device():
+                raise UserError('--precision fp16 needs a GPU; drop it on CPU')
+            self.scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+            if opts.amp_level == 'O2':
+                self.model, self.optimizer = paddle.amp.decorate(
+                    models=model, optimizers=optimizer, level='O2', save_dtype='float32')
+
+    def _resume(self, resume: Dict[str, Any]) -> None:
         state = resume['state']
-        start_iter = int(state['iter'])
-        best_miou, best_iter = state.get('best_miou', -1.0), state.get('best_iter', -1)
-        opts.seed = state.get('seed', opts.seed)
+        self.start_iter = int(state['iter'])
+        self.best['model'] = (state.get('best_miou', -1.0), state.get('best_iter', -1))
+        self.best['ema'] = tuple(state.get('best_ema', (-1.0, -1)))
+        self.opts.seed = state.get('seed', self.opts.seed)
         ckpt.set_rng_state(state['rng'])
-        resumed_from = os.path.dirname(resume['params'])
+        self.resumed_from = os.path.dirname(resume['params'])
+        if self.ema is not None:
+            ema_path = os.path.join(self.resumed_from, EMA_PARAMS)
+            source = ema_path if os.path.isfile(ema_path) else resume['params']
+            ckpt.load_weights(self.ema.model, source, flag='--resume_model')
         logger.info('Resumed from %s at iter %d (best mIoU %.4f at iter %d)',
-                    resumed_from, start_iter, best_miou, best_iter)
-    if start_iter >= opts.iters:
-        logger.info('Nothing to do: the checkpoint is at iter %d of %d', start_iter, opts.iters)
+                    self.resumed_from, self.start_iter, *self.best['model'])
 
-    scaler = None
-    if opts.precision == 'fp16':
-        if not paddle.is_compiled_with_cuda() or 'gpu' not in paddle.get_device():
-            raise UserError('--precision fp16 needs a GPU; drop it on CPU')
-        scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
-        if opts.amp_level == 'O2':
-            model, optimizer = paddle.amp.decorate(models=model, optimizers=optimizer,
-                                                   level='O2', save_dtype='float32')
-    writer = None
-    if opts.use_vdl:
-        from visualdl import LogWriter
-        writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
+    def run(self) -> Dict[str, Any]:
+        opts = self.opts
+        if self.start_iter >= opts.iters:
+            logger.info('Nothing to do: the checkpoint is at iter %d of %d', self.start_iter,
+                        opts.iters)
+        writer = None
+        if opts.use_vdl:
+            from visualdl import LogWriter
+            writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
+        data = batches(self.train_ds, opts.batch_size, opts.seed, self.start_iter,
+                       opts.num_workers)
+        self.model.train()
+        it = self.start_iter
+        window = {'loss': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0, 'iters': 0}
+        tic = time.time()
+        try:
+            while it < opts.iters:
+                imgs, labels, epoch = next(data)
+                window['reader'] += time.time() - tic
+                it += 1
+                lr = self.optimizer.get_lr()
+                value = self._step(imgs, labels, it)
+                window['loss'] += value
+                window['cost'] += time.time() - tic
+                window['samples'] += len(imgs)
+                window['iters'] += 1
+                if it % opts.log_iters == 0 or it == opts.iters:
+                    _log_window(window, it, epoch, lr, opts, writer)
+                if it % opts.save_interval == 0 or it == opts.iters:
+                    self._save(it, writer)
+                tic = time.time()
+        except KeyboardInterrupt:
+            logger.warning('Interrupted at iter %d. %s', it,
+                           'Resume with --resume_model {}'.format(self.last_ckpt)
+                           if self.last_ckpt else 'No checkpoint was written yet.')
+            raise
+        finally:
+            if writer is not None:
+                writer.close()
+        if not (opts.do_eval and self.val_ds is not None) and it > self.start_iter:
+            # Without evaluation the last weights are the deliverable.
+            ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), self.model)
+        best_miou, best_iter = self.best['model']
+        return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
+                'last_checkpoint': self.last_ckpt}
 
-    data = batches(train_ds, opts.batch_size, opts.seed, start_iter, opts.num_workers)
-    model.train()
-    it, last_ckpt = start_iter, resumed_from
-    window = {'loss': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0, 'iters': 0}
-    tic = time.time()
-    try:
-        while it < opts.iters:
-            imgs, labels, epoch = next(data)
-            window['reader'] += time.time() - tic
-            it += 1
-            # Dropout draws from paddle's global generator, whose state does not survive a
-            # save/load; seeding it per iteration makes a resumed run draw the same masks.
-            paddle.seed(opts.seed * 1000003 + it)
-            x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
-            if scaler is not None:
-                with paddle.amp.auto_cast(level=opts.amp_level, enable=True):
-                    logits = model(x)
-                    loss = sum(compute_loss(logits, y, losses))
-                scaled = scaler.scale(loss)
-                scaled.backward()
-                scaler.minimize(optimizer, scaled)
-            else:
-                logits = model(x)
-                loss = sum(compute_loss(logits, y, losses))
-                loss.backward()
-                optimizer.step()
-            model.clear_gradients()
-            lr = optimizer.get_lr()
-            scheduler.step()
-            value = float(loss)
-            if not math.isfinite(value):
-                raise UserError('loss became {} at iter {}; nothing was saved from this '
-                                'iteration (last checkpoint: {}); lower --learning_rate or '
-                                'check the labels'.format(value, it, last_ckpt or 'none'))
-            window['loss'] += value
-            window['cost'] += time.time() - tic
-            window['samples'] += len(imgs)
-            window['iters'] += 1
-            if it % opts.log_iters == 0 or it == opts.iters:
-                _log_window(window, it, epoch, lr, opts, writer)
-            if it % opts.save_interval == 0 or it == opts.iters:
-                if opts.do_eval and val_ds is not None:
-                    metrics = evaluate_fn(model, val_ds, **opts.eval_kwargs)
-                    logger.info('\n' + format_metrics(metrics))
-                    if writer is not None:
-                        for key in ('miou', 'acc', 'kappa', 'mdice'):
-                            writer.add_scalar('Evaluate/' + key, metrics[key], it)
-                    if metrics['miou'] > best_miou:
-                        best_miou, best_iter = metrics['miou'], it
-                        ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), model)
-                    logger.info('[EVAL] The model with the best validation mIoU (%.4f) was '
-                                'saved at iter %d.', best_miou, best_iter)
-                state = {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
-                         'seed': opts.seed, 'config': cfg}
-                last_ckpt = os.path.join(opts.save_dir, 'iter_{}'.format(it))
-                ckpt.save_checkpoint(last_ckpt, model, optimizer, scheduler, state)
-                ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
-                                       protect=[resumed_from, last_ckpt])
-            tic = time.time()
-    except KeyboardInterrupt:
-        logger.warning('Interrupted at iter %d. %s', it,
-                       'Resume with --resume_model {}'.format(last_ckpt) if last_ckpt
-                       else 'No checkpoint was written yet.')
-        raise
-    finally:
+    def _step(self, imgs: np.ndarray, labels: np.ndarray, it: int) -> float:
+        """One optimizer step; returns the loss, or stops the run on NaN/inf."""
+        # Dropout draws from paddle's global generator, whose state does not survive a
+        # save/load; seeding it per iteration makes a resumed run draw the same masks.
+        paddle.seed(self.opts.seed * 1000003 + it)
+        x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
+        if self.scaler is not None:
+            with paddle.amp.auto_cast(level=self.opts.amp_level, enable=True):
+                loss = sum(compute_loss(self.model(x), y, self.losses))
+            scaled = self.scaler.scale(loss)
+            scaled.backward()
+            self.scaler.minimize(self.optimizer, scaled)
+        else:
+            loss = sum(compute_loss(self.model(x), y, self.losses))
+            loss.backward()
+            self.optimizer.step()
+        self.model.clear_gradients()
+        self.scheduler.step()
+        value = float(loss)
+        if not math.isfinite(value):
+            raise UserError('loss became {} at iter {}; nothing was saved from this iteration '
+                            '(last checkpoint: {}); lower --learning_rate or check the '
+                            'labels'.format(value, it, self.last_ckpt or 'none'))
+        if self.ema is not None:
+            self.ema.update(self.model, it)
+        return value
+
+    def _evaluate(self, which: str, model: paddle.nn.Layer, it: int, writer: Any) -> None:
+        """Evaluates, logs, and writes best_model/ (best_ema_model/) on a better mIoU."""
+        metrics = evaluate(model, self.val_ds, **self.opts.eval_kwargs)
+        title = '[EVAL]' if which == 'model' else '[EVAL EMA]'
+        logger.info('\n' + format_metrics(metrics, title))
         if writer is not None:
-            writer.close()
-    if not opts.do_eval and it > start_iter:
-        # Without evaluation the last weights are the deliverable.
-        ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), model)
-    return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
-            'last_checkpoint': last_ckpt}
+            for key in ('miou', 'acc', 'kappa', 'mdice'):
+                writer.add_scalar('Evaluate{}/{}'.format('' if which == 'model' else '_ema',
+                                                         key), metrics[key], it)
+        if metrics['miou'] > self.best[which][0]:
+            self.best[which] = (metrics['miou'], it)
+            name = 'best_model' if which == 'model' else 'best_ema_model'
+            ckpt.save_checkpoint(os.path.join(self.opts.save_dir, name), model)
+        logger.info('%s The model with the best validation mIoU (%.4f) was saved at iter %d.',
+                    title, *self.best[which])
+
+    def _save(self, it: int, writer: Any) -> None:
+        opts = self.opts
+        if opts.do_eval and self.val_ds is not None:
+            self._evaluate('model', self.model, it, writer)
+            if self.ema is not None:
+                self._evaluate('ema', self.ema.model, it, writer)
+        state = {'iter': it, 'best_miou': self.best['model'][0],
+                 'best_iter': self.best['model'][1], 'best_ema': list(self.best['ema']),
+                 'seed': opts.seed, 'config': self.cfg}
+        path = os.path.join(opts.save_dir, 'iter_{}'.format(it))
+        extra = {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None
+        ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, extra)
+        self.last_ckpt = path
+        ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
+                               protect=[self.resumed_from, path])
 
 
 def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
