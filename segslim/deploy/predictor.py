@@ -188,11 +188,8 @@ class Predictor:
                                       min_subgraph_size=opts.min_subgraph_size,
                                       precision_mode=precision, use_static=False,
                                       use_calib_mode=False)
-        if opts.enable_auto_tune and opts.trt_shape_file:
-            if not os.path.exists(opts.trt_shape_file):
-                config.collect_shape_range_info(opts.trt_shape_file)
-            else:
-                config.enable_tuned_tensorrt_dynamic_shape(opts.trt_shape_file, True)
+        if opts.enable_auto_tune:
+            config.enable_tuned_tensorrt_dynamic_shape(self._shape_file(), True)
         else:
             n, c, h, w = opts.input_shape
             name = 'x'
@@ -200,7 +197,24 @@ class Predictor:
                                               {name: [max(n, 1), c, 2048, 2048]},
                                               {name: [max(n, 1), c, h, w]})
 
+    def _shape_file(self) -> str:
+        return self.opts.trt_shape_file or os.path.join(self.deploy['dir'],
+                                                        'shape_range_info.pbtxt')
+
+    def _collect_shapes(self) -> None:
+        """--enable_auto_tune: a plain GPU run records the input/intermediate shape ranges
+        that TensorRT then uses (Paddle's tuned dynamic shape)."""
+        config = pi.Config(self.deploy['model'], self.deploy['params'])
+        config.enable_use_gpu(self.opts.gpu_mem_mb, self.opts.gpu_id)
+        config.collect_shape_range_info(self._shape_file())
+        self.predictor = pi.create_predictor(config)
+        for shape in ([1, 3, 256, 256], self._probe_shape()):
+            self.run(np.zeros(shape, np.float32))
+
     def _create(self) -> None:
+        if self.opts.device == 'gpu' and self.opts.use_trt and self.opts.enable_auto_tune \
+                and not os.path.exists(self._shape_file()):
+            self._collect_shapes()
         cpu_int8 = self.opts.device == 'cpu' and self.opts.enable_mkldnn and self.quantized
         ladders = INT8_FALLBACK_OPS if cpu_int8 else (None,)
         errors = []
