@@ -1,6 +1,7 @@
 # make install  -> .venv with the pinned stack (PADDLE=paddlepaddle-gpu==2.6.2 on GPU machines)
 # make demo     -> generated data, FP32 train/val/export, QAT train/val/export, FP32-vs-INT8 report
 # make test     -> the test suite
+# make lint     -> ruff (pyflakes rules, line length)
 # make bench    -> docs/benchmark.md: 512x512 latency FP32 vs INT8 for the shipped configs
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 DEMO_CFG := configs/quick_start/bisenet_optic_disc_demo.yml
 DEMO_OUT ?= output/demo
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -46,6 +47,9 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(VENV)/bin/ruff check --select F,E9,E501 --line-length 100 segslim tests tools slim deploy *.py
 
 bench: install
 	$(PY) tools/bench_models.py --out docs/benchmark.md

@@ -37,7 +37,7 @@ def lookup(kind: str, name: str, key: str) -> Any:
 
 
 def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> Any:
-    """Instantiates `{type: Name, **kwargs}`; nested `{type: ...}` dicts (a backbone) are built too."""
+    """Instantiates `{type: Name, **kwargs}`; a nested `{type: ...}` backbone is built too."""
     cfg = copy.deepcopy(cfg)
     cls = lookup(kind, cfg.pop('type'), key + '.type')
     for name, value in list(cfg.items()):
@@ -90,7 +90,7 @@ def build_model(cfg: Dict[str, Any]) -> paddle.nn.Layer:
 
 
 def pretrained_paths(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
-    """[(sublayer name or '', path or URL)] named by `model.pretrained` / `model.backbone.pretrained`."""
+    """[(sublayer name or '', path or URL)] from model.pretrained / model.backbone.pretrained."""
     found = []
     model_cfg = cfg['model']
     if isinstance(model_cfg.get('backbone'), dict) and model_cfg['backbone'].get('pretrained'):

@@ -35,7 +35,8 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--do_eval', action='store_true', help='evaluate at every save')
     p.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars')
     p.add_argument('--log_iters', type=int, default=10, help='log every N iterations')
-    p.add_argument('--seed', type=int, default=0, help='seeds weights init, data order and augmentation')
+    p.add_argument('--seed', type=int, default=0,
+                   help='seeds weight init, data order and augmentation')
     return p
 
 

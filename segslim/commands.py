@@ -137,3 +137,22 @@ def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
         print('wrote {} train / {} val / {} test images of {}x{} to {}'.format(
             args.num_train, args.num_val, args.num_test, args.size, args.size, args.save_dir))
     cli.entry(p, main, argv)
+
+
+def bench_models(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
+                                'random weights; writes a markdown report.')
+    p.add_argument('--configs', nargs='+', default=[
+        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml',
+        'configs/quick_start/pp_liteseg_optic_disc_512x512_1k.yml',
+        'configs/quick_start/deeplabv3p_resnet18_optic_disc_512x512_1k.yml'])
+    p.add_argument('--cpu_threads', type=int, default=2)
+    p.add_argument('--size', type=int, default=512)
+    p.add_argument('--repeats', type=int, default=30)
+    p.add_argument('--out', default='docs/benchmark.md')
+    p.add_argument('--debug', action='store_true', help='show tracebacks')
+
+    def main(args):
+        from segslim.deploy.model_bench import bench_models as run, write_report
+        write_report(run(args.configs, args.cpu_threads, args.size, args.repeats), args.out)
+    cli.entry(p, main, argv)

@@ -10,7 +10,7 @@ import numpy as np
 from segslim._paddle import check_versions, paddle, set_device
 from segslim import builder, cli
 from segslim.config import load_config, save_config
-from segslim.data.datasets import DOWNLOAD_HOST, build_dataset, can_reach
+from segslim.data.datasets import build_dataset, can_reach
 from segslim.engine import checkpoint as ckpt
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics

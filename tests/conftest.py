@@ -20,7 +20,7 @@ def run_cli(script, *args, cwd=None, timeout=600, env=None):
 
 
 def data_opts(root):
-    return ['train_dataset.dataset_root={}'.format(root), 'val_dataset.dataset_root={}'.format(root)]
+    return ['{}.dataset_root={}'.format(key, root) for key in ('train_dataset', 'val_dataset')]
 
 
 @pytest.fixture(scope='session')

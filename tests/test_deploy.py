@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from segslim.deploy import predictor as predictor_mod

@@ -1,5 +1,4 @@
 """The QAT wrapper: skip policies, config checks, strict weight loading."""
-import os
 
 import pytest
 

@@ -4,6 +4,7 @@ Speed does not depend on trained weights, so each model is built from its config
 as FP32, quantized with activation scales calibrated on a few generated images, exported as
 INT8, and timed through Paddle Inference in one process, interleaved.
 """
+import json
 import os
 import tempfile
 from typing import Any, Dict, List, Sequence
@@ -103,3 +104,15 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
                 lines.append('')
                 lines.append('{} {}: {}'.format(rep['model'], row['precision'], row['fallback']))
     return '\n'.join(lines) + '\n'
+
+
+def write_report(reports: List[Dict[str, Any]], out: str) -> None:
+    """Prints the markdown and writes it to `out`, with the raw numbers beside it as JSON."""
+    text = format_markdown(reports)
+    print(text, flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, 'w') as f:
+            f.write(text)
+        with open(os.path.splitext(out)[0] + '.json', 'w') as f:
+            json.dump(reports, f, indent=2)

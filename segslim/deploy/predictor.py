@@ -10,7 +10,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import yaml
 
-from segslim._paddle import paddle
 from segslim.errors import UserError
 
 from paddle import inference as pi
