@@ -14,6 +14,7 @@ from segslim.errors import UserError
 from segslim.logger import logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
+STAGE_PREFIX = '.export-'
 MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'deploy.yaml')
 
 
@@ -123,7 +124,10 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
         raise UserError('--input_shape takes N C H W, got {}'.format(input_shape))
     try:
         os.makedirs(save_dir, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix='.export-', dir=save_dir)
+        for name in os.listdir(save_dir):  # staging folders of a killed export
+            if name.startswith(STAGE_PREFIX):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
     except OSError as e:
         raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
             save_dir, e.strerror))

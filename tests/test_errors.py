@@ -184,14 +184,15 @@ def test_13_label_size_differs(tmp_path, instant_data):
     assert_one_line_error(proc, os.path.basename(lab), '32x32', 'must match')
 
 
-def test_14_label_values_out_of_range(tmp_path, instant_data):
+@pytest.mark.parametrize('workers', [0, 2])
+def test_14_label_values_out_of_range(tmp_path, instant_data, workers):
     root = copy_data(instant_data, tmp_path / 'd')
     for line in open(os.path.join(root, 'train_list.txt')):
         lab = os.path.join(root, line.split()[1])
         arr = np.asarray(Image.open(lab)).copy()
         arr[0, 0] = 7
         Image.fromarray(arr).save(lab)
-    proc = train(tmp_path / 'o', data=root)
+    proc = train(tmp_path / 'o', '--num_workers', workers, data=root)
     assert_one_line_error(proc, 'class ids [7]', 'outside [0, 2)')
     assert no_checkpoint(tmp_path / 'o')
 

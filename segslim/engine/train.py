@@ -1,6 +1,10 @@
 """The training loop, shared by train.py (FP32) and qat_train.py (fake-quant models)."""
+import collections
+import itertools
 import math
+import multiprocessing
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -38,33 +42,58 @@ class TrainOptions:
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
+_WORKER_DATASET: Optional[SegDataset] = None
+
+
+def _init_worker(dataset: SegDataset) -> None:
+    global _WORKER_DATASET
+    _WORKER_DATASET = dataset
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+
+
+def _load_batch(keys: List[int]) -> Tuple[np.ndarray, np.ndarray]:
+    return collate([_WORKER_DATASET.sample(k) for k in keys], _WORKER_DATASET.key)
+
+
 def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
             num_workers: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
     """Endless (images, labels, epoch) batches; epoch e visits a permutation drawn from
     (seed, e), dropping the last partial batch. Starting at `start_iter` yields exactly what
-    an uninterrupted run would yield from there on."""
+    an uninterrupted run would yield from there on. With num_workers > 0, worker processes
+    load up to 2 * num_workers batches ahead, in order; their errors reach the caller as
+    they were raised."""
     n = len(dataset)
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise UserError('config key `{}`: {} images are fewer than batch_size {}; lower '
                         '--batch_size or add images'.format(dataset.key, n, batch_size))
-    epoch, offset = divmod(start_iter, per_epoch)
-    loader = None
-    while True:
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        keys = [[epoch * n + int(i) for i in order[b * batch_size:(b + 1) * batch_size]]
-                for b in range(offset, per_epoch)]
-        if num_workers > 0:
-            loader = paddle.io.DataLoader(dataset, batch_sampler=keys, num_workers=num_workers,
-                                          collate_fn=lambda s: collate(s, dataset.key),
-                                          return_list=True, use_shared_memory=False)
-            for imgs, labels in loader:
-                yield imgs, labels, epoch
-        else:
-            for batch in keys:
-                imgs, labels = collate([dataset.sample(k) for k in batch], dataset.key)
-                yield imgs, labels, epoch
-        epoch, offset = epoch + 1, 0
+
+    def keys_from(epoch: int, offset: int) -> Iterator[Tuple[List[int], int]]:
+        while True:
+            order = np.random.default_rng([seed, epoch]).permutation(n)
+            for b in range(offset, per_epoch):
+                yield [epoch * n + int(i) for i in order[b * batch_size:(b + 1) * batch_size]], \
+                    epoch
+            epoch, offset = epoch + 1, 0
+
+    keys = keys_from(*divmod(start_iter, per_epoch))
+    if num_workers <= 0:
+        for batch, epoch in keys:
+            yield collate([dataset.sample(k) for k in batch], dataset.key) + (epoch,)
+        return
+    pool = multiprocessing.get_context('fork').Pool(num_workers, _init_worker, (dataset,))
+    try:
+        pending: collections.deque = collections.deque()
+        for batch, epoch in itertools.islice(keys, 2 * num_workers):
+            pending.append((pool.apply_async(_load_batch, (batch,)), epoch))
+        while True:
+            result, epoch = pending.popleft()
+            imgs, labels = result.get()
+            batch, next_epoch = next(keys)
+            pending.append((pool.apply_async(_load_batch, (batch,)), next_epoch))
+            yield imgs, labels, epoch
+    finally:
+        pool.terminate()
 
 
 def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
@@ -188,6 +217,7 @@ class Trainer:
                            if self.last_ckpt else 'No checkpoint was written yet.')
             raise
         finally:
+            data.close()  # stops loader processes
             if writer is not None:
                 writer.close()
         if not (opts.do_eval and self.val_ds is not None) and it > self.start_iter:
