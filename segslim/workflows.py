@@ -137,7 +137,8 @@ def run_val(args: argparse.Namespace, quant: bool = False) -> int:
     model, _ = _load_for_inference(args, cfg, quant)
     val_ds = build_dataset(cfg, 'val_dataset')
     logger.info('Evaluating %s on %d images', args.model_path, len(val_ds))
-    metrics = evaluate(model, val_ds, **cli.eval_kwargs(args, cfg))
+    metrics = evaluate(model, val_ds, log_every=max(len(val_ds) // 10, 10),
+                       **cli.eval_kwargs(args, cfg))
     print(format_metrics(metrics, '[EVAL]'), flush=True)
     if args.json:
         with open(args.json, 'w') as f:
