@@ -37,3 +37,17 @@ def test_labels_are_binary_discs_that_vary(tmp_path):
         # the disc is brighter than the rest of the fundus
         assert image[mask == 1].mean() > image[(mask == 0) & (image.sum(-1) > 0)].mean()
     assert np.std(areas) > 0 and len({(round(y), round(x)) for y, x in centres}) == 6
+
+
+def test_offline_probe_sends_nothing_and_answers_fast(monkeypatch):
+    import socket
+    import time
+    from segslim.data.datasets import can_reach
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('no connection may be opened when SEGSLIM_OFFLINE is set')
+    monkeypatch.setattr(socket, 'create_connection', refuse)
+    monkeypatch.setenv('SEGSLIM_OFFLINE', '1')
+    tic = time.time()
+    assert can_reach(('example.invalid', 443)) is False
+    assert time.time() - tic < 1
