@@ -43,9 +43,11 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags val.py and qat_val.py share."""
     p.add_argument('--model_path', required=True, help='model.pdparams to evaluate')
-    p.add_argument('--num_workers', type=int, default=0, help='kept for compatibility')
+    p.add_argument('--num_workers', type=int, default=0,
+                   help='processes that read and transform images ahead')
     p.add_argument('--aug_eval', action='store_true', help='multi-scale / flip evaluation')
-    p.add_argument('--scales', nargs='+', type=float, default=[1.0], help='with --aug_eval')
+    p.add_argument('--scales', nargs='+', type=float, default=None,
+                   help='with --aug_eval (default 1.0)')
     p.add_argument('--flip_horizontal', action='store_true', help='with --aug_eval')
     p.add_argument('--flip_vertical', action='store_true', help='with --aug_eval')
     p.add_argument('--is_slide', action='store_true', help='sliding-window inference')
@@ -98,6 +100,7 @@ def eval_kwargs(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
         'is_slide': getattr(args, 'is_slide', False) or test_cfg.get('is_slide', False),
         'crop_size': getattr(args, 'crop_size', None) or test_cfg.get('crop_size'),
         'stride': getattr(args, 'stride', None) or test_cfg.get('stride'),
+        'num_workers': max(getattr(args, 'num_workers', 0) or 0, 0),
     }
     if isinstance(kwargs['scales'], list) and len(kwargs['scales']) == 1:
         kwargs['scales'] = float(kwargs['scales'][0])

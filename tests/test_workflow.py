@@ -114,3 +114,15 @@ def test_qat_export_heads(qat_run, tmp_path):
         y = pred.run(np.zeros((1, 3, 64, 64), np.float32))
         assert str(y.dtype) == dtype and y.shape == (1, channels, 64, 64)
         assert pred.engine['int8_conv_ops'] > 0
+
+
+def test_val_with_worker_processes_matches(fp32_run, tmp_path):
+    weights = os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams')
+    results = []
+    for workers in (0, 2):
+        out = tmp_path / 'm{}.json'.format(workers)
+        proc = run_cli('val.py', '--config', INSTANT, '--model_path', weights, '--num_workers',
+                       workers, '--json', out, '--opts', *data_opts(fp32_run['data']))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.load(open(out)))
+    assert results[0] == results[1] and results[0]['pixels'] > 0

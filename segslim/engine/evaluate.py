@@ -5,28 +5,34 @@ import numpy as np
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
+from segslim.data.loader import ordered_map
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.logger import logger
 
 from paddleseg.core import infer
 
 
+def _read_sample(dataset: SegDataset, index: int) -> Dict[str, Any]:
+    return dataset.sample(index)
+
+
 def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False,
              scales: Union[float, Sequence[float]] = 1.0, flip_horizontal: bool = False,
              flip_vertical: bool = False, is_slide: bool = False,
              crop_size: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
-             log_every: int = 0) -> Dict[str, Any]:
-    """Metrics of `model` on every sample of `dataset` at the original label size."""
+             log_every: int = 0, num_workers: int = 0) -> Dict[str, Any]:
+    """Metrics of `model` on every sample of `dataset` at the original label size; worker
+    processes read and transform samples ahead when num_workers > 0."""
     if is_slide and (crop_size is None or stride is None):
         from segslim.errors import UserError
         raise UserError('--is_slide needs --crop_size W H and --stride W H')
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
+    samples = ordered_map(_read_sample, range(len(dataset)), dataset, num_workers)
     try:
         with paddle.no_grad():
-            for i in range(len(dataset)):
-                sample = dataset[i]
+            for i, sample in enumerate(samples):
                 im = paddle.to_tensor(sample['img'][np.newaxis])
                 if aug_eval:
                     pred, _ = infer.aug_inference(
@@ -41,6 +47,7 @@ def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False
                 if log_every and (i + 1) % log_every == 0:
                     logger.info('[EVAL] %d/%d images', i + 1, len(dataset))
     finally:
+        samples.close()
         if was_training:
             model.train()
     return cm.compute()

@@ -1,10 +1,6 @@
 """The training loop, shared by train.py (FP32) and qat_train.py (fake-quant models)."""
-import collections
-import itertools
 import math
-import multiprocessing
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -13,6 +9,7 @@ import numpy as np
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, collate
+from segslim.data.loader import ordered_map
 from segslim.engine import checkpoint as ckpt
 from segslim.engine.ema import ModelEMA
 from segslim.engine.evaluate import evaluate
@@ -42,26 +39,16 @@ class TrainOptions:
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
-_WORKER_DATASET: Optional[SegDataset] = None
-
-
-def _init_worker(dataset: SegDataset) -> None:
-    global _WORKER_DATASET
-    _WORKER_DATASET = dataset
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
-
-def _load_batch(keys: List[int]) -> Tuple[np.ndarray, np.ndarray]:
-    return collate([_WORKER_DATASET.sample(k) for k in keys], _WORKER_DATASET.key)
+def _load_batch(dataset: SegDataset, item: Tuple[List[int], int]):
+    keys, epoch = item
+    return collate([dataset.sample(k) for k in keys], dataset.key) + (epoch,)
 
 
 def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
             num_workers: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
     """Endless (images, labels, epoch) batches; epoch e visits a permutation drawn from
     (seed, e), dropping the last partial batch. Starting at `start_iter` yields exactly what
-    an uninterrupted run would yield from there on. With num_workers > 0, worker processes
-    load up to 2 * num_workers batches ahead, in order; their errors reach the caller as
-    they were raised."""
+    an uninterrupted run would yield from there on, with or without worker processes."""
     n = len(dataset)
     per_epoch = n // batch_size
     if per_epoch == 0:
@@ -72,28 +59,12 @@ def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
         while True:
             order = np.random.default_rng([seed, epoch]).permutation(n)
             for b in range(offset, per_epoch):
-                yield [epoch * n + int(i) for i in order[b * batch_size:(b + 1) * batch_size]], \
-                    epoch
+                chosen = order[b * batch_size:(b + 1) * batch_size]
+                yield [epoch * n + int(i) for i in chosen], epoch
             epoch, offset = epoch + 1, 0
 
-    keys = keys_from(*divmod(start_iter, per_epoch))
-    if num_workers <= 0:
-        for batch, epoch in keys:
-            yield collate([dataset.sample(k) for k in batch], dataset.key) + (epoch,)
-        return
-    pool = multiprocessing.get_context('fork').Pool(num_workers, _init_worker, (dataset,))
-    try:
-        pending: collections.deque = collections.deque()
-        for batch, epoch in itertools.islice(keys, 2 * num_workers):
-            pending.append((pool.apply_async(_load_batch, (batch,)), epoch))
-        while True:
-            result, epoch = pending.popleft()
-            imgs, labels = result.get()
-            batch, next_epoch = next(keys)
-            pending.append((pool.apply_async(_load_batch, (batch,)), next_epoch))
-            yield imgs, labels, epoch
-    finally:
-        pool.terminate()
+    return ordered_map(_load_batch, keys_from(*divmod(start_iter, per_epoch)), dataset,
+                       num_workers)
 
 
 def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
