@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from segslim.errors import UserError
+from segslim.fileio import write_text
 
 BASE_KEY = '_base_'
 INHERIT_KEY = '_inherited_'
@@ -188,8 +189,5 @@ def save_config(cfg: Dict[str, Any], save_dir: str) -> str:
     """Writes the resolved config as <save_dir>/config.yaml (atomically); returns its path."""
     os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, 'config.yaml')
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)
-    os.replace(tmp, path)
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
     return path

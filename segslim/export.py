@@ -11,6 +11,7 @@ import yaml
 
 from segslim._paddle import paddle
 from segslim.errors import UserError
+from segslim.fileio import write_bytes
 from segslim.logger import logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
@@ -93,10 +94,7 @@ def fold_conv_bias_reshape(model_file: str) -> int:
             block._remove_var(name.encode())
     if rewritten:
         desc.flush()
-        tmp = model_file + '.tmp'
-        with open(tmp, 'wb') as f:
-            f.write(desc.serialize_to_string())
-        os.replace(tmp, model_file)
+        write_bytes(model_file, desc.serialize_to_string())
     return rewritten
 
 

@@ -1,6 +1,5 @@
 """What each script does once its flags are parsed: train, evaluate, export, FP32 or QAT."""
 import argparse
-import json
 import os
 import random
 from typing import Any, Dict
@@ -17,6 +16,7 @@ from segslim.engine.metrics import format_metrics
 from segslim.engine.train import TrainOptions, restore_training, train
 from segslim.errors import UserError
 from segslim.export import export_inference_model, output_op_of
+from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.quant import build_quant_model
 
@@ -141,8 +141,7 @@ def run_val(args: argparse.Namespace, quant: bool = False) -> int:
                        **cli.eval_kwargs(args, cfg))
     print(format_metrics(metrics, '[EVAL]'), flush=True)
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(metrics, f, indent=2)
+        write_json(args.json, metrics)
     return 0
 
 
@@ -228,9 +227,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     text = bench.format_report(report)
     print(text, flush=True)
     if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(text + '\n')
+        write_text(args.markdown, text + '\n')
     if args.json:
-        bench.write_json(report, args.json)
+        write_json(args.json, report)
         bench.write_chart(report, os.path.splitext(args.json)[0] + '.png')
     return 0

@@ -11,6 +11,8 @@ from typing import Tuple
 import cv2
 import numpy as np
 
+from segslim.fileio import write_bytes
+
 SPLITS = ('train', 'val', 'test')
 
 
@@ -101,17 +103,10 @@ def make_demo_dataset(save_dir: str, num_train: int = 60, num_val: int = 20,
             ok_img, jpg = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, 92])
             ok_lab, png = cv2.imencode('.png', mask)
             assert ok_img and ok_lab
-            _write_bytes(os.path.join(save_dir, img_rel), jpg.tobytes())
-            _write_bytes(os.path.join(save_dir, lab_rel), png.tobytes())
+            write_bytes(os.path.join(save_dir, img_rel), jpg.tobytes())
+            write_bytes(os.path.join(save_dir, lab_rel), png.tobytes())
             lines.append('{} {}\n'.format(img_rel, lab_rel))
             index += 1
-        _write_bytes(os.path.join(save_dir, '{}_list.txt'.format(split)),
+        write_bytes(os.path.join(save_dir, '{}_list.txt'.format(split)),
                      ''.join(lines).encode())
     return save_dir
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)

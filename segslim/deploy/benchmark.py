@@ -1,6 +1,5 @@
 """FP32 vs INT8 on the deployed engine: mIoU with the training metric code, latency
 (interleaved, median and p90), pixel agreement, and which convs really run INT8."""
-import json
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -13,6 +12,7 @@ from segslim.data.datasets import SegDataset, read_image, read_label
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.predictor import EngineOptions, Predictor
 from segslim.engine.metrics import ConfusionMatrix
+from segslim.fileio import atomic_write
 from segslim.logger import logger
 
 
@@ -197,13 +197,6 @@ def format_report(report: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def write_json(report: Dict[str, Any], path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, path)
-
-
 def write_chart(report: Dict[str, Any], path: str) -> None:
     """A PNG with latency and mIoU bars per row."""
     import matplotlib
@@ -224,5 +217,5 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     else:
         axes[1].axis('off')
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
     plt.close(fig)

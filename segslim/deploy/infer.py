@@ -9,6 +9,7 @@ from segslim.data.datasets import read_image
 from segslim.deploy.benchmark import Preprocessor, restore_size
 from segslim.deploy.predictor import Predictor
 from segslim.errors import UserError
+from segslim.fileio import atomic_write, write_bytes
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -55,12 +56,13 @@ def predict_images(predictor: Predictor, paths: List[str], save_dir: str,
             lab = restore_size(lab, info)
             name = os.path.splitext(os.path.basename(path))[0]
             out = os.path.join(save_dir, name + '.png')
-            pseudo_color(lab).save(out)
+            mask = pseudo_color(lab)
+            atomic_write(out, lambda tmp: mask.save(tmp, format='PNG'))
             written.append(out)
             if overlay:
                 img = read_image(path).astype(np.uint8)
                 color = np.array(pseudo_color(lab).convert('RGB'))[..., ::-1]
                 mixed = np.where(lab[..., None] > 0, (0.5 * img + 0.5 * color), img)
-                cv2.imwrite(os.path.join(save_dir, name + '_overlay.jpg'),
-                            mixed.astype(np.uint8))
+                _, jpg = cv2.imencode('.jpg', mixed.astype(np.uint8))
+                write_bytes(os.path.join(save_dir, name + '_overlay.jpg'), jpg.tobytes())
     return written

@@ -4,7 +4,6 @@ Speed does not depend on trained weights, so each model is built from its config
 as FP32, quantized with activation scales calibrated on a few generated images, exported as
 INT8, and timed through Paddle Inference in one process, interleaved.
 """
-import json
 import os
 import tempfile
 from typing import Any, Dict, List, Sequence
@@ -18,6 +17,7 @@ from segslim.data.demo import make_sample
 from segslim.deploy.benchmark import benchmark
 from segslim.deploy.predictor import EngineOptions
 from segslim.export import export_inference_model
+from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.quant import quant_config_of, quantize_model
 
@@ -112,7 +112,5 @@ def write_report(reports: List[Dict[str, Any]], out: str) -> None:
     print(text, flush=True)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, 'w') as f:
-            f.write(text)
-        with open(os.path.splitext(out)[0] + '.json', 'w') as f:
-            json.dump(reports, f, indent=2)
+        write_text(out, text)
+        write_json(os.path.splitext(out)[0] + '.json', reports)

@@ -86,16 +86,6 @@ def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
     return report
 
 
-def _write_atomic(path: str, write) -> None:
-    tmp = '{}{}{}'.format(path, TMP_MARK, uuid.uuid4().hex[:8])
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
 def _remove(path: str) -> None:
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)
