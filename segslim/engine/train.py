@@ -114,8 +114,11 @@ def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegData
 class Trainer:
     """The state of one training run; see train()."""
 
-    def __init__(self, model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
-                 resume=None):
+    def __init__(self, model: paddle.nn.Layer, train_ds: SegDataset,
+                 val_ds: Optional[SegDataset], optimizer: paddle.optimizer.Optimizer,
+                 scheduler: paddle.optimizer.lr.LRScheduler, losses: Dict[str, list],
+                 cfg: Dict[str, Any], opts: TrainOptions,
+                 resume: Optional[Dict[str, Any]] = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.losses, self.cfg, self.opts = (
             train_ds, val_ds, losses, cfg, opts)
