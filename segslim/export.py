@@ -47,6 +47,17 @@ def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: b
     return 'none' if without_argmax else 'argmax'
 
 
+def read_program(model_file: str) -> Any:
+    """The ProgramDesc of a saved inference program, or a one-line error naming the file."""
+    from paddle.base import core
+    try:
+        with open(model_file, 'rb') as f:
+            return core.ProgramDesc(f.read())
+    except Exception as e:  # paddle raises generic errors for a bad file
+        raise UserError('{} is not a Paddle inference program ({}); re-export the '
+                        'model'.format(model_file, type(e).__name__))
+
+
 def fold_conv_bias_reshape(model_file: str) -> int:
     """Rewrites `reshape2(bias[C]) -> elementwise_add(x, ., axis=-1)` into
     `elementwise_add(x, bias, axis=1)` in a saved program; returns how many were rewritten.
@@ -55,9 +66,7 @@ def fold_conv_bias_reshape(model_file: str) -> int:
     fuse passes do not match it, which leaves BN unfolded and INT8 convs with FP32 outputs.
     The weights file is untouched: the same persistable variables stay in the program.
     """
-    from paddle.base import core
-    with open(model_file, 'rb') as f:
-        desc = core.ProgramDesc(f.read())
+    desc = read_program(model_file)
     block = desc.block(0)
     consumers: Dict[str, List[int]] = {}
     for i in range(block.op_size()):

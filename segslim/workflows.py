@@ -183,11 +183,7 @@ def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
 
 def _engine_options(args: argparse.Namespace):
     from segslim.deploy.predictor import EngineOptions
-    device = args.device or 'cpu'
-    if device == 'gpu' and not paddle.is_compiled_with_cuda():
-        logger.warning('--device gpu asked for, but this paddlepaddle build has no CUDA: '
-                       'running on CPU')
-        device = 'cpu'
+    device = set_device(args.device or 'cpu')
     shape = tuple(getattr(args, 'input_shape', None) or (1, 3, 512, 512))
     return EngineOptions(device=device, precision=args.precision, cpu_threads=args.cpu_threads,
                          enable_mkldnn=args.enable_mkldnn, use_trt=args.use_trt,
@@ -201,8 +197,7 @@ def run_infer(args: argparse.Namespace) -> int:
     from segslim.deploy.infer import list_images, predict_images
     from segslim.deploy.predictor import Predictor
     paths = list_images(args.image_path)
-    predictor = Predictor(os.path.dirname(args.config) if args.config.endswith(
-        ('.yaml', '.yml')) else args.config, _engine_options(args))
+    predictor = Predictor(args.config, _engine_options(args))
     if predictor.fallback:
         logger.warning(predictor.fallback)
     tic = time.perf_counter()

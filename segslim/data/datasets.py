@@ -115,12 +115,7 @@ class SegDataset:
         img = read_image(img_path)
         data: Dict[str, Any] = {'img': img, 'trans_info': [], 'gt_fields': []}
         if label_path is not None:
-            label = read_label(label_path)
-            if label.shape != img.shape[:2]:
-                raise UserError('label {} is {}x{} but its image {} is {}x{}; labels must '
-                                'match their images'.format(label_path, label.shape[1],
-                                                            label.shape[0], img_path,
-                                                            img.shape[1], img.shape[0]))
+            label = read_label(label_path)  # its size was checked by check_files
             self.check_values(label, label_path)
             data['label'] = label
             if self.mode == 'train':

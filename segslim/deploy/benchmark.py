@@ -1,5 +1,6 @@
 """FP32 vs INT8 on the deployed engine: mIoU with the training metric code, latency
 (interleaved, median and p90), pixel agreement, and which convs really run INT8."""
+import dataclasses
 import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -7,38 +8,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import cv2
 import numpy as np
 
-from segslim import builder
-from segslim.data.datasets import SegDataset, read_image, read_label
+from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.predictor import EngineOptions, Predictor
+from segslim.deploy.predictor import EngineOptions, Predictor, Preprocessor, restore_size
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write
 from segslim.logger import logger
-
-
-class Preprocessor:
-    """The deploy.yaml transforms applied to an image file, as in deployment."""
-
-    def __init__(self, transforms: List[Dict[str, Any]]):
-        from paddleseg.transforms import Compose
-        self.compose = Compose(builder.build_transforms(transforms, 'Deploy.transforms'))
-
-    def __call__(self, path: str):
-        data = self.compose({'img': read_image(path), 'trans_info': [], 'gt_fields': []})
-        return data['img'], data['trans_info']
-
-
-def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
-    """Undoes resize/padding records of the transforms on a H,W label map."""
-    for item in reversed(trans_info):
-        mode = item[0][0] if isinstance(item[0], list) else item[0]
-        h, w = item[1][0], item[1][1]
-        if mode == 'resize':
-            labels = cv2.resize(labels.astype(np.int32), (w, h),
-                                interpolation=cv2.INTER_NEAREST)
-        elif mode == 'padding':
-            labels = labels[:h, :w]
-    return labels
 
 
 def predict_dataset(predictor: Predictor, dataset: SegDataset,
@@ -57,16 +32,11 @@ def agreement_with_model(model: Any, predictor: Predictor, dataset: SegDataset,
     """Share of pixels where the engine and the dygraph model (e.g. the QAT model with its
     fake-quant ops) predict the same class, over the first `limit` val images."""
     from segslim._paddle import paddle
-    from paddleseg.core import infer
+    from segslim.engine.evaluate import predict_sample
     engine = predict_dataset(predictor, dataset, limit)
     model.eval()
-    ours = []
     with paddle.no_grad():
-        for i in range(len(engine)):
-            sample = dataset[i]
-            pred, _ = infer.inference(model, paddle.to_tensor(sample['img'][np.newaxis]),
-                                      trans_info=sample['trans_info'])
-            ours.append(pred.numpy()[0, 0])
+        ours = [predict_sample(model, dataset[i]) for i in range(len(engine))]
     return agreement(engine, ours)
 
 
@@ -105,16 +75,15 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     model dir (run in FP32) is the baseline for speedup and pixel agreement."""
     cpu = cpu_features()
     runs = []  # (model_dir, precision, Predictor)
+    float_precision = 'fp16' if opts.precision == 'fp16' and opts.device == 'gpu' else 'fp32'
     for i, model_dir in enumerate(model_dirs):
-        probe = Predictor(model_dir, EngineOptions(**dict(opts.__dict__, precision='fp32')))
-        precision = 'int8' if probe.quantized else ('fp16' if opts.precision == 'fp16'
-                                                    and opts.device == 'gpu' else 'fp32')
-        runs.append((model_dir, precision, probe))
-        if i == 0 and opts.device == 'cpu' and not probe.quantized and \
+        # A QAT model runs INT8 whatever precision it is given; others run float.
+        pred = Predictor(model_dir, dataclasses.replace(opts, precision=float_precision))
+        runs.append((model_dir, 'int8' if pred.quantized else float_precision, pred))
+        if i == 0 and opts.device == 'cpu' and not pred.quantized and \
                 (with_bf16 if with_bf16 is not None else cpu['bf16']):
             runs.append((model_dir, 'bf16',
-                         Predictor(model_dir, EngineOptions(**dict(opts.__dict__,
-                                                                   precision='bf16')))))
+                         Predictor(model_dir, dataclasses.replace(opts, precision='bf16'))))
     batch = _timing_batch(runs[0][2], dataset, shape)
     times = time_interleaved([p for _, _, p in runs], batch, warmup, repeats)
     rows = []

@@ -6,8 +6,7 @@ import cv2
 import numpy as np
 
 from segslim.data.datasets import read_image
-from segslim.deploy.benchmark import Preprocessor, restore_size
-from segslim.deploy.predictor import Predictor
+from segslim.deploy.predictor import Predictor, Preprocessor, restore_size
 from segslim.errors import UserError
 from segslim.fileio import atomic_write, write_bytes
 

@@ -47,8 +47,7 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
     # its statistics frozen so the INT8 model matches the FP32 one.
     model.train()
     for layer in model.sublayers():
-        if isinstance(layer, (paddle.nn.BatchNorm2D, paddle.nn.SyncBatchNorm,
-                              paddle.nn.layer.norm._BatchNormBase)):
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
             layer.eval()
     with paddle.no_grad():
         for x in calibration_batches(size, calib):

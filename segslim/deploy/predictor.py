@@ -3,14 +3,19 @@ and never silently runs FP32: a failing oneDNN op set is narrowed and the change
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+import cv2
 import numpy as np
 import yaml
 
+from segslim import builder
+from segslim.data.datasets import read_image
 from segslim.errors import UserError
+from segslim.export import read_program
 
 from paddle import inference as pi
 
@@ -76,22 +81,14 @@ def read_deploy(model_dir: str) -> Dict[str, Any]:
 
 def program_op_types(model_file: str) -> List[str]:
     """Op types of block 0 of a saved program (a one-line error if it is not one)."""
-    from paddle.base import core
-    try:
-        with open(model_file, 'rb') as f:
-            desc = core.ProgramDesc(f.read())
-    except Exception as e:
-        raise UserError('{} is not a Paddle inference program ({}); re-export the '
-                        'model'.format(model_file, type(e).__name__))
+    desc = read_program(model_file)  # keep it alive: the block points into it
     block = desc.block(0)
     return [block.op(i).type() for i in range(block.op_size())]
 
 
 def conv_summary(model_file: str) -> Dict[str, Any]:
     """{'conv_ops', 'int8_conv_ops', 'fp32_conv_ops': [names]} of an optimized program."""
-    from paddle.base import core
-    with open(model_file, 'rb') as f:
-        desc = core.ProgramDesc(f.read())
+    desc = read_program(model_file)  # keep it alive: the block points into it
     block = desc.block(0)
     total, int8, fp32 = 0, 0, []
     for i in range(block.op_size()):
@@ -107,13 +104,37 @@ def conv_summary(model_file: str) -> Dict[str, Any]:
     return {'conv_ops': total, 'int8_conv_ops': int8, 'fp32_conv_ops': fp32}
 
 
+class Preprocessor:
+    """The deploy.yaml transforms applied to an image file, as in deployment."""
+
+    def __init__(self, transforms: List[Dict[str, Any]]):
+        from paddleseg.transforms import Compose
+        self.compose = Compose(builder.build_transforms(transforms, 'Deploy.transforms'))
+
+    def __call__(self, path: str):
+        data = self.compose({'img': read_image(path), 'trans_info': [], 'gt_fields': []})
+        return data['img'], data['trans_info']
+
+
+def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
+    """Undoes resize/padding records of the transforms on a H,W label map."""
+    for item in reversed(trans_info):
+        mode = item[0][0] if isinstance(item[0], list) else item[0]
+        h, w = item[1][0], item[1][1]
+        if mode == 'resize':
+            labels = cv2.resize(labels.astype(np.int32), (w, h),
+                                interpolation=cv2.INTER_NEAREST)
+        elif mode == 'padding':
+            labels = labels[:h, :w]
+    return labels
+
+
 @contextlib.contextmanager
 def quiet_native_output():
     """Silences what the C++ passes print to stdout/stderr (the oneDNN quantization logs)."""
     if os.environ.get('SEGSLIM_DEBUG'):
         yield
         return
-    import sys
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
@@ -209,7 +230,7 @@ class Predictor:
         config = pi.Config(self.deploy['model'], self.deploy['params'])
         config.enable_use_gpu(self.opts.gpu_mem_mb, self.opts.gpu_id)
         config.collect_shape_range_info(self._shape_file())
-        self.predictor = pi.create_predictor(config)
+        self._use(pi.create_predictor(config))
         for shape in ([1, 3, 256, 256], self._probe_shape()):
             self.run(np.zeros(shape, np.float32))
 
@@ -225,7 +246,7 @@ class Predictor:
                 else None
             try:
                 with quiet_native_output():
-                    self.predictor = pi.create_predictor(self._config(ops, cache))
+                    self._use(pi.create_predictor(self._config(ops, cache)))
                     self.run(np.zeros(self._probe_shape(), np.float32))
                 if level:
                     self.fallback = 'oneDNN INT8 ops narrowed to {} after: {}'.format(
@@ -249,18 +270,21 @@ class Predictor:
             return shape
         return list(self.opts.input_shape)
 
+    def _use(self, predictor: Any) -> None:
+        self.predictor = predictor
+        self._input = predictor.get_input_handle(predictor.get_input_names()[0])
+        self._output = predictor.get_output_handle(predictor.get_output_names()[0])
+
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""
-        inp = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
-        inp.reshape(list(images.shape))
-        inp.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
+        self._input.reshape(list(images.shape))
+        self._input.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
         self.predictor.run()
-        out = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
-        return out.copy_to_cpu()
+        return self._output.copy_to_cpu()
 
     def labels(self, images: np.ndarray) -> np.ndarray:
         """Class ids N,H,W whatever the exported head (argmax, softmax or logits)."""
         out = self.run(images)
-        if self.deploy.get('output_op', 'argmax') == 'argmax':
+        if self.deploy['output_op'] == 'argmax':
             return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
         return out.argmax(axis=1).astype(np.int64)

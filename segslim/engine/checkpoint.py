@@ -9,7 +9,6 @@ import errno
 import glob
 import os
 import pickle
-import random
 import shutil
 import uuid
 import warnings
@@ -165,15 +164,6 @@ def recover(save_dir: str) -> None:
         _remove(tmp)
 
 
-def rng_state() -> Dict[str, Any]:
-    return {'python': random.getstate(), 'numpy': np.random.get_state()}
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-
-
 def save_checkpoint(path: str, model: paddle.nn.Layer,
                     optimizer: Optional[paddle.optimizer.Optimizer] = None,
                     scheduler: Optional[paddle.optimizer.lr.LRScheduler] = None,
@@ -189,7 +179,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer,
             opt_state['LR_Scheduler'] = scheduler.state_dict()
         files[OPT] = opt_state
     if state is not None:
-        files[STATE] = dict(state, rng=rng_state())
+        files[STATE] = dict(state)
     write_dir_atomic(path, files)
 
 

@@ -145,7 +145,6 @@ class Trainer:
         self.best['model'] = (state.get('best_miou', -1.0), state.get('best_iter', -1))
         self.best['ema'] = tuple(state.get('best_ema', (-1.0, -1)))
         self.opts.seed = state.get('seed', self.opts.seed)
-        ckpt.set_rng_state(state['rng'])
         self.resumed_from = os.path.dirname(resume['params'])
         if self.ema is not None:
             ema_path = os.path.join(self.resumed_from, EMA_PARAMS)
