@@ -26,14 +26,14 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 
 demo: install
 	$(PY) tools/make_demo_dataset.py --save_dir data/optic_disc_demo
-	$(PY) train.py --config $(DEMO_CFG) --do_eval --save_interval 100 --log_iters 50 \
+	$(PY) train.py --config $(DEMO_CFG) --do_eval --save_interval 100 --log_iters 50 --seed 0 \
 		--save_dir $(DEMO_OUT)/fp32
 	$(PY) val.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams
 	$(PY) export.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams \
 		--save_dir $(DEMO_OUT)/fp32_infer
 	$(PY) slim/quant/qat_train.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --learning_rate 0.001 \
-		--iters 100 --do_eval --save_interval 50 --log_iters 50 --save_dir $(DEMO_OUT)/quant
+		--iters 100 --do_eval --save_interval 50 --log_iters 50 --seed 0 --save_dir $(DEMO_OUT)/quant
 	$(PY) slim/quant/qat_val.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams
 	$(PY) slim/quant/qat_export.py --config $(DEMO_CFG) \

@@ -28,8 +28,25 @@ def check_versions() -> None:
                       'PaddleSlim QAT export.'.format(paddle.__version__))
 
 
+def device_available(device: str) -> bool:
+    """Whether this paddle build can run on `device` (cpu, gpu, xpu, or a custom device
+    plugin such as npu/mlu)."""
+    if device == 'cpu':
+        return True
+    if device == 'gpu':
+        return paddle.is_compiled_with_cuda()
+    if device == 'xpu':
+        return paddle.is_compiled_with_xpu()
+    try:
+        return device in paddle.device.get_all_custom_device_type()
+    except Exception:  # builds without custom-device support
+        return False
+
+
 def set_device(device: str) -> str:
-    """Selects 'cpu' or 'gpu'; on a CPU-only build 'gpu' falls back to CPU with a warning."""
+    """Selects the device; on a CPU-only build 'gpu' falls back to CPU with a warning, and a
+    device the build lacks otherwise (xpu, npu, mlu) is a one-line error."""
+    from segslim.errors import UserError
     from segslim.logger import logger
     if device is None:
         device = 'gpu' if paddle.is_compiled_with_cuda() else 'cpu'
@@ -37,8 +54,12 @@ def set_device(device: str) -> str:
         logger.warning('--device gpu asked for, but this paddlepaddle build has no CUDA: '
                        'running on CPU (install paddlepaddle-gpu for GPU runs)')
         device = 'cpu'
+    if not device_available(device):
+        raise UserError('--device {}: this paddlepaddle build has no {} support; install the '
+                        'paddle build for that device or pass --device cpu'.format(
+                            device, device.upper()))
     paddle.set_device(device)
     return device
 
 
-__all__ = ['paddle', 'check_versions', 'set_device']
+__all__ = ['paddle', 'check_versions', 'device_available', 'set_device']

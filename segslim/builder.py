@@ -21,34 +21,53 @@ KINDS = {
     'loss': manager.LOSSES,
     'optimizer': manager.OPTIMIZERS,
 }
-NESTED_KINDS = {'backbone': 'backbone'}
+# PaddleSeg's builder looks a nested `type:` up in these registries, in this order.
+SEARCH_ORDER = ('model', 'backbone', 'dataset', 'transform', 'loss', 'optimizer')
 
 
 def lookup(kind: str, name: str, key: str) -> Any:
-    """The class registered as `name` for `kind`; an unknown name lists the closest ones."""
-    registry = KINDS[kind].components_dict
-    if name not in registry:
-        close = difflib.get_close_matches(str(name), list(registry), n=3, cutoff=0.4)
-        hint = ('did you mean {}?'.format(', '.join(close)) if close else
-                'known: {}'.format(', '.join(sorted(registry)[:12]) + ', ...'))
-        raise UserError('config key `{}`: unknown {} type {!r}; {}'.format(key, kind, name,
-                                                                          hint))
-    return registry[name]
+    """The class registered as `name` for `kind` ('any': the first registry that has it, as
+    PaddleSeg does for nested components); an unknown name lists the closest ones."""
+    kinds = SEARCH_ORDER if kind == 'any' else (kind,)
+    for k in kinds:
+        if name in KINDS[k].components_dict:
+            return KINDS[k].components_dict[name]
+    known = sorted({n for k in kinds for n in KINDS[k].components_dict})
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.4)
+    hint = ('did you mean {}?'.format(', '.join(close)) if close else
+            'known: {}'.format(', '.join(known[:12]) + ', ...'))
+    raise UserError('config key `{}`: unknown {} type {!r}; {}'.format(
+        key, 'component' if kind == 'any' else kind, name, hint))
+
+
+def is_component(value: Any) -> bool:
+    return isinstance(value, dict) and 'type' in value
 
 
 def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> Any:
-    """Instantiates `{type: Name, **kwargs}`; a nested `{type: ...}` backbone is built too."""
+    """Instantiates `{type: Name, **kwargs}`. As in PaddleSeg, every argument that is itself a
+    `{type: ...}` mapping, or a list holding such mappings, is built first, wherever it
+    stands (a backbone, a head, MixedLoss's `losses`, a loss inside a loss)."""
     cfg = copy.deepcopy(cfg)
     cls = lookup(kind, cfg.pop('type'), key + '.type')
     for name, value in list(cfg.items()):
-        if isinstance(value, dict) and 'type' in value and name in NESTED_KINDS:
-            cfg[name] = build_component(NESTED_KINDS[name], value, key + '.' + name)
+        if name in extra:
+            continue
+        if is_component(value):
+            cfg[name] = build_component('any', value, key + '.' + name)
+        elif isinstance(value, list) and any(is_component(v) for v in value):
+            cfg[name] = [build_component('any', v, '{}.{}[{}]'.format(key, name, i))
+                         if is_component(v) else v for i, v in enumerate(value)]
     cfg.update(extra)
     try:
         return cls(**cfg)
-    except TypeError as e:
+    except UserError:
+        raise
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        # paddleseg components check their arguments with assert / ValueError
+        detail = str(e).strip().splitlines()
         raise UserError('config key `{}`: cannot build {} ({}); check its arguments'.format(
-            key, cls.__name__, e))
+            key, cls.__name__, detail[-1] if detail else type(e).__name__))
 
 
 def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -59,25 +78,34 @@ def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg
 
 
+def _as_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError('config key `{}` must be an integer, got {!r}'.format(key, value))
+    return value
+
+
 def num_classes_of(cfg: Dict[str, Any]) -> int:
-    """num_classes from the model, else the train dataset (its class constant or its key)."""
-    model_cfg = cfg['model']
+    """num_classes from the model, else the train (or val) dataset: its key or its class
+    constant."""
+    model_cfg = cfg.get('model') or {}
     if 'num_classes' in model_cfg:
-        return int(model_cfg['num_classes'])
-    data_cfg = cfg['train_dataset']
-    if 'num_classes' in data_cfg:
-        return int(data_cfg['num_classes'])
-    cls = lookup('dataset', data_cfg['type'], 'train_dataset.type')
-    if hasattr(cls, 'NUM_CLASSES'):
-        return int(cls.NUM_CLASSES)
-    raise UserError('config: set `model.num_classes` (the dataset type {} does not define '
-                    'it)'.format(data_cfg['type']))
+        return _as_int(model_cfg['num_classes'], 'model.num_classes')
+    for key in ('train_dataset', 'val_dataset'):
+        data_cfg = cfg.get(key)
+        if not data_cfg:
+            continue
+        if 'num_classes' in data_cfg:
+            return _as_int(data_cfg['num_classes'], key + '.num_classes')
+        cls = lookup('dataset', data_cfg['type'], key + '.type')
+        if hasattr(cls, 'NUM_CLASSES'):
+            return int(cls.NUM_CLASSES)
+    raise UserError('config: set `model.num_classes` (no dataset of the config defines it)')
 
 
 def ignore_index_of(cfg: Dict[str, Any], key: str = 'train_dataset') -> int:
     data_cfg = cfg[key]
     if 'ignore_index' in data_cfg:
-        return int(data_cfg['ignore_index'])
+        return _as_int(data_cfg['ignore_index'], key + '.ignore_index')
     cls = lookup('dataset', data_cfg['type'], key + '.type')
     return int(getattr(cls, 'IGNORE_INDEX', 255))
 
@@ -113,17 +141,28 @@ def build_transforms(items: Optional[List[Dict[str, Any]]], key: str) -> list:
     return out
 
 
+def _with_ignore_index(item: Dict[str, Any], ignore: int, key: str) -> Dict[str, Any]:
+    """The loss config with the dataset's ignore_index filled in where the loss takes one,
+    inner losses of MixedLoss included (as PaddleSeg's builder does)."""
+    item = dict(item)
+    cls = lookup('loss', item.get('type'), key + '.type')
+    if 'ignore_index' in cls.__init__.__code__.co_varnames:
+        item.setdefault('ignore_index', ignore)
+    if isinstance(item.get('losses'), list):
+        item['losses'] = [_with_ignore_index(inner, ignore, '{}.losses[{}]'.format(key, j))
+                          if is_component(inner) else inner
+                          for j, inner in enumerate(item['losses'])]
+    return item
+
+
 def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
     """{'types': [loss objects, one per coef], 'coef': [...]} for multi-output models."""
     loss_cfg = cfg['loss']
     ignore = ignore_index_of(cfg)
     types = []
     for i, item in enumerate(loss_cfg['types']):
-        item = dict(item)
-        cls = lookup('loss', item.get('type'), 'loss.types[{}].type'.format(i))
-        if 'ignore_index' in cls.__init__.__code__.co_varnames:
-            item.setdefault('ignore_index', ignore)
-        types.append(build_component('loss', item, 'loss.types[{}]'.format(i)))
+        key = 'loss.types[{}]'.format(i)
+        types.append(build_component('loss', _with_ignore_index(item, ignore, key), key))
     if len(types) == 1 and len(loss_cfg['coef']) > 1:
         types = types * len(loss_cfg['coef'])
     return {'types': types, 'coef': [float(c) for c in loss_cfg['coef']]}
@@ -132,8 +171,12 @@ def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
 def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
     """The LR schedule; PolynomialDecay decays over `iters` unless decay_steps is set."""
     if 'lr_scheduler' not in cfg:
-        value = cfg['learning_rate']['value']
-        decay = cfg['learning_rate'].get('decay', {}) or {}
+        legacy = cfg['learning_rate']
+        if not isinstance(legacy, dict) or not isinstance(legacy.get('value'), (int, float)):
+            raise UserError('config key `learning_rate` must be a mapping {{value: 0.01, decay: '
+                            '{{...}}}}, got {!r}; or use `lr_scheduler:`'.format(legacy))
+        value = legacy['value']
+        decay = legacy.get('decay', {}) or {}
         lr_cfg = {'type': 'PolynomialDecay', 'learning_rate': value,
                   'power': decay.get('power', 0.9), 'end_lr': decay.get('end_lr', 0.0)}
     else:

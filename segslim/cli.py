@@ -1,4 +1,9 @@
-"""The argument-parser factory every script starts from, and the error-to-exit-code edge."""
+"""The argument-parser factory every script starts from, and the error-to-exit-code edge.
+
+Flag names, types, defaults and optionality follow PaddleSeg 2.8's scripts (tools/*.py,
+deploy/slim/quant/qat_*.py, deploy/python/infer.py), so their command lines run unchanged;
+README.md ("Coming from PaddleSeg") lists where a default differs on purpose.
+"""
 import argparse
 import os
 import sys
@@ -6,12 +11,48 @@ from typing import Callable, List, Optional
 
 from segslim.errors import UserError
 
+DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
-def base_parser(description: str, config_required: bool = True) -> argparse.ArgumentParser:
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `error:` line (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, 'error: {}: {}; see {} --help\n'.format(self.prog, message, self.prog))
+
+
+def str2bool(value: str) -> bool:
+    """PaddleSeg parses these flags with `type=eval` (True/False); unlike eval, a value that
+    is neither is refused instead of being read as something else."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ('true', '1', 'yes', 'on'):
+        return True
+    if text in ('false', '0', 'no', 'off'):
+        return False
+    raise argparse.ArgumentTypeError('expected True or False, got {!r}'.format(value))
+
+
+def add_bool(p: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
+    """A boolean flag that takes `--flag`, `--flag True|False` and `--flag=True|False`."""
+    p.add_argument(flag, type=str2bool, nargs='?', const=True, default=default,
+                   metavar='True|False', help='{} (default {})'.format(help, default))
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError('must be a positive integer, got {}'.format(value))
+    return number
+
+
+def base_parser(description: str, config_required: bool = True,
+                devices=DEVICES) -> argparse.ArgumentParser:
     """--config, --device, --opts and --debug, shared by every training-side script."""
-    p = argparse.ArgumentParser(description=description)
+    p = ArgumentParser(description=description)
     p.add_argument('--config', required=config_required, help='the YAML config file')
-    p.add_argument('--device', choices=['cpu', 'gpu'], default=None,
+    p.add_argument('--device', choices=list(devices), default=None,
                    help='default: gpu when paddle is compiled with CUDA, else cpu')
     p.add_argument('--opts', nargs='+', default=None, metavar='KEY=VALUE',
                    help='override config keys, e.g. model.align_corners=True')
@@ -22,11 +63,13 @@ def base_parser(description: str, config_required: bool = True) -> argparse.Argu
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags train.py and qat_train.py share (names and defaults of PaddleSeg's)."""
     p.add_argument('--iters', type=int, default=None, help='iterations (overrides config)')
-    p.add_argument('--batch_size', type=int, default=None, help='images per step')
+    p.add_argument('--batch_size', type=int, default=None,
+                   help='images per step (per process under paddle.distributed.launch)')
     p.add_argument('--learning_rate', type=float, default=None,
                    help='overrides lr_scheduler.learning_rate')
-    p.add_argument('--save_interval', '--save_interval_iters', dest='save_interval', type=int,
-                   default=1000, help='save (and evaluate) every N iterations')
+    p.add_argument('--save_interval', '--save_interval_iters', dest='save_interval',
+                   type=positive_int, default=1000,
+                   help='save (and evaluate) every N iterations; the last one is always saved')
     p.add_argument('--save_dir', default='./output', help='run folder')
     p.add_argument('--resume_model', default=None, help='an iter_N folder to continue from')
     p.add_argument('--keep_checkpoint_max', type=int, default=5,
@@ -34,15 +77,17 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--num_workers', type=int, default=0, help='data loader processes')
     p.add_argument('--do_eval', action='store_true', help='evaluate at every save')
     p.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars')
-    p.add_argument('--log_iters', type=int, default=10, help='log every N iterations')
-    p.add_argument('--seed', type=int, default=0,
-                   help='seeds weight init, data order and augmentation')
+    p.add_argument('--log_iters', type=positive_int, default=10, help='log every N iterations')
+    p.add_argument('--seed', type=int, default=None,
+                   help='seeds weight init, data order and augmentation (default: drawn at '
+                        'random, logged and kept in the checkpoints)')
     return p
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags val.py and qat_val.py share."""
-    p.add_argument('--model_path', required=True, help='model.pdparams to evaluate')
+    p.add_argument('--model_path', default=None,
+                   help='model.pdparams to evaluate (default: the config\'s model.pretrained)')
     p.add_argument('--num_workers', type=int, default=0,
                    help='processes that read and transform images ahead')
     p.add_argument('--aug_eval', action='store_true', help='multi-scale / flip evaluation')
@@ -53,37 +98,52 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--is_slide', action='store_true', help='sliding-window inference')
     p.add_argument('--crop_size', nargs=2, type=int, default=None, metavar=('W', 'H'))
     p.add_argument('--stride', nargs=2, type=int, default=None, metavar=('W', 'H'))
+    add_data_format(p)
     p.add_argument('--json', default=None, help='also write the metrics to this JSON file')
     return p
 
 
+def add_data_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--data_format', choices=['NCHW', 'NHWC'], default='NCHW',
+                   help='input layout; NHWC is for DeepLabV3P only, as in PaddleSeg')
+
+
 def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags export.py and qat_export.py share."""
-    p.add_argument('--model_path', required=True, help='model.pdparams to export')
-    p.add_argument('--save_dir', default='./output', help='where the inference model goes')
+    p.add_argument('--model_path', default=None,
+                   help='model.pdparams to export (default: the config\'s model.pretrained)')
+    p.add_argument('--save_dir', default='./output/inference_model',
+                   help='where the inference model goes')
     p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
                    help='head on the logits (default argmax)')
-    p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
-    p.add_argument('--without_argmax', action='store_true', help='same as --output_op none')
-    p.add_argument('--input_shape', nargs=4, type=int, default=None,
-                   metavar=('N', 'C', 'H', 'W'), help='fixed input shape (default dynamic)')
+    p.add_argument('--with_softmax', action='store_true',
+                   help='same as --output_op softmax (wins over --output_op, as upstream)')
+    p.add_argument('--without_argmax', action='store_true',
+                   help='same as --output_op none (wins over --output_op, as upstream)')
+    p.add_argument('--input_shape', nargs='+', type=int, default=None,
+                   metavar='N C H W', help='fixed input shape, e.g. 1 3 512 512 (default '
+                                           'dynamic)')
     return p
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Paddle Inference flags infer.py and benchmark.py share (PaddleSeg deploy names)."""
     if not any(a.dest == 'device' for a in p._actions):
-        p.add_argument('--device', choices=['cpu', 'gpu'], default='cpu')
-    p.add_argument('--use_trt', action='store_true', help='TensorRT on GPU')
+        p.add_argument('--device', choices=['cpu', 'gpu', 'xpu', 'npu'], default=None,
+                       help='default: gpu when paddle is compiled with CUDA, else cpu')
+    add_bool(p, '--use_trt', False, 'TensorRT on GPU')
     p.add_argument('--precision', choices=['fp32', 'fp16', 'int8', 'bf16'], default='fp32',
                    help='engine precision; a QAT model always runs INT8')
     p.add_argument('--min_subgraph_size', type=int, default=3, help='TensorRT subgraphs')
-    p.add_argument('--enable_auto_tune', action='store_true',
-                   help='TensorRT: collect/use dynamic shape ranges')
-    p.add_argument('--cpu_threads', type=int, default=2, help='CPU math threads')
-    p.add_argument('--enable_mkldnn', type=lambda v: str(v).lower() in ('1', 'true', 'yes'),
-                   default=True, help='oneDNN on CPU (default True)')
-    p.add_argument('--benchmark', action='store_true', help='print timing')
+    add_bool(p, '--enable_auto_tune', False,
+             'TensorRT: collect the dynamic shape ranges on the images first')
+    p.add_argument('--auto_tuned_shape_file', default=None,
+                   help='where --enable_auto_tune keeps the shape ranges (default: a '
+                        'temporary file, deleted after the run)')
+    p.add_argument('--cpu_threads', type=positive_int, default=2, help='CPU math threads')
+    add_bool(p, '--enable_mkldnn', True, 'oneDNN on CPU')
+    add_bool(p, '--benchmark', False, 'print preprocess / inference / postprocess times')
+    add_bool(p, '--print_detail', False, 'show Paddle Inference\'s own (glog) output')
     return p
 
 

@@ -21,6 +21,12 @@ def train(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--amp_level', choices=['O1', 'O2'], default='O1', help='AMP level')
     p.add_argument('--use_ema', action='store_true',
                    help='also keep an EMA of the weights (best_ema_model/, ema_model.pdparams)')
+    p.add_argument('--profiler_options', default=None,
+                   help='paddle profiler, e.g. "batch_range=[10,20];profile_path=prof.log" '
+                        '(paddleseg.utils.train_profiler)')
+    cli.add_data_format(p)
+    p.add_argument('--repeats', type=cli.positive_int, default=1,
+                   help='visit each training sample this many times per epoch')
 
     def main(args):
         from segslim.workflows import run_train
@@ -30,6 +36,7 @@ def train(argv: Optional[List[str]] = None) -> None:
 
 def val(argv: Optional[List[str]] = None) -> None:
     p = _parser('Evaluate a segmentation model (FP32).', cli.add_eval_args)
+    cli.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
 
     def main(args):
         from segslim.workflows import run_val
@@ -49,7 +56,9 @@ def export(argv: Optional[List[str]] = None) -> None:
 def qat_train(argv: Optional[List[str]] = None) -> None:
     p = _parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
                 cli.add_train_args)
-    p.add_argument('--model_path', required=True, help='FP32 model.pdparams to start from')
+    p.add_argument('--model_path', default=None,
+                   help='FP32 model.pdparams to start from (default: the config\'s '
+                        'pretrained weights, else random init)')
     p.add_argument('--allow_partial', action='store_true',
                    help='load FP32 weights even if some keys are missing or mismatched')
 
@@ -81,14 +90,19 @@ def qat_export(argv: Optional[List[str]] = None) -> None:
 
 
 def infer(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description='Segment images with an exported model.')
+    p = cli.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')
-    p.add_argument('--image_path', required=True, help='an image file or a folder')
-    p.add_argument('--save_dir', default='./output/result')
-    p.add_argument('--batch_size', type=int, default=1)
+    p.add_argument('--image_path', required=True,
+                   help='an image, a folder (searched recursively) or a file list (first '
+                        'column of each line, relative to the list\'s folder)')
+    p.add_argument('--save_dir', default='./output',
+                   help='masks go here, sub-folders of --image_path kept')
+    p.add_argument('--batch_size', type=cli.positive_int, default=1)
     p.add_argument('--overlay', action='store_true', help='also write image+mask overlays')
     p.add_argument('--with_argmax', action='store_true',
-                   help='accepted for compatibility: masks are always class ids')
+                   help='accepted for compatibility: masks are always class ids, whatever '
+                        'head the model was exported with')
+    p.add_argument('--model_name', default='', help='named in the --benchmark summary')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
     cli.add_engine_args(p)
 
@@ -103,10 +117,10 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
                 config_required=False)
     p.add_argument('--model_dirs', nargs='+', required=True,
                    help='exported model folders; the first is the baseline')
-    p.add_argument('--input_shape', nargs=4, type=int, default=[1, 3, 512, 512],
+    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=[1, 3, 512, 512],
                    metavar=('N', 'C', 'H', 'W'), help='timing input')
     p.add_argument('--warmup', type=int, default=5)
-    p.add_argument('--repeats', type=int, default=20)
+    p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
     p.add_argument('--json', default=None, help='write the report as JSON (and a PNG chart)')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
@@ -119,7 +133,7 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
 
 
 def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description='Generate deterministic demo optic-disc data.')
+    p = cli.ArgumentParser(description='Generate deterministic demo optic-disc data.')
     p.add_argument('--save_dir', default='data/optic_disc_seg')
     p.add_argument('--num_train', type=int, default=60)
     p.add_argument('--num_val', type=int, default=20)
@@ -140,7 +154,7 @@ def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
 
 
 def bench_models(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
+    p = cli.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
                                 'random weights; writes a markdown report.')
     p.add_argument('--configs', nargs='+', default=[
         'configs/quick_start/bisenet_optic_disc_512x512_1k.yml',

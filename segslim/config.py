@@ -20,8 +20,12 @@ DEFAULTS: Dict[str, Any] = {'batch_size': 1, 'iters': 1000}
 KNOWN_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'test_dataset',
               'optimizer', 'lr_scheduler', 'learning_rate', 'loss', 'model', 'export',
               'test_config', 'quant_config', 'distill_loss')
-REQUIRED_KEYS = ('model', 'train_dataset', 'val_dataset', 'loss', 'optimizer',
-                 'lr_scheduler')
+# What each kind of script reads from a config (a key a script does not use is never
+# required): training needs the full recipe, val_dataset only with --do_eval.
+TRAIN_KEYS = ('model', 'train_dataset', 'loss', 'optimizer', 'lr_scheduler')
+EVAL_KEYS = ('model', 'val_dataset')
+EXPORT_KEYS = ('model',)
+REQUIRED_KEYS = TRAIN_KEYS + ('val_dataset',)
 
 
 def load_yaml(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
@@ -130,9 +134,10 @@ def set_by_path(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int] = None,
-                learning_rate: Optional[float] = None,
-                opts: Optional[List[str]] = None) -> Dict[str, Any]:
-    """The resolved config dict: defaults, YAML, flags and --opts in that order."""
+                learning_rate: Optional[float] = None, opts: Optional[List[str]] = None,
+                required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+    """The resolved config dict: defaults, YAML, flags and --opts in that order; `required`
+    names the top-level keys the calling script uses."""
     cfg = merge(DEFAULTS, load_yaml(path))
     if iters is not None:
         _check_positive('--iters', iters)
@@ -148,7 +153,7 @@ def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int
             cfg['learning_rate'] = {'value': learning_rate}
     for key, value in parse_opts(opts).items():
         set_by_path(cfg, key, value)
-    validate(cfg, path)
+    validate(cfg, path, required)
     return cfg
 
 
@@ -157,10 +162,12 @@ def _check_positive(flag: str, value: Any) -> None:
         raise UserError('{} must be positive, got {}'.format(flag, value))
 
 
-def validate(cfg: Dict[str, Any], path: str = '<config>') -> None:
-    """Checks the keys every script relies on; names the file and the key."""
+def validate(cfg: Dict[str, Any], path: str = '<config>',
+             required: Sequence[str] = REQUIRED_KEYS) -> None:
+    """Checks the keys a script relies on (and the form of those present); names the file
+    and the key."""
     name = os.path.relpath(path) if os.path.exists(path) else path
-    for key in REQUIRED_KEYS:
+    for key in required:
         if key == 'lr_scheduler' and 'learning_rate' in cfg:
             continue
         if not cfg.get(key):
@@ -176,9 +183,23 @@ def validate(cfg: Dict[str, Any], path: str = '<config>') -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise UserError('config {}: `{}` must be a positive integer, got {!r}'.format(
                 name, key, value))
-    loss = cfg.get('loss')
+    if 'loss' in required or cfg.get('loss') is not None:
+        validate_loss(cfg.get('loss'), name)
+
+
+def validate_loss(loss: Any, name: str) -> None:
     if not isinstance(loss, dict) or not loss.get('types') or not loss.get('coef'):
         raise UserError('config {}: `loss` needs `types` and `coef` lists'.format(name))
+    if not isinstance(loss['types'], list) or not isinstance(loss['coef'], list):
+        raise UserError('config {}: `loss.types` and `loss.coef` must be lists'.format(name))
+    for i, item in enumerate(loss['types']):
+        if not isinstance(item, dict) or 'type' not in item:
+            raise UserError('config {}: `loss.types[{}]` must be a mapping with a `type:` '
+                            'entry, got {!r}'.format(name, i, item))
+    for i, coef in enumerate(loss['coef']):
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)):
+            raise UserError('config {}: `loss.coef[{}]` must be a number, got {!r}'.format(
+                name, i, coef))
     if len(loss['types']) not in (1, len(loss['coef'])):
         raise UserError('config {}: `loss.types` has {} entries and `loss.coef` {}; give one '
                         'type or one per coef'.format(name, len(loss['types']),

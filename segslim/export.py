@@ -20,8 +20,9 @@ MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'depl
 
 
 class InferenceModel(paddle.nn.Layer):
-    """The segmentation net with its deploy head on the first logit: argmax -> int32
-    N,1,H,W labels; softmax -> float N,C,H,W; none -> logits."""
+    """The segmentation net with its deploy head on the first logit, as PaddleSeg 2.8's
+    WrappedModel: argmax -> int32 N,H,W labels; softmax -> float32 N,C,H,W; none -> logits.
+    PaddleSeg's clients (deploy/python/infer.py, its C++ demo, FastDeploy) rely on N,H,W."""
 
     def __init__(self, model: paddle.nn.Layer, output_op: str = 'argmax'):
         super().__init__()
@@ -32,19 +33,20 @@ class InferenceModel(paddle.nn.Layer):
     def forward(self, x):
         logit = self.model(x)[0]
         if self.output_op == 'argmax':
-            return paddle.argmax(logit, axis=1, keepdim=True, dtype='int32')
+            return paddle.argmax(logit, axis=1, dtype='int32')
         if self.output_op == 'softmax':
             return paddle.nn.functional.softmax(logit, axis=1)
         return logit
 
 
 def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: bool) -> str:
-    """Resolves --output_op and the reference's --with_softmax/--without_argmax aliases."""
-    if output_op is not None:
-        return output_op
+    """Resolves --output_op and the --without_argmax/--with_softmax aliases as PaddleSeg 2.8's
+    qat_export does: the aliases override --output_op, --with_softmax last."""
     if with_softmax:
         return 'softmax'
-    return 'none' if without_argmax else 'argmax'
+    if without_argmax:
+        return 'none'
+    return output_op or 'argmax'
 
 
 def read_program(model_file: str) -> Any:
@@ -127,8 +129,9 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
     if output_op not in OUTPUT_OPS:
         raise UserError('--output_op {} is not one of {}'.format(output_op, OUTPUT_OPS))
     shape = list(input_shape) if input_shape else [None, 3, None, None]
-    if len(shape) != 4:
-        raise UserError('--input_shape takes N C H W, got {}'.format(input_shape))
+    if input_shape and (len(shape) != 4 or min(shape) <= 0):
+        raise UserError('--input_shape takes four positive numbers N C H W, e.g. 1 3 512 512; '
+                        'got {}'.format(' '.join(map(str, input_shape))))
     try:
         os.makedirs(save_dir, exist_ok=True)
         for name in os.listdir(save_dir):  # staging folders of a killed export
@@ -163,8 +166,9 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
             'model': 'model.pdmodel',
             'params': 'model.pdiparams',
             'transforms': deploy_transforms(cfg),
-            'output_op': output_op,
             'input_shape': shape,
+            'output_op': output_op,
+            'output_dtype': 'int32' if output_op == 'argmax' else 'float32',
             'quantized': quanter is not None,
         }}
         with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:

@@ -2,13 +2,13 @@
 import argparse
 import os
 import random
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
 from segslim._paddle import check_versions, paddle, set_device
 from segslim import builder, cli
-from segslim.config import load_config, save_config
+from segslim.config import EVAL_KEYS, EXPORT_KEYS, TRAIN_KEYS, load_config, save_config
 from segslim.data.datasets import build_dataset, can_reach
 from segslim.engine import checkpoint as ckpt
 from segslim.engine.evaluate import evaluate
@@ -18,24 +18,59 @@ from segslim.errors import UserError
 from segslim.export import export_inference_model, output_op_of
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
-from segslim.quant import build_quant_model
+from segslim.quant import build_quant_model, quant_config_of, quantize_model
 
 
-def _setup(args: argparse.Namespace, training: bool = False) -> Dict[str, Any]:
+def _setup(args: argparse.Namespace, required: Sequence[str],
+           training: bool = False) -> Dict[str, Any]:
     check_versions()
     if training:
         cfg = load_config(args.config, args.iters, args.batch_size, args.learning_rate,
-                          args.opts)
+                          args.opts, required=required)
     else:
-        cfg = load_config(args.config, opts=args.opts)
+        cfg = load_config(args.config, opts=args.opts, required=required)
+    apply_data_format(cfg, getattr(args, 'data_format', 'NCHW'))
     args.device = set_device(args.device)
     return cfg
+
+
+def apply_data_format(cfg: Dict[str, Any], data_format: str) -> None:
+    """--data_format NHWC, as PaddleSeg 2.8 supports it: DeepLabV3P only, set on the model,
+    its backbone and the losses; the loops transpose the NCHW batches."""
+    if data_format == 'NCHW':
+        return
+    if cfg['model'].get('type') != 'DeepLabV3P':
+        raise UserError('--data_format NHWC supports DeepLabV3P only (as PaddleSeg); config '
+                        'model.type is {}'.format(cfg['model'].get('type')))
+    cfg['model']['data_format'] = data_format
+    if isinstance(cfg['model'].get('backbone'), dict):
+        cfg['model']['backbone']['data_format'] = data_format
+    for item in (cfg.get('loss') or {}).get('types') or []:
+        if isinstance(item, dict):
+            item['data_format'] = data_format
 
 
 def _seed_everything(seed: int) -> None:
     paddle.seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def choose_seed(args: argparse.Namespace, resume: Optional[Dict[str, Any]]) -> int:
+    """The run's seed: a resumed run keeps its checkpoint's; --seed otherwise; with neither
+    (PaddleSeg's default) one is drawn and logged, and the checkpoints keep it."""
+    if resume is not None:
+        seed = int(resume['state'].get('seed', 0))
+        if args.seed is not None and args.seed != seed:
+            logger.warning('--seed %d ignored: the resumed run continues with its seed %d',
+                           args.seed, seed)
+        return seed
+    if args.seed is not None:
+        return args.seed
+    seed = random.SystemRandom().randrange(2 ** 31)
+    logger.info('No --seed given: using seed %d (pass --seed %d to repeat this run)', seed,
+                seed)
+    return seed
 
 
 def check_writable(save_dir: str, flag: str = '--save_dir') -> None:
@@ -52,45 +87,77 @@ def check_writable(save_dir: str, flag: str = '--save_dir') -> None:
             flag, save_dir, parent, 'a file' if not os.path.isdir(parent) else 'read-only'))
 
 
-def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> None:
-    """Loads `model.pretrained` / `model.backbone.pretrained` (a path, or a URL fetched
-    through paddleseg's downloader) into the matching sublayer, skipping unfit keys."""
-    for sub, location in builder.pretrained_paths(cfg):
+def local_weights(location: str, key: str) -> str:
+    """A local file for a weights path or URL. URLs go through paddleseg's downloader, which
+    caches each under a folder named after the URL."""
+    if not str(location).startswith(('http://', 'https://')):
+        return location
+    host = str(location).split('/')[2]
+    if not can_reach((host, 443)):
+        raise UserError('config key `{}`: {} cannot be downloaded (no network); fetch it '
+                        'elsewhere and set the key to the local file'.format(key, location))
+    from paddleseg.utils import download_pretrained_model
+    return download_pretrained_model(location)
+
+
+def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
+    """Loads `model.pretrained` / `model.backbone.pretrained` into the matching sublayer,
+    skipping unfit keys; returns whether anything was loaded."""
+    found = builder.pretrained_paths(cfg)
+    for sub, location in found:
         key = 'model.{}pretrained'.format(sub + '.' if sub else '')
-        if str(location).startswith(('http://', 'https://')):
-            host = str(location).split('/')[2]
-            if not can_reach((host, 443)):
-                raise UserError('config key `{}`: {} cannot be downloaded (no network); fetch '
-                                'it elsewhere and set the key to the local file'.format(
-                                    key, location))
-            from paddleseg.utils.download import download_file_and_uncompress
-            from paddleseg.utils import seg_env
-            folder = download_file_and_uncompress(
-                url=location, savepath=seg_env.PRETRAINED_MODEL_HOME,
-                extrapath=seg_env.PRETRAINED_MODEL_HOME)
-            location = os.path.join(folder, 'model.pdparams')
+        location = local_weights(location, key)
         target = getattr(model, sub) if sub else model
         report = ckpt.load_weights(target, location, allow_partial=True, flag=key)
         logger.info('Loaded %s from %s (%d missing, %d unexpected, %d mismatched keys skipped)',
                     key, location, len(report['missing']), len(report['unexpected']),
                     len(report['mismatched']))
+    return bool(found)
+
+
+def weights_path(args: argparse.Namespace, cfg: Dict[str, Any]) -> str:
+    """--model_path, else the config's `model.pretrained` (PaddleSeg's fallback)."""
+    if args.model_path:
+        return args.model_path
+    pretrained = cfg['model'].get('pretrained')
+    if pretrained:
+        logger.info('No --model_path: using model.pretrained %s of the config', pretrained)
+        return local_weights(pretrained, 'model.pretrained')
+    raise UserError('no weights to load: pass --model_path <model.pdparams> or set '
+                    '`model.pretrained` in {}'.format(args.config))
+
+
+def _build_train_model(args: argparse.Namespace, cfg: Dict[str, Any], quant: bool,
+                       resume: Optional[Dict[str, Any]]):
+    """The model to train, with its starting weights (none when resuming: the checkpoint
+    brings them); for QAT, FP32 weights are loaded before quantizing."""
+    model = builder.build_model(cfg)
+    if resume is None:
+        if quant and args.model_path:
+            ckpt.load_weights(model, args.model_path,
+                              allow_partial=getattr(args, 'allow_partial', False))
+        else:
+            loaded = load_pretrained(model, cfg)
+            if quant:
+                logger.warning('QAT normally starts from trained FP32 weights (--model_path '
+                               'output_fp32/best_model/model.pdparams); starting from %s',
+                               'the config\'s pretrained weights' if loaded else 'random init')
+    if not quant:
+        return model
+    quantize_model(model, quant_config_of(cfg))
+    return model
 
 
 def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     """train.py and qat_train.py: one loop; QAT only swaps in the quantized model."""
-    cfg = _setup(args, training=True)
-    _seed_everything(args.seed)
+    required = TRAIN_KEYS + (('val_dataset',) if args.do_eval else ())
+    cfg = _setup(args, required, training=True)
     resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
+    seed = choose_seed(args, resume)
+    _seed_everything(seed)
     check_writable(args.save_dir)
-    if quant:
-        fp32 = None if resume else args.model_path
-        model, _ = build_quant_model(cfg, fp32_weights=fp32,
-                                     allow_partial=getattr(args, 'allow_partial', False))
-    else:
-        model = builder.build_model(cfg)
-        if resume is None:
-            load_pretrained(model, cfg)
-    train_ds = build_dataset(cfg, 'train_dataset', seed=args.seed)
+    model = _build_train_model(args, cfg, quant, resume)
+    train_ds = build_dataset(cfg, 'train_dataset', seed=seed)
     val_ds = build_dataset(cfg, 'val_dataset') if args.do_eval else None
     scheduler = builder.build_lr_scheduler(cfg)
     optimizer = builder.build_optimizer(cfg, model, scheduler)
@@ -105,11 +172,13 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
             args.save_dir, e.strerror))
     opts = TrainOptions(
         save_dir=args.save_dir, iters=cfg['iters'], batch_size=cfg['batch_size'],
-        do_eval=args.do_eval, use_vdl=args.use_vdl, save_interval=max(args.save_interval, 1),
-        log_iters=max(args.log_iters, 1), keep_checkpoint_max=args.keep_checkpoint_max,
-        num_workers=args.num_workers, seed=args.seed,
+        do_eval=args.do_eval, use_vdl=args.use_vdl, save_interval=args.save_interval,
+        log_iters=args.log_iters, keep_checkpoint_max=args.keep_checkpoint_max,
+        num_workers=args.num_workers, seed=seed,
         precision=getattr(args, 'precision', 'fp32'),
         amp_level=getattr(args, 'amp_level', 'O1'), use_ema=getattr(args, 'use_ema', False),
+        repeats=getattr(args, 'repeats', 1),
+        profiler_options=getattr(args, 'profiler_options', None),
         eval_kwargs=cli.eval_kwargs(args, cfg))
     result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
                    resume=resume)
@@ -124,21 +193,22 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
 
 
 def _load_for_inference(args: argparse.Namespace, cfg: Dict[str, Any], quant: bool):
+    weights = weights_path(args, cfg)
     if quant:
-        return build_quant_model(cfg, qat_weights=args.model_path)
+        return build_quant_model(cfg, qat_weights=weights)
     model = builder.build_model(cfg)
-    ckpt.load_weights(model, args.model_path)
+    ckpt.load_weights(model, weights)
     return model, None
 
 
 def run_val(args: argparse.Namespace, quant: bool = False) -> int:
     """val.py and qat_val.py: metrics of a checkpoint on the config's val set."""
-    cfg = _setup(args)
+    cfg = _setup(args, EVAL_KEYS)
     model, _ = _load_for_inference(args, cfg, quant)
     val_ds = build_dataset(cfg, 'val_dataset')
-    logger.info('Evaluating %s on %d images', args.model_path, len(val_ds))
+    logger.info('Evaluating on %d images', len(val_ds))
     metrics = evaluate(model, val_ds, log_every=max(len(val_ds) // 10, 10),
-                       **cli.eval_kwargs(args, cfg))
+                       auc_roc=getattr(args, 'auc_roc', False), **cli.eval_kwargs(args, cfg))
     print(format_metrics(metrics, '[EVAL]'), flush=True)
     if args.json:
         write_json(args.json, metrics)
@@ -147,7 +217,7 @@ def run_val(args: argparse.Namespace, quant: bool = False) -> int:
 
 def run_export(args: argparse.Namespace, quant: bool = False) -> int:
     """export.py and qat_export.py: an inference model with its deploy.yaml."""
-    cfg = _setup(args)
+    cfg = _setup(args, EXPORT_KEYS)
     check_writable(args.save_dir)
     model, quanter = _load_for_inference(args, cfg, quant)
     export_inference_model(model, cfg, args.save_dir,
@@ -164,6 +234,10 @@ def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
     how many pixels agree with the QAT model; warns below 99.9 %."""
     from segslim.deploy.benchmark import agreement_with_model
     from segslim.deploy.predictor import EngineOptions, Predictor
+    if not cfg.get('val_dataset'):
+        logger.info('Config has no val_dataset: the INT8 engine was not checked against the '
+                    'QAT model')
+        return float('nan')
     try:
         dataset = build_dataset(cfg, 'val_dataset')
     except UserError as e:
@@ -183,28 +257,39 @@ def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
 
 def _engine_options(args: argparse.Namespace):
     from segslim.deploy.predictor import EngineOptions
-    device = set_device(args.device or 'cpu')
+    device = set_device(args.device)
     shape = tuple(getattr(args, 'input_shape', None) or (1, 3, 512, 512))
     return EngineOptions(device=device, precision=args.precision, cpu_threads=args.cpu_threads,
                          enable_mkldnn=args.enable_mkldnn, use_trt=args.use_trt,
                          min_subgraph_size=args.min_subgraph_size,
-                         enable_auto_tune=args.enable_auto_tune, input_shape=shape)
+                         enable_auto_tune=args.enable_auto_tune,
+                         trt_shape_file=args.auto_tuned_shape_file, input_shape=shape,
+                         print_detail=args.print_detail)
 
 
 def run_infer(args: argparse.Namespace) -> int:
     """deploy/python/infer.py: masks for image files."""
-    import time
-    from segslim.deploy.infer import list_images, predict_images
+    from segslim.deploy.infer import STAGES, list_images, predict_images
     from segslim.deploy.predictor import Predictor
-    paths = list_images(args.image_path)
+    images = list_images(args.image_path)
     predictor = Predictor(args.config, _engine_options(args))
     if predictor.fallback:
         logger.warning(predictor.fallback)
-    tic = time.perf_counter()
-    written = predict_images(predictor, paths, args.save_dir, args.batch_size, args.overlay)
-    if args.benchmark:
-        logger.info('%d images in %.3f s (%.4f s/img, preprocessing included)', len(paths),
-                    time.perf_counter() - tic, (time.perf_counter() - tic) / len(paths))
+    timings: Optional[Dict[str, list]] = None
+    if args.benchmark:  # warm up on the first batch, as PaddleSeg's infer.py does
+        predict_images(predictor, images[:args.batch_size], args.save_dir, args.batch_size)
+        timings = {}
+    written = predict_images(predictor, images, args.save_dir, args.batch_size, args.overlay,
+                             timings)
+    if timings:
+        n = len(images)
+        logger.info('[benchmark] model: %s, precision: %s, device: %s, batch_size: %d, '
+                    'images: %d', args.model_name or predictor.model_dir,
+                    'int8' if predictor.quantized else args.precision, predictor.opts.device,
+                    args.batch_size, n)
+        logger.info('[benchmark] per image: %s, total %.2f ms', ', '.join(
+            '{} {:.2f} ms'.format(stage, 1000 * sum(timings[stage]) / n) for stage in STAGES),
+            1000 * sum(sum(timings[stage]) for stage in STAGES) / n)
     logger.info('Wrote %d masks to %s', len(written), args.save_dir)
     return 0
 
@@ -214,7 +299,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from segslim.deploy import benchmark as bench
     dataset = None
     if args.config:
-        cfg = load_config(args.config, opts=args.opts)
+        cfg = load_config(args.config, opts=args.opts, required=('val_dataset',))
         dataset = build_dataset(cfg, 'val_dataset')
     report = bench.benchmark(args.model_dirs, dataset, _engine_options(args),
                              shape=args.input_shape, warmup=args.warmup, repeats=args.repeats,

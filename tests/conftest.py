@@ -35,7 +35,7 @@ def instant_data(tmp_path_factory):
 def fp32_run(instant_data, tmp_path_factory):
     """A 20-iteration FP32 run of train.py with evaluation."""
     out = str(tmp_path_factory.mktemp('fp32'))
-    proc = run_cli('train.py', '--config', INSTANT, '--do_eval', '--save_interval', 10,
+    proc = run_cli('train.py', '--config', INSTANT, '--do_eval', '--save_interval', 10, '--seed', 0,
                    '--log_iters', 5, '--save_dir', out, '--opts', *data_opts(instant_data))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {'dir': out, 'stdout': proc.stdout, 'data': instant_data}
@@ -48,6 +48,7 @@ def qat_run(fp32_run, tmp_path_factory):
     proc = run_cli('slim/quant/qat_train.py', '--config', INSTANT, '--model_path',
                    os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                    '--learning_rate', 0.001, '--iters', 10, '--do_eval', '--save_interval', 5,
+                   '--seed', 0,
                    '--log_iters', 5, '--save_dir', out, '--opts', *data_opts(fp32_run['data']))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {'dir': out, 'stdout': proc.stdout, 'data': fp32_run['data']}

@@ -20,16 +20,17 @@ def tiny_model():
     return cfg, builder.build_model(cfg)
 
 
-@pytest.mark.parametrize('head,dtype,channels', [('argmax', np.int32, 1),
-                                                 ('softmax', np.float32, 2),
-                                                 ('none', np.float32, 2)])
-def test_each_head_runs_in_paddle_inference(tiny_model, tmp_path, head, dtype, channels):
+# PaddleSeg's contract: argmax int32 N,H,W (no channel axis), softmax / logits N,C,H,W.
+@pytest.mark.parametrize('head,dtype,shape', [('argmax', np.int32, (2, 64, 96)),
+                                              ('softmax', np.float32, (2, 2, 64, 96)),
+                                              ('none', np.float32, (2, 2, 64, 96))])
+def test_each_head_runs_in_paddle_inference(tiny_model, tmp_path, head, dtype, shape):
     cfg, model = tiny_model
     export_inference_model(model, cfg, str(tmp_path), output_op=head)
     pred = Predictor(str(tmp_path), EngineOptions(device='cpu', cpu_threads=1))
     x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
     out = pred.run(x)
-    assert out.dtype == dtype and out.shape == (2, channels, 64, 96)
+    assert out.dtype == dtype and out.shape == shape
     if head == 'softmax':
         np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-4)
     assert pred.labels(x).shape == (2, 64, 96)

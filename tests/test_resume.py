@@ -48,7 +48,7 @@ def test_qat_resume_restores_iteration_lr_and_weights(qat_run, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     common = ['--config', INSTANT, '--iters', 30, '--save_interval', 5, '--log_iters', 5,
-              '--keep_checkpoint_max', 2, '--opts'] + data_opts(instant_data)
+              '--seed', 0, '--keep_checkpoint_max', 2, '--opts'] + data_opts(instant_data)
     straight = str(tmp_path / 'straight')
     proc = run_cli('train.py', '--save_dir', straight, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -81,7 +81,7 @@ def test_worker_processes_feed_the_same_batches(instant_data, tmp_path):
     logs = []
     for workers in (0, 2):
         proc = run_cli('train.py', '--config', INSTANT, '--iters', 4, '--log_iters', 1,
-                       '--num_workers', workers, '--save_dir', tmp_path / str(workers),
+                       '--seed', 0, '--num_workers', workers, '--save_dir', tmp_path / str(workers),
                        '--opts', *data_opts(instant_data))
         assert proc.returncode == 0, proc.stderr[-2000:]
         logs.append(log_lines(proc.stdout))
@@ -89,7 +89,7 @@ def test_worker_processes_feed_the_same_batches(instant_data, tmp_path):
 
 
 def test_ema_weights_are_saved_and_resumed(instant_data, tmp_path):
-    common = ['--config', INSTANT, '--iters', 4, '--save_interval', 2, '--use_ema',
+    common = ['--config', INSTANT, '--iters', 4, '--save_interval', 2, '--use_ema', '--seed', 0,
               '--do_eval', '--opts'] + data_opts(instant_data)
     straight = tmp_path / 'straight'
     proc = run_cli('train.py', '--save_dir', straight, *common)

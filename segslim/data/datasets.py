@@ -140,6 +140,9 @@ class SegDataset:
 
 def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
     """The checked dataset for config key 'train_dataset' or 'val_dataset'."""
+    if not cfg.get(key):
+        raise UserError('config: required key `{}` is missing; add it (see '
+                        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(key))
     data_cfg = dict(cfg[key])
     default_mode = 'train' if key == 'train_dataset' else 'val'
     mode = str(data_cfg.get('mode', default_mode)).lower()
@@ -152,7 +155,7 @@ def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
     _check_root(data_cfg, key)
     transforms = builder.build_transforms(data_cfg.get('transforms'), key + '.transforms')
     try:
-        ds = builder.build_component('dataset', data_cfg, key)
+        ds = builder.build_component('dataset', data_cfg, key, transforms=transforms)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
     except Exception as e:  # paddleseg raises bare Exception for malformed list lines

@@ -1,6 +1,7 @@
 """Prediction on image files with an exported model: pseudo-colour masks and overlays."""
 import os
-from typing import List
+import time
+from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
@@ -10,22 +11,39 @@ from segslim.deploy.predictor import Predictor, Preprocessor, restore_size
 from segslim.errors import UserError
 from segslim.fileio import atomic_write, write_bytes
 
-IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+STAGES = ('preprocess', 'inference', 'postprocess')
 
 
-def list_images(image_path: str) -> List[str]:
-    """The image file, or the images of a folder (sorted); a one-line error if none."""
-    if os.path.isfile(image_path):
-        return [image_path]
-    if os.path.isdir(image_path):
-        found = sorted(os.path.join(root, name) for root, _, names in os.walk(image_path)
-                       for name in names if name.lower().endswith(IMAGE_EXTS))
-        if not found:
-            raise UserError('--image_path {} holds no images ({})'.format(
-                image_path, ', '.join(IMAGE_EXTS)))
-        return found
-    raise UserError('--image_path {} does not exist; pass an image file or a folder'.format(
-        image_path))
+def list_images(image_path: str) -> List[Tuple[str, str]]:
+    """[(image path, output name without extension)] for an image, a folder (recursively) or
+    a file list, as PaddleSeg's infer.py reads --image_path. Output names keep the
+    sub-folders below the folder (or the list's folder), so equal file names in different
+    sub-folders do not overwrite each other."""
+    from paddleseg.utils import get_image_list
+    if not os.path.exists(image_path):
+        raise UserError('--image_path {} does not exist; pass an image, a folder or a file '
+                        'list'.format(image_path))
+    try:
+        paths, base = get_image_list(image_path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError('--image_path {} cannot be read ({})'.format(image_path, e))
+    except RuntimeError:
+        raise UserError('--image_path {} holds no images (.jpg, .jpeg, .png, .bmp)'.format(
+            image_path))
+    if base is not None:  # a blank line of a file list names the list's folder itself
+        paths = [p for p in paths if os.path.normpath(p) != os.path.normpath(base)]
+    if not paths:
+        raise UserError('--image_path {} lists no images'.format(image_path))
+    out = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise UserError('{} is listed in --image_path {} but does not exist; fix the '
+                            'list (paths are relative to its folder)'.format(path, image_path))
+        rel = os.path.relpath(path, base) if base is not None else os.path.basename(path)
+        if rel.startswith(os.pardir):
+            rel = os.path.basename(path)
+        out.append((path, os.path.splitext(rel)[0]))
+    return out
 
 
 def pseudo_color(labels: np.ndarray):
@@ -34,33 +52,41 @@ def pseudo_color(labels: np.ndarray):
     return get_pseudo_color_map(labels.astype(np.uint8))
 
 
-def predict_images(predictor: Predictor, paths: List[str], save_dir: str,
-                   batch_size: int = 1, overlay: bool = False) -> List[str]:
-    """Writes <save_dir>/<name>.png masks (and <name>_overlay.jpg); returns the mask paths."""
+def predict_images(predictor: Predictor, images: List[Tuple[str, str]], save_dir: str,
+                   batch_size: int = 1, overlay: bool = False,
+                   timings: Dict[str, List[float]] = None) -> List[str]:
+    """Writes <save_dir>/<name>.png masks (and <name>_overlay.jpg) for list_images() items;
+    returns the mask paths. With `timings`, appends seconds per batch of each stage."""
     try:
         os.makedirs(save_dir, exist_ok=True)
     except OSError as e:
         raise UserError('cannot write --save_dir {} ({})'.format(save_dir, e.strerror))
     pre = Preprocessor(predictor.deploy['transforms'])
     written = []
-    for start in range(0, len(paths), max(batch_size, 1)):
-        chunk = paths[start:start + batch_size]
-        inputs = [pre(p) for p in chunk]
+    for start in range(0, len(images), max(batch_size, 1)):
+        chunk = images[start:start + batch_size]
+        tic = time.perf_counter()
+        inputs = [pre(path) for path, _ in chunk]
         shapes = {img.shape for img, _ in inputs}
-        if len(shapes) == 1:
-            labels = list(predictor.labels(np.stack([img for img, _ in inputs])))
-        else:  # different sizes cannot share a batch
-            labels = [predictor.labels(img[np.newaxis])[0] for img, _ in inputs]
-        for path, (_, info), lab in zip(chunk, inputs, labels):
-            lab = restore_size(lab, info)
-            name = os.path.splitext(os.path.basename(path))[0]
+        batches = [np.stack([img for img, _ in inputs])] if len(shapes) == 1 else \
+            [img[np.newaxis] for img, _ in inputs]  # different sizes cannot share a batch
+        mid = time.perf_counter()
+        outputs = [predictor.run(batch) for batch in batches]
+        done = time.perf_counter()
+        labels = [lab for out in outputs for lab in predictor.to_labels(out)]
+        labels = [restore_size(lab, info) for lab, (_, info) in zip(labels, inputs)]
+        if timings is not None:
+            for stage, secs in zip(STAGES, (mid - tic, done - mid, time.perf_counter() - done)):
+                timings.setdefault(stage, []).append(secs)
+        for (path, name), lab in zip(chunk, labels):
             out = os.path.join(save_dir, name + '.png')
+            os.makedirs(os.path.dirname(out), exist_ok=True)
             mask = pseudo_color(lab)
             atomic_write(out, lambda tmp: mask.save(tmp, format='PNG'))
             written.append(out)
             if overlay:
                 img = read_image(path).astype(np.uint8)
-                color = np.array(pseudo_color(lab).convert('RGB'))[..., ::-1]
+                color = np.array(mask.convert('RGB'))[..., ::-1]
                 mixed = np.where(lab[..., None] > 0, (0.5 * img + 0.5 * color), img)
                 _, jpg = cv2.imencode('.jpg', mixed.astype(np.uint8))
                 write_bytes(os.path.join(save_dir, name + '_overlay.jpg'), jpg.tobytes())

@@ -49,6 +49,7 @@ class EngineOptions:
     gpu_id: int = 0
     trt_shape_file: Optional[str] = None
     input_shape: Sequence[int] = (1, 3, 512, 512)
+    print_detail: bool = False       # Paddle Inference's own glog output
     delete_passes: Sequence[str] = field(default_factory=lambda: list(INT8_DELETE_PASSES))
 
 
@@ -130,9 +131,9 @@ def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def quiet_native_output():
+def quiet_native_output(enabled: bool = True):
     """Silences what the C++ passes print to stdout/stderr (the oneDNN quantization logs)."""
-    if os.environ.get('SEGSLIM_DEBUG'):
+    if os.environ.get('SEGSLIM_DEBUG') or not enabled:
         yield
         return
     sys.stdout.flush()
@@ -173,7 +174,8 @@ class Predictor:
     def _config(self, int8_ops: Optional[Sequence[str]], cache: Optional[str]) -> Any:
         opts = self.opts
         config = pi.Config(self.deploy['model'], self.deploy['params'])
-        config.disable_glog_info()
+        if not opts.print_detail:
+            config.disable_glog_info()
         if opts.device == 'gpu':
             config.enable_use_gpu(opts.gpu_mem_mb, opts.gpu_id)
             if opts.use_trt:
@@ -245,7 +247,7 @@ class Predictor:
             cache = tempfile.mkdtemp(prefix='segslim-opt-') if self.opts.device == 'cpu' \
                 else None
             try:
-                with quiet_native_output():
+                with quiet_native_output(not self.opts.print_detail):
                     self._use(pi.create_predictor(self._config(ops, cache)))
                     self.run(np.zeros(self._probe_shape(), np.float32))
                 if level:
@@ -282,9 +284,14 @@ class Predictor:
         self.predictor.run()
         return self._output.copy_to_cpu()
 
+    def to_labels(self, out: np.ndarray) -> np.ndarray:
+        """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
+        (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read
+        from the output itself: upstream exports do not always name their head."""
+        if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+            return out.argmax(axis=1).astype(np.int64)
+        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
+
     def labels(self, images: np.ndarray) -> np.ndarray:
-        """Class ids N,H,W whatever the exported head (argmax, softmax or logits)."""
-        out = self.run(images)
-        if self.deploy['output_op'] == 'argmax':
-            return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
-        return out.argmax(axis=1).astype(np.int64)
+        """Class ids N,H,W of a N,C,H,W float32 batch."""
+        return self.to_labels(self.run(images))

@@ -70,6 +70,8 @@ def format_metrics(metrics: Dict[str, object], title: str = '[EVAL]') -> str:
     head = '{} #pixels: {} mIoU: {:.4f} Acc: {:.4f} Kappa: {:.4f} Dice: {:.4f}'.format(
         title, metrics['pixels'], metrics['miou'], metrics['acc'], metrics['kappa'],
         metrics['mdice'])
+    if 'auc_roc' in metrics:
+        head += ' Auc_roc: {:.4f}'.format(metrics['auc_roc'])
     lines = [head]
     for name in ('class_iou', 'class_precision', 'class_recall'):
         lines.append('{} Class {}: {}'.format(

@@ -36,6 +36,8 @@ class TrainOptions:
     precision: str = 'fp32'
     amp_level: str = 'O1'
     use_ema: bool = False
+    repeats: int = 1                          # visits of each sample per epoch
+    profiler_options: Optional[str] = None    # paddleseg.utils.train_profiler options
     eval_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,11 +47,15 @@ def _load_batch(dataset: SegDataset, item: Tuple[List[int], int]):
 
 
 def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
-            num_workers: int = 0) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
-    """Endless (images, labels, epoch) batches; epoch e visits a permutation drawn from
-    (seed, e), dropping the last partial batch. Starting at `start_iter` yields exactly what
-    an uninterrupted run would yield from there on, with or without worker processes."""
-    n = len(dataset)
+            num_workers: int = 0, repeats: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray,
+                                                                      int]]:
+    """Endless (images, labels, epoch) batches; epoch e visits a permutation of every sample
+    `repeats` times drawn from (seed, e), dropping the last partial batch. Starting at
+    `start_iter` yields exactly what an uninterrupted run would yield from there on, with or
+    without worker processes."""
+    # Keys run over len * repeats per epoch; SegDataset.sample maps a key to its file
+    # (key mod len) and seeds its augmentation by the whole key, so repeats differ.
+    n = len(dataset) * repeats
     per_epoch = n // batch_size
     if per_epoch == 0:
         raise UserError('config key `{}`: {} images are fewer than batch_size {}; lower '
@@ -69,13 +75,23 @@ def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
 
 def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
                  losses: Dict[str, list]) -> List[paddle.Tensor]:
-    """One weighted loss per model output; the counts must match (`loss.coef`)."""
+    """Weighted losses, one per model output (the counts must match `loss.coef`), with
+    PaddleSeg's special cases: MixedLoss gives one term per inner loss, KLLoss compares the
+    first two outputs."""
     if len(logits) != len(losses['coef']):
         raise UserError('config key `loss.coef`: the model has {} outputs but coef has {} '
                         'entries; give one coefficient per output'.format(
                             len(logits), len(losses['coef'])))
-    return [coef * loss(logit, labels)
-            for logit, loss, coef in zip(logits, losses['types'], losses['coef'])]
+    terms = []
+    for logit, loss, coef in zip(logits, losses['types'], losses['coef']):
+        kind = type(loss).__name__
+        if kind == 'MixedLoss':
+            terms.extend(coef * term for term in loss(logit, labels))
+        elif kind == 'KLLoss':
+            terms.append(coef * loss(logits[0], logits[1].detach()))
+        else:
+            terms.append(coef * loss(logit, labels))
+    return terms
 
 
 def _eta(seconds: float) -> str:
@@ -163,7 +179,8 @@ class Trainer:
             from visualdl import LogWriter
             writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
         data = batches(self.train_ds, opts.batch_size, opts.seed, self.start_iter,
-                       opts.num_workers)
+                       opts.num_workers, opts.repeats)
+        profiler_step = profiler(opts.profiler_options)
         self.model.train()
         it = self.start_iter
         window = {'loss': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0, 'iters': 0}
@@ -175,6 +192,7 @@ class Trainer:
                 it += 1
                 lr = self.optimizer.get_lr()
                 value = self._step(imgs, labels, it)
+                profiler_step()
                 window['loss'] += value
                 window['cost'] += time.time() - tic
                 window['samples'] += len(imgs)
@@ -206,6 +224,8 @@ class Trainer:
         # save/load; seeding it per iteration makes a resumed run draw the same masks.
         paddle.seed(self.opts.seed * 1000003 + it)
         x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
+        if getattr(self.model, 'data_format', 'NCHW') == 'NHWC':
+            x = x.transpose((0, 2, 3, 1))
         if self.scaler is not None:
             with paddle.amp.auto_cast(level=self.opts.amp_level, enable=True):
                 loss = sum(compute_loss(self.model(x), y, self.losses))
@@ -258,6 +278,49 @@ class Trainer:
         self.last_ckpt = path
         ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
                                protect=[self.resumed_from, path])
+
+
+def profiler(options: Optional[str]):
+    """A per-iteration callable for --profiler_options "batch_range=[a,b];profile_path=P;..."
+    (PaddleSeg's option string). The wheel's own train_profiler calls paddle.utils.profiler,
+    which Paddle 2.6 no longer has, so this drives paddle.profiler: iterations a..b are
+    recorded, a Chrome trace goes to the folder P and a summary sorted by `sorted_key` is
+    printed; with exit_on_finished (the default, as upstream) the process then exits."""
+    if not options:
+        return lambda: None
+    import sys
+    from paddle import profiler as pp
+    from paddleseg.utils.train_profiler import ProfilerOptions
+    try:
+        parsed = ProfilerOptions(options)
+        start, end = parsed['batch_range'][:2]
+    except (ValueError, AssertionError, KeyError):
+        raise UserError('--profiler_options {!r}: expected "key=value;key=value" with keys '
+                        'batch_range, state, sorted_key, tracer_option, profile_path, '
+                        'exit_on_finished'.format(options))
+    targets = [pp.ProfilerTarget.CPU]
+    if parsed['state'] in ('GPU', 'All') and paddle.is_compiled_with_cuda():
+        targets.append(pp.ProfilerTarget.GPU)
+    sort = {'calls': pp.SortedKeys.CPUTotal, 'total': pp.SortedKeys.CPUTotal,
+            'max': pp.SortedKeys.CPUMax, 'min': pp.SortedKeys.CPUMin,
+            'ave': pp.SortedKeys.CPUAvg}.get(parsed['sorted_key'], pp.SortedKeys.CPUTotal)
+    prof = pp.Profiler(targets=targets, scheduler=(start, end),
+                       on_trace_ready=pp.export_chrome_tracing(parsed['profile_path']))
+    state = {'step': 0}
+    prof.start()
+
+    def step() -> None:
+        state['step'] += 1
+        if state['step'] <= end:
+            prof.step()
+        if state['step'] == end:
+            prof.stop()
+            prof.summary(sorted_by=sort, op_detail=parsed['tracer_option'] != 'Default')
+            logger.info('Profiled iterations %d-%d; trace in %s', start, end,
+                        parsed['profile_path'])
+            if parsed['exit_on_finished']:
+                sys.exit(0)
+    return step
 
 
 def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
