@@ -4,10 +4,12 @@
 Building never loads weights: see segslim.engine.checkpoint for that.
 """
 import copy
+import os
 import difflib
 from typing import Any, Dict, List, Optional, Tuple
 
 from segslim._paddle import paddle
+from segslim.data.datasets import SegDataset, check_files, check_root
 from segslim.errors import UserError
 
 import paddleseg  # noqa: F401  (registers every component with the managers)
@@ -170,8 +172,8 @@ def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
 
 def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
     """The LR schedule; PolynomialDecay decays over `iters` unless decay_steps is set."""
-    if 'lr_scheduler' not in cfg:
-        legacy = cfg['learning_rate']
+    if not cfg.get('lr_scheduler'):
+        legacy = cfg.get('learning_rate')
         if not isinstance(legacy, dict) or not isinstance(legacy.get('value'), (int, float)):
             raise UserError('config key `learning_rate` must be a mapping {{value: 0.01, decay: '
                             '{{...}}}}, got {!r}; or use `lr_scheduler:`'.format(legacy))
@@ -210,3 +212,36 @@ def build_optimizer(cfg: Dict[str, Any], model: paddle.nn.Layer,
         opt_cfg['weight_decay'] = float(opt_cfg['weight_decay'])
     factory = build_component('optimizer', opt_cfg, 'optimizer')
     return factory(model, lr)
+
+
+def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
+    """The checked dataset for config key 'train_dataset' or 'val_dataset'."""
+    if not cfg.get(key):
+        raise UserError('config: required key `{}` is missing; add it (see '
+                        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(key))
+    data_cfg = dict(cfg[key])
+    default_mode = 'train' if key == 'train_dataset' else 'val'
+    mode = str(data_cfg.get('mode', default_mode)).lower()
+    data_cfg['mode'] = mode
+    for name in ('train_path', 'val_path', 'test_path'):
+        path = data_cfg.get(name)
+        if path is not None and not os.path.isfile(path) and name.startswith(mode):
+            raise UserError('config key `{}.{}`: file list {} does not exist; create it or '
+                            'fix the path'.format(key, name, path))
+    check_root(data_cfg, key)
+    transforms = build_transforms(data_cfg.get('transforms'), key + '.transforms')
+    try:
+        ds = build_component('dataset', data_cfg, key, transforms=transforms)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
+    except Exception as e:  # paddleseg raises bare Exception for malformed list lines
+        if type(e) is not Exception:
+            raise
+        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
+    file_list = [(img, lab) for img, lab in ds.file_list]
+    if not file_list:
+        raise UserError('config key `{}`: the {} list of {} is empty; add lines '
+                        '"image.jpg label.png"'.format(key, mode, ds.dataset_root))
+    check_files(file_list, key)
+    return SegDataset(file_list, transforms, num_classes_of(cfg),
+                      getattr(ds, 'ignore_index', 255), mode, key, seed)

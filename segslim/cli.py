@@ -182,6 +182,13 @@ def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Name
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave cannot be read or written
+        if debug:
+            raise
+        print('error: {}{} ({}); check the path and its permissions'.format(
+            e.filename + ': ' if e.filename else '', e.strerror or type(e).__name__,
+            type(e).__name__), file=sys.stderr)
+        return 2
     except MemoryError:
         if debug:
             raise

@@ -167,6 +167,6 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
-        from segslim.deploy.model_bench import bench_models as run, write_report
+        from segslim.model_bench import bench_models as run, write_report
         write_report(run(args.configs, args.cpu_threads, args.size, args.repeats), args.out)
     cli.entry(p, main, argv)

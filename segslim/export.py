@@ -11,7 +11,7 @@ import yaml
 
 from segslim._paddle import paddle
 from segslim.errors import UserError
-from segslim.fileio import write_bytes
+from segslim.fileio import move_into_place, write_bytes
 from segslim.logger import logger
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
@@ -173,9 +173,9 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
         }}
         with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
             yaml.safe_dump(deploy, f, sort_keys=False, default_flow_style=None)
-        for name in MODEL_FILES:
+        for name in MODEL_FILES:  # each file replaced whole; other files in save_dir stay
             if os.path.exists(os.path.join(stage, name)):
-                os.replace(os.path.join(stage, name), os.path.join(save_dir, name))
+                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
     except OSError as e:
         raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
             save_dir, e.strerror or e))

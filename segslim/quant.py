@@ -53,7 +53,10 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
         ('quantizable_layer_type', isinstance(qcfg['quantizable_layer_type'], list) and
          all(t in LAYER_TYPES for t in qcfg['quantizable_layer_type']), list(LAYER_TYPES)),
         ('layers', qcfg['layers'] in ('backbone', 'all'), ('backbone', 'all')),
-        ('skip', isinstance(qcfg['skip'], list), 'a list of layer-name patterns'),
+        ('skip', isinstance(qcfg['skip'], list) and all(isinstance(v, str)
+                                                        for v in qcfg['skip']),
+         'a list of layer-name patterns (strings)'),
+        ('onnx_format', isinstance(qcfg['onnx_format'], bool), 'True or False'),
     ]
     for key, ok, allowed in checks:
         if not ok:

@@ -9,7 +9,8 @@ import numpy as np
 from segslim._paddle import check_versions, paddle, set_device
 from segslim import builder, cli
 from segslim.config import EVAL_KEYS, EXPORT_KEYS, TRAIN_KEYS, load_config, save_config
-from segslim.data.datasets import build_dataset, can_reach
+from segslim.builder import build_dataset
+from segslim.data.datasets import can_reach
 from segslim.engine import checkpoint as ckpt
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
@@ -98,6 +99,21 @@ def local_weights(location: str, key: str) -> str:
                         'elsewhere and set the key to the local file'.format(key, location))
     from paddleseg.utils import download_pretrained_model
     return download_pretrained_model(location)
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+    """Fails early, before any work, when an output file like --json cannot be written."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError('{} {} is a folder; give a file name'.format(flag, path))
+    if not os.path.isdir(folder):
+        raise UserError('{} {}: folder {} does not exist; create it or choose another '
+                        'path'.format(flag, path, folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError('{} {}: folder {} is read-only; choose another path'.format(
+            flag, path, folder))
 
 
 def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
@@ -204,6 +220,7 @@ def _load_for_inference(args: argparse.Namespace, cfg: Dict[str, Any], quant: bo
 def run_val(args: argparse.Namespace, quant: bool = False) -> int:
     """val.py and qat_val.py: metrics of a checkpoint on the config's val set."""
     cfg = _setup(args, EVAL_KEYS)
+    check_output_file(args.json, '--json')
     model, _ = _load_for_inference(args, cfg, quant)
     val_ds = build_dataset(cfg, 'val_dataset')
     logger.info('Evaluating on %d images', len(val_ds))
@@ -275,6 +292,10 @@ def run_infer(args: argparse.Namespace) -> int:
     predictor = Predictor(args.config, _engine_options(args))
     if predictor.fallback:
         logger.warning(predictor.fallback)
+    if predictor.precision != 'int8' and predictor.quantized:
+        logger.warning('%s is quantized but this engine has no INT8 kernels for it: it runs '
+                       '%s (use oneDNN on CPU, or TensorRT on GPU)', args.config,
+                       predictor.precision)
     timings: Optional[Dict[str, list]] = None
     if args.benchmark:  # warm up on the first batch, as PaddleSeg's infer.py does
         predict_images(predictor, images[:args.batch_size], args.save_dir, args.batch_size)
@@ -285,7 +306,7 @@ def run_infer(args: argparse.Namespace) -> int:
         n = len(images)
         logger.info('[benchmark] model: %s, precision: %s, device: %s, batch_size: %d, '
                     'images: %d', args.model_name or predictor.model_dir,
-                    'int8' if predictor.quantized else args.precision, predictor.opts.device,
+                    predictor.precision, predictor.opts.device,
                     args.batch_size, n)
         logger.info('[benchmark] per image: %s, total %.2f ms', ', '.join(
             '{} {:.2f} ms'.format(stage, 1000 * sum(timings[stage]) / n) for stage in STAGES),
@@ -297,6 +318,8 @@ def run_infer(args: argparse.Namespace) -> int:
 def run_benchmark(args: argparse.Namespace) -> int:
     """deploy/python/benchmark.py: the FP32-vs-INT8 report."""
     from segslim.deploy import benchmark as bench
+    check_output_file(args.json, '--json')
+    check_output_file(args.markdown, '--markdown')
     dataset = None
     if args.config:
         cfg = load_config(args.config, opts=args.opts, required=('val_dataset',))

@@ -36,6 +36,7 @@ def fp32_run(instant_data, tmp_path_factory):
     """A 20-iteration FP32 run of train.py with evaluation."""
     out = str(tmp_path_factory.mktemp('fp32'))
     proc = run_cli('train.py', '--config', INSTANT, '--do_eval', '--save_interval', 10, '--seed', 0,
+                   '--use_vdl',
                    '--log_iters', 5, '--save_dir', out, '--opts', *data_opts(instant_data))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {'dir': out, 'stdout': proc.stdout, 'data': instant_data}

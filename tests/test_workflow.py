@@ -24,6 +24,18 @@ def test_train_lowers_loss_and_writes_checkpoints(fp32_run):
     assert not [n for n in os.listdir(run) if '.tmp-' in n or '.old-' in n]
 
 
+def test_use_vdl_writes_scalars(fp32_run):
+    from visualdl import LogReader
+    folder = os.path.join(fp32_run['dir'], 'vdl')
+    logs = [n for n in os.listdir(folder) if n.startswith('vdlrecords')]
+    assert logs, os.listdir(folder)
+    reader = LogReader(file_path=os.path.join(folder, logs[0]))
+    tags = reader.get_tags()['scalar']
+    assert 'Train/loss' in tags and 'Evaluate/miou' in tags
+    steps = [r.id for r in reader.get_data('scalar', 'Train/loss')]
+    assert steps == [5, 10, 15, 20]
+
+
 def test_val_is_above_chance(fp32_run, tmp_path):
     out = tmp_path / 'metrics.json'
     proc = run_cli('val.py', '--config', INSTANT, '--model_path',
@@ -66,20 +78,26 @@ def test_qat_export_is_int8_and_verified(exported):
     m = re.search(r'agrees with the QAT model on ([0-9.]+)% of pixels', exported[
         'qat_export_stdout'])
     assert m, exported['qat_export_stdout'][-2000:]
-    assert float(m.group(1)) >= 99.0
+    assert float(m.group(1)) >= 99.9  # what README.md promises
     int8 = os.path.getsize(os.path.join(exported['int8'], 'model.pdiparams'))
     fp32 = os.path.getsize(os.path.join(exported['fp32'], 'model.pdiparams'))
     assert int8 < 0.4 * fp32  # INT8 weights
 
 
-def test_val_aug_eval_and_sliding_window(fp32_run):
+def test_val_aug_eval_and_sliding_window(fp32_run, tmp_path):
     weights = os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams')
-    for extra in (['--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal'],
-                  ['--is_slide', '--crop_size', 32, 32, '--stride', 24, 24]):
+    results = []
+    for i, extra in enumerate(([], ['--aug_eval', '--scales', 0.75, 1.0, '--flip_horizontal'],
+                               ['--is_slide', '--crop_size', 32, 32, '--stride', 24, 24])):
+        out = tmp_path / '{}.json'.format(i)
         proc = run_cli('val.py', '--config', INSTANT, '--model_path', weights, *extra,
-                       '--opts', *data_opts(fp32_run['data']))
+                       '--json', out, '--opts', *data_opts(fp32_run['data']))
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert re.search(r'mIoU: 0\.[4-9]', proc.stdout), proc.stdout[-1000:]
+        results.append(json.load(open(out)))
+    # ignoring either flag would give the plain evaluation's numbers
+    plain = results[0]['class_iou']
+    assert results[1]['class_iou'] != plain and results[2]['class_iou'] != plain
 
 
 def test_plain_dataset_type_with_file_lists(fp32_run, tmp_path):

@@ -1,4 +1,5 @@
-"""Datasets: paddleseg's dataset types behind one checked, deterministic sample reader."""
-from segslim.data.datasets import SegDataset, build_dataset
+"""Datasets: paddleseg's dataset types behind one checked, deterministic sample reader
+(segslim.builder.build_dataset builds them from a config)."""
+from segslim.data.datasets import SegDataset
 
-__all__ = ['SegDataset', 'build_dataset']
+__all__ = ['SegDataset']

@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from segslim import builder
 from segslim.errors import UserError
 from segslim.logger import logger
 
@@ -36,7 +35,7 @@ def can_reach(host: Tuple[str, int], timeout: float = 3.0) -> bool:
     return bool(result)
 
 
-def _check_root(data_cfg: Dict[str, Any], key: str) -> None:
+def check_root(data_cfg: Dict[str, Any], key: str) -> None:
     root = data_cfg.get('dataset_root')
     if root is not None and os.path.isdir(root):
         return
@@ -136,39 +135,6 @@ class SegDataset:
                             'index {}; fix the label or num_classes'.format(
                                 path, bad[:5].tolist(), self.num_classes,
                                 self.ignore_index))
-
-
-def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
-    """The checked dataset for config key 'train_dataset' or 'val_dataset'."""
-    if not cfg.get(key):
-        raise UserError('config: required key `{}` is missing; add it (see '
-                        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(key))
-    data_cfg = dict(cfg[key])
-    default_mode = 'train' if key == 'train_dataset' else 'val'
-    mode = str(data_cfg.get('mode', default_mode)).lower()
-    data_cfg['mode'] = mode
-    for name in ('train_path', 'val_path', 'test_path'):
-        path = data_cfg.get(name)
-        if path is not None and not os.path.isfile(path) and name.startswith(mode):
-            raise UserError('config key `{}.{}`: file list {} does not exist; create it or '
-                            'fix the path'.format(key, name, path))
-    _check_root(data_cfg, key)
-    transforms = builder.build_transforms(data_cfg.get('transforms'), key + '.transforms')
-    try:
-        ds = builder.build_component('dataset', data_cfg, key, transforms=transforms)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
-    except Exception as e:  # paddleseg raises bare Exception for malformed list lines
-        if type(e) is not Exception:
-            raise
-        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
-    file_list = [(img, lab) for img, lab in ds.file_list]
-    if not file_list:
-        raise UserError('config key `{}`: the {} list of {} is empty; add lines '
-                        '"image.jpg label.png"'.format(key, mode, ds.dataset_root))
-    check_files(file_list, key)
-    return SegDataset(file_list, transforms, builder.num_classes_of(cfg),
-                      getattr(ds, 'ignore_index', 255), mode, key, seed)
 
 
 def check_files(file_list: List[Tuple[str, Optional[str]]], key: str) -> None:

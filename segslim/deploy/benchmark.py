@@ -10,7 +10,8 @@ import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.predictor import EngineOptions, Predictor, Preprocessor, restore_size
+from segslim.deploy.predictor import (EngineOptions, Predictor, Preprocessor,
+                                      check_engine_options, restore_size)
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write
 from segslim.logger import logger
@@ -30,13 +31,20 @@ def predict_dataset(predictor: Predictor, dataset: SegDataset,
 def agreement_with_model(model: Any, predictor: Predictor, dataset: SegDataset,
                          limit: int) -> float:
     """Share of pixels where the engine and the dygraph model (e.g. the QAT model with its
-    fake-quant ops) predict the same class, over the first `limit` val images."""
+    fake-quant ops) predict the same class, over the first `limit` val images. Both sides'
+    labels go back to the label size by the same rule (restore_size), so a Resize in the
+    deploy transforms does not bias the count."""
     from segslim._paddle import paddle
-    from segslim.engine.evaluate import predict_sample
+    from paddleseg.core import infer
     engine = predict_dataset(predictor, dataset, limit)
     model.eval()
+    ours = []
     with paddle.no_grad():
-        ours = [predict_sample(model, dataset[i]) for i in range(len(engine))]
+        for i in range(len(engine)):
+            sample = dataset[i]
+            logit = infer.inference(model, paddle.to_tensor(sample['img'][np.newaxis]))
+            labels = logit.argmax(axis=1).numpy()[0]
+            ours.append(restore_size(labels, sample['trans_info']))
     return agreement(engine, ours)
 
 
@@ -73,32 +81,33 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
               with_bf16: Optional[bool] = None) -> Dict[str, Any]:
     """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; the first
     model dir (run in FP32) is the baseline for speedup and pixel agreement."""
+    check_engine_options(opts)
     cpu = cpu_features()
-    runs = []  # (model_dir, precision, Predictor)
-    float_precision = 'fp16' if opts.precision == 'fp16' and opts.device == 'gpu' else 'fp32'
+    runs = []  # (model_dir, Predictor); each row is labelled with what its engine ran
+    float_precision = 'fp16' if opts.precision == 'fp16' else 'fp32'
     for i, model_dir in enumerate(model_dirs):
-        # A QAT model runs INT8 whatever precision it is given; others run float.
         pred = Predictor(model_dir, dataclasses.replace(opts, precision=float_precision))
-        runs.append((model_dir, 'int8' if pred.quantized else float_precision, pred))
-        if i == 0 and opts.device == 'cpu' and not pred.quantized and \
+        runs.append((model_dir, pred))
+        if i == 0 and opts.device == 'cpu' and opts.enable_mkldnn and not pred.quantized and \
                 (with_bf16 if with_bf16 is not None else cpu['bf16']):
-            runs.append((model_dir, 'bf16',
+            runs.append((model_dir,
                          Predictor(model_dir, dataclasses.replace(opts, precision='bf16'))))
-    batch = _timing_batch(runs[0][2], dataset, shape)
-    times = time_interleaved([p for _, _, p in runs], batch, warmup, repeats)
+    batch = _timing_batch(runs[0][1], dataset, shape)
+    times = time_interleaved([p for _, p in runs], batch, warmup, repeats)
     rows = []
     base_preds = None
-    for (model_dir, precision, pred), secs in zip(runs, times):
+    for (model_dir, pred), secs in zip(runs, times):
+        precision = pred.precision
         row: Dict[str, Any] = {
             'model_dir': model_dir, 'precision': precision,
             's_per_img': float(np.median(secs)) / shape[0],
             'p90_s': float(np.percentile(secs, 90)) / shape[0],
             'params_mb': os.path.getsize(pred.deploy['params']) / 2 ** 20,
-            'conv_ops': pred.engine.get('conv_ops'),
-            'int8_conv_ops': pred.engine.get('int8_conv_ops'),
-            'fp32_conv_ops': pred.engine.get('fp32_conv_ops'),
             'fallback': pred.fallback,
         }
+        for key in ('int8_ops', 'quantizable_ops', 'fp32_ops', 'by_type', 'conv_ops',
+                    'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'):
+            row[key] = pred.engine.get(key)
         if dataset is not None:
             logger.info('Evaluating %s (%s) on %d images', model_dir, precision, len(dataset))
             preds = predict_dataset(pred, dataset)
@@ -130,8 +139,24 @@ def _timing_batch(pred: Predictor, dataset: Optional[SegDataset],
     return np.repeat(np.transpose(img, (2, 0, 1))[np.newaxis], n, axis=0).astype(np.float32)
 
 
-def format_report(report: Dict[str, Any]) -> str:
-    """The markdown report: header line, the main table, per-class IoU, engine ops."""
+def precision_label(precision: str) -> str:
+    """'INT8', 'BF16', ...; a sentence such as 'fp32 (QAT model, no INT8 kernels)' stays."""
+    return precision if ' ' in precision else precision.upper()
+
+
+def _ops_cell(row: Dict[str, Any]) -> str:
+    """'47/47' INT8 over quantizable ops, split by kind where matmuls are present."""
+    if row.get('quantizable_ops') is None:
+        return '-'
+    if not row.get('matmul_ops'):
+        return '{}/{}'.format(row['int8_ops'], row['quantizable_ops'])
+    return 'conv {}/{}, matmul {}/{}'.format(row['int8_conv_ops'], row['conv_ops'],
+                                              row['int8_matmul_ops'], row['matmul_ops'])
+
+
+def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
+    """The markdown report: header line, the main table (rows named by `name` when given,
+    else by model folder), per-class IoU, notes on fallbacks and FP32 ops."""
     lines = ['Device: {} | CPU: {} | ISA: {} | threads: {} | input {} | median of {} runs, '
              'models interleaved'.format(report['device'], report['cpu'], report['isa'],
                                          report['threads'], 'x'.join(map(str,
@@ -140,29 +165,29 @@ def format_report(report: Dict[str, Any]) -> str:
     if report['device'] == 'cpu' and not report['vnni']:
         lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
     lines += ['', '| Model | Type | mIoU | s/img | p90 s | speedup | vs bf16 | params MB | '
-              'agreement | INT8 convs |', '|---|---|---|---|---|---|---|---|---|---|']
+              'agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|']
     for r in report['rows']:
         lines.append('| {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} |'.format(
-            r['model_dir'], r['precision'].upper(),
+            name or r['model_dir'], precision_label(r['precision']),
             '{:.4f}'.format(r['miou']) if 'miou' in r else '-', r['s_per_img'], r['p90_s'],
             r['speedup'], '{:.2f}x'.format(r['speedup_vs_bf16']) if r['speedup_vs_bf16'] else '-',
             r['params_mb'],
             '{:.4%}'.format(r['pixel_agreement']) if 'pixel_agreement' in r else '-',
-            '{}/{}'.format(r['int8_conv_ops'], r['conv_ops']) if r['conv_ops'] is not None
-            else '-'))
+            _ops_cell(r)))
     if any('class_iou' in r for r in report['rows']):
         lines += ['', '| Model | Type | per-class IoU |', '|---|---|---|']
         for r in report['rows']:
-            lines.append('| {} | {} | {} |'.format(r['model_dir'], r['precision'].upper(),
+            lines.append('| {} | {} | {} |'.format(name or r['model_dir'],
+                                                  precision_label(r['precision']),
                                                   ', '.join('{:.4f}'.format(v)
                                                             for v in r.get('class_iou', []))))
     for r in report['rows']:
         if r['fallback']:
-            lines.append('Note: {} ({}): {}'.format(r['model_dir'], r['precision'],
+            lines.append('Note: {} ({}): {}'.format(name or r['model_dir'], r['precision'],
                                                    r['fallback']))
-        if r['precision'] == 'int8' and r.get('fp32_conv_ops'):
-            lines.append('Note: {} runs {} conv ops in FP32: {}'.format(
-                r['model_dir'], len(r['fp32_conv_ops']), ', '.join(r['fp32_conv_ops'][:6])))
+        if r['precision'] == 'int8' and r.get('fp32_ops'):
+            lines.append('Note: {} runs {} quantizable ops in FP32: {}'.format(
+                name or r['model_dir'], len(r['fp32_ops']), ', '.join(r['fp32_ops'][:6])))
     return '\n'.join(lines)
 
 

@@ -1,12 +1,16 @@
-"""What the CPU offers for INT8/bf16 inference, read from /proc/cpuinfo."""
+"""What the CPU offers for INT8/bf16 inference."""
 import os
 import platform
 from typing import Any, Dict
 
 
-def cpu_features(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, Any]:
+def cpu_features(cpuinfo: str = '/proc/cpuinfo', ask_paddle: bool = True) -> Dict[str, Any]:
     """{'model', 'isa', 'vnni', 'bf16', 'amx', 'cores'}; isa names the best INT8 path:
-    AMX > AVX-512 VNNI > AVX-VNNI > AVX-512 > AVX2 > other."""
+    AMX > AVX-512 VNNI > AVX-VNNI > AVX-512 > AVX2 > other.
+
+    `vnni` and `bf16` come from paddle (what its oneDNN kernels detect) when ask_paddle;
+    /proc/cpuinfo is read for what paddle does not expose: the model name, AMX and the ISA
+    name a report states."""
     flags, model = set(), platform.processor() or platform.machine()
     if os.path.exists(cpuinfo):
         with open(cpuinfo) as f:
@@ -16,7 +20,13 @@ def cpu_features(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, Any]:
                 elif line.startswith('model name'):
                     model = line.split(':', 1)[1].strip()
     amx = 'amx_int8' in flags
-    vnni = 'avx512_vnni' in flags or 'avx_vnni' in flags
+    vnni = 'avx512_vnni' in flags or 'avx_vnni' in flags or amx
+    bf16 = 'avx512_bf16' in flags or 'amx_bf16' in flags
+    if ask_paddle:
+        from segslim._paddle import paddle
+        core = paddle.base.core
+        vnni = bool(core.supports_vnni()) or amx
+        bf16 = bool(core.supports_bfloat16())
     if amx:
         isa = 'AMX'
     elif 'avx512_vnni' in flags:
@@ -29,6 +39,5 @@ def cpu_features(cpuinfo: str = '/proc/cpuinfo') -> Dict[str, Any]:
         isa = 'AVX2'
     else:
         isa = platform.machine()
-    return {'model': model, 'isa': isa, 'vnni': vnni or amx,
-            'bf16': 'avx512_bf16' in flags or 'amx_bf16' in flags, 'amx': amx,
+    return {'model': model, 'isa': isa, 'vnni': vnni, 'bf16': bf16, 'amx': amx,
             'cores': os.cpu_count()}

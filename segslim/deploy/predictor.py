@@ -5,10 +5,10 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 import yaml
 
@@ -30,6 +30,7 @@ INT8_FALLBACK_OPS = (INT8_OPS, ('conv2d', 'fused_conv2d'))
 # Without this pass residual convs (conv + elementwise_add) are left in FP32.
 INT8_DELETE_PASSES = ('conv_elementwise_add_mkldnn_fuse_pass',)
 CONV_TYPES = ('conv2d', 'depthwise_conv2d', 'fused_conv2d', 'conv2d_transpose')
+MATMUL_TYPES = ('matmul', 'matmul_v2', 'fused_matmul', 'fc', 'mul')
 QUANT_OP_TYPES = ('quantize_linear', 'dequantize_linear', 'fake_quantize_dequantize_abs_max',
                   'fake_channel_wise_quantize_dequantize_abs_max',
                   'fake_quantize_dequantize_moving_average_abs_max')
@@ -87,22 +88,35 @@ def program_op_types(model_file: str) -> List[str]:
     return [block.op(i).type() for i in range(block.op_size())]
 
 
-def conv_summary(model_file: str) -> Dict[str, Any]:
-    """{'conv_ops', 'int8_conv_ops', 'fp32_conv_ops': [names]} of an optimized program."""
+def op_summary(model_file: str) -> Dict[str, Any]:
+    """What runs INT8 in an optimized (oneDNN) program, counted over the quantizable ops:
+    convolutions and matrix products (matmul, matmul_v2, fc, mul: most of a transformer's
+    compute). {'int8_ops', 'quantizable_ops', 'fp32_ops': [output names], 'by_type':
+    {type: [int8, total]}, 'conv_ops', 'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'}."""
     desc = read_program(model_file)  # keep it alive: the block points into it
     block = desc.block(0)
-    total, int8, fp32 = 0, 0, []
+    by_type: Dict[str, List[int]] = {}
+    fp32 = []
     for i in range(block.op_size()):
         op = block.op(i)
-        if op.type() not in CONV_TYPES:
+        kind = op.type()
+        if kind not in CONV_TYPES + MATMUL_TYPES:
             continue
-        total += 1
+        counts = by_type.setdefault(kind, [0, 0])
+        counts[1] += 1
         dtype = op.attr('mkldnn_data_type') if op.has_attr('mkldnn_data_type') else ''
         if dtype == 'int8':
-            int8 += 1
+            counts[0] += 1
         else:
-            fp32.append(op.output('Output')[0] if 'Output' in op.output_names() else op.type())
-    return {'conv_ops': total, 'int8_conv_ops': int8, 'fp32_conv_ops': fp32}
+            outs = [op.output(n)[0] for n in op.output_names() if op.output(n)]
+            fp32.append(outs[0] if outs else kind)
+
+    def total(kinds, idx):
+        return sum(by_type[k][idx] for k in kinds if k in by_type)
+    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
+            'fp32_ops': fp32, 'by_type': by_type,
+            'conv_ops': total(CONV_TYPES, 1), 'int8_conv_ops': total(CONV_TYPES, 0),
+            'matmul_ops': total(MATMUL_TYPES, 1), 'int8_matmul_ops': total(MATMUL_TYPES, 0)}
 
 
 class Preprocessor:
@@ -118,16 +132,16 @@ class Preprocessor:
 
 
 def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
-    """Undoes resize/padding records of the transforms on a H,W label map."""
-    for item in reversed(trans_info):
-        mode = item[0][0] if isinstance(item[0], list) else item[0]
-        h, w = item[1][0], item[1][1]
-        if mode == 'resize':
-            labels = cv2.resize(labels.astype(np.int32), (w, h),
-                                interpolation=cv2.INTER_NEAREST)
-        elif mode == 'padding':
-            labels = labels[:h, :w]
-    return labels
+    """Undoes the transforms' resize/padding records on a H,W label map with paddleseg's
+    reverse_transform (nearest for labels): the one restore rule for engine outputs and,
+    in pixel agreement, for the dygraph model's."""
+    from segslim._paddle import paddle
+    from paddleseg.core.infer import reverse_transform
+    if not trans_info:
+        return labels
+    out = reverse_transform(paddle.to_tensor(labels[np.newaxis, np.newaxis].astype(np.int32)),
+                            trans_info, mode='nearest')
+    return out.numpy()[0, 0].astype(labels.dtype)
 
 
 @contextlib.contextmanager
@@ -151,11 +165,42 @@ def quiet_native_output(enabled: bool = True):
             os.close(fd)
 
 
+# Without an explicit range TensorRT accepts inputs up to this side (or the timing input's,
+# when larger); a larger image is a one-line error that names the flags to widen it.
+TRT_MAX_SIDE = 2048
+TRT_MIN_SIDE = 32
+
+
+def check_engine_options(opts: EngineOptions) -> None:
+    """Refuses precision/device combinations the engine would silently run as something
+    else (it only halves precision inside TensorRT, and bf16 exists only in oneDNN)."""
+    if opts.precision == 'bf16' and (opts.device != 'cpu' or opts.use_trt):
+        raise UserError('--precision bf16 runs on CPU with oneDNN only; drop --use_trt / use '
+                        '--device cpu, or pick fp32/fp16/int8 for TensorRT')
+    if opts.precision == 'bf16' and not opts.enable_mkldnn:
+        raise UserError('--precision bf16 needs oneDNN; drop --enable_mkldnn False')
+    if opts.precision == 'fp16' and not (opts.device == 'gpu' and opts.use_trt):
+        raise UserError('--precision fp16 runs only inside TensorRT; add --device gpu '
+                        '--use_trt True, or use fp32 (or bf16 on CPU)')
+
+
+def program_input_names(model_file: str) -> List[str]:
+    """Names the program's feed ops fill, in order."""
+    desc = read_program(model_file)  # keep it alive: the block points into it
+    block = desc.block(0)
+    feeds = [(block.op(i).attr('col'), block.op(i).output('Out')[0])
+             for i in range(block.op_size()) if block.op(i).type() == 'feed']
+    return [name for _, name in sorted(feeds)]
+
+
 class Predictor:
     """One Paddle Inference predictor for an exported model folder.
 
-    `fallback` says what was changed to make the engine run (None if nothing); `engine`
-    holds the conv-op summary of the optimized program on CPU.
+    `precision` says what the engine runs: 'fp32', 'bf16', 'fp16', 'int8', or
+    'fp32 (QAT model, no INT8 kernels)' for a quantized model on a path that simulates its
+    fake-quant ops in FP32 (no oneDNN, or GPU without TensorRT). `fallback` says what was
+    changed to make the engine run (None if nothing); `engine` holds the op summary of the
+    optimized program on CPU.
     """
 
     def __init__(self, model_dir: str, opts: EngineOptions):
@@ -166,10 +211,42 @@ class Predictor:
         self.quantized = any(t in QUANT_OP_TYPES for t in ops)
         self.fallback: Optional[str] = None
         self.engine: Dict[str, Any] = {}
+        check_engine_options(opts)
         if opts.precision == 'int8' and not self.quantized:
             raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
                             'export it with slim/quant/qat_export.py'.format(model_dir))
+        self.trt = opts.device == 'gpu' and opts.use_trt
+        self.input_name = (program_input_names(self.deploy['model']) or ['x'])[0]
+        self.shape_file = None
+        if self.trt and opts.enable_auto_tune:
+            if self._fixed_shape():
+                raise UserError('--enable_auto_tune: {} was exported with the fixed input shape '
+                                '{}, so there is no shape range to tune; drop the flag'.format(
+                                    model_dir, self.deploy['input_shape']))
+            self.shape_file = opts.trt_shape_file
+            if not self.shape_file:  # PaddleSeg tunes into a temporary file and deletes it
+                tmp = tempfile.mkdtemp(prefix='segslim-trt-')
+                weakref.finalize(self, shutil.rmtree, tmp, True)
+                self.shape_file = os.path.join(tmp, 'shape_range_info.pbtxt')
+        probe = self._probe_shape()
+        self.trt_max = (max(TRT_MAX_SIDE, probe[2]), max(TRT_MAX_SIDE, probe[3]))
+        self.precision = self._precision()
         self._create()
+        if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
+                self.engine and not self.engine.get('int8_ops'):
+            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+
+    def _precision(self) -> str:
+        opts = self.opts
+        if self.quantized:
+            if (opts.device == 'cpu' and opts.enable_mkldnn) or self.trt:
+                return 'int8'
+            return 'fp32 (QAT model, no INT8 kernels)'
+        return opts.precision
+
+    def _fixed_shape(self) -> bool:
+        shape = self.deploy.get('input_shape') or []
+        return len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)
 
     def _config(self, int8_ops: Optional[Sequence[str]], cache: Optional[str]) -> Any:
         opts = self.opts
@@ -178,8 +255,14 @@ class Predictor:
             config.disable_glog_info()
         if opts.device == 'gpu':
             config.enable_use_gpu(opts.gpu_mem_mb, opts.gpu_id)
-            if opts.use_trt:
+            if self.trt:
                 self._enable_trt(config)
+            return config
+        if opts.device == 'xpu':
+            config.enable_xpu()
+            return config
+        if opts.device in ('npu', 'mlu'):
+            config.enable_custom_device(opts.device)
             return config
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(opts.cpu_threads)
@@ -190,7 +273,7 @@ class Predictor:
         config.set_mkldnn_cache_capacity(10)
         if opts.precision == 'bf16':
             config.enable_mkldnn_bfloat16()
-        if opts.precision == 'int8' or self.quantized:
+        if self.quantized:
             if int8_ops == 'default':
                 config.enable_mkldnn_int8()
             else:
@@ -206,39 +289,42 @@ class Predictor:
         """TensorRT: dynamic shapes; INT8 QAT models carry their scales (no calibration)."""
         opts = self.opts
         precision = {'fp32': pi.PrecisionType.Float32, 'fp16': pi.PrecisionType.Half,
-                     'int8': pi.PrecisionType.Int8}[opts.precision]
-        if self.quantized:
-            precision = pi.PrecisionType.Int8
+                     'int8': pi.PrecisionType.Int8}[self.precision]
         config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1,
                                       min_subgraph_size=opts.min_subgraph_size,
                                       precision_mode=precision, use_static=False,
                                       use_calib_mode=False)
-        if opts.enable_auto_tune:
-            config.enable_tuned_tensorrt_dynamic_shape(self._shape_file(), True)
+        if self.shape_file:
+            config.enable_tuned_tensorrt_dynamic_shape(self.shape_file, True)
         else:
-            n, c, h, w = opts.input_shape
-            name = 'x'
-            config.set_trt_dynamic_shape_info({name: [1, c, 32, 32]},
-                                              {name: [max(n, 1), c, 2048, 2048]},
-                                              {name: [max(n, 1), c, h, w]})
-
-    def _shape_file(self) -> str:
-        return self.opts.trt_shape_file or os.path.join(self.deploy['dir'],
-                                                        'shape_range_info.pbtxt')
+            n, c, h, w = self._probe_shape()
+            name, n = self.input_name, max(n, 1)
+            config.set_trt_dynamic_shape_info({name: [1, c, TRT_MIN_SIDE, TRT_MIN_SIDE]},
+                                              {name: [n, c, self.trt_max[0], self.trt_max[1]]},
+                                              {name: [n, c, h, w]})
 
     def _collect_shapes(self) -> None:
         """--enable_auto_tune: a plain GPU run records the input/intermediate shape ranges
         that TensorRT then uses (Paddle's tuned dynamic shape)."""
         config = pi.Config(self.deploy['model'], self.deploy['params'])
         config.enable_use_gpu(self.opts.gpu_mem_mb, self.opts.gpu_id)
-        config.collect_shape_range_info(self._shape_file())
+        if not self.opts.print_detail:
+            config.disable_glog_info()
+        config.collect_shape_range_info(self.shape_file)
         self._use(pi.create_predictor(config))
         for shape in ([1, 3, 256, 256], self._probe_shape()):
             self.run(np.zeros(shape, np.float32))
 
+    def _hint(self) -> str:
+        if self.trt:
+            return ('check the TensorRT install and the input shapes (--enable_auto_tune True '
+                    'collects them), or drop --use_trt')
+        if self.opts.device == 'cpu' and self.opts.enable_mkldnn:
+            return 'try --enable_mkldnn False, or re-export the model'
+        return 're-export the model with this paddle version'
+
     def _create(self) -> None:
-        if self.opts.device == 'gpu' and self.opts.use_trt and self.opts.enable_auto_tune \
-                and not os.path.exists(self._shape_file()):
+        if self.shape_file:
             self._collect_shapes()
         cpu_int8 = self.opts.device == 'cpu' and self.opts.enable_mkldnn and self.quantized
         ladders = INT8_FALLBACK_OPS if cpu_int8 else (None,)
@@ -255,16 +341,18 @@ class Predictor:
                         '/'.join(ops), errors[-1])
                 optimized = os.path.join(cache, '_optimized.pdmodel') if cache else None
                 if optimized and os.path.exists(optimized):
-                    self.engine = conv_summary(optimized)
+                    self.engine = op_summary(optimized)
                 return
+            except UserError:
+                raise
             except Exception as e:  # the engine reports failures as generic errors
                 errors.append(str(e).strip().splitlines()[-1][:160] if str(e).strip()
                               else type(e).__name__)
             finally:
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)
-        raise UserError('Paddle Inference cannot run {} ({}); try --device cpu without '
-                        'oneDNN or re-export'.format(self.model_dir, '; '.join(errors)))
+        raise UserError('Paddle Inference cannot run {} ({}); {}'.format(
+            self.model_dir, '; '.join(errors), self._hint()))
 
     def _probe_shape(self) -> List[int]:
         shape = list(self.deploy.get('input_shape') or [])
@@ -279,6 +367,11 @@ class Predictor:
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""
+        if self.trt and not self.shape_file and (images.shape[2] > self.trt_max[0] or
+                                                 images.shape[3] > self.trt_max[1]):
+            raise UserError('input {}x{} is beyond the TensorRT shape range (up to {}x{}); '
+                            'pass --input_shape with the largest size or --enable_auto_tune '
+                            'True'.format(images.shape[2], images.shape[3], *self.trt_max))
         self._input.reshape(list(images.shape))
         self._input.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
         self.predictor.run()

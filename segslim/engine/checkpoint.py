@@ -2,15 +2,12 @@
 
 A checkpoint folder (`iter_N/`, `best_model/`) holds model.pdparams, and for resumable
 ones model.pdopt (optimizer + LR scheduler) and train_state.pkl (iteration, best metric,
-RNG states, resolved config). Folders are written under a temporary name and renamed
-into place, so a kill at any moment leaves every complete checkpoint intact.
+seed, resolved config). Folders are written with fileio.atomic_dir, so a kill at any
+moment leaves every complete checkpoint intact (fileio.recover cleans up after one).
 """
-import errno
 import glob
 import os
 import pickle
-import shutil
-import uuid
 import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -18,12 +15,11 @@ import numpy as np
 
 from segslim._paddle import paddle
 from segslim.errors import UserError
+from segslim.fileio import atomic_dir, remove_path
 
 PARAMS = 'model.pdparams'
 OPT = 'model.pdopt'
 STATE = 'train_state.pkl'
-TMP_MARK = '.tmp-'
-OLD_MARK = '.old-'
 
 
 def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
@@ -85,33 +81,10 @@ def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
     return report
 
 
-def _remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.remove(path)
-
-
-def _explain_os_error(e: OSError, target: str) -> UserError:
-    if e.errno == errno.ENOSPC:
-        return UserError('disk full while writing {}; free space and resume from the last '
-                         'complete checkpoint (it is intact)'.format(target))
-    if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return UserError('cannot write {} ({}); choose a writable --save_dir'.format(
-            target, e.strerror))
-    return UserError('cannot write {} ({})'.format(target, e))
-
-
 def write_dir_atomic(final: str, files: Dict[str, Any]) -> None:
-    """Writes {name: object-or-callable(path)} into a fresh folder renamed to `final`.
-
-    An existing `final` is swapped out and removed only after the new one is in place.
-    """
-    parent = os.path.dirname(os.path.abspath(final))
-    tmp = '{}{}{}'.format(final, TMP_MARK, uuid.uuid4().hex[:8])
-    try:
-        os.makedirs(parent, exist_ok=True)
-        os.makedirs(tmp)
+    """Writes {name: object-or-callable(path)} as the folder `final`, atomically
+    (fileio.atomic_dir): .pkl names are pickled, other objects paddle.save'd."""
+    def fill(tmp: str) -> None:
         for name, obj in files.items():
             target = os.path.join(tmp, name)
             if callable(obj):
@@ -121,47 +94,7 @@ def write_dir_atomic(final: str, files: Dict[str, Any]) -> None:
                     pickle.dump(obj, f)
             else:
                 paddle.save(obj, target)
-        _fsync_dir(tmp)
-        old = None
-        if os.path.exists(final):
-            old = '{}{}{}'.format(final, OLD_MARK, uuid.uuid4().hex[:8])
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync_dir(parent)
-        if old:
-            _remove(old)
-    except OSError as e:
-        _remove(tmp)
-        raise _explain_os_error(e, final)
-    except BaseException:
-        _remove(tmp)
-        raise
-
-
-def _fsync_dir(path: str) -> None:
-    for name in os.listdir(path):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            with open(full, 'rb') as f:
-                os.fsync(f.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover(save_dir: str) -> None:
-    """Cleans leftovers of a killed write: restores a swapped-out folder whose replacement
-    never landed and removes unfinished temporaries."""
-    for old in glob.glob(os.path.join(save_dir, '*' + OLD_MARK + '*')):
-        final = old.split(OLD_MARK)[0]
-        if not os.path.exists(final):
-            os.replace(old, final)
-        else:
-            _remove(old)
-    for tmp in glob.glob(os.path.join(save_dir, '*' + TMP_MARK + '*')):
-        _remove(tmp)
+    atomic_dir(final, fill)
 
 
 def save_checkpoint(path: str, model: paddle.nn.Layer,
@@ -222,4 +155,4 @@ def prune_checkpoints(save_dir: str, keep: int, protect: Iterable[str] = ()) -> 
     protected = {os.path.abspath(p) for p in protect if p}
     for path in iter_checkpoints(save_dir)[:-keep]:
         if os.path.abspath(path) not in protected:
-            _remove(path)
+            remove_path(path)

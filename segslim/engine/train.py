@@ -15,6 +15,7 @@ from segslim.engine.ema import ModelEMA
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.errors import UserError
+from segslim.fileio import recover
 from segslim.logger import logger
 
 EMA_PARAMS = 'ema_model.pdparams'
@@ -141,7 +142,7 @@ class Trainer:
         self.start_iter, self.resumed_from = 0, None
         self.best = {'model': (-1.0, -1), 'ema': (-1.0, -1)}  # (mIoU, iter)
         os.makedirs(opts.save_dir, exist_ok=True)
-        ckpt.recover(opts.save_dir)
+        recover(opts.save_dir)
         self.ema = ModelEMA(model) if opts.use_ema else None
         if resume is not None:
             self._resume(resume)
@@ -151,6 +152,8 @@ class Trainer:
             if not paddle.is_compiled_with_cuda() or 'gpu' not in paddle.get_device():
                 raise UserError('--precision fp16 needs a GPU; drop it on CPU')
             self.scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
+            if resume is not None:
+                restore_scaler(self.scaler, resume['state'])
             if opts.amp_level == 'O2':
                 self.model, self.optimizer = paddle.amp.decorate(
                     models=model, optimizers=optimizer, level='O2', save_dtype='float32')
@@ -272,6 +275,8 @@ class Trainer:
         state = {'iter': it, 'best_miou': self.best['model'][0],
                  'best_iter': self.best['model'][1], 'best_ema': list(self.best['ema']),
                  'seed': opts.seed, 'config': self.cfg}
+        if self.scaler is not None:  # AMP's loss scale: a resumed fp16 run continues it
+            state['scaler'] = self.scaler.state_dict()
         path = os.path.join(opts.save_dir, 'iter_{}'.format(it))
         extra = {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None
         ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, extra)
@@ -321,6 +326,13 @@ def profiler(options: Optional[str]):
             if parsed['exit_on_finished']:
                 sys.exit(0)
     return step
+
+
+def restore_scaler(scaler: Any, state: Dict[str, Any]) -> None:
+    """Puts the checkpoint's AMP loss-scaling state back (checkpoints without it, e.g. of an
+    fp32 run, leave the scaler at its start values)."""
+    if state.get('scaler'):
+        scaler.load_state_dict(state['scaler'])
 
 
 def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,

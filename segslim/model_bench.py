@@ -14,7 +14,7 @@ from segslim._paddle import paddle
 from segslim import builder
 from segslim.config import load_config
 from segslim.data.demo import make_sample
-from segslim.deploy.benchmark import benchmark
+from segslim.deploy.benchmark import benchmark, format_report
 from segslim.deploy.predictor import EngineOptions
 from segslim.export import export_inference_model
 from segslim.fileio import write_json, write_text
@@ -76,6 +76,7 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
 
 
 def format_markdown(reports: List[Dict[str, Any]]) -> str:
+    """docs/benchmark.md: what was measured how, then one report table per model."""
     first = reports[0]
     lines = ['# Latency: FP32 vs INT8 on Paddle Inference', '',
              'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
@@ -87,21 +88,9 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
              '+ activation in FP32, bf16 and INT8 alike. mIoU of trained models is in the '
              'demo report (`make demo`).'.format(
                  first['cpu'], first['isa'], first['threads'], first['input_shape'][2],
-                 first['input_shape'][3], first['repeats'], first['warmup']), '',
-             '| Model | Type | ms/img | p90 ms | speedup vs FP32 | speedup vs bf16 | params MB '
-             '| INT8 convs |', '|---|---|---|---|---|---|---|---|']
+                 first['input_shape'][3], first['repeats'], first['warmup'])]
     for rep in reports:
-        for row in rep['rows']:
-            lines.append('| {} | {} | {:.1f} | {:.1f} | {:.2f}x | {} | {:.1f} | {} |'.format(
-                rep['model'], row['precision'].upper(), row['s_per_img'] * 1000,
-                row['p90_s'] * 1000, row['speedup'],
-                '{:.2f}x'.format(row['speedup_vs_bf16']) if row['speedup_vs_bf16'] else '-',
-                row['params_mb'], '{}/{}'.format(row['int8_conv_ops'], row['conv_ops'])
-                if row['conv_ops'] is not None else '-'))
-        for row in rep['rows']:
-            if row['fallback']:
-                lines.append('')
-                lines.append('{} {}: {}'.format(rep['model'], row['precision'], row['fallback']))
+        lines += ['', '## ' + rep['model'], '', format_report(rep, name=rep['model'])]
     return '\n'.join(lines) + '\n'
 
 
