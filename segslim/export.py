@@ -119,12 +119,15 @@ def deploy_transforms(cfg: Dict[str, Any]) -> list:
 def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir: str,
                            output_op: str = 'argmax',
                            input_shape: Optional[Sequence[int]] = None,
-                           quanter: Any = None) -> Dict[str, Any]:
+                           quanter: Any = None,
+                           int8_ops: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Saves model.pdmodel, model.pdiparams and deploy.yaml into save_dir.
 
     With `quanter` (a PaddleSlim QAT object) the program holds quantize_linear /
-    dequantize_linear ops and INT8 weights. Files are staged in a temporary folder and
-    each moved into place, so an existing model in save_dir is replaced, not mixed.
+    dequantize_linear ops and INT8 weights, and deploy.yaml names the op types the oneDNN
+    engine should run in INT8 (`int8_ops`, from quant_config). Files are staged in a
+    temporary folder and each moved into place, so an existing model in save_dir is
+    replaced, not mixed.
     """
     if output_op not in OUTPUT_OPS:
         raise UserError('--output_op {} is not one of {}'.format(output_op, OUTPUT_OPS))
@@ -171,6 +174,8 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
             'output_dtype': 'int32' if output_op == 'argmax' else 'float32',
             'quantized': quanter is not None,
         }}
+        if quanter is not None and int8_ops:
+            deploy['Deploy']['int8_ops'] = list(int8_ops)
         with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
             yaml.safe_dump(deploy, f, sort_keys=False, default_flow_style=None)
         for name in MODEL_FILES:  # each file replaced whole; other files in save_dir stay

@@ -25,9 +25,17 @@ DEFAULT_QUANT_CONFIG: Dict[str, Any] = {
     'layers': 'backbone',
     # fnmatch patterns of layer names never to quantize, e.g. ['head.*', '*.cls'].
     'skip': [],
+    # Op types the oneDNN engine runs in INT8 (written to deploy.yaml). Convolutions by
+    # default; transformers gain from fc/matmul too (see configs/segformer).
+    'int8_ops': ['conv2d', 'depthwise_conv2d', 'fused_conv2d'],
+    # What the deployed oneDNN INT8 engine is promised to run in INT8, as shares of its
+    # convolutions and matrix products (tests/test_zoo.py checks every shipped config).
+    'int8_share': {'conv': 0.0, 'matmul': 0.0},
 }
 WEIGHT_TYPES = ('abs_max', 'channel_wise_abs_max', 'range_abs_max', 'moving_average_abs_max')
 ACT_TYPES = ('abs_max', 'range_abs_max', 'moving_average_abs_max')
+ENGINE_INT8_OPS = ('conv2d', 'depthwise_conv2d', 'fused_conv2d', 'conv2d_transpose', 'fc',
+                   'matmul', 'matmul_v2', 'fused_matmul', 'pool2d', 'concat')
 LAYER_TYPES = {'Conv2D': paddle.nn.Conv2D, 'Linear': paddle.nn.Linear,
                'Conv2DTranspose': paddle.nn.Conv2DTranspose}
 
@@ -57,6 +65,13 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
                                                         for v in qcfg['skip']),
          'a list of layer-name patterns (strings)'),
         ('onnx_format', isinstance(qcfg['onnx_format'], bool), 'True or False'),
+        ('int8_ops', isinstance(qcfg['int8_ops'], list) and qcfg['int8_ops'] and
+         set(qcfg['int8_ops']) <= set(ENGINE_INT8_OPS), list(ENGINE_INT8_OPS)),
+        ('int8_share', isinstance(qcfg['int8_share'], dict) and
+         set(qcfg['int8_share']) <= {'conv', 'matmul'} and
+         all(isinstance(v, (int, float)) and 0 <= v <= 1
+             for v in qcfg['int8_share'].values()),
+         '{conv: 0..1, matmul: 0..1}'),
     ]
     for key, ok, allowed in checks:
         if not ok:
@@ -93,7 +108,8 @@ def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any]):
                 '/'.join(qcfg['quantizable_layer_type']), len(skipped),
                 ': ' + ', '.join(skipped[:8]) + (' ...' if len(skipped) > 8 else '')
                 if skipped else '')
-    slim_cfg = {k: v for k, v in qcfg.items() if k not in ('layers', 'skip')}
+    slim_cfg = {k: v for k, v in qcfg.items()
+                if k not in ('layers', 'skip', 'int8_ops', 'int8_share')}
     quanter = QAT(config=slim_cfg)
     quanter.quantize(model)
     return quanter

@@ -1,5 +1,6 @@
 """What each script does once its flags are parsed: train, evaluate, export, FP32 or QAT."""
 import argparse
+import logging
 import os
 import random
 from typing import Any, Dict, Optional, Sequence
@@ -12,6 +13,7 @@ from segslim.config import EVAL_KEYS, EXPORT_KEYS, TRAIN_KEYS, load_config, save
 from segslim.builder import build_dataset
 from segslim.data.datasets import can_reach
 from segslim.engine import checkpoint as ckpt
+from segslim.engine import distributed
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.engine.train import TrainOptions, restore_training, train
@@ -168,11 +170,19 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     """train.py and qat_train.py: one loop; QAT only swaps in the quantized model."""
     required = TRAIN_KEYS + (('val_dataset',) if args.do_eval else ())
     cfg = _setup(args, required, training=True)
+    processes = distributed.init()
+    if processes > 1:
+        if not distributed.is_main():  # one log, from the first process
+            logger.setLevel(logging.WARNING)
+        logger.info('data parallel: %d processes, --batch_size %d per process (%d per step)',
+                    processes, cfg['batch_size'], cfg['batch_size'] * processes)
     resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
     seed = choose_seed(args, resume)
     _seed_everything(seed)
     check_writable(args.save_dir)
     model = _build_train_model(args, cfg, quant, resume)
+    if processes > 1 and args.device == 'gpu':  # batch statistics over every card
+        model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     train_ds = build_dataset(cfg, 'train_dataset', seed=seed)
     val_ds = build_dataset(cfg, 'val_dataset') if args.do_eval else None
     scheduler = builder.build_lr_scheduler(cfg)
@@ -182,7 +192,8 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
         restore_training(resume, model, optimizer, scheduler)
     # Written only once everything was built, so a setup error leaves save_dir untouched.
     try:
-        save_config(cfg, args.save_dir)
+        if distributed.is_main():
+            save_config(cfg, args.save_dir)
     except OSError as e:
         raise UserError('cannot write {} ({}); choose a writable --save_dir'.format(
             args.save_dir, e.strerror))
@@ -239,7 +250,8 @@ def run_export(args: argparse.Namespace, quant: bool = False) -> int:
     model, quanter = _load_for_inference(args, cfg, quant)
     export_inference_model(model, cfg, args.save_dir,
                            output_op_of(args.output_op, args.with_softmax, args.without_argmax),
-                           args.input_shape, quanter)
+                           args.input_shape, quanter,
+                           quant_config_of(cfg)['int8_ops'] if quant else None)
     if quant and getattr(args, 'verify_images', 0) > 0:
         verify_engine(model, cfg, args.save_dir, args.verify_images)
     return 0

@@ -327,7 +327,11 @@ class Predictor:
         if self.shape_file:
             self._collect_shapes()
         cpu_int8 = self.opts.device == 'cpu' and self.opts.enable_mkldnn and self.quantized
-        ladders = INT8_FALLBACK_OPS if cpu_int8 else (None,)
+        ladders = (None,)
+        if cpu_int8:  # the export's own op set first (deploy.yaml int8_ops), then ours
+            own = tuple(self.deploy.get('int8_ops') or ())
+            ladders = ((own,) if own and own not in INT8_FALLBACK_OPS else ()) + \
+                INT8_FALLBACK_OPS
         errors = []
         for level, ops in enumerate(ladders):
             cache = tempfile.mkdtemp(prefix='segslim-opt-') if self.opts.device == 'cpu' \

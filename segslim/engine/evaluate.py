@@ -6,6 +6,7 @@ import numpy as np
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
 from segslim.data.loader import ordered_map
+from segslim.engine import distributed
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
 from segslim.logger import logger
@@ -72,14 +73,18 @@ def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False
              log_every: int = 0, num_workers: int = 0, auc_roc: bool = False) -> Dict[str, Any]:
     """Metrics of `model` on every sample of `dataset` at the original label size; worker
     processes read and transform samples ahead when num_workers > 0; auc_roc adds
-    'auc_roc'."""
+    'auc_roc'. Under paddle.distributed.launch each process evaluates its share of the
+    samples and the confusion matrices are summed, so every process gets the metrics of
+    the whole set (AUC-ROC, which needs every score, is then computed on one process's
+    share)."""
     if is_slide and (crop_size is None or stride is None):
         raise UserError('--is_slide needs --crop_size W H and --stride W H')
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(dataset.num_classes, dataset.ignore_index)
     scores = ScoreCollector(dataset.num_classes, dataset.ignore_index) if auc_roc else None
-    samples = ordered_map(_read_sample, range(len(dataset)), dataset, num_workers)
+    rank, size = distributed.world()
+    samples = ordered_map(_read_sample, range(rank, len(dataset), size), dataset, num_workers)
     try:
         with paddle.no_grad():
             for i, sample in enumerate(samples):
@@ -91,11 +96,12 @@ def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False
                     scores.update(logit, sample['label'])
                 cm.update(pred, sample['label'])
                 if log_every and (i + 1) % log_every == 0:
-                    logger.info('[EVAL] %d/%d images', i + 1, len(dataset))
+                    logger.info('[EVAL] %d/%d images', (i + 1) * size, len(dataset))
     finally:
         samples.close()
         if was_training:
             model.train()
+    cm.matrix = distributed.all_reduce_sum(cm.matrix)
     metrics = cm.compute()
     if scores is not None:
         metrics['auc_roc'] = scores.compute()

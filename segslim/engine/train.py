@@ -11,6 +11,7 @@ from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, collate
 from segslim.data.loader import ordered_map
 from segslim.engine import checkpoint as ckpt
+from segslim.engine import distributed
 from segslim.engine.ema import ModelEMA
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
@@ -48,25 +49,30 @@ def _load_batch(dataset: SegDataset, item: Tuple[List[int], int]):
 
 
 def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
-            num_workers: int = 0, repeats: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray,
-                                                                      int]]:
+            num_workers: int = 0, repeats: int = 1, rank: int = 0,
+            world: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
     """Endless (images, labels, epoch) batches; epoch e visits a permutation of every sample
-    `repeats` times drawn from (seed, e), dropping the last partial batch. Starting at
+    `repeats` times drawn from (seed, e), dropping the last partial step. Starting at
     `start_iter` yields exactly what an uninterrupted run would yield from there on, with or
-    without worker processes."""
+    without worker processes. With `world` processes a step takes world * batch_size samples
+    of the permutation and process `rank` gets its own disjoint batch_size of them (as
+    PaddleSeg's DistributedBatchSampler: --batch_size is per process)."""
     # Keys run over len * repeats per epoch; SegDataset.sample maps a key to its file
     # (key mod len) and seeds its augmentation by the whole key, so repeats differ.
     n = len(dataset) * repeats
-    per_epoch = n // batch_size
+    step = batch_size * world
+    per_epoch = n // step
     if per_epoch == 0:
-        raise UserError('config key `{}`: {} images are fewer than batch_size {}; lower '
-                        '--batch_size or add images'.format(dataset.key, n, batch_size))
+        raise UserError('config key `{}`: {} images are fewer than batch_size {} x {} '
+                        'processes; lower --batch_size or add images'.format(
+                            dataset.key, n, batch_size, world))
 
     def keys_from(epoch: int, offset: int) -> Iterator[Tuple[List[int], int]]:
         while True:
             order = np.random.default_rng([seed, epoch]).permutation(n)
             for b in range(offset, per_epoch):
-                chosen = order[b * batch_size:(b + 1) * batch_size]
+                start = b * step + rank * batch_size
+                chosen = order[start:start + batch_size]
                 yield [epoch * n + int(i) for i in chosen], epoch
             epoch, offset = epoch + 1, 0
 
@@ -141,8 +147,11 @@ class Trainer:
             train_ds, val_ds, losses, cfg, opts)
         self.start_iter, self.resumed_from = 0, None
         self.best = {'model': (-1.0, -1), 'ema': (-1.0, -1)}  # (mIoU, iter)
-        os.makedirs(opts.save_dir, exist_ok=True)
-        recover(opts.save_dir)
+        self.rank, self.world = distributed.world()
+        self.main = self.rank == 0  # only the first process writes
+        if self.main:
+            os.makedirs(opts.save_dir, exist_ok=True)
+            recover(opts.save_dir)
         self.ema = ModelEMA(model) if opts.use_ema else None
         if resume is not None:
             self._resume(resume)
@@ -157,6 +166,10 @@ class Trainer:
             if opts.amp_level == 'O2':
                 self.model, self.optimizer = paddle.amp.decorate(
                     models=model, optimizers=optimizer, level='O2', save_dtype='float32')
+        # DataParallel averages gradients across processes; self.model stays the plain
+        # layer that evaluation and checkpoints use.
+        self.net = paddle.DataParallel(self.model) if self.world > 1 else self.model
+        self.stats = distributed.running_stats(self.model) if self.world > 1 else []
 
     def _resume(self, resume: Dict[str, Any]) -> None:
         state = resume['state']
@@ -178,11 +191,11 @@ class Trainer:
             logger.info('Nothing to do: the checkpoint is at iter %d of %d', self.start_iter,
                         opts.iters)
         writer = None
-        if opts.use_vdl:
+        if opts.use_vdl and self.main:
             from visualdl import LogWriter
             writer = LogWriter(os.path.join(opts.save_dir, 'vdl'))
         data = batches(self.train_ds, opts.batch_size, opts.seed, self.start_iter,
-                       opts.num_workers, opts.repeats)
+                       opts.num_workers, opts.repeats, self.rank, self.world)
         profiler_step = profiler(opts.profiler_options)
         self.model.train()
         it = self.start_iter
@@ -214,9 +227,18 @@ class Trainer:
             data.close()  # stops loader processes
             if writer is not None:
                 writer.close()
-        if not (opts.do_eval and self.val_ds is not None) and it > self.start_iter:
+        if not (opts.do_eval and self.val_ds is not None) and it > self.start_iter and \
+                self.main:
             # Without evaluation the last weights are the deliverable.
             ckpt.save_checkpoint(os.path.join(opts.save_dir, 'best_model'), self.model)
+        if self.world > 1:
+            differ = distributed.differing_state(self.model)
+            if differ:
+                logger.warning('data parallel: %d weights/buffers differ between the %d '
+                               'processes: %s', len(differ), self.world, ', '.join(differ[:5]))
+            else:
+                logger.info('data parallel: weights and buffers identical on all %d '
+                            'processes', self.world)
         best_miou, best_iter = self.best['model']
         return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
                 'last_checkpoint': self.last_ckpt}
@@ -225,21 +247,22 @@ class Trainer:
         """One optimizer step; returns the loss, or stops the run on NaN/inf."""
         # Dropout draws from paddle's global generator, whose state does not survive a
         # save/load; seeding it per iteration makes a resumed run draw the same masks.
-        paddle.seed(self.opts.seed * 1000003 + it)
+        paddle.seed(self.opts.seed * 1000003 + it + self.rank * 7919)
         x, y = paddle.to_tensor(imgs), paddle.to_tensor(labels)
         if getattr(self.model, 'data_format', 'NCHW') == 'NHWC':
             x = x.transpose((0, 2, 3, 1))
         if self.scaler is not None:
             with paddle.amp.auto_cast(level=self.opts.amp_level, enable=True):
-                loss = sum(compute_loss(self.model(x), y, self.losses))
+                loss = sum(compute_loss(self.net(x), y, self.losses))
             scaled = self.scaler.scale(loss)
             scaled.backward()
             self.scaler.minimize(self.optimizer, scaled)
         else:
-            loss = sum(compute_loss(self.model(x), y, self.losses))
+            loss = sum(compute_loss(self.net(x), y, self.losses))
             loss.backward()
             self.optimizer.step()
         self.model.clear_gradients()
+        distributed.average_stats(self.stats)
         self.scheduler.step()
         value = float(loss)
         if not math.isfinite(value):
@@ -259,10 +282,11 @@ class Trainer:
             for key in ('miou', 'acc', 'kappa', 'mdice'):
                 writer.add_scalar('Evaluate{}/{}'.format('' if which == 'model' else '_ema',
                                                          key), metrics[key], it)
-        if metrics['miou'] > self.best[which][0]:
+        if metrics['miou'] > self.best[which][0]:  # every process sees the same mIoU
             self.best[which] = (metrics['miou'], it)
             name = 'best_model' if which == 'model' else 'best_ema_model'
-            ckpt.save_checkpoint(os.path.join(self.opts.save_dir, name), model)
+            if self.main:
+                ckpt.save_checkpoint(os.path.join(self.opts.save_dir, name), model)
         logger.info('%s The model with the best validation mIoU (%.4f) was saved at iter %d.',
                     title, *self.best[which])
 
@@ -278,9 +302,11 @@ class Trainer:
         if self.scaler is not None:  # AMP's loss scale: a resumed fp16 run continues it
             state['scaler'] = self.scaler.state_dict()
         path = os.path.join(opts.save_dir, 'iter_{}'.format(it))
+        self.last_ckpt = path
+        if not self.main:
+            return
         extra = {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None
         ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, extra)
-        self.last_ckpt = path
         ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
                                protect=[self.resumed_from, path])
 

@@ -1,0 +1,88 @@
+"""One data-parallel job under `python -m paddle.distributed.launch`: which process this is,
+and the few collective steps the loop needs. Paddle's launcher starts the processes and its
+communicator (gloo on CPU, NCCL on GPU) moves the data; nothing here manages processes.
+
+Outside the launcher (one process) every function is a no-op."""
+from typing import List, Tuple
+
+import numpy as np
+
+from segslim._paddle import paddle
+
+_STATE = {'ready': False}
+
+
+def world() -> Tuple[int, int]:
+    """(rank, number of processes) as the launcher set them; (0, 1) outside it."""
+    import paddle.distributed as dist
+    return dist.get_rank(), dist.get_world_size()
+
+
+def is_main() -> bool:
+    """Only the first process logs, writes VisualDL and saves checkpoints."""
+    return world()[0] == 0
+
+
+def init() -> int:
+    """Joins the launcher's process group (once); returns the number of processes."""
+    rank, size = world()
+    if size > 1 and not _STATE['ready']:
+        paddle.distributed.init_parallel_env()
+        _STATE['ready'] = True
+    return size
+
+
+def all_reduce_sum(values: np.ndarray) -> np.ndarray:
+    """The element-wise sum of `values` over every process."""
+    if world()[1] == 1:
+        return values
+    tensor = paddle.to_tensor(np.ascontiguousarray(values))
+    paddle.distributed.all_reduce(tensor)
+    return tensor.numpy().astype(values.dtype)
+
+
+def running_stats(model: paddle.nn.Layer) -> List[paddle.Tensor]:
+    """The non-trainable float state: batch-norm statistics and QAT moving-average
+    activation scales, which each process updates from its own samples. Paddle keeps them
+    as parameters created not trainable; a training forward clears that flag (with
+    stop_gradient), so call this before the first step and keep the list."""
+    return [t for t in model.state_dict().values()
+            if t is not None and not getattr(t, 'trainable', False) and
+            t.dtype in (paddle.float32, paddle.float64)]
+
+
+def average_stats(stats: List[paddle.Tensor]) -> None:
+    """Makes every process hold the mean over processes of `stats` (running_stats()), in
+    one all-reduce of them all flattened, so batch-norm statistics and activation scales
+    stay identical on every rank and in the saved checkpoint. Gradients are averaged by
+    DataParallel."""
+    size = world()[1]
+    if size == 1 or not stats:
+        return
+    flat = paddle.concat([t.astype('float64').reshape([-1]) for t in stats])
+    paddle.distributed.all_reduce(flat)
+    flat = flat / size
+    offset = 0
+    for t in stats:
+        n = int(np.prod(t.shape)) if t.shape else 1
+        t.set_value(flat[offset:offset + n].reshape(t.shape).astype(t.dtype))
+        offset += n
+
+
+def differing_state(model: paddle.nn.Layer) -> List[str]:
+    """Names of the weights and buffers that are not the same on every process (a checksum
+    of each, compared across processes); empty when all processes hold the same model."""
+    state = model.state_dict()
+    if world()[1] == 1:
+        return []
+    sums = np.array([np.abs(v.numpy().astype(np.float64)).sum() + 1e-3 *
+                     v.numpy().astype(np.float64).sum() for v in state.values()])
+    hi = all_reduce_max(sums)
+    lo = -all_reduce_max(-sums)
+    return [name for name, a, b in zip(state, lo, hi) if a != b]
+
+
+def all_reduce_max(values: np.ndarray) -> np.ndarray:
+    tensor = paddle.to_tensor(np.ascontiguousarray(values))
+    paddle.distributed.all_reduce(tensor, op=paddle.distributed.ReduceOp.MAX)
+    return tensor.numpy()
