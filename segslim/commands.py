@@ -155,18 +155,18 @@ def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
 
 def bench_models(argv: Optional[List[str]] = None) -> None:
     p = cli.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
-                                'random weights; writes a markdown report.')
-    p.add_argument('--configs', nargs='+', default=[
-        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml',
-        'configs/quick_start/pp_liteseg_optic_disc_512x512_1k.yml',
-        'configs/quick_start/deeplabv3p_resnet18_optic_disc_512x512_1k.yml'])
-    p.add_argument('--cpu_threads', type=int, default=2)
-    p.add_argument('--size', type=int, default=512)
-    p.add_argument('--repeats', type=int, default=30)
+                                'random weights; writes a markdown report and its JSON.')
+    p.add_argument('--configs', nargs='+', default=None,
+                   help='default: every model config under configs/ (the zoo)')
+    p.add_argument('--cpu_threads', type=cli.positive_int, default=2)
+    p.add_argument('--size', type=cli.positive_int, default=512,
+                   help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
+    p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--out', default='docs/benchmark.md')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
-        from segslim.model_bench import bench_models as run, write_report
-        write_report(run(args.configs, args.cpu_threads, args.size, args.repeats), args.out)
+        from segslim.model_bench import bench_models as run, write_report, zoo_configs
+        configs = args.configs or zoo_configs()
+        write_report(run(configs, args.cpu_threads, args.size, args.repeats), args.out)
     cli.entry(p, main, argv)

@@ -4,9 +4,10 @@ Speed does not depend on trained weights, so each model is built from its config
 as FP32, quantized with activation scales calibrated on a few generated images, exported as
 INT8, and timed through Paddle Inference in one process, interleaved.
 """
+import glob
 import os
 import tempfile
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from segslim.config import load_config
 from segslim.data.demo import make_sample
 from segslim.deploy.benchmark import benchmark, format_report
 from segslim.deploy.predictor import EngineOptions
+from segslim.deploy.profile import format_profile, profile_engine
 from segslim.export import export_inference_model
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
@@ -34,15 +36,19 @@ def calibration_batches(size: int, count: int, seed: int = 0) -> List[np.ndarray
 
 
 def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
-                layers: str = 'all') -> Dict[str, str]:
-    """FP32 and INT8 exports of the config's model with random weights."""
-    cfg = load_config(config, opts=['quant_config.layers={}'.format(layers)])
+                layers: Optional[str] = 'all', fp32: bool = True) -> Dict[str, str]:
+    """FP32 (unless not `fp32`) and INT8 exports of the config's model with random weights;
+    `layers` overrides the config's quant_config.layers (None: the config's own policy)."""
+    opts = ['quant_config.layers={}'.format(layers)] if layers else []
+    cfg = load_config(config, opts=opts, required=('model',))
     paddle.seed(0)
     model = builder.build_model(cfg)
     model.eval()
     dirs = {'fp32': os.path.join(work_dir, 'fp32'), 'int8': os.path.join(work_dir, 'int8')}
-    export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
-    quanter = quantize_model(model, quant_config_of(cfg))
+    if fp32:
+        export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
+    qcfg = quant_config_of(cfg)
+    quanter = quantize_model(model, qcfg)
     # Fake-quant layers record moving-average activation scales in train mode; BN keeps
     # its statistics frozen so the INT8 model matches the FP32 one.
     model.train()
@@ -53,52 +59,148 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
         for x in calibration_batches(size, calib):
             model(paddle.to_tensor(x))
     model.eval()
-    export_inference_model(model, cfg, dirs['int8'], output_op='argmax', quanter=quanter)
+    export_inference_model(model, cfg, dirs['int8'], output_op='argmax', quanter=quanter,
+                           int8_ops=qcfg['int8_ops'])
     return dirs
 
 
+# PaddleSeg's published QAT table: ResNet50_vd OS8 models timed on Cityscapes 1024x512 crops.
+CITYSCAPES_SEVEN = ('ANN', 'DANet', 'DeepLabV3P', 'DNLNet', 'EMANet', 'GCNet', 'PSPNet')
+
+
+def zoo_configs(root: str = 'configs') -> List[str]:
+    """Every model config of the zoo (configs/<model>/*.yml), sorted."""
+    return sorted(p for p in glob.glob(os.path.join(root, '*', '*.yml'))
+                  if os.path.basename(os.path.dirname(p)) not in ('_base_', 'quick_start'))
+
+
+def bench_shape(cfg: Dict[str, Any], size: int) -> List[int]:
+    """1x3x512x1024 for the Cityscapes seven (ResNet50_vd OS8), else 1x3xSIZExSIZE."""
+    model = cfg['model']
+    backbone = (model.get('backbone') or {}).get('type')
+    if model['type'] in CITYSCAPES_SEVEN and backbone == 'ResNet50_vd':
+        return [1, 3, 512, 1024]
+    return [1, 3, size, size]
+
+
 def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
-                 repeats: int = 30, warmup: int = 5) -> List[Dict[str, Any]]:
-    """One benchmark report per config (rows fp32, bf16 where supported, int8)."""
+                 repeats: int = 20, warmup: int = 3) -> List[Dict[str, Any]]:
+    """One benchmark report per config (rows fp32, bf16 where supported, int8), each model
+    quantized with its config's own policy."""
     reports = []
     for config in configs:
         name = os.path.splitext(os.path.basename(config))[0]
+        shape = bench_shape(load_config(config, required=('model',)), size)
         with tempfile.TemporaryDirectory(prefix='segslim-bench-') as work:
-            logger.info('Benchmarking %s at %dx%d, %d threads', name, size, size, threads)
-            dirs = export_pair(config, work, size)
+            logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2],
+                        threads)
+            dirs = export_pair(config, work, shape[2], layers=None)
             report = benchmark([dirs['fp32'], dirs['int8']], None,
-                               EngineOptions(device='cpu', cpu_threads=threads),
-                               shape=(1, 3, size, size), warmup=warmup, repeats=repeats)
+                               EngineOptions(device='cpu', cpu_threads=threads,
+                                             input_shape=tuple(shape)),
+                               shape=shape, warmup=warmup, repeats=repeats)
             report['config'] = config
             report['model'] = name
+            try:  # where the INT8 engine's time goes, in a child process
+                report['int8_profile'] = profile_engine(dirs['int8'], 'int8', threads, shape,
+                                                        runs=max(3, repeats // 4))
+            except RuntimeError as e:
+                logger.warning('%s', e)
             reports.append(report)
     return reports
 
 
-def format_markdown(reports: List[Dict[str, Any]]) -> str:
-    """docs/benchmark.md: what was measured how, then one report table per model."""
+def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """docs/benchmark.json: one row per model (seconds per image of each engine, speedups,
+    INT8 ops over quantizable ops) and the geometric-mean speedups."""
+    rows = []
+    for rep in reports:
+        by = {r['precision']: r for r in rep['rows']}
+        fp32, bf16, int8 = by.get('fp32'), by.get('bf16'), by.get('int8')
+        rows.append({
+            'model': rep['model'], 'config': rep['config'], 'input_shape': rep['input_shape'],
+            'fp32_s': fp32['s_per_img'], 'bf16_s': bf16['s_per_img'] if bf16 else None,
+            'int8_s': int8['s_per_img'] if int8 else None,
+            'speedup': int8['speedup'] if int8 else None,
+            'speedup_vs_bf16': int8['speedup_vs_bf16'] if int8 else None,
+            'int8_ops': int8['int8_ops'] if int8 else None,
+            'quantizable_ops': int8['quantizable_ops'] if int8 else None,
+            'int8_conv_ops': int8['int8_conv_ops'] if int8 else None,
+            'conv_ops': int8['conv_ops'] if int8 else None,
+            'int8_matmul_ops': int8['int8_matmul_ops'] if int8 else None,
+            'matmul_ops': int8['matmul_ops'] if int8 else None,
+            'int8_profile_ms': rep.get('int8_profile')})
+
+    def geomean(key):
+        values = [r[key] for r in rows if r[key]]
+        return float(np.exp(np.mean(np.log(values)))) if values else None
     first = reports[0]
-    lines = ['# Latency: FP32 vs INT8 on Paddle Inference', '',
+    return {'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
+            'repeats': first['repeats'], 'rows': rows, 'geomean_speedup': geomean('speedup'),
+            'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16')}
+
+
+def format_markdown(reports: List[Dict[str, Any]]) -> str:
+    """docs/benchmark.md: what was measured how, the summary table, then each model's
+    report (fallbacks and FP32 ops named)."""
+    first, summ = reports[0], summary(reports)
+    lines = ['# Latency: FP32 vs bf16 vs INT8 on Paddle Inference', '',
              'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
-             'input 1x3x{}x{}, batch 1; median and p90 of {} runs after {} warm-up runs, the '
-             'three engines of a model interleaved in one process. Weights are random '
-             '(latency does not depend on them); INT8 activation scales come from a few '
-             'generated images; every Conv2D is quantized (`quant_config.layers: all`). '
-             'Exported programs have the conv-bias rewrite, so oneDNN fuses conv + bias + BN '
-             '+ activation in FP32, bf16 and INT8 alike. mIoU of trained models is in the '
-             'demo report (`make demo`).'.format(
-                 first['cpu'], first['isa'], first['threads'], first['input_shape'][2],
-                 first['input_shape'][3], first['repeats'], first['warmup'])]
+             'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
+             'interleaved in one process. Input 1x3x512x1024 for the ResNet50_vd OS8 '
+             'Cityscapes models, else square (see each row). Weights are random (latency does not '
+             'depend on them); INT8 activation scales come from a few generated images; each '
+             'model is quantized with its config\'s `quant_config`. Exported programs have '
+             'the conv-bias rewrite, so oneDNN fuses conv + bias + BN + activation in FP32, '
+             'bf16 and INT8 alike. mIoU of trained models is in the demo report '
+             '(`make demo`).'.format(first['cpu'], first['isa'], first['threads'],
+                                     first['repeats'], first['warmup']), '',
+             '| Model | input | FP32 ms | bf16 ms | INT8 ms | INT8 vs FP32 | INT8 vs bf16 | '
+             'INT8 convs | INT8 matmuls |', '|---|---|---|---|---|---|---|---|---|']
+
+    def ms(v):
+        return '{:.1f}'.format(v * 1000) if v else '-'
+
+    def ratio(v):
+        return '{:.2f}x'.format(v) if v else '-'
+    for r in summ['rows']:
+        lines.append('| {} | {}x{} | {} | {} | {} | {} | {} | {}/{} | {} |'.format(
+            r['model'], r['input_shape'][3], r['input_shape'][2], ms(r['fp32_s']),
+            ms(r['bf16_s']), ms(r['int8_s']), ratio(r['speedup']), ratio(r['speedup_vs_bf16']),
+            r['int8_conv_ops'], r['conv_ops'],
+            '{}/{}'.format(r['int8_matmul_ops'], r['matmul_ops']) if r['matmul_ops'] else '-'))
+    lines += ['', 'Geometric mean: INT8 {} over FP32, {} over bf16.'.format(
+        ratio(summ['geomean_speedup']), ratio(summ['geomean_speedup_vs_bf16']))]
+    profiled = [rep for rep in reports if rep.get('int8_profile')]
+    if profiled:
+        slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])
+        lines += ['', '## Where the INT8 time goes', '',
+                  'oneDNN\'s own per-primitive times (verbose mode, in a separate run), and '
+                  'the rest of the wall time: Paddle\'s native CPU kernels (bilinear resize, '
+                  'arg_max, ...) and framework overhead. The slowest INT8 model in full:', '',
+                  format_profile('{} INT8 {}x{}'.format(
+                      slowest['model'], slowest['input_shape'][3], slowest['input_shape'][2]),
+                      slowest['int8_profile']), '',
+                  '| Model (INT8) | int8 convolutions | reorders | native kernels | other '
+                  'oneDNN |', '|---|---|---|---|---|']
+        for rep in profiled:
+            prof = rep['int8_profile']
+            conv = prof['by_kind'].get('convolution int8', 0.0)
+            reorder = prof['by_kind'].get('reorder', 0.0)
+            other = sum(prof['by_kind'].values()) - conv - reorder
+            lines.append('| {} | {:.0%} | {:.0%} | {:.0%} | {:.0%} |'.format(
+                rep['model'], *(v / prof['total_ms'] for v in
+                                (conv, reorder, prof['native_ms'], other))))
     for rep in reports:
         lines += ['', '## ' + rep['model'], '', format_report(rep, name=rep['model'])]
     return '\n'.join(lines) + '\n'
 
 
 def write_report(reports: List[Dict[str, Any]], out: str) -> None:
-    """Prints the markdown and writes it to `out`, with the raw numbers beside it as JSON."""
+    """Prints the markdown and writes it to `out`, with the summary beside it as JSON."""
     text = format_markdown(reports)
     print(text, flush=True)
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         write_text(out, text)
-        write_json(os.path.splitext(out)[0] + '.json', reports)
+        write_json(os.path.splitext(out)[0] + '.json', summary(reports))

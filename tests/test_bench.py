@@ -1,0 +1,61 @@
+"""make bench: input shapes, the summary JSON, and the oneDNN time profile."""
+import os
+
+import pytest
+
+from conftest import ROOT
+
+
+def test_parse_verbose_sums_by_kind_and_dtype():
+    from segslim.deploy.profile import parse_verbose
+    lines = [
+        'onednn_verbose,info,prim_template:operation,engine,primitive,...,exec_time',
+        'onednn_verbose,exec,cpu,convolution,brgconv:avx512_core_vnni,forward_inference,'
+        'src_u8::blocked:acdb::f0 wei_s8::blocked:AcdB::f0,,alg:convolution_direct,mb1,1.5',
+        'onednn_verbose,exec,cpu,convolution,jit:avx512_core,forward_inference,'
+        'src_f32::blocked:aBcd16b::f0 wei_f32::blocked:ABcd16b16a::f0,,,mb1,2.0',
+        'onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd::f0 '
+        'dst_s8::blocked:abcd::f0,,,1x3x512x512,0.25',
+        'onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_s8 dst_s8,,,1x3,0.75',
+        'some other line, not oneDNN',
+    ]
+    assert parse_verbose(lines) == {'convolution int8': 1.5, 'convolution f32': 2.0,
+                                    'reorder': 1.0}
+
+
+def test_bench_shape_and_zoo_list():
+    from segslim.config import load_config
+    from segslim.model_bench import bench_shape, zoo_configs
+    configs = zoo_configs(os.path.join(ROOT, 'configs'))
+    assert len(configs) >= 17 and not [c for c in configs if 'quick_start' in c]
+    seven = [c for c in configs if bench_shape(load_config(c, required=('model',)), 512) ==
+             [1, 3, 512, 1024]]
+    assert len(seven) == 7 and all('resnet50_os8' in c for c in seven)
+
+
+def test_summary_rows_and_geomean():
+    from segslim.model_bench import format_markdown, summary
+
+    def report(name, fp32, bf16, int8):
+        def row(precision, s):
+            return {'model_dir': name, 'precision': precision, 's_per_img': s, 'p90_s': s,
+                    'speedup': fp32 / s, 'speedup_vs_bf16': bf16 / s, 'params_mb': 1.0,
+                    'fallback': None, 'int8_ops': 4 if precision == 'int8' else 0,
+                    'quantizable_ops': 4, 'fp32_ops': [], 'by_type': {}, 'conv_ops': 4,
+                    'int8_conv_ops': 4 if precision == 'int8' else 0, 'matmul_ops': 0,
+                    'int8_matmul_ops': 0}
+        return {'model': name, 'config': name + '.yml', 'input_shape': [1, 3, 64, 64],
+                'isa': 'AVX-512 VNNI', 'cpu': 'test', 'vnni': True, 'threads': 2,
+                'device': 'cpu', 'repeats': 5, 'warmup': 1,
+                'rows': [row('fp32', fp32), row('bf16', bf16), row('int8', int8)]}
+    reports = [report('a', 4.0, 2.0, 1.0), report('b', 9.0, 6.0, 1.0)]
+    summ = summary(reports)
+    assert [r['speedup'] for r in summ['rows']] == [4.0, 9.0]
+    assert summ['geomean_speedup'] == pytest.approx(6.0)  # sqrt(4 * 9)
+    assert summ['geomean_speedup_vs_bf16'] == pytest.approx((2.0 * 6.0) ** 0.5)
+    assert set(summ['rows'][0]) >= {'model', 'config', 'input_shape', 'fp32_s', 'bf16_s',
+                                    'int8_s', 'speedup', 'speedup_vs_bf16', 'int8_ops',
+                                    'quantizable_ops'}
+    text = format_markdown(reports)
+    assert '| a | 64x64 | 4000.0 | 2000.0 | 1000.0 | 4.00x | 2.00x | 4/4 | - |' in text
+    assert 'Geometric mean: INT8 6.00x over FP32' in text
