@@ -386,3 +386,34 @@ def test_xpu_and_npu_configs(exported, fake_pi):
 def test_input_name_is_read_from_the_program(exported):
     from segslim.deploy.predictor import program_input_names
     assert program_input_names(os.path.join(exported['fp32'], 'model.pdmodel')) == ['x']
+
+
+def test_op_onednn_rejects_runs_in_paddle_kernels(exported, monkeypatch):
+    """oneDNN rejecting one op type (bf16 adaptive pool2d on ANN/PSPNet at 1024x512) moves
+    that op to Paddle's kernels, keeps the rest in oneDNN and says so."""
+    fake = FakeInference()
+    configs = []
+    real_config = fake.Config
+
+    class Config(real_config):
+        def __init__(self, model, params):
+            super().__init__(model, params)
+            configs.append(self)
+            self.mkldnn_ops = None
+
+        def set_mkldnn_op(self, ops):
+            self.mkldnn_ops = set(ops)
+    fake.Config = Config
+    real_create = fake.create_predictor
+
+    def create(config):
+        if config.mkldnn_ops is None or 'pool2d' in config.mkldnn_ops:
+            raise RuntimeError('(Fatal) oneDNN failed\n  [operator < pool2d > error]')
+        return real_create(config)
+    fake.create_predictor = create
+    monkeypatch.setattr(predictor_mod, 'pi', fake)
+    pred = Predictor(exported['fp32'], EngineOptions(precision='bf16',
+                                                     input_shape=(1, 3, 64, 64)))
+    assert len(configs) == 2 and 'conv2d' in configs[-1].mkldnn_ops
+    assert 'pool2d' not in configs[-1].mkldnn_ops
+    assert 'pool2d run in Paddle' in pred.fallback and pred.precision == 'bf16'

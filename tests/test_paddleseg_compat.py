@@ -13,6 +13,31 @@ from PIL import Image
 from conftest import INSTANT, ROOT, data_opts, run_cli
 
 QUICK = os.path.join(ROOT, 'configs', 'quick_start', 'bisenet_optic_disc_512x512_1k.yml')
+# Every flag of PaddleSeg 2.8's counterpart scripts (release 2.8.0).
+UPSTREAM_FLAGS = {
+    'train': (
+        '--amp_level --batch_size --config --data_format --device --do_eval --iters '
+        '--keep_checkpoint_max --learning_rate --log_iters --num_workers --opts '
+        '--precision --profiler_options --repeats --resume_model --save_dir '
+        '--save_interval --seed --use_ema --use_vdl'),
+    'val': (
+        '--auc_roc --aug_eval --config --crop_size --data_format --device '
+        '--flip_horizontal --flip_vertical --is_slide --model_path --num_workers --opts '
+        '--scales --stride'),
+    'export': '--config --input_shape --model_path --output_op --save_dir',
+    'qat_train': (
+        '--batch_size --config --device --do_eval --iters --keep_checkpoint_max '
+        '--learning_rate --log_iters --model_path --num_workers --opts --resume_model '
+        '--save_dir --save_interval --seed --use_vdl'),
+    'qat_val': (
+        '--aug_eval --config --crop_size --data_format --device --flip_horizontal '
+        '--flip_vertical --is_slide --model_path --num_workers --opts --scales --stride'),
+    'qat_export': '--config --model_path --output_op --save_dir --with_softmax --without_argmax',
+    'infer': (
+        '--auto_tuned_shape_file --batch_size --benchmark --config --cpu_threads --device '
+        '--enable_auto_tune --enable_mkldnn --image_path --min_subgraph_size --model_name '
+        '--precision --print_detail --save_dir --use_trt --with_argmax'),
+}
 
 
 def one_error_line(proc, *words):
@@ -119,6 +144,24 @@ def test_paddleseg_client_api_reads_our_exports(exported, tmp_path):
 
 
 # Command lines ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('command', sorted(UPSTREAM_FLAGS))
+def test_every_upstream_flag_is_accepted(command):
+    from segslim import cli, commands
+    parsers = []
+
+    def capture(parser, main, argv=None):
+        parsers.append(parser)
+    original, cli.entry = cli.entry, capture
+    try:
+        getattr(commands, command)([])
+    finally:
+        cli.entry = original
+    ours = set(parsers[0]._option_string_actions)
+    missing = [flag for flag in UPSTREAM_FLAGS[command].split() if flag not in ours]
+    assert not missing, missing
+
+
 def test_upstream_style_chain(fp32_run, tmp_path):
     """qat_train without --model_path and --save_interval > --iters, qat_export into the
     training folder from iter_N, infer with --flag=True arguments and a file list."""

@@ -2,6 +2,7 @@
 and never silently runs FP32: a failing oneDNN op set is narrowed and the change reported."""
 import contextlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -207,8 +208,8 @@ class Predictor:
         self.deploy = read_deploy(model_dir)
         self.opts = opts
         self.model_dir = model_dir
-        ops = program_op_types(self.deploy['model'])
-        self.quantized = any(t in QUANT_OP_TYPES for t in ops)
+        self.op_types = program_op_types(self.deploy['model'])
+        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
         self.fallback: Optional[str] = None
         self.engine: Dict[str, Any] = {}
         check_engine_options(opts)
@@ -248,7 +249,10 @@ class Predictor:
         shape = self.deploy.get('input_shape') or []
         return len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)
 
-    def _config(self, int8_ops: Optional[Sequence[str]], cache: Optional[str]) -> Any:
+    def _config(self, int8_ops: Optional[Sequence[str]], cache: Optional[str],
+                native: Sequence[str] = ()) -> Any:
+        """The engine config; `native` op types run in Paddle's own CPU kernels instead of
+        oneDNN (ops oneDNN rejected for this model)."""
         opts = self.opts
         config = pi.Config(self.deploy['model'], self.deploy['params'])
         if not opts.print_detail:
@@ -271,6 +275,8 @@ class Predictor:
             return config
         config.enable_mkldnn()
         config.set_mkldnn_cache_capacity(10)
+        if native:
+            config.set_mkldnn_op(set(self.op_types) - set(native))
         if opts.precision == 'bf16':
             config.enable_mkldnn_bfloat16()
         if self.quantized:
@@ -332,17 +338,25 @@ class Predictor:
             own = tuple(self.deploy.get('int8_ops') or ())
             ladders = ((own,) if own and own not in INT8_FALLBACK_OPS else ()) + \
                 INT8_FALLBACK_OPS
-        errors = []
-        for level, ops in enumerate(ladders):
+        errors: List[str] = []
+        native: List[str] = []  # op types oneDNN rejected: they run in Paddle's kernels
+        level = 0
+        while level < len(ladders):
+            ops = ladders[level]
             cache = tempfile.mkdtemp(prefix='segslim-opt-') if self.opts.device == 'cpu' \
                 else None
             try:
                 with quiet_native_output(not self.opts.print_detail):
-                    self._use(pi.create_predictor(self._config(ops, cache)))
+                    self._use(pi.create_predictor(self._config(ops, cache, native)))
                     self.run(np.zeros(self._probe_shape(), np.float32))
+                changes = []
                 if level:
-                    self.fallback = 'oneDNN INT8 ops narrowed to {} after: {}'.format(
-                        '/'.join(ops), errors[-1])
+                    changes.append('oneDNN INT8 ops narrowed to {}'.format('/'.join(ops)))
+                if native:
+                    changes.append('{} run in Paddle\'s own kernels, not oneDNN'.format(
+                        '/'.join(native)))
+                if changes:
+                    self.fallback = '{} after: {}'.format('; '.join(changes), errors[-1])
                 optimized = os.path.join(cache, '_optimized.pdmodel') if cache else None
                 if optimized and os.path.exists(optimized):
                     self.engine = op_summary(optimized)
@@ -350,8 +364,14 @@ class Predictor:
             except UserError:
                 raise
             except Exception as e:  # the engine reports failures as generic errors
-                errors.append(str(e).strip().splitlines()[-1][:160] if str(e).strip()
-                              else type(e).__name__)
+                text = str(e).strip()
+                errors.append(text.splitlines()[-1][:160] if text else type(e).__name__)
+                failed = re.search(r'operator < (\w+) > error', text)
+                if self.opts.device == 'cpu' and self.opts.enable_mkldnn and failed and \
+                        failed.group(1) not in native and len(native) < 4:
+                    native.append(failed.group(1))  # same op set, that op out of oneDNN
+                else:
+                    level += 1
             finally:
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)
