@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(PADDLE)" -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps paddleseg==2.8.0
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[openvino,onnx]"
 	$(PY) tools/check_install.py
 	touch $(STAMP)
 
@@ -39,7 +39,7 @@ demo: install
 	$(PY) slim/quant/qat_export.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer
 	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
-		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer \
+		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer --backend paddle openvino \
 		--json $(DEMO_OUT)/report.json --markdown $(DEMO_OUT)/report.md
 
 test: install

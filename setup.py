@@ -1,5 +1,18 @@
 from setuptools import find_packages, setup
 
+# Optional engines, pinned to releases that install beside paddlepaddle 2.6 and numpy<2.
+# Measured here: openvino 2026.4.1, paddle2onnx 1.2.11, onnxruntime 1.32.0 on Python 3.11;
+# the older pins are the last wheels published for those Pythons.
+EXTRAS = {
+    'openvino': ['openvino==2026.4.1; python_version>="3.10"',
+                 'openvino==2025.3.0; python_version=="3.9"',
+                 'openvino==2024.4.0; python_version<"3.9"'],
+    'onnx': ['paddle2onnx==1.2.11',
+             'onnxruntime==1.32.0; python_version>="3.11"',
+             'onnxruntime==1.20.1; python_version=="3.10"',
+             'onnxruntime==1.19.2; python_version<"3.10"'],
+}
+
 setup(
     name='segslim',
     version='0.1.0',
@@ -10,6 +23,7 @@ setup(
     # (see requirements.txt for why paddleseg goes in without its pins).
     install_requires=['paddleslim==2.6.0', 'numpy<2', 'opencv-python==4.6.0.66', 'pyyaml',
                       'visualdl', 'decorator'],
+    extras_require=EXTRAS,
     entry_points={'console_scripts': [
         'segslim-train=segslim.commands:train',
         'segslim-val=segslim.commands:val',

@@ -126,8 +126,17 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Paddle Inference flags infer.py and benchmark.py share (PaddleSeg deploy names)."""
+BACKENDS = ('paddle', 'openvino')
+
+
+def add_engine_args(p: argparse.ArgumentParser,
+                    many_backends: bool = False) -> argparse.ArgumentParser:
+    """Engine flags infer.py and benchmark.py share (PaddleSeg deploy names); benchmark.py
+    takes several --backend values (a row set each)."""
+    p.add_argument('--backend', choices=BACKENDS, nargs='+' if many_backends else None,
+                   default=['paddle'] if many_backends else 'paddle',
+                   help='paddle: Paddle Inference (oneDNN on CPU, TensorRT on GPU); openvino: '
+                        'OpenVINO on CPU (pip install -e .[openvino])')
     if not any(a.dest == 'device' for a in p._actions):
         p.add_argument('--device', choices=['cpu', 'gpu', 'xpu', 'npu'], default=None,
                        help='default: gpu when paddle is compiled with CUDA, else cpu')
@@ -140,7 +149,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--auto_tuned_shape_file', default=None,
                    help='where --enable_auto_tune keeps the shape ranges (default: a '
                         'temporary file, deleted after the run)')
-    p.add_argument('--cpu_threads', type=positive_int, default=2, help='CPU math threads')
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=positive_int,
+                   default=2, help='CPU math threads (both backends)')
     add_bool(p, '--enable_mkldnn', True, 'oneDNN on CPU')
     add_bool(p, '--benchmark', False, 'print preprocess / inference / postprocess times')
     add_bool(p, '--print_detail', False, 'show Paddle Inference\'s own (glog) output')

@@ -124,7 +124,7 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
     p.add_argument('--json', default=None, help='write the report as JSON (and a PNG chart)')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
-    cli.add_engine_args(p)
+    cli.add_engine_args(p, many_backends=True)
 
     def main(args):
         from segslim.workflows import run_benchmark
@@ -158,15 +158,19 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
                                 'random weights; writes a markdown report and its JSON.')
     p.add_argument('--configs', nargs='+', default=None,
                    help='default: every model config under configs/ (the zoo)')
-    p.add_argument('--cpu_threads', type=cli.positive_int, default=2)
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
+                   default=2)
     p.add_argument('--size', type=cli.positive_int, default=512,
                    help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
     p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--out', default='docs/benchmark.md')
+    p.add_argument('--backend', nargs='+', choices=cli.BACKENDS, default=['paddle'],
+                   help='engines to time (openvino: pip install -e .[openvino])')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
         from segslim.model_bench import bench_models as run, write_report, zoo_configs
         configs = args.configs or zoo_configs()
-        write_report(run(configs, args.cpu_threads, args.size, args.repeats), args.out)
+        write_report(run(configs, args.cpu_threads, args.size, args.repeats,
+                         backends=list(dict.fromkeys(args.backend))), args.out)
     cli.entry(p, main, argv)

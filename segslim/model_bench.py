@@ -2,7 +2,8 @@
 
 Speed does not depend on trained weights, so each model is built from its config, exported
 as FP32, quantized with activation scales calibrated on a few generated images, exported as
-INT8, and timed through Paddle Inference in one process, interleaved.
+INT8, and timed through Paddle Inference (and OpenVINO when asked) in one process,
+interleaved.
 """
 import glob
 import os
@@ -84,9 +85,10 @@ def bench_shape(cfg: Dict[str, Any], size: int) -> List[int]:
 
 
 def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
-                 repeats: int = 20, warmup: int = 3) -> List[Dict[str, Any]]:
-    """One benchmark report per config (rows fp32, bf16 where supported, int8), each model
-    quantized with its config's own policy."""
+                 repeats: int = 20, warmup: int = 3,
+                 backends: Sequence[str] = ('paddle',)) -> List[Dict[str, Any]]:
+    """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
+    backend), each model quantized with its config's own policy."""
     reports = []
     for config in configs:
         name = os.path.splitext(os.path.basename(config))[0]
@@ -98,7 +100,8 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
             report = benchmark([dirs['fp32'], dirs['int8']], None,
                                EngineOptions(device='cpu', cpu_threads=threads,
                                              input_shape=tuple(shape)),
-                               shape=shape, warmup=warmup, repeats=repeats)
+                               shape=shape, warmup=warmup, repeats=repeats,
+                               backends=backends)
             report['config'] = config
             report['model'] = name
             try:  # where the INT8 engine's time goes, in a child process
@@ -115,9 +118,17 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
     INT8 ops over quantizable ops) and the geometric-mean speedups."""
     rows = []
     for rep in reports:
-        by = {r['precision']: r for r in rep['rows']}
-        fp32, bf16, int8 = by.get('fp32'), by.get('bf16'), by.get('int8')
-        rows.append({
+        by = {(r.get('backend', 'paddle'), r['precision']): r for r in rep['rows']}
+        fp32, bf16, int8 = (by.get(('paddle', p)) for p in ('fp32', 'bf16', 'int8'))
+        ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
+        if any(ov.values()):
+            rows.append({'openvino_{}_s'.format(p): r['s_per_img'] if r else None
+                         for p, r in ov.items()})
+            rows[-1]['openvino_speedup'] = ov['int8']['speedup'] if ov['int8'] else None
+            rows[-1]['openvino_int8_ops'] = ov['int8']['int8_ops'] if ov['int8'] else None
+        else:
+            rows.append({})
+        rows[-1].update({
             'model': rep['model'], 'config': rep['config'], 'input_shape': rep['input_shape'],
             'fp32_s': fp32['s_per_img'], 'bf16_s': bf16['s_per_img'] if bf16 else None,
             'int8_s': int8['s_per_img'] if int8 else None,
@@ -132,12 +143,13 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             'int8_profile_ms': rep.get('int8_profile')})
 
     def geomean(key):
-        values = [r[key] for r in rows if r[key]]
+        values = [r[key] for r in rows if r.get(key)]
         return float(np.exp(np.mean(np.log(values)))) if values else None
     first = reports[0]
     return {'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
             'repeats': first['repeats'], 'rows': rows, 'geomean_speedup': geomean('speedup'),
-            'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16')}
+            'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
+            'geomean_openvino_speedup': geomean('openvino_speedup')}
 
 
 def format_markdown(reports: List[Dict[str, Any]]) -> str:
@@ -171,6 +183,17 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
             '{}/{}'.format(r['int8_matmul_ops'], r['matmul_ops']) if r['matmul_ops'] else '-'))
     lines += ['', 'Geometric mean: INT8 {} over FP32, {} over bf16.'.format(
         ratio(summ['geomean_speedup']), ratio(summ['geomean_speedup_vs_bf16']))]
+    if summ['geomean_openvino_speedup']:
+        lines += ['', '### OpenVINO (same exports, same process)', '',
+                  '| Model | FP32 ms | bf16 ms | INT8 ms | INT8 vs Paddle FP32 | INT8 ops |',
+                  '|---|---|---|---|---|---|']
+        for r in summ['rows']:
+            lines.append('| {} | {} | {} | {} | {} | {} |'.format(
+                r['model'], ms(r.get('openvino_fp32_s')), ms(r.get('openvino_bf16_s')),
+                ms(r.get('openvino_int8_s')), ratio(r.get('openvino_speedup')),
+                r.get('openvino_int8_ops', '-')))
+        lines += ['', 'Geometric mean: OpenVINO INT8 {} over Paddle FP32.'.format(
+            ratio(summ['geomean_openvino_speedup']))]
     profiled = [rep for rep in reports if rep.get('int8_profile')]
     if profiled:
         slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])

@@ -288,7 +288,9 @@ def _engine_options(args: argparse.Namespace):
     from segslim.deploy.predictor import EngineOptions
     device = set_device(args.device)
     shape = tuple(getattr(args, 'input_shape', None) or (1, 3, 512, 512))
-    return EngineOptions(device=device, precision=args.precision, cpu_threads=args.cpu_threads,
+    backend = args.backend if isinstance(args.backend, str) else args.backend[0]
+    return EngineOptions(device=device, backend=backend, precision=args.precision,
+                         cpu_threads=args.cpu_threads,
                          enable_mkldnn=args.enable_mkldnn, use_trt=args.use_trt,
                          min_subgraph_size=args.min_subgraph_size,
                          enable_auto_tune=args.enable_auto_tune,
@@ -299,9 +301,9 @@ def _engine_options(args: argparse.Namespace):
 def run_infer(args: argparse.Namespace) -> int:
     """deploy/python/infer.py: masks for image files."""
     from segslim.deploy.infer import STAGES, list_images, predict_images
-    from segslim.deploy.predictor import Predictor
+    from segslim.deploy.predictor import create_predictor
     images = list_images(args.image_path)
-    predictor = Predictor(args.config, _engine_options(args))
+    predictor = create_predictor(args.config, _engine_options(args))
     if predictor.fallback:
         logger.warning(predictor.fallback)
     if predictor.precision != 'int8' and predictor.quantized:
@@ -316,9 +318,9 @@ def run_infer(args: argparse.Namespace) -> int:
                              timings)
     if timings:
         n = len(images)
-        logger.info('[benchmark] model: %s, precision: %s, device: %s, batch_size: %d, '
-                    'images: %d', args.model_name or predictor.model_dir,
-                    predictor.precision, predictor.opts.device,
+        logger.info('[benchmark] model: %s, engine: %s, precision: %s, device: %s, '
+                    'batch_size: %d, images: %d', args.model_name or predictor.model_dir,
+                    predictor.backend, predictor.precision, predictor.opts.device,
                     args.batch_size, n)
         logger.info('[benchmark] per image: %s, total %.2f ms', ', '.join(
             '{} {:.2f} ms'.format(stage, 1000 * sum(timings[stage]) / n) for stage in STAGES),
@@ -338,7 +340,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         dataset = build_dataset(cfg, 'val_dataset')
     report = bench.benchmark(args.model_dirs, dataset, _engine_options(args),
                              shape=args.input_shape, warmup=args.warmup, repeats=args.repeats,
-                             with_bf16=False if args.no_bf16 else None)
+                             with_bf16=False if args.no_bf16 else None,
+                             backends=list(dict.fromkeys(args.backend)))
     text = bench.format_report(report)
     print(text, flush=True)
     if args.markdown:

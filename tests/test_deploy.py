@@ -37,7 +37,7 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     assert int8['pixel_agreement'] > 0.98 and int8['params_mb'] < rows[0]['params_mb']
     assert rows[0]['int8_conv_ops'] == 0
     assert os.path.getsize(str(out).replace('.json', '.png')) > 1000
-    assert '| Model | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
+    assert '| Model | Engine | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
 
 
 def test_infer_writes_masks_of_input_size(exported, tmp_path):

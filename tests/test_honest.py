@@ -82,7 +82,7 @@ def test_engine_miou_equals_val_py(exported, fp32_run, tmp_path):
     assert len(rows) == 1  # --no_bf16: no bf16 row even on a bf16 CPU
     assert abs(rows[0]['miou'] - json.load(open(out))['miou']) < 1e-3
     text = (tmp_path / 'bench.md').read_text()
-    assert '| Model | Type | mIoU |' in text and 'ISA:' in text
+    assert '| Model | Engine | Type | mIoU |' in text and 'ISA:' in text
 
 
 def test_op_summary_counts_matmuls(tmp_path):

@@ -15,6 +15,12 @@ def main() -> int:
     import paddleslim  # noqa: F401
     print('paddlepaddle {} (CUDA: {}), paddleseg {}'.format(
         paddle.__version__, paddle.is_compiled_with_cuda(), paddleseg.__version__))
+    for extra in ('openvino', 'paddle2onnx', 'onnxruntime'):  # optional engines
+        try:
+            module = __import__(extra)
+            print('{} {}'.format(extra, getattr(module, '__version__', '?')))
+        except ImportError:
+            print('{}: not installed (optional)'.format(extra))
     out = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True,
                          text=True).stdout
     problems = [line for line in out.splitlines()

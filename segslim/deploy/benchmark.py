@@ -10,14 +10,14 @@ import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.predictor import (EngineOptions, Predictor, Preprocessor,
-                                      check_engine_options, restore_size)
+from segslim.deploy.predictor import (EngineBase, EngineOptions, Preprocessor,
+                                      check_engine_options, create_predictor, restore_size)
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write
 from segslim.logger import logger
 
 
-def predict_dataset(predictor: Predictor, dataset: SegDataset,
+def predict_dataset(predictor: EngineBase, dataset: SegDataset,
                     limit: Optional[int] = None) -> List[np.ndarray]:
     """Label maps of the val images (the first `limit`) at their labels' size."""
     pre = Preprocessor(predictor.deploy['transforms'])
@@ -28,7 +28,7 @@ def predict_dataset(predictor: Predictor, dataset: SegDataset,
     return preds
 
 
-def agreement_with_model(model: Any, predictor: Predictor, dataset: SegDataset,
+def agreement_with_model(model: Any, predictor: EngineBase, dataset: SegDataset,
                          limit: int) -> float:
     """Share of pixels where the engine and the dygraph model (e.g. the QAT model with its
     fake-quant ops) predict the same class, over the first `limit` val images. Both sides'
@@ -60,7 +60,7 @@ def agreement(a: List[np.ndarray], b: List[np.ndarray]) -> float:
     return same / max(sum(x.size for x in a), 1)
 
 
-def time_interleaved(predictors: Sequence[Predictor], batch: np.ndarray, warmup: int,
+def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup: int,
                      repeats: int) -> List[List[float]]:
     """Seconds per run of each predictor; runs alternate between predictors so that
     machine noise hits all of them alike."""
@@ -78,20 +78,26 @@ def time_interleaved(predictors: Sequence[Predictor], batch: np.ndarray, warmup:
 
 def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: EngineOptions,
               shape: Sequence[int] = (1, 3, 512, 512), warmup: int = 5, repeats: int = 20,
-              with_bf16: Optional[bool] = None) -> Dict[str, Any]:
-    """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; the first
-    model dir (run in FP32) is the baseline for speedup and pixel agreement."""
+              with_bf16: Optional[bool] = None,
+              backends: Sequence[str] = ('paddle',)) -> Dict[str, Any]:
+    """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; every model
+    dir runs on every backend; the first model dir on the first backend (in FP32) is the
+    baseline for speedup and pixel agreement, and FP32 models also get a bf16 row where the
+    CPU has bf16."""
     check_engine_options(opts)
     cpu = cpu_features()
-    runs = []  # (model_dir, Predictor); each row is labelled with what its engine ran
+    runs = []  # (model_dir, predictor); each row is labelled with what its engine ran
     float_precision = 'fp16' if opts.precision == 'fp16' else 'fp32'
-    for i, model_dir in enumerate(model_dirs):
-        pred = Predictor(model_dir, dataclasses.replace(opts, precision=float_precision))
-        runs.append((model_dir, pred))
-        if i == 0 and opts.device == 'cpu' and opts.enable_mkldnn and not pred.quantized and \
-                (with_bf16 if with_bf16 is not None else cpu['bf16']):
-            runs.append((model_dir,
-                         Predictor(model_dir, dataclasses.replace(opts, precision='bf16'))))
+    bf16 = with_bf16 if with_bf16 is not None else cpu['bf16']
+    for backend in backends:
+        for i, model_dir in enumerate(model_dirs):
+            run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend)
+            pred = create_predictor(model_dir, run_opts)
+            runs.append((model_dir, pred))
+            if i == 0 and opts.device == 'cpu' and opts.enable_mkldnn and not pred.quantized \
+                    and bf16:
+                runs.append((model_dir, create_predictor(
+                    model_dir, dataclasses.replace(run_opts, precision='bf16'))))
     batch = _timing_batch(runs[0][1], dataset, shape)
     times = time_interleaved([p for _, p in runs], batch, warmup, repeats)
     rows = []
@@ -99,7 +105,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     for (model_dir, pred), secs in zip(runs, times):
         precision = pred.precision
         row: Dict[str, Any] = {
-            'model_dir': model_dir, 'precision': precision,
+            'model_dir': model_dir, 'precision': precision, 'backend': pred.backend,
             's_per_img': float(np.median(secs)) / shape[0],
             'p90_s': float(np.percentile(secs, 90)) / shape[0],
             'params_mb': os.path.getsize(pred.deploy['params']) / 2 ** 20,
@@ -119,16 +125,16 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             row['pixel_agreement'] = agreement(preds, base_preds)
         rows.append(row)
     base = rows[0]['s_per_img']
-    bf16 = next((r['s_per_img'] for r in rows if r['precision'] == 'bf16'), None)
+    bf16_s = min((r['s_per_img'] for r in rows if r['precision'] == 'bf16'), default=None)
     for row in rows:
         row['speedup'] = base / row['s_per_img']
-        row['speedup_vs_bf16'] = bf16 / row['s_per_img'] if bf16 else None
+        row['speedup_vs_bf16'] = bf16_s / row['s_per_img'] if bf16_s else None
     return {'isa': cpu['isa'] if opts.device == 'cpu' else 'gpu', 'cpu': cpu['model'],
             'vnni': cpu['vnni'], 'threads': opts.cpu_threads, 'device': opts.device,
             'input_shape': list(shape), 'warmup': warmup, 'repeats': repeats, 'rows': rows}
 
 
-def _timing_batch(pred: Predictor, dataset: Optional[SegDataset],
+def _timing_batch(pred: EngineBase, dataset: Optional[SegDataset],
                   shape: Sequence[int]) -> np.ndarray:
     """A real val image resized to `shape` (random data if there is no dataset)."""
     n, c, h, w = shape
@@ -137,6 +143,13 @@ def _timing_batch(pred: Predictor, dataset: Optional[SegDataset],
     img, _ = Preprocessor(pred.deploy['transforms'])(dataset.file_list[0][0])
     img = cv2.resize(np.transpose(img, (1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR)
     return np.repeat(np.transpose(img, (2, 0, 1))[np.newaxis], n, axis=0).astype(np.float32)
+
+
+ENGINE_NAMES = {'paddle': 'Paddle Inference', 'openvino': 'OpenVINO'}
+
+
+def engine_name(row: Dict[str, Any]) -> str:
+    return ENGINE_NAMES.get(row.get('backend', 'paddle'), row.get('backend', ''))
 
 
 def precision_label(precision: str) -> str:
@@ -164,30 +177,32 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
                                          report['repeats'])]
     if report['device'] == 'cpu' and not report['vnni']:
         lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
-    lines += ['', '| Model | Type | mIoU | s/img | p90 s | speedup | vs bf16 | params MB | '
-              'agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs bf16 | params MB '
+              '| agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in report['rows']:
-        lines.append('| {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} |'.format(
-            name or r['model_dir'], precision_label(r['precision']),
+        lines.append('| {} | {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} '
+                     '|'.format(
+            name or r['model_dir'], engine_name(r), precision_label(r['precision']),
             '{:.4f}'.format(r['miou']) if 'miou' in r else '-', r['s_per_img'], r['p90_s'],
             r['speedup'], '{:.2f}x'.format(r['speedup_vs_bf16']) if r['speedup_vs_bf16'] else '-',
             r['params_mb'],
             '{:.4%}'.format(r['pixel_agreement']) if 'pixel_agreement' in r else '-',
             _ops_cell(r)))
     if any('class_iou' in r for r in report['rows']):
-        lines += ['', '| Model | Type | per-class IoU |', '|---|---|---|']
+        lines += ['', '| Model | Engine | Type | per-class IoU |', '|---|---|---|---|']
         for r in report['rows']:
-            lines.append('| {} | {} | {} |'.format(name or r['model_dir'],
-                                                  precision_label(r['precision']),
+            lines.append('| {} | {} | {} | {} |'.format(name or r['model_dir'], engine_name(r),
+                                                       precision_label(r['precision']),
                                                   ', '.join('{:.4f}'.format(v)
                                                             for v in r.get('class_iou', []))))
     for r in report['rows']:
         if r['fallback']:
-            lines.append('Note: {} ({}): {}'.format(name or r['model_dir'], r['precision'],
-                                                   r['fallback']))
+            lines.append('Note: {} ({}, {}): {}'.format(name or r['model_dir'], engine_name(r),
+                                                       r['precision'], r['fallback']))
         if r['precision'] == 'int8' and r.get('fp32_ops'):
-            lines.append('Note: {} runs {} quantizable ops in FP32: {}'.format(
-                name or r['model_dir'], len(r['fp32_ops']), ', '.join(r['fp32_ops'][:6])))
+            lines.append('Note: {} on {} runs {} quantizable ops in FP32: {}'.format(
+                name or r['model_dir'], engine_name(r), len(r['fp32_ops']),
+                ', '.join(r['fp32_ops'][:6])))
     return '\n'.join(lines)
 
 

@@ -41,6 +41,7 @@ QUANT_OP_TYPES = ('quantize_linear', 'dequantize_linear', 'fake_quantize_dequant
 class EngineOptions:
     """How to run a model: device, precision and the engine's knobs."""
     device: str = 'cpu'
+    backend: str = 'paddle'          # paddle (Paddle Inference) | openvino (CPU)
     precision: str = 'fp32'          # fp32 | bf16 (CPU) | int8 | fp16 (GPU TensorRT)
     cpu_threads: int = 2
     enable_mkldnn: bool = True
@@ -194,7 +195,44 @@ def program_input_names(model_file: str) -> List[str]:
     return [name for _, name in sorted(feeds)]
 
 
-class Predictor:
+class EngineBase:
+    """What every backend's predictor offers: `deploy` (read_deploy), `model_dir`, `opts`,
+    `quantized`, `precision` (what the engine runs), `fallback` (what was changed to make it
+    run, or None), `engine` (op summary: what runs INT8) and run() on a N,C,H,W batch."""
+    backend = ''
+    deploy: Dict[str, Any]
+    model_dir: str
+    precision: str
+    fallback: Optional[str]
+    engine: Dict[str, Any]
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def to_labels(self, out: np.ndarray) -> np.ndarray:
+        """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
+        (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read
+        from the output itself: upstream exports do not always name their head."""
+        if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+            return out.argmax(axis=1).astype(np.int64)
+        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        """Class ids N,H,W of a N,C,H,W float32 batch."""
+        return self.to_labels(self.run(images))
+
+
+def create_predictor(model_dir: str, opts: EngineOptions) -> EngineBase:
+    """The predictor of opts.backend for an exported model folder."""
+    if opts.backend == 'openvino':
+        from segslim.deploy.ov_engine import OpenVINOPredictor
+        return OpenVINOPredictor(model_dir, opts)
+    if opts.backend != 'paddle':
+        raise UserError('--backend {} is unknown; use paddle or openvino'.format(opts.backend))
+    return Predictor(model_dir, opts)
+
+
+class Predictor(EngineBase):
     """One Paddle Inference predictor for an exported model folder.
 
     `precision` says what the engine runs: 'fp32', 'bf16', 'fp16', 'int8', or
@@ -203,6 +241,7 @@ class Predictor:
     changed to make the engine run (None if nothing); `engine` holds the op summary of the
     optimized program on CPU.
     """
+    backend = 'paddle'
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.deploy = read_deploy(model_dir)
@@ -400,15 +439,3 @@ class Predictor:
         self._input.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
         self.predictor.run()
         return self._output.copy_to_cpu()
-
-    def to_labels(self, out: np.ndarray) -> np.ndarray:
-        """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
-        (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read
-        from the output itself: upstream exports do not always name their head."""
-        if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
-            return out.argmax(axis=1).astype(np.int64)
-        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
-
-    def labels(self, images: np.ndarray) -> np.ndarray:
-        """Class ids N,H,W of a N,C,H,W float32 batch."""
-        return self.to_labels(self.run(images))

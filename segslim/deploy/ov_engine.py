@@ -1,0 +1,168 @@
+"""OpenVINO predictors for exported models: the same interface as the Paddle Inference
+Predictor (run, to_labels, labels, precision, engine op summary), CPU only.
+
+OpenVINO reads the Paddle inference program directly; a QAT export's quantize/dequantize
+pairs become FakeQuantize ops, and what runs INT8 is read back from the compiled model's
+runtime graph, never assumed."""
+import collections
+import os
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from segslim.deploy.predictor import (EngineBase, EngineOptions, QUANT_OP_TYPES,
+                                      program_op_types, read_deploy)
+from segslim.errors import UserError
+
+# OpenVINO CPU runtime layer types counted as quantizable work (oneDNN's conv/matmul kinds).
+CONV_LAYERS = ('Convolution', 'GroupConvolution', 'Deconvolution')
+MATMUL_LAYERS = ('FullyConnected', 'MatMul')
+INT8_PRECISIONS = ('i8', 'u8')
+# Converted-model ops whose inputs a QAT model fake-quantizes (PaddleSlim's Conv2D/Linear).
+QUANTIZED_CONSUMERS = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropData', 'MatMul')
+# Compiled models kept per input shape (OpenVINO compiles static shapes fastest).
+SHAPE_CACHE = 4
+
+
+def import_openvino() -> Any:
+    """The openvino module, or a one-line error that says how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise UserError('--backend openvino needs the openvino package: pip install -e '
+                        '.[openvino] (make install does it), or use --backend paddle')
+    return openvino
+
+
+def runtime_summary(runtime_model: Any) -> Dict[str, Any]:
+    """What a compiled model executes in INT8, from its runtime graph (layerType,
+    runtimePrecision), counted as op_summary() counts the oneDNN program."""
+    by_type: Dict[str, List[int]] = {}
+    fp32 = []
+    for op in runtime_model.get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info['layerType'].astype(str)
+        if kind not in CONV_LAYERS + MATMUL_LAYERS:
+            continue
+        counts = by_type.setdefault(kind, [0, 0])
+        counts[1] += 1
+        if info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS:
+            counts[0] += 1
+        else:
+            fp32.append(info['originalLayersNames'].astype(str).split(',')[0] or
+                        op.get_friendly_name())
+
+    def total(kinds, idx):
+        return sum(by_type[k][idx] for k in kinds if k in by_type)
+    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
+            'fp32_ops': fp32, 'by_type': by_type,
+            'conv_ops': total(CONV_LAYERS, 1), 'int8_conv_ops': total(CONV_LAYERS, 0),
+            'matmul_ops': total(MATMUL_LAYERS, 1), 'int8_matmul_ops': total(MATMUL_LAYERS, 0)}
+
+
+def drop_observer_quantization(model: Any) -> List[str]:
+    """Removes the FakeQuantize ops that feed no convolution or matrix product; returns their
+    names. PaddleSlim's QAT only observes the outputs of quantized layers (their scales help
+    an engine chain INT8 ops) and fake-quantizes nothing but the inputs and weights of
+    convs/linears; a QAT export writes both as quantize/dequantize pairs, which OpenVINO turns
+    alike into FakeQuantize and applies. Applied, the output ones round each conv's pre-BN
+    output to 8 bits per tensor, which the QAT model never learned to absorb."""
+    dropped = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != 'FakeQuantize':
+            continue
+        users = [t.get_node().get_type_name() for t in op.output(0).get_target_inputs()]
+        if any(u in QUANTIZED_CONSUMERS for u in users):
+            continue
+        op.output(0).replace(op.input_value(0))
+        dropped.append(op.get_friendly_name())
+    if dropped:
+        model.validate_nodes_and_infer_types()
+    return dropped
+
+
+def check_openvino_options(opts: EngineOptions, bf16_capable: bool) -> None:
+    """Refuses what the OpenVINO CPU backend would run as something else."""
+    if opts.device != 'cpu' or opts.use_trt:
+        raise UserError('--backend openvino runs on CPU only; add --device cpu and drop '
+                        '--use_trt, or use --backend paddle')
+    if opts.precision == 'fp16':
+        raise UserError('--precision fp16 is not a CPU precision; use fp32, bf16 or int8')
+    if opts.precision == 'bf16' and not bf16_capable:
+        raise UserError('--precision bf16: this CPU has no bf16 support in OpenVINO; use fp32')
+
+
+class OpenVINOPredictor(EngineBase):
+    """One OpenVINO CPU predictor for an exported model folder.
+
+    FP32 models run with INFERENCE_PRECISION_HINT f32 (OpenVINO would otherwise run them in
+    bf16 on bf16-capable CPUs) or bf16 when asked; a QAT model runs its FakeQuantize'd ops in
+    INT8 and the rest in f32. `engine` is the runtime op summary of the last compiled shape.
+    """
+    backend = 'openvino'
+
+    def __init__(self, model_dir: str, opts: EngineOptions):
+        self.ov = import_openvino()
+        self.deploy = read_deploy(model_dir)
+        self.opts = opts
+        self.model_dir = model_dir
+        self.op_types = program_op_types(self.deploy['model'])
+        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
+        self.fallback = None
+        self.engine: Dict[str, Any] = {}
+        self.core = self.ov.Core()
+        caps = self.core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+        check_openvino_options(opts, 'BF16' in caps)
+        if opts.precision == 'int8' and not self.quantized:
+            raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
+                            'export it with slim/quant/qat_export.py'.format(model_dir))
+        try:
+            self.model = self.core.read_model(self.deploy['model'], self.deploy['params'])
+        except Exception as e:  # the converter reports failures as generic errors
+            raise UserError('OpenVINO cannot read {} ({}); use --backend paddle'.format(
+                self.deploy['model'], str(e).strip().splitlines()[-1][:160] if str(e) else
+                type(e).__name__))
+        self.dropped = drop_observer_quantization(self.model) if self.quantized and \
+            os.environ.get('SEGSLIM_OV_KEEP_ALL_FQ') is None else []
+        self.precision = 'int8' if self.quantized else (
+            'bf16' if opts.precision == 'bf16' else 'fp32')
+        self.properties = {
+            'INFERENCE_PRECISION_HINT': 'bf16' if self.precision == 'bf16' else 'f32',
+            'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
+            'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1}
+        self._compiled: 'collections.OrderedDict[Tuple[int, ...], Any]' = \
+            collections.OrderedDict()
+        self.run(np.zeros(self._probe_shape(), np.float32))
+        if self.quantized and not self.engine.get('int8_ops'):
+            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+
+    def _probe_shape(self) -> List[int]:
+        shape = list(self.deploy.get('input_shape') or [])
+        if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape):
+            return shape
+        return list(self.opts.input_shape)
+
+    def _request(self, shape: Tuple[int, ...]) -> Any:
+        """An infer request of the model compiled for this static input shape."""
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        model = self.model.clone()
+        model.reshape({model.inputs[0].get_any_name(): list(shape)})
+        try:
+            compiled = self.core.compile_model(model, 'CPU', self.properties)
+        except Exception as e:
+            raise UserError('OpenVINO cannot compile {} for input {} ({}); use --backend '
+                            'paddle'.format(self.model_dir, 'x'.join(map(str, shape)),
+                                            str(e).strip().splitlines()[-1][:160]))
+        self.engine = runtime_summary(compiled.get_runtime_model())
+        self._compiled[shape] = compiled.create_infer_request()
+        if len(self._compiled) > SHAPE_CACHE:
+            self._compiled.popitem(last=False)
+        return self._compiled[shape]
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Runs a N,C,H,W float32 batch; returns the first output."""
+        request = self._request(tuple(int(v) for v in images.shape))
+        request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
+        return request.get_output_tensor(0).data.copy()

@@ -1,0 +1,85 @@
+"""The OpenVINO backend: same answers as Paddle Inference, INT8 read from its runtime graph,
+the QAT export's observer-only quantization dropped, and a clear line when it is missing."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segslim.deploy.predictor import EngineOptions, create_predictor
+from segslim.errors import UserError
+
+from conftest import INSTANT, data_opts, run_cli
+from test_errors import assert_one_line_error
+
+ov = pytest.importorskip('openvino')
+
+
+def test_benchmark_rows_of_both_engines(exported, tmp_path):
+    out = tmp_path / 'report.json'
+    proc = run_cli('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
+                   exported['fp32'], exported['int8'], '--backend', 'paddle', 'openvino',
+                   '--threads', 2, '--input_shape', 1, 3, 64, 64, '--warmup', 1,
+                   '--repeats', 3, '--no_bf16', '--json', out,
+                   '--opts', *data_opts(exported['data']))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {(r['backend'], r['precision']): r for r in json.load(open(out))['rows']}
+    assert set(rows) == {('paddle', 'fp32'), ('paddle', 'int8'), ('openvino', 'fp32'),
+                         ('openvino', 'int8')}
+    # agreement is measured against the first row: Paddle FP32
+    assert rows['openvino', 'fp32']['pixel_agreement'] >= 0.999
+    ov_int8, pd_int8 = rows['openvino', 'int8'], rows['paddle', 'int8']
+    assert abs(ov_int8['miou'] - pd_int8['miou']) <= 0.005, (ov_int8['miou'], pd_int8['miou'])
+    assert 0 < ov_int8['int8_ops'] <= ov_int8['quantizable_ops']
+    assert rows['openvino', 'fp32']['int8_ops'] == 0
+    assert '| OpenVINO | INT8 |' in proc.stdout
+
+
+def test_observer_quantization_is_dropped_and_convs_stay_int8(exported):
+    from segslim.deploy.ov_engine import QUANTIZED_CONSUMERS, drop_observer_quantization
+    model = ov.Core().read_model(os.path.join(exported['int8'], 'model.pdmodel'))
+    fq = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
+    dropped = drop_observer_quantization(model)
+    kept = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
+    assert dropped and kept and len(kept) + len(dropped) == len(fq)
+    for op in kept:
+        users = {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()}
+        assert users & set(QUANTIZED_CONSUMERS), users
+    pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
+                                                            input_shape=(1, 3, 64, 64)))
+    assert pred.precision == 'int8' and pred.engine['int8_conv_ops'] == \
+        pred.engine['conv_ops'] > 0
+    assert len(pred.dropped) == len(dropped)
+
+
+def test_openvino_masks_match_paddle_fp32(exported, tmp_path):
+    img = os.path.join(exported['data'], 'JPEGImages', 'N0000.jpg')
+    masks = {}
+    for backend in ('paddle', 'openvino'):
+        proc = run_cli('deploy/python/infer.py', '--config', exported['fp32'], '--image_path',
+                       img, '--save_dir', tmp_path / backend, '--backend', backend,
+                       '--benchmark', 'True')
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        masks[backend] = np.asarray(Image.open(tmp_path / backend / 'N0000.png'))
+    assert 'engine: openvino' in proc.stderr + proc.stdout
+    assert (masks['paddle'] == masks['openvino']).mean() >= 0.999
+
+
+def test_openvino_refuses_what_it_would_run_as_something_else(exported):
+    for opts, word in ((EngineOptions(backend='openvino', precision='fp16'), 'fp16'),
+                       (EngineOptions(backend='openvino', device='gpu'), 'CPU only'),
+                       (EngineOptions(backend='openvino', precision='int8'), 'no quantization')):
+        with pytest.raises(UserError, match=word):
+            create_predictor(exported['fp32'], opts)
+
+
+def test_missing_openvino_is_one_line(exported, tmp_path):
+    fake = tmp_path / 'site' / 'openvino'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text("raise ImportError('No module named openvino')\n")
+    img = os.path.join(exported['data'], 'JPEGImages', 'N0000.jpg')
+    proc = run_cli('deploy/python/infer.py', '--config', exported['int8'], '--image_path', img,
+                   '--save_dir', tmp_path / 'out', '--backend', 'openvino',
+                   env={'PYTHONPATH': str(tmp_path / 'site')})
+    assert_one_line_error(proc, '--backend openvino', 'pip install', code=2)
