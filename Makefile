@@ -40,7 +40,8 @@ demo: install
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer
 	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
 		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer --backend paddle openvino \
-		--json $(DEMO_OUT)/report.json --markdown $(DEMO_OUT)/report.md
+		--report_dir $(DEMO_OUT)/report
+	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 
 test: install
 	$(PY) -m pytest -q tests

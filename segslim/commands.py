@@ -122,8 +122,13 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
-    p.add_argument('--json', default=None, help='write the report as JSON (and a PNG chart)')
+    p.add_argument('--json', default=None, help='write the report as JSON')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
+    p.add_argument('--report_dir', default=None,
+                   help='write report.md with latency.png, miou.png and gallery/ (where INT8 '
+                        'differs from FP32, in pictures) here')
+    p.add_argument('--gallery', type=int, default=8,
+                   help='val images in the gallery: those where INT8 agrees least with FP32')
     cli.add_engine_args(p, many_backends=True)
 
     def main(args):

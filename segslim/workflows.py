@@ -3,7 +3,7 @@ import argparse
 import logging
 import os
 import random
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -330,23 +330,30 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    """deploy/python/benchmark.py: the FP32-vs-INT8 report."""
+    """deploy/python/benchmark.py: the FP32-vs-INT8 report (table, JSON, pictures)."""
     from segslim.deploy import benchmark as bench
+    from segslim.deploy.report import write_report_dir
     check_output_file(args.json, '--json')
     check_output_file(args.markdown, '--markdown')
+    if args.report_dir:
+        check_writable(args.report_dir, '--report_dir')
     dataset = None
     if args.config:
         cfg = load_config(args.config, opts=args.opts, required=('val_dataset',))
         dataset = build_dataset(cfg, 'val_dataset')
+    predictions: List[list] = []
     report = bench.benchmark(args.model_dirs, dataset, _engine_options(args),
                              shape=args.input_shape, warmup=args.warmup, repeats=args.repeats,
                              with_bf16=False if args.no_bf16 else None,
-                             backends=list(dict.fromkeys(args.backend)))
+                             backends=list(dict.fromkeys(args.backend)),
+                             predictions=predictions if args.report_dir else None)
     text = bench.format_report(report)
     print(text, flush=True)
     if args.markdown:
         write_text(args.markdown, text + '\n')
+    if args.report_dir:
+        path = write_report_dir(report, args.report_dir, dataset, predictions, args.gallery)
+        logger.info('Report with charts and the INT8-vs-FP32 gallery: %s', path)
     if args.json:
         write_json(args.json, report)
-        bench.write_chart(report, os.path.splitext(args.json)[0] + '.png')
     return 0

@@ -36,7 +36,6 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     # vs the FP32 engine: QAT fine-tuning changed the weights too (98.9 % on this tiny model)
     assert int8['pixel_agreement'] > 0.98 and int8['params_mb'] < rows[0]['params_mb']
     assert rows[0]['int8_conv_ops'] == 0
-    assert os.path.getsize(str(out).replace('.json', '.png')) > 1000
     assert '| Model | Engine | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
 
 

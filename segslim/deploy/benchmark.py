@@ -13,7 +13,6 @@ from segslim.deploy.cpu import cpu_features
 from segslim.deploy.predictor import (EngineBase, EngineOptions, Preprocessor,
                                       check_engine_options, create_predictor, restore_size)
 from segslim.engine.metrics import ConfusionMatrix
-from segslim.fileio import atomic_write
 from segslim.logger import logger
 
 
@@ -79,11 +78,13 @@ def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup
 def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: EngineOptions,
               shape: Sequence[int] = (1, 3, 512, 512), warmup: int = 5, repeats: int = 20,
               with_bf16: Optional[bool] = None,
-              backends: Sequence[str] = ('paddle',)) -> Dict[str, Any]:
+              backends: Sequence[str] = ('paddle',),
+              predictions: Optional[List[List[np.ndarray]]] = None) -> Dict[str, Any]:
     """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; every model
     dir runs on every backend; the first model dir on the first backend (in FP32) is the
     baseline for speedup and pixel agreement, and FP32 models also get a bf16 row where the
-    CPU has bf16."""
+    CPU has bf16. With a dataset and a `predictions` list, each row's val label maps are
+    appended to it."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # (model_dir, predictor); each row is labelled with what its engine ran
@@ -122,6 +123,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                        acc=metrics['acc'])
             if base_preds is None:
                 base_preds = preds
+            if predictions is not None:
+                predictions.append(preds)
             row['pixel_agreement'] = agreement(preds, base_preds)
         rows.append(row)
     base = rows[0]['s_per_img']
@@ -204,27 +207,3 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
                 name or r['model_dir'], engine_name(r), len(r['fp32_ops']),
                 ', '.join(r['fp32_ops'][:6])))
     return '\n'.join(lines)
-
-
-def write_chart(report: Dict[str, Any], path: str) -> None:
-    """A PNG with latency and mIoU bars per row."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    rows = report['rows']
-    names = ['{}\n{}'.format(os.path.basename(os.path.normpath(r['model_dir'])),
-                             r['precision'].upper()) for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(max(6, 2.2 * len(rows)), 3.6))
-    axes[0].bar(names, [r['s_per_img'] * 1000 for r in rows], color='#4878a8')
-    axes[0].set_ylabel('ms / image (median)')
-    axes[0].set_title('Latency, {} {} threads'.format(report['isa'], report['threads']))
-    if all('miou' in r for r in rows):
-        axes[1].bar(names, [r['miou'] for r in rows], color='#6a9f58')
-        low = min(r['miou'] for r in rows)
-        axes[1].set_ylim(max(0.0, low - 0.05), min(1.0, max(r['miou'] for r in rows) + 0.02))
-        axes[1].set_ylabel('mIoU (deployed engine)')
-    else:
-        axes[1].axis('off')
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
-    plt.close(fig)

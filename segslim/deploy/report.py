@@ -1,0 +1,253 @@
+"""The report a person looks at: report.md with the benchmark table, a latency chart, an mIoU
+chart on a zero-based axis, and a gallery of the val images where INT8 differs most from
+FP32 (input, ground truth, both masks and a map of the changed pixels)."""
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from segslim.data.datasets import SegDataset, read_image, read_label
+from segslim.deploy.benchmark import engine_name, format_report, precision_label
+from segslim.fileio import atomic_write, write_bytes, write_text
+
+# Difference-map colours (RGB): changed pixels, split by what they do to the ground truth.
+CHANGED = (255, 200, 0)     # INT8 != FP32, neither matches the ground truth (or it is ignored)
+FIXED = (40, 180, 60)       # INT8 matches the ground truth where FP32 did not
+BROKEN = (220, 40, 40)      # FP32 matched the ground truth, INT8 does not
+PANEL_MIN_SIDE = 256        # small images are enlarged (nearest) up to this width
+HEADER = 24                 # pixels above each panel for its title
+
+
+def short_name(model_dir: str) -> str:
+    return os.path.basename(os.path.normpath(model_dir))
+
+
+def row_labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """'<model short name>\\n<precision>[ <engine>]': the engine is named when the report
+    has more than one."""
+    several = len({r.get('backend', 'paddle') for r in rows}) > 1
+    return ['{}\n{}{}'.format(short_name(r['model_dir']), precision_label(r['precision']),
+                              ' ' + engine_name(r) if several else '') for r in rows]
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig: Any, path: str) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
+    _pyplot().close(fig)
+
+
+def latency_figure(report: Dict[str, Any]) -> Any:
+    """One horizontal bar per row (first row on top), each annotated with ms and speedup;
+    the figure grows with the row count so two-line labels never overlap."""
+    plt = _pyplot()
+    rows = report['rows']
+    ms = [r['s_per_img'] * 1000 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.62 * len(rows)))
+    y = np.arange(len(rows))[::-1]
+    colors = ['#c0504d' if r['precision'] == 'int8' else
+              '#4f81bd' if r['precision'] == 'fp32' else '#9bbb59' for r in rows]
+    ax.barh(y, ms, color=colors, height=0.6)
+    ax.set_yticks(y)
+    ax.set_yticklabels(row_labels(rows), fontsize=8)
+    for yi, v, r in zip(y, ms, rows):
+        ax.text(v, yi, ' {:.1f} ms  {:.2f}x'.format(v, r['speedup']), va='center', fontsize=8)
+    ax.set_xlim(0, max(ms) * 1.35)
+    ax.set_xlabel('ms per image (median of {} runs), speedup over the first row'.format(
+        report['repeats']))
+    ax.set_title('Latency, input {}, {} ({}), {} threads'.format(
+        'x'.join(map(str, report['input_shape'])), report['cpu'], report['isa'],
+        report['threads']), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def miou_figure(report: Dict[str, Any]) -> Any:
+    """mIoU per row on a 0..1 axis, beside per-class IoU as an annotated heat map."""
+    plt = _pyplot()
+    rows = report['rows']
+    classes = len(rows[0]['class_iou'])
+    fig, (ax, heat) = plt.subplots(
+        1, 2, figsize=(8 + 0.35 * max(classes - 4, 0), 1.2 + 0.62 * len(rows)),
+        gridspec_kw={'width_ratios': [1, max(1.0, classes / 4)]})
+    y = np.arange(len(rows))[::-1]
+    ax.barh(y, [r['miou'] for r in rows], color='#6a9f58', height=0.6)
+    ax.set_yticks(y)
+    ax.set_yticklabels(row_labels(rows), fontsize=8)
+    ax.set_xlim(0, 1.18)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
+    for yi, r in zip(y, rows):
+        ax.text(r['miou'], yi, ' {:.4f}'.format(r['miou']), va='center', fontsize=8)
+    ax.set_xlabel('mIoU on the deployed engine (axis from 0)')
+    values = np.array([r['class_iou'] for r in rows], dtype=np.float64)
+    heat.imshow(values, vmin=0, vmax=1, cmap='viridis', aspect='auto')
+    heat.set_yticks(np.arange(len(rows)))
+    heat.set_yticklabels([])
+    heat.set_xticks(np.arange(classes))
+    heat.set_xlabel('per-class IoU (class id)')
+    if classes <= 20:
+        for i in range(len(rows)):
+            for j in range(classes):
+                heat.text(j, i, '{:.3f}'.format(values[i, j]), ha='center', va='center',
+                          fontsize=7, color='white' if values[i, j] < 0.6 else 'black')
+    fig.tight_layout()
+    return fig
+
+
+def diff_map(fp32: np.ndarray, int8: np.ndarray, label: np.ndarray, ignore_index: int,
+             background: np.ndarray) -> Tuple[np.ndarray, Dict[str, int]]:
+    """RGB map: the dimmed grey `background` where INT8 == FP32, else CHANGED / FIXED /
+    BROKEN; returns it with the pixel counts of each kind."""
+    grey = cv2.cvtColor(background.astype(np.uint8), cv2.COLOR_RGB2GRAY) // 2 + 64
+    out = np.repeat(grey[..., np.newaxis], 3, axis=2)
+    changed = fp32 != int8
+    valid = label != ignore_index
+    fixed = changed & valid & (int8 == label)
+    broken = changed & valid & (fp32 == label)
+    other = changed & ~fixed & ~broken
+    for mask, color in ((other, CHANGED), (fixed, FIXED), (broken, BROKEN)):
+        out[mask] = color
+    return out, {'changed': int(changed.sum()), 'fixed': int(fixed.sum()),
+                 'broken': int(broken.sum())}
+
+
+def image_iou(pred: np.ndarray, label: np.ndarray, num_classes: int,
+              ignore_index: int) -> float:
+    """Mean IoU over the classes present in the prediction or the label of one image."""
+    valid = label != ignore_index
+    ious = []
+    for c in range(num_classes):
+        p, g = (pred == c) & valid, (label == c) & valid
+        union = int((p | g).sum())
+        if union:
+            ious.append(int((p & g).sum()) / union)
+    return float(np.mean(ious)) if ious else 1.0
+
+
+def color_mask(labels: np.ndarray) -> np.ndarray:
+    """RGB image of a label map in paddleseg's colour map (the one infer.py's masks use)."""
+    from segslim.deploy.infer import pseudo_color
+    return np.asarray(pseudo_color(labels).convert('RGB'))
+
+
+def _panel(img: np.ndarray, title: str, scale: int) -> np.ndarray:
+    big = cv2.resize(img, (img.shape[1] * scale, img.shape[0] * scale),
+                     interpolation=cv2.INTER_NEAREST) if scale > 1 else img
+    head = np.full((HEADER, big.shape[1], 3), 255, np.uint8)
+    cv2.putText(head, title, (4, HEADER - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return np.concatenate([head, big.astype(np.uint8)], axis=0)
+
+
+def panel_scale(width: int) -> int:
+    return max(1, math.ceil(PANEL_MIN_SIDE / max(width, 1)))
+
+
+def gallery_image(image_rgb: np.ndarray, label: np.ndarray, fp32: np.ndarray,
+                  int8: np.ndarray, ignore_index: int) -> Tuple[np.ndarray, Dict[str, int]]:
+    """Five panels side by side (input, ground truth, FP32, INT8, difference), each with a
+    title band; a white 4-pixel gap between panels."""
+    diff, counts = diff_map(fp32, int8, label, ignore_index, image_rgb)
+    gt = label.copy()
+    gt[gt == ignore_index] = 0
+    scale = panel_scale(label.shape[1])
+    panels = [_panel(image_rgb, 'input', scale), _panel(color_mask(gt), 'ground truth', scale),
+              _panel(color_mask(fp32), 'FP32', scale), _panel(color_mask(int8), 'INT8', scale),
+              _panel(diff, 'INT8 vs FP32', scale)]
+    gap = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
+    row = [panels[0]]
+    for p in panels[1:]:
+        row += [gap, p]
+    return np.concatenate(row, axis=1), counts
+
+
+def pick_gallery(fp32: List[np.ndarray], int8: List[np.ndarray], count: int) -> List[int]:
+    """Indices of the `count` images with the lowest FP32-INT8 agreement, lowest first
+    (ties: dataset order); images that agree fully are left out."""
+    shares = [float((a == b).mean()) for a, b in zip(fp32, int8)]
+    order = sorted(range(len(shares)), key=lambda i: (shares[i], i))
+    return [i for i in order if shares[i] < 1.0][:count]
+
+
+def write_gallery(gallery_dir: str, dataset: SegDataset, fp32: List[np.ndarray],
+                  int8: List[np.ndarray], count: int, engine: str) -> List[Dict[str, Any]]:
+    """gallery/NN_<image>.png for the lowest-agreement images and gallery/index.md; returns
+    one record per picture (file, image, agreement, IoU of both, changed/fixed/broken)."""
+    os.makedirs(gallery_dir, exist_ok=True)
+    records = []
+    for rank, i in enumerate(pick_gallery(fp32, int8, count), 1):
+        img_path, label_path = dataset.file_list[i]
+        label = read_label(label_path)
+        image = read_image(img_path).astype(np.uint8)[..., ::-1]
+        if image.shape[:2] != label.shape:
+            image = cv2.resize(image, (label.shape[1], label.shape[0]))
+        picture, counts = gallery_image(image, label, fp32[i], int8[i], dataset.ignore_index)
+        share = float((fp32[i] == int8[i]).mean())
+        ious = [image_iou(p, label, dataset.num_classes, dataset.ignore_index)
+                for p in (fp32[i], int8[i])]
+        stem = os.path.splitext(os.path.basename(img_path))[0]
+        name = '{:02d}_{}_agree{:.2f}_iou{:.3f}-{:.3f}.png'.format(rank, stem, 100 * share,
+                                                                   *ious)
+        ok, png = cv2.imencode('.png', np.ascontiguousarray(picture[..., ::-1]))
+        write_bytes(os.path.join(gallery_dir, name), png.tobytes())
+        records.append(dict(counts, file=name, image=img_path, agreement=share,
+                            pixels=int(label.size), fp32_iou=ious[0], int8_iou=ious[1]))
+    write_text(os.path.join(gallery_dir, 'index.md'), gallery_markdown(records, engine, '') +
+               '\n')
+    return records
+
+
+def gallery_markdown(records: List[Dict[str, Any]], engine: str, prefix: str) -> str:
+    """The gallery section: a legend, then each picture with its caption."""
+    if not records:
+        return 'INT8 ({}) and FP32 predict the same class on every pixel of every val ' \
+               'image: no gallery.'.format(engine)
+    lines = ['Val images where the INT8 engine ({}) disagrees most with FP32, lowest '
+             'agreement first. Panels: input, ground truth, FP32 mask, INT8 mask, difference '
+             '(grey: same class; yellow: changed, neither matches the ground truth; green: '
+             'INT8 fixes the ground truth; red: INT8 breaks it).'.format(engine), '']
+    for r in records:
+        lines += ['**{}**: agreement {:.2%} ({} of {} pixels changed: {} fixed, {} broken), '
+                  'image mIoU FP32 {:.4f} -> INT8 {:.4f}'.format(
+                      os.path.basename(r['image']), r['agreement'], r['changed'], r['pixels'],
+                      r['fixed'], r['broken'], r['fp32_iou'], r['int8_iou']), '',
+                  '![{}]({}{})'.format(r['file'], prefix, r['file']), '']
+    return '\n'.join(lines).rstrip()
+
+
+def write_report_dir(report: Dict[str, Any], report_dir: str,
+                     dataset: Optional[SegDataset] = None,
+                     preds: Optional[List[List[np.ndarray]]] = None,
+                     gallery: int = 8) -> str:
+    """report.md, latency.png, miou.png (with a dataset) and gallery/ (first INT8 row against
+    the first row); returns the path of report.md."""
+    from segslim.fileio import write_json
+    os.makedirs(report_dir, exist_ok=True)
+    rows = report['rows']
+    _save(latency_figure(report), os.path.join(report_dir, 'latency.png'))
+    lines = ['# FP32 vs INT8 report', '', format_report(report), '',
+             '## Latency', '', '![latency](latency.png)']
+    if all('miou' in r for r in rows):
+        _save(miou_figure(report), os.path.join(report_dir, 'miou.png'))
+        lines += ['', '## Accuracy', '', '![mIoU and per-class IoU](miou.png)']
+    int8 = next((i for i, r in enumerate(rows) if r['precision'] == 'int8'), None)
+    if dataset is not None and preds and int8 is not None and gallery > 0:
+        records = write_gallery(os.path.join(report_dir, 'gallery'), dataset, preds[0],
+                                preds[int8], gallery, engine_name(rows[int8]))
+        report['gallery'] = records
+        lines += ['', '## Where INT8 differs from FP32', '',
+                  'INT8 row: {} on {}; FP32 row: {} on {} ([index](gallery/index.md)).'.format(
+                      short_name(rows[int8]['model_dir']), engine_name(rows[int8]),
+                      short_name(rows[0]['model_dir']), engine_name(rows[0])), '',
+                  gallery_markdown(records, engine_name(rows[int8]), 'gallery/')]
+    path = os.path.join(report_dir, 'report.md')
+    write_text(path, '\n'.join(lines) + '\n')
+    write_json(os.path.join(report_dir, 'report.json'), report)
+    return path
