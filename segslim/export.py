@@ -109,6 +109,61 @@ def fold_conv_bias_reshape(model_file: str) -> int:
     return rewritten
 
 
+# Ops whose inputs a QAT/PTQ model really fake-quantizes (PaddleSlim's Conv2D/Linear and
+# quant_post_static's default op set); other quantize/dequantize pairs only carry scales.
+QUANTIZED_OP_TYPES = ('conv2d', 'depthwise_conv2d', 'conv2d_transpose', 'mul', 'matmul',
+                      'matmul_v2')
+
+
+def strip_observer_quantization(model_file: str, out_file: str) -> int:
+    """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
+    that feed no convolution or matrix product; returns how many pairs were removed.
+
+    QAT and PTQ exports also carry pairs on layer outputs (PaddleSlim's output-scale
+    observers: on conv outputs before batch norm, on adds, activations, pools). Paddle
+    Inference reads them as scales only, and the QAT model never rounds those tensors; an
+    engine that applies every pair (OpenVINO, onnxruntime) would round them to 8 bits. The
+    variables stay declared, so the unchanged params file still loads with the program.
+    """
+    desc = read_program(model_file)
+    block = desc.block(0)
+    ops = [block.op(i) for i in range(block.op_size())]
+    consumers: Dict[str, List[int]] = {}
+    producer: Dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.input_names():
+            for var in op.input(name):
+                consumers.setdefault(var, []).append(i)
+        for name in op.output_names():
+            for var in op.output(name):
+                producer[var] = i
+    remove = []
+    for i, op in enumerate(ops):
+        if op.type() != 'dequantize_linear':
+            continue
+        src = op.input('X')[0]
+        q = producer.get(src)
+        if q is None or ops[q].type() != 'quantize_linear' or \
+                consumers.get(src, []) != [i]:
+            continue  # weights (stored quantized) or a shared tensor: keep
+        out = op.output('Y')[0]
+        users = consumers.get(out, [])
+        if any(ops[u].type() in QUANTIZED_OP_TYPES for u in users):
+            continue
+        original = ops[q].input('X')[0]
+        for u in users:
+            for name in ops[u].input_names():
+                args = ops[u].input(name)
+                if out in args:
+                    ops[u].set_input(name, [original if a == out else a for a in args])
+        remove += [q, i]
+    for i in sorted(remove, reverse=True):
+        block._remove_op(i, i + 1)
+    desc.flush()
+    write_bytes(out_file, desc.serialize_to_string())
+    return len(remove) // 2
+
+
 def deploy_transforms(cfg: Dict[str, Any]) -> list:
     export_cfg = cfg.get('export') or {}
     if export_cfg.get('transforms') is not None:

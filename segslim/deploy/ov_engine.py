@@ -6,6 +6,7 @@ pairs become FakeQuantize ops, and what runs INT8 is read back from the compiled
 runtime graph, never assumed."""
 import collections
 import os
+import tempfile
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from segslim.deploy.predictor import (EngineBase, EngineOptions, QUANT_OP_TYPES,
                                       program_op_types, read_deploy)
 from segslim.errors import UserError
+from segslim.export import strip_observer_quantization
 
 # OpenVINO CPU runtime layer types counted as quantizable work (oneDNN's conv/matmul kinds).
 CONV_LAYERS = ('Convolution', 'GroupConvolution', 'Deconvolution')
@@ -61,12 +63,10 @@ def runtime_summary(runtime_model: Any) -> Dict[str, Any]:
 
 
 def drop_observer_quantization(model: Any) -> List[str]:
-    """Removes the FakeQuantize ops that feed no convolution or matrix product; returns their
-    names. PaddleSlim's QAT only observes the outputs of quantized layers (their scales help
-    an engine chain INT8 ops) and fake-quantizes nothing but the inputs and weights of
-    convs/linears; a QAT export writes both as quantize/dequantize pairs, which OpenVINO turns
-    alike into FakeQuantize and applies. Applied, the output ones round each conv's pre-BN
-    output to 8 bits per tensor, which the QAT model never learned to absorb."""
+    """Removes the FakeQuantize ops of a converted model that feed no convolution or matrix
+    product; returns their names. The program-level strip_observer_quantization removes the
+    observer pairs before conversion; this catches those the converter splits off a shared
+    tensor (PTQ programs quantize a tensor once for a conv and its other consumers)."""
     dropped = []
     for op in model.get_ordered_ops():
         if op.get_type_name() != 'FakeQuantize':
@@ -116,14 +116,22 @@ class OpenVINOPredictor(EngineBase):
         if opts.precision == 'int8' and not self.quantized:
             raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
                             'export it with slim/quant/qat_export.py'.format(model_dir))
-        try:
-            self.model = self.core.read_model(self.deploy['model'], self.deploy['params'])
-        except Exception as e:  # the converter reports failures as generic errors
-            raise UserError('OpenVINO cannot read {} ({}); use --backend paddle'.format(
-                self.deploy['model'], str(e).strip().splitlines()[-1][:160] if str(e) else
-                type(e).__name__))
+        keep_all = os.environ.get('SEGSLIM_OV_KEEP_ALL_FQ') is not None
+        with tempfile.TemporaryDirectory(prefix='segslim-ov-') as tmp:
+            program = self.deploy['model']
+            self.stripped = 0
+            if self.quantized and not keep_all:
+                program = os.path.join(tmp, 'model.pdmodel')
+                self.stripped = strip_observer_quantization(self.deploy['model'], program)
+            try:
+                self.model = self.core.read_model(program, self.deploy['params'])
+            except Exception as e:  # the converter reports failures as generic errors
+                text = str(e).strip()
+                raise UserError('OpenVINO cannot read {} ({}); use --backend paddle'.format(
+                    self.deploy['model'], text.splitlines()[-1][:160] if text else
+                    type(e).__name__))
         self.dropped = drop_observer_quantization(self.model) if self.quantized and \
-            os.environ.get('SEGSLIM_OV_KEEP_ALL_FQ') is None else []
+            not keep_all else []
         self.precision = 'int8' if self.quantized else (
             'bf16' if opts.precision == 'bf16' else 'fp32')
         self.properties = {
