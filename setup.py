@@ -31,6 +31,8 @@ setup(
         'segslim-qat-train=segslim.commands:qat_train',
         'segslim-qat-val=segslim.commands:qat_val',
         'segslim-qat-export=segslim.commands:qat_export',
+        'segslim-ptq=segslim.commands:ptq',
+        'segslim-quant-analysis=segslim.commands:analysis',
         'segslim-infer=segslim.commands:infer',
         'segslim-benchmark=segslim.commands:benchmark',
         'segslim-make-demo-dataset=segslim.commands:make_demo_dataset',

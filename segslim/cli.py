@@ -123,10 +123,17 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--input_shape', nargs='+', type=int, default=None,
                    metavar='N C H W', help='fixed input shape, e.g. 1 3 512 512 (default '
                                            'dynamic)')
+    add_to_onnx(p)
     return p
 
 
-BACKENDS = ('paddle', 'openvino')
+def add_to_onnx(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--to_onnx', action='store_true',
+                   help='also write model.onnx (QDQ for INT8 models) with paddle2onnx; '
+                        'pip install -e .[onnx]')
+
+
+BACKENDS = ('paddle', 'openvino', 'onnxruntime')
 
 
 def add_engine_args(p: argparse.ArgumentParser,
@@ -136,7 +143,8 @@ def add_engine_args(p: argparse.ArgumentParser,
     p.add_argument('--backend', choices=BACKENDS, nargs='+' if many_backends else None,
                    default=['paddle'] if many_backends else 'paddle',
                    help='paddle: Paddle Inference (oneDNN on CPU, TensorRT on GPU); openvino: '
-                        'OpenVINO on CPU (pip install -e .[openvino])')
+                        'OpenVINO on CPU (pip install -e .[openvino]); onnxruntime: the '
+                        'folder\'s model.onnx (export with --to_onnx) on CPU')
     if not any(a.dest == 'device' for a in p._actions):
         p.add_argument('--device', choices=['cpu', 'gpu', 'xpu', 'npu'], default=None,
                        help='default: gpu when paddle is compiled with CUDA, else cpu')

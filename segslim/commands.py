@@ -89,6 +89,61 @@ def qat_export(argv: Optional[List[str]] = None) -> None:
     cli.entry(p, main, argv)
 
 
+def ptq(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Post-training quantization (PaddleSlim quant_post_static) of FP32 weights '
+                'or an FP32 inference model.')
+    src = p.add_mutually_exclusive_group()
+    src.add_argument('--model_dir', default=None,
+                     help='an FP32 inference model folder (export.py) to quantize')
+    src.add_argument('--model_path', default=None,
+                     help='FP32 model.pdparams to export and quantize (default: the config\'s '
+                          'model.pretrained)')
+    p.add_argument('--save_dir', default='quant_model', help='where the INT8 model goes')
+    p.add_argument('--batch_nums', type=cli.positive_int, default=32,
+                   help='calibration batches drawn from the train set (upstream default 10)')
+    p.add_argument('--batch_size', type=cli.positive_int, default=1,
+                   help='images per calibration batch')
+    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='hist',
+                   help='activation scale method (upstream\'s ptq.py uses KL; hist kept the '
+                        'demo model\'s mIoU best)')
+    p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
+                   help='head of the exported model with --model_path (default argmax)')
+    p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
+    p.add_argument('--without_argmax', action='store_true', help='same as --output_op none')
+    p.add_argument('--verify_images', type=int, default=8,
+                   help='compare the INT8 engine with the FP32 engine on this many val images '
+                        '(0: skip)')
+    cli.add_to_onnx(p)
+
+    def main(args):
+        from segslim.workflows import run_ptq
+        return run_ptq(args)
+    cli.entry(p, main, argv)
+
+
+def analysis(argv: Optional[List[str]] = None) -> None:
+    p = _parser('Quantization sensitivity of each layer, and a skip list (optionally the '
+                'smallest one meeting a mIoU budget on the engine).')
+    p.add_argument('--model_path', default=None,
+                   help='FP32 model.pdparams (default: the config\'s model.pretrained)')
+    p.add_argument('--save_dir', default='output/analysis',
+                   help='sensitivity.md, sensitivity.png and skip_layers.yml go here')
+    p.add_argument('--num_images', type=cli.positive_int, default=8,
+                   help='val images each measurement runs on')
+    p.add_argument('--calib_images', type=cli.positive_int, default=32,
+                   help='train images that calibrate the activation scales')
+    p.add_argument('--max_miou_drop', type=float, default=None,
+                   help='find the smallest skip set whose PTQ model stays within this mIoU '
+                        'of FP32 on the engine, e.g. 0.005')
+    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='hist',
+                   help='PTQ scale method of the engine check')
+
+    def main(args):
+        from segslim.workflows import run_analysis
+        return run_analysis(args)
+    cli.entry(p, main, argv)
+
+
 def infer(argv: Optional[List[str]] = None) -> None:
     p = cli.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')

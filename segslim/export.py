@@ -1,8 +1,10 @@
 """Inference-model export: output heads, deploy.yaml, and the program pass that lets
 oneDNN fuse conv + bias + batch-norm + activation."""
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -162,6 +164,62 @@ def strip_observer_quantization(model_file: str, out_file: str) -> int:
     desc.flush()
     write_bytes(out_file, desc.serialize_to_string())
     return len(remove) // 2
+
+
+ONNX_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axes
+
+
+def export_onnx(model_dir: str) -> str:
+    """Writes <model_dir>/model.onnx from the folder's Paddle program (a QDQ model for a
+    quantized one: its observer-only pairs stripped first, so the ONNX model rounds exactly
+    what the QAT/PTQ model rounds, the placement TensorRT and onnxruntime expect) and names
+    it in deploy.yaml; returns its path."""
+    try:
+        import paddle2onnx
+    except ImportError:
+        raise UserError('--to_onnx needs paddle2onnx: pip install -e .[onnx] (make install '
+                        'does it)')
+    deploy_path = os.path.join(model_dir, 'deploy.yaml')
+    with open(deploy_path) as f:
+        deploy = yaml.safe_load(f)
+    program = os.path.join(model_dir, 'model.pdmodel')
+    with tempfile.TemporaryDirectory(prefix='segslim-onnx-') as tmp:
+        if deploy['Deploy'].get('quantized'):
+            stripped = os.path.join(tmp, 'model.pdmodel')
+            strip_observer_quantization(program, stripped)
+            program = stripped
+        try:
+            with _quiet_fd(2):
+                onnx_bytes = paddle2onnx.export(program, os.path.join(model_dir, 'model.pdiparams'),
+                                                None, opset_version=ONNX_OPSET, verbose=False,
+                                                deploy_backend='onnxruntime')
+        except Exception as e:  # the converter raises generic errors
+            raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
+                model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
+                type(e).__name__))
+    out = os.path.join(model_dir, 'model.onnx')
+    write_bytes(out, onnx_bytes)
+    deploy['Deploy']['onnx'] = 'model.onnx'
+    write_bytes(deploy_path, yaml.safe_dump(deploy, sort_keys=False,
+                                            default_flow_style=None).encode())
+    logger.info('Exported %s ONNX model (opset %d) to %s',
+                'QDQ INT8' if deploy['Deploy'].get('quantized') else 'FP32', ONNX_OPSET, out)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_fd(fd: int):
+    """Silences a native library's prints to file descriptor `fd` (paddle2onnx's banner)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
 
 
 def deploy_transforms(cfg: Dict[str, Any]) -> list:

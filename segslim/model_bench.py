@@ -49,7 +49,7 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
     if fp32:
         export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
     qcfg = quant_config_of(cfg)
-    quanter = quantize_model(model, qcfg)
+    quanter = quantize_model(model, qcfg, summary=False)
     # Fake-quant layers record moving-average activation scales in train mode; BN keeps
     # its statistics frozen so the INT8 model matches the FP32 one.
     model.train()

@@ -81,33 +81,58 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return qcfg
 
 
-def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
-    """Sets `skip_quant` on quantizable layers the policy leaves out; returns
-    (names to quantize, names skipped)."""
+def quant_plan(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """[(layer name, layer type, rule)] for every quantizable layer, in model order; rule is
+    'quantized' or what skips it: the `layers: backbone` policy or the first matching
+    `skip` pattern."""
     types = tuple(LAYER_TYPES[t] for t in qcfg['quantizable_layer_type'])
     only_backbone = qcfg['layers'] == 'backbone' and hasattr(model, 'backbone')
-    quantized, skipped = [], []
+    plan = []
     for name, layer in model.named_sublayers():
         if not isinstance(layer, types):
             continue
-        skip = (only_backbone and not name.startswith('backbone.')) or any(
-            fnmatch.fnmatch(name, pattern) for pattern in qcfg['skip'])
-        layer.skip_quant = skip
-        (skipped if skip else quantized).append(name)
+        rule = 'quantized'
+        if only_backbone and not name.startswith('backbone.'):
+            rule = 'skipped: outside the backbone (quant_config.layers: backbone)'
+        else:
+            pattern = next((p for p in qcfg['skip'] if fnmatch.fnmatch(name, p)), None)
+            if pattern is not None:
+                rule = 'skipped: quant_config.skip {!r}'.format(pattern)
+        plan.append((name, type(layer).__name__, rule))
+    return plan
+
+
+def log_quant_summary(plan: List[Tuple[str, str, str]], what: str) -> None:
+    """Logs each layer with its rule, so a skip list visibly took effect."""
+    quantized = sum(rule == 'quantized' for _, _, rule in plan)
+    width = max(len(name) for name, _, _ in plan)
+    lines = ['{}: quantizing {} of {} layers, skipping {}'.format(
+        what, quantized, len(plan), len(plan) - quantized)]
+    lines += ['  {:<{}}  {:<16} {}'.format(name, width, kind, rule) for name, kind, rule in plan]
+    logger.info('\n'.join(lines))
+
+
+def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+    """Sets `skip_quant` on quantizable layers the policy leaves out; returns
+    (names to quantize, names skipped)."""
+    layers = dict(model.named_sublayers())
+    quantized, skipped = [], []
+    for name, _, rule in quant_plan(model, qcfg):
+        layers[name].skip_quant = rule != 'quantized'
+        (skipped if layers[name].skip_quant else quantized).append(name)
     return quantized, skipped
 
 
-def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any]):
+def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool = True):
     """Inserts fake-quant layers in place; returns the PaddleSlim QAT object (for export)."""
     from paddleslim import QAT
-    quantized, skipped = mark_skipped(model, qcfg)
+    plan = quant_plan(model, qcfg)
+    quantized, _ = mark_skipped(model, qcfg)
     if not quantized:
         raise UserError('config key `quant_config`: no layer is left to quantize (layers: {}, '
                         'skip: {}); loosen the policy'.format(qcfg['layers'], qcfg['skip']))
-    logger.info('QAT: quantizing %d layers (%s), skipping %d%s', len(quantized),
-                '/'.join(qcfg['quantizable_layer_type']), len(skipped),
-                ': ' + ', '.join(skipped[:8]) + (' ...' if len(skipped) > 8 else '')
-                if skipped else '')
+    if summary:
+        log_quant_summary(plan, 'QAT ({})'.format('/'.join(qcfg['quantizable_layer_type'])))
     slim_cfg = {k: v for k, v in qcfg.items()
                 if k not in ('layers', 'skip', 'int8_ops', 'int8_share')}
     quanter = QAT(config=slim_cfg)

@@ -18,7 +18,7 @@ from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.engine.train import TrainOptions, restore_training, train
 from segslim.errors import UserError
-from segslim.export import export_inference_model, output_op_of
+from segslim.export import export_inference_model, export_onnx, output_op_of
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.quant import build_quant_model, quant_config_of, quantize_model
@@ -252,6 +252,8 @@ def run_export(args: argparse.Namespace, quant: bool = False) -> int:
                            output_op_of(args.output_op, args.with_softmax, args.without_argmax),
                            args.input_shape, quanter,
                            quant_config_of(cfg)['int8_ops'] if quant else None)
+    if args.to_onnx:
+        export_onnx(args.save_dir)
     if quant and getattr(args, 'verify_images', 0) > 0:
         verify_engine(model, cfg, args.save_dir, args.verify_images)
     return 0
@@ -282,6 +284,128 @@ def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
         'INT8 engine (oneDNN, %s/%s convs INT8) agrees with the QAT model on %.4f%% of pixels '
         '(%d val images)', summary.get('int8_conv_ops'), summary.get('conv_ops'), 100 * share, n)
     return share
+
+
+def run_ptq(args: argparse.Namespace) -> int:
+    """slim/quant/ptq.py: post-training quantization of FP32 weights (--model_path) or of an
+    FP32 export (--model_dir), calibrated on train images; the same layout as qat_export."""
+    import tempfile
+    from segslim import ptq
+    cfg = _setup(args, ('model', 'train_dataset'))
+    check_writable(args.save_dir)
+    qcfg = quant_config_of(cfg)
+    train_ds = build_dataset(cfg, 'train_dataset')
+    asked = args.batch_nums * args.batch_size
+    paths = ptq.calibration_paths(train_ds.file_list, min(asked, len(train_ds)))
+    ptq.warn_if_too_few(len(paths), asked, len(train_ds))
+    with tempfile.TemporaryDirectory(prefix='segslim-ptq-') as tmp:
+        if args.model_dir:
+            fp32_dir = args.model_dir
+            with paddle.utils.unique_name.guard():  # the names of a fresh export.py process
+                model = builder.build_model(cfg)
+        else:
+            model = builder.build_model(cfg)
+            ckpt.load_weights(model, weights_path(args, cfg))
+            fp32_dir = os.path.join(tmp, 'fp32')
+            export_inference_model(model, cfg, fp32_dir, output_op_of(
+                args.output_op, args.with_softmax, args.without_argmax))
+        skip = ptq.skipped_weights(model, qcfg, 'PTQ ({}, {})'.format(
+            args.algo, '/'.join(qcfg['quantizable_layer_type'])))
+        ptq.post_training_quantize(fp32_dir, args.save_dir, paths, qcfg, skip, args.algo,
+                                   args.batch_size, args.device)
+        if args.to_onnx:
+            export_onnx(args.save_dir)
+        if args.verify_images > 0:
+            compare_engines(cfg, fp32_dir, args.save_dir, args.verify_images)
+    return 0
+
+
+def run_analysis(args: argparse.Namespace) -> int:
+    """slim/quant/analysis.py: per-layer sensitivity, and with --max_miou_drop the smallest
+    skip set whose PTQ model meets the budget on the engine."""
+    import tempfile
+    from segslim import analysis, ptq
+    from segslim.deploy.benchmark import predict_dataset, score
+    from segslim.deploy.predictor import EngineOptions, Predictor, Preprocessor
+    from segslim.export import deploy_transforms
+    cfg = _setup(args, ('model', 'train_dataset', 'val_dataset'))
+    check_writable(args.save_dir)
+    qcfg = quant_config_of(cfg)
+    weights = weights_path(args, cfg)
+
+    def build():
+        model = builder.build_model(cfg)
+        ckpt.load_weights(model, weights)
+        return model
+    train_ds = build_dataset(cfg, 'train_dataset')
+    val_ds = build_dataset(cfg, 'val_dataset')
+    paths = ptq.calibration_paths(train_ds.file_list, min(args.calib_images, len(train_ds)))
+    ptq.warn_if_too_few(len(paths), args.calib_images, len(train_ds))
+    pre = Preprocessor(deploy_transforms(cfg))
+    probe = analysis.SensitivityProbe(build, qcfg, [pre(p)[0][np.newaxis] for p in paths],
+                                      val_ds, args.num_images)
+    n = len(probe.samples)
+    logger.info('Sensitivity of %d layers on %d val images (FP32 mIoU %.4f)', len(probe.used),
+                n, probe.fp32_miou)
+    ranking = probe.rank()
+    steps = None
+    if args.max_miou_drop is None:
+        skip = [r.name for r in ranking
+                if probe.fp32_miou - r.alone_miou >= analysis.DEFAULT_SKIP_DROP]
+        note = ('Skip list: the layers whose quantization alone costs at least {:.1f} mIoU '
+                'points in simulation; not checked on the engine (--max_miou_drop gives a '
+                'checked set).'.format(100 * analysis.DEFAULT_SKIP_DROP))
+    else:
+        with tempfile.TemporaryDirectory(prefix='segslim-analysis-') as tmp:
+            fp32 = build()
+            export_inference_model(fp32, cfg, os.path.join(tmp, 'fp32'))
+            base = score(predict_dataset(Predictor(os.path.join(tmp, 'fp32'), EngineOptions()),
+                                         val_ds, n), val_ds)['miou']
+
+            def verify(skip: List[str]) -> float:
+                q = dict(qcfg, skip=list(qcfg['skip']) + skip)
+                ptq.post_training_quantize(os.path.join(tmp, 'fp32'), os.path.join(tmp, 'int8'),
+                                           paths, q, ptq.skipped_weights(fp32, q, '', False),
+                                           args.algo, device=args.device)
+                engine = Predictor(os.path.join(tmp, 'int8'), EngineOptions(precision='int8'))
+                miou = score(predict_dataset(engine, val_ds, n), val_ds)['miou']
+                logger.info('Engine check, %d layers kept FP32: INT8 mIoU %.4f vs FP32 %.4f',
+                            len(skip), miou, base)
+                return base - miou
+            skip, steps = analysis.smallest_skip_set(probe, ranking, args.max_miou_drop,
+                                                     verify)
+        met = any(s['skip'] == len(skip) and s['engine_drop'] <= args.max_miou_drop
+                  for s in steps)
+        note = ('Skip list: the shortest prefix of the ranking whose PTQ ({}) model stays '
+                'within {:.4f} mIoU of FP32 on the Paddle Inference engine ({} val images): '
+                '{}.'.format(args.algo, args.max_miou_drop, n,
+                             'met, {} layers kept FP32'.format(len(skip)) if met else
+                             'NOT met by any set tried'))
+        (logger.info if met else logger.warning)(note)
+    paths_out = analysis.write_sensitivity(args.save_dir, probe, ranking, skip, args.config,
+                                           qcfg['skip'], note, steps)
+    logger.info('Wrote %s, %s and %s', paths_out['md'], paths_out['png'], paths_out['yml'])
+    return 0
+
+
+def compare_engines(cfg: Dict[str, Any], fp32_dir: str, int8_dir: str, limit: int) -> None:
+    """Logs mIoU of the FP32 and INT8 Paddle Inference engines on the first `limit` val
+    images and their pixel agreement; warns when INT8 loses more than 1 point."""
+    from segslim.deploy.benchmark import agreement, predict_dataset, score
+    from segslim.deploy.predictor import EngineOptions, Predictor
+    if not cfg.get('val_dataset'):
+        logger.info('Config has no val_dataset: the INT8 engine was not checked')
+        return
+    dataset = build_dataset(cfg, 'val_dataset')
+    n = min(limit, len(dataset))
+    fp32 = predict_dataset(Predictor(fp32_dir, EngineOptions()), dataset, n)
+    int8_engine = Predictor(int8_dir, EngineOptions(precision='int8'))
+    int8 = predict_dataset(int8_engine, dataset, n)
+    m32, m8 = score(fp32, dataset)['miou'], score(int8, dataset)['miou']
+    (logger.info if m8 >= m32 - 0.01 else logger.warning)(
+        'INT8 engine (oneDNN, %s/%s convs INT8): mIoU %.4f vs FP32 engine %.4f on %d val '
+        'images, %.4f%% of pixels agree', int8_engine.engine.get('int8_conv_ops'),
+        int8_engine.engine.get('conv_ops'), m8, m32, n, 100 * agreement(int8, fp32))
 
 
 def _engine_options(args: argparse.Namespace):

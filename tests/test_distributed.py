@@ -108,7 +108,7 @@ def test_qat_under_the_launcher_keeps_scales_identical(dp_run):
                   '--save_interval', 2, '--learning_rate', 0.001, '--seed', 0,
                   '--save_dir', run, '--opts', *data_opts(dp_run['data']))
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert 'QAT: quantizing' in proc.stdout
+    assert 'QAT (Conv2D/Linear): quantizing' in proc.stdout
     # the check covers every weight, batch-norm statistic and activation scale
     assert 'data parallel: weights and buffers identical on all 2 processes' in proc.stdout
     scales = {k: v for k, v in read_params(run / 'iter_2' / 'model.pdparams').items()

@@ -50,7 +50,7 @@ def test_val_is_above_chance(fp32_run, tmp_path):
 
 
 def test_qat_run_quantizes_and_keeps_best(qat_run):
-    assert 'QAT: quantizing 64 layers' in qat_run['stdout']
+    assert 'QAT (Conv2D/Linear): quantizing 64 of 64 layers' in qat_run['stdout']
     run = qat_run['dir']
     assert os.path.isfile(os.path.join(run, 'best_model', 'model.pdparams'))
     assert os.path.isfile(os.path.join(run, 'iter_10', 'train_state.pkl'))

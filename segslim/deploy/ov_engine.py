@@ -11,8 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from segslim.deploy.predictor import (EngineBase, EngineOptions, QUANT_OP_TYPES,
-                                      program_op_types, read_deploy)
+from segslim.deploy.predictor import EngineBase, EngineOptions
 from segslim.errors import UserError
 from segslim.export import strip_observer_quantization
 
@@ -103,19 +102,10 @@ class OpenVINOPredictor(EngineBase):
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.ov = import_openvino()
-        self.deploy = read_deploy(model_dir)
-        self.opts = opts
-        self.model_dir = model_dir
-        self.op_types = program_op_types(self.deploy['model'])
-        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
-        self.fallback = None
-        self.engine: Dict[str, Any] = {}
         self.core = self.ov.Core()
         caps = self.core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
         check_openvino_options(opts, 'BF16' in caps)
-        if opts.precision == 'int8' and not self.quantized:
-            raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
-                            'export it with slim/quant/qat_export.py'.format(model_dir))
+        super().__init__(model_dir, opts)
         keep_all = os.environ.get('SEGSLIM_OV_KEEP_ALL_FQ') is not None
         with tempfile.TemporaryDirectory(prefix='segslim-ov-') as tmp:
             program = self.deploy['model']
@@ -143,12 +133,6 @@ class OpenVINOPredictor(EngineBase):
         self.run(np.zeros(self._probe_shape(), np.float32))
         if self.quantized and not self.engine.get('int8_ops'):
             self.precision = 'fp32 (QAT model, no INT8 kernels)'
-
-    def _probe_shape(self) -> List[int]:
-        shape = list(self.deploy.get('input_shape') or [])
-        if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape):
-            return shape
-        return list(self.opts.input_shape)
 
     def _request(self, shape: Tuple[int, ...]) -> Any:
         """An infer request of the model compiled for this static input shape."""

@@ -200,14 +200,29 @@ class EngineBase:
     `quantized`, `precision` (what the engine runs), `fallback` (what was changed to make it
     run, or None), `engine` (op summary: what runs INT8) and run() on a N,C,H,W batch."""
     backend = ''
-    deploy: Dict[str, Any]
-    model_dir: str
     precision: str
-    fallback: Optional[str]
-    engine: Dict[str, Any]
+
+    def __init__(self, model_dir: str, opts: EngineOptions):
+        self.deploy = read_deploy(model_dir)
+        self.opts = opts
+        self.model_dir = model_dir
+        self.op_types = program_op_types(self.deploy['model'])
+        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
+        self.fallback: Optional[str] = None
+        self.engine: Dict[str, Any] = {}
+        if opts.precision == 'int8' and not self.quantized:
+            raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
+                            'export it with slim/quant/qat_export.py or ptq.py'.format(model_dir))
 
     def run(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def _probe_shape(self) -> List[int]:
+        """The exported fixed input shape, else opts.input_shape: what a first run uses."""
+        shape = list(self.deploy.get('input_shape') or [])
+        if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape):
+            return shape
+        return list(self.opts.input_shape)
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
         """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
@@ -227,8 +242,12 @@ def create_predictor(model_dir: str, opts: EngineOptions) -> EngineBase:
     if opts.backend == 'openvino':
         from segslim.deploy.ov_engine import OpenVINOPredictor
         return OpenVINOPredictor(model_dir, opts)
+    if opts.backend == 'onnxruntime':
+        from segslim.deploy.ort_engine import OnnxRuntimePredictor
+        return OnnxRuntimePredictor(model_dir, opts)
     if opts.backend != 'paddle':
-        raise UserError('--backend {} is unknown; use paddle or openvino'.format(opts.backend))
+        raise UserError('--backend {} is unknown; use paddle, openvino or onnxruntime'.format(
+            opts.backend))
     return Predictor(model_dir, opts)
 
 
@@ -244,17 +263,8 @@ class Predictor(EngineBase):
     backend = 'paddle'
 
     def __init__(self, model_dir: str, opts: EngineOptions):
-        self.deploy = read_deploy(model_dir)
-        self.opts = opts
-        self.model_dir = model_dir
-        self.op_types = program_op_types(self.deploy['model'])
-        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
-        self.fallback: Optional[str] = None
-        self.engine: Dict[str, Any] = {}
         check_engine_options(opts)
-        if opts.precision == 'int8' and not self.quantized:
-            raise UserError('{} holds no quantization scales, so INT8 would silently run FP32; '
-                            'export it with slim/quant/qat_export.py'.format(model_dir))
+        super().__init__(model_dir, opts)
         self.trt = opts.device == 'gpu' and opts.use_trt
         self.input_name = (program_input_names(self.deploy['model']) or ['x'])[0]
         self.shape_file = None
@@ -416,12 +426,6 @@ class Predictor(EngineBase):
                     shutil.rmtree(cache, ignore_errors=True)
         raise UserError('Paddle Inference cannot run {} ({}); {}'.format(
             self.model_dir, '; '.join(errors), self._hint()))
-
-    def _probe_shape(self) -> List[int]:
-        shape = list(self.deploy.get('input_shape') or [])
-        if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape):
-            return shape
-        return list(self.opts.input_shape)
 
     def _use(self, predictor: Any) -> None:
         self.predictor = predictor

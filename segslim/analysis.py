@@ -1,0 +1,239 @@
+"""Layer sensitivity: what each quantizable layer costs when quantized alone, and what it
+gives back when it alone stays FP32 (mIoU on val images and the SQNR of the logits against
+FP32), from one calibrated fake-quant model whose layers are switched on and off; and the
+greedy smallest skip set that keeps the quantized model within a mIoU budget."""
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import yaml
+
+from segslim._paddle import paddle
+from segslim.data.datasets import SegDataset
+from segslim.engine.evaluate import predict_sample
+from segslim.engine.metrics import ConfusionMatrix
+from segslim.fileio import write_text
+from segslim.logger import logger
+from segslim.quant import quant_plan, quantize_model
+
+# Without --max_miou_drop, layers whose quantization alone costs this much simulated mIoU
+# (half a point) go to skip_layers.yml.
+DEFAULT_SKIP_DROP = 0.005
+CHART_LAYERS = 40  # the most sensitive layers drawn in sensitivity.png
+
+
+@dataclass
+class LayerSensitivity:
+    name: str
+    kind: str
+    alone_miou: float       # only this layer quantized
+    alone_sqnr: float
+    kept_miou: float        # every layer quantized but this one
+    kept_sqnr: float
+
+
+def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
+    """Signal-to-quantization-noise ratio of `test` against `reference`, in dB, over all
+    arrays (inf when they are equal)."""
+    signal = sum(float(np.square(r.astype(np.float64)).sum()) for r in reference)
+    noise = sum(float(np.square(t.astype(np.float64) - r).sum())
+                for r, t in zip(reference, test))
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+def calibrate(model: paddle.nn.Layer, batches: Sequence[np.ndarray]) -> None:
+    """Moving-average activation scales from `batches` (train mode, batch norm frozen)."""
+    model.train()
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            layer.eval()
+    with paddle.no_grad():
+        for x in batches:
+            model(paddle.to_tensor(x))
+    model.eval()
+
+
+def _identity(x):
+    return x
+
+
+class SensitivityProbe:
+    """An FP32 model and its calibrated fake-quant twin, on the first `num_images` val
+    images. measure(enabled) gives (mIoU, SQNR) with only the `enabled` layers quantized."""
+
+    def __init__(self, build: Callable[[], paddle.nn.Layer], qcfg: Dict[str, Any],
+                 calib_batches: Sequence[np.ndarray], dataset: SegDataset, num_images: int):
+        self.dataset = dataset
+        self.samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
+        fp32 = build()
+        fp32.eval()
+        self.plan = quant_plan(fp32, qcfg)
+        with paddle.no_grad():
+            outs = [predict_sample(fp32, s, with_logit=True) for s in self.samples]
+        self.fp32_logits = [logit for _, logit in outs]
+        self.fp32_miou = self._miou([ids for ids, _ in outs])
+        del fp32
+        self.model = build()
+        quantize_model(self.model, qcfg, summary=False)
+        calibrate(self.model, calib_batches)
+        layers = dict(self.model.named_sublayers())
+        self.wrappers = {}
+        for name, _, rule in self.plan:
+            if rule != 'quantized':
+                continue
+            layer = layers.get(name + '._layer', layers.get(name))
+            if hasattr(layer, '_fake_quant_input'):
+                self.wrappers[name] = layer
+        self.used = self._used_layers()
+
+    def _miou(self, preds: Sequence[np.ndarray]) -> float:
+        cm = ConfusionMatrix(self.dataset.num_classes, self.dataset.ignore_index)
+        for pred, sample in zip(preds, self.samples):
+            cm.update(pred, sample['label'])
+        return cm.compute()['miou']
+
+    def _used_layers(self) -> List[str]:
+        """Quantized layers that run at inference (training-only heads do not), in order."""
+        seen: List[str] = []
+        hooks = [layer.register_forward_post_hook(
+            lambda layer, inputs, output, name=name: seen.append(name))
+            for name, layer in self.wrappers.items()]
+        with paddle.no_grad():
+            predict_sample(self.model, self.samples[0])
+        for hook in hooks:
+            hook.remove()
+        return [name for name in self.wrappers if name in set(seen)]
+
+    def set_enabled(self, enabled: Set[str]) -> None:
+        for name, layer in self.wrappers.items():
+            for sub in (layer._fake_quant_input, layer._fake_quant_weight):
+                if name in enabled:
+                    sub.__dict__.pop('forward', None)
+                else:
+                    sub.forward = _identity
+
+    def measure(self, enabled: Set[str]) -> Tuple[float, float]:
+        self.set_enabled(enabled)
+        with paddle.no_grad():
+            outs = [predict_sample(self.model, s, with_logit=True) for s in self.samples]
+        return self._miou([ids for ids, _ in outs]), sqnr_db(self.fp32_logits,
+                                                              [logit for _, logit in outs])
+
+    def rank(self) -> List[LayerSensitivity]:
+        """Every used layer, most sensitive first: lowest SQNR when quantized alone, then
+        the largest mIoU loss."""
+        kinds = {name: kind for name, kind, _ in self.plan}
+        everything = set(self.used)
+        rows = []
+        for i, name in enumerate(self.used):
+            alone = self.measure({name})
+            kept = self.measure(everything - {name})
+            rows.append(LayerSensitivity(name, kinds[name], alone[0], alone[1], kept[0],
+                                         kept[1]))
+            if (i + 1) % 10 == 0 or i + 1 == len(self.used):
+                logger.info('Sensitivity: %d/%d layers measured', i + 1, len(self.used))
+        return sorted(rows, key=lambda r: (r.alone_sqnr, r.alone_miou))
+
+
+def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
+                      max_drop: float, verify: Callable[[List[str]], float]
+                      ) -> Tuple[List[str], List[Dict[str, Any]]]:
+    """The shortest prefix of the layers ordered most sensitive first (the largest simulated
+    mIoU gain when kept FP32, then the lowest SQNR alone) whose quantized model loses at most
+    `max_drop` mIoU on the engine (`verify(skip)` -> its drop). The engine decides, the
+    simulation only orders: a binary search over the prefix length (assuming a longer skip
+    list never loses more) needs about log2(layers) engine checks. Returns (skip list,
+    checks made, each with the simulated mIoU/SQNR of that set)."""
+    order = [r.name for r in sorted(ranking, key=lambda r: (-(r.kept_miou - probe.fp32_miou),
+                                                             r.alone_sqnr))]
+    everything = set(probe.used)
+    steps: Dict[int, Dict[str, Any]] = {}
+
+    def meets(k: int) -> bool:
+        miou, sqnr = probe.measure(everything - set(order[:k]))
+        steps[k] = {'skip': k, 'simulated_miou': miou, 'sqnr': sqnr,
+                    'engine_drop': verify(order[:k])}
+        return steps[k]['engine_drop'] <= max_drop
+    hi = max(len(order) - 1, 0)  # at least one layer stays quantized
+    if meets(0):
+        best = 0
+    elif hi == 0 or not meets(hi):
+        best = hi
+    else:
+        lo = 0
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid
+        best = hi
+    return order[:best], [steps[k] for k in sorted(steps)]
+
+
+def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[LayerSensitivity],
+                      skip: List[str], config: str, existing_skip: Sequence[str],
+                      note: str, steps: Optional[List[Dict[str, Any]]] = None) -> Dict[str, str]:
+    """sensitivity.md, sensitivity.png and skip_layers.yml (a config: `_base_` the analysed
+    one, quant_config.skip the skip list) in save_dir; returns their paths."""
+    os.makedirs(save_dir, exist_ok=True)
+    paths = {k: os.path.join(save_dir, v) for k, v in (
+        ('md', 'sensitivity.md'), ('png', 'sensitivity.png'), ('yml', 'skip_layers.yml'))}
+    unused = [n for n in probe.wrappers if n not in probe.used]
+    lines = ['# Quantization sensitivity', '',
+             'FP32 mIoU {:.4f} on {} val images; every layer quantized: see the steps below. '
+             '"alone": only that layer quantized; "kept FP32": every other layer quantized. '
+             'SQNR of the logits against FP32, in dB (higher is closer). Most sensitive '
+             'first.'.format(probe.fp32_miou, len(probe.samples)), '',
+             '| # | layer | type | alone mIoU | alone SQNR dB | kept FP32 mIoU | kept FP32 SQNR '
+             'dB | skipped |', '|---|---|---|---|---|---|---|---|']
+    for i, r in enumerate(ranking, 1):
+        lines.append('| {} | {} | {} | {:.4f} | {:.1f} | {:.4f} | {:.1f} | {} |'.format(
+            i, r.name, r.kind, r.alone_miou, r.alone_sqnr, r.kept_miou, r.kept_sqnr,
+            'yes' if r.name in skip else ''))
+    if unused:
+        lines += ['', 'Not run at inference (training-only heads), not ranked: {}'.format(
+            ', '.join(unused))]
+    if steps:
+        lines += ['', '## Skip set search', '', '| layers kept FP32 | simulated mIoU | SQNR dB '
+                  '| engine mIoU drop |', '|---|---|---|---|']
+        for s in steps:
+            lines.append('| {} | {:.4f} | {:.1f} | {} |'.format(
+                s['skip'], s['simulated_miou'], s['sqnr'],
+                '{:.4f}'.format(s['engine_drop']) if 'engine_drop' in s else '-'))
+    lines += ['', note, '', '![sensitivity](sensitivity.png)']
+    write_text(paths['md'], '\n'.join(lines) + '\n')
+    _chart(ranking, probe.fp32_miou, paths['png'])
+    base = os.path.relpath(os.path.abspath(config), os.path.abspath(save_dir))
+    body = yaml.safe_dump({'_base_': base, 'quant_config': {
+        'skip': list(existing_skip) + [n for n in skip if n not in existing_skip]}},
+        sort_keys=False)
+    write_text(paths['yml'], '# {}\n# Use it as the config of qat_train.py, qat_export.py or '
+               'ptq.py.\n{}'.format(note, body))
+    return paths
+
+
+def _chart(ranking: List[LayerSensitivity], fp32_miou: float, path: str) -> None:
+    from segslim.deploy.report import _pyplot, _save
+    plt = _pyplot()
+    rows = ranking[:CHART_LAYERS]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.28 * len(rows)), sharey=True)
+    y = np.arange(len(rows))[::-1]
+    finite = [r.alone_sqnr if math.isfinite(r.alone_sqnr) else 99.0 for r in rows]
+    ax1.barh(y, finite, color='#4f81bd', height=0.7)
+    ax1.set_yticks(y)
+    ax1.set_yticklabels([r.name for r in rows], fontsize=7)
+    ax1.set_xlabel('logit SQNR, only this layer quantized (dB)')
+    ax1.set_xlim(0, max(finite) * 1.1)
+    ax2.barh(y, [100 * (fp32_miou - r.alone_miou) for r in rows], color='#c0504d', height=0.7)
+    ax2.axvline(0, color='black', linewidth=0.8)
+    ax2.set_xlabel('mIoU loss, only this layer quantized (points)')
+    fig.suptitle('Most sensitive {} of {} layers'.format(len(rows), len(ranking)), fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def ranking_json(ranking: List[LayerSensitivity]) -> List[Dict[str, Any]]:
+    return [asdict(r) for r in ranking]

@@ -1,0 +1,119 @@
+"""onnxruntime predictors for the model.onnx that export/qat_export/ptq --to_onnx write beside
+the Paddle program: the same interface as the Paddle Inference Predictor, CPU only. What runs
+INT8 is read from a profiled run of the optimized graph (QLinearConv and kin), not assumed."""
+import collections
+import glob
+import json
+import os
+import tempfile
+from typing import Any, Dict, List
+
+import numpy as np
+
+from segslim.deploy.predictor import EngineBase, EngineOptions
+from segslim.errors import UserError
+
+# Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
+CONV_KINDS = ('Conv', 'FusedConv', 'NchwcConv', 'ConvTranspose', 'QLinearConv', 'ConvInteger')
+MATMUL_KINDS = ('MatMul', 'Gemm', 'FusedMatMul', 'QLinearMatMul', 'MatMulInteger',
+                'MatMulIntegerToFloat', 'DynamicQuantizeMatMul')
+INT8_KINDS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger',
+              'MatMulIntegerToFloat', 'DynamicQuantizeMatMul')
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError('--backend onnxruntime needs the onnxruntime package: pip install -e '
+                        '.[onnx] (make install does it), or use --backend paddle')
+    return onnxruntime
+
+
+def profiled_summary(nodes: Dict[str, str]) -> Dict[str, Any]:
+    """{node name: op kind} of one profiled run -> the op summary (int8_ops, by_type, ...)."""
+    by_type: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
+    fp32 = []
+    for name, kind in sorted(nodes.items()):
+        if kind not in CONV_KINDS + MATMUL_KINDS:
+            continue
+        by_type[kind][1] += 1
+        if kind in INT8_KINDS:
+            by_type[kind][0] += 1
+        else:
+            fp32.append(name)
+
+    def total(kinds, idx):
+        return sum(by_type[k][idx] for k in kinds if k in by_type)
+    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
+            'fp32_ops': fp32, 'by_type': dict(by_type),
+            'conv_ops': total(CONV_KINDS, 1), 'int8_conv_ops': total(CONV_KINDS, 0),
+            'matmul_ops': total(MATMUL_KINDS, 1), 'int8_matmul_ops': total(MATMUL_KINDS, 0)}
+
+
+class OnnxRuntimePredictor(EngineBase):
+    """One onnxruntime CPU session for the folder's model.onnx (deploy.yaml `onnx`)."""
+    backend = 'onnxruntime'
+
+    def __init__(self, model_dir: str, opts: EngineOptions):
+        self.ort = import_onnxruntime()
+        if opts.device != 'cpu' or opts.use_trt:
+            raise UserError('--backend onnxruntime runs on CPU here; add --device cpu and drop '
+                            '--use_trt, or use --backend paddle')
+        if opts.precision in ('fp16', 'bf16'):
+            raise UserError('--precision {} is not run by onnxruntime on CPU; use fp32 (or '
+                            'int8 with a quantized export)'.format(opts.precision))
+        super().__init__(model_dir, opts)
+        name = self.deploy.get('onnx')
+        path = os.path.join(self.deploy['dir'], name) if name else None
+        if not path or not os.path.isfile(path):
+            raise UserError('{} has no ONNX model; export it with --to_onnx, or use --backend '
+                            'paddle'.format(model_dir))
+        self.onnx_path = path
+        try:
+            self.session = self.ort.InferenceSession(path, self._options(),
+                                                     providers=['CPUExecutionProvider'])
+        except Exception as e:  # onnxruntime raises its own generic errors
+            raise UserError('onnxruntime cannot load {} ({}); re-export with --to_onnx'.format(
+                path, str(e).strip().splitlines()[-1][:160]))
+        self.input_name = self.session.get_inputs()[0].name
+        self.engine = self._profile(np.zeros(self._probe_shape(), np.float32))
+        self.precision = 'int8' if self.quantized else 'fp32'
+        if self.quantized and not self.engine.get('int8_ops'):
+            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+
+    def _options(self, profile_prefix: str = '') -> Any:
+        so = self.ort.SessionOptions()
+        so.intra_op_num_threads = int(self.opts.cpu_threads)
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        # Idle threads would spin between runs and slow whatever runs next (interleaved
+        # timing of other engines included).
+        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = profile_prefix
+        return so
+
+    def _profile(self, images: np.ndarray) -> Dict[str, Any]:
+        """Op summary of the optimized graph, from one profiled run in a second session."""
+        with tempfile.TemporaryDirectory(prefix='segslim-ort-') as tmp:
+            session = self.ort.InferenceSession(self.onnx_path,
+                                                self._options(os.path.join(tmp, 'prof')),
+                                                providers=['CPUExecutionProvider'])
+            session.run(None, {self.input_name: images})
+            session.end_profiling()
+            nodes = {}
+            for path in glob.glob(os.path.join(tmp, 'prof*.json')):
+                with open(path) as f:
+                    for event in json.load(f):
+                        args = event.get('args') or {}
+                        if event.get('cat') == 'Node' and 'op_name' in args:
+                            nodes[event['name'].rsplit('_kernel_time', 1)[0]] = args['op_name']
+        return profiled_summary(nodes)
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """Runs a N,C,H,W float32 batch; returns the first output."""
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(
+            images, dtype=np.float32)})[0]

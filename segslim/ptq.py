@@ -1,0 +1,159 @@
+"""Post-training quantization: PaddleSlim's quant_post_static on an exported FP32 inference
+model, calibrated on train images through the deploy transforms, with the QAT skip policy,
+saved in qat_export's layout (model.pdmodel, model.pdiparams, deploy.yaml)."""
+import os
+import shutil
+import tempfile
+from typing import Any, Dict, List, Sequence
+
+import numpy as np
+import yaml
+
+from segslim._paddle import paddle
+from segslim.deploy.predictor import (Preprocessor, program_input_names, quiet_native_output,
+                                      read_deploy)
+from segslim.errors import UserError
+from segslim.export import MODEL_FILES, STAGE_PREFIX, fold_conv_bias_reshape, read_program
+from segslim.fileio import move_into_place
+from segslim.logger import logger
+from segslim.quant import log_quant_summary, quant_plan
+
+ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
+# Below this many images the activation scales (a max, a mean of maxima, a histogram
+# percentile or a KL threshold over what was seen) follow a few images' extremes: a class or
+# lighting missing from them gets its activations clipped on other images.
+MIN_CALIBRATION_IMAGES = 32
+# Program op types of PaddleSlim's quantizable layer types.
+LAYER_OPS = {'Conv2D': ('conv2d', 'depthwise_conv2d'), 'Linear': ('mul', 'matmul', 'matmul_v2'),
+             'Conv2DTranspose': ('conv2d_transpose',)}
+
+
+class CalibrationImages(paddle.io.Dataset):
+    """Image files through the deploy transforms: CHW float32 arrays."""
+
+    def __init__(self, paths: Sequence[str], transforms: List[Dict[str, Any]]):
+        super().__init__()
+        self.paths = list(paths)
+        self.pre = Preprocessor(transforms)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.pre(self.paths[i])[0]
+
+
+def calibration_paths(file_list: Sequence[Any], count: int, seed: int = 0) -> List[str]:
+    """`count` image paths drawn without replacement (seeded) from a dataset's file list, so
+    calibration sees the whole set rather than its first images."""
+    order = np.random.default_rng(seed).permutation(len(file_list))
+    return [file_list[i][0] for i in order[:count]]
+
+
+def warn_if_too_few(images: int, asked: int, available: int) -> None:
+    if asked > available:
+        logger.warning('PTQ: --batch_nums x --batch_size asks for %d calibration images but the '
+                       'train set has %d; calibrating on all of them', asked, available)
+    if images < MIN_CALIBRATION_IMAGES:
+        logger.warning('PTQ: %d calibration images is too few to trust (under %d): activation '
+                       'scales are statistics of the images seen, so they follow those images\' '
+                       'extremes and may clip activations on others; raise --batch_nums (and '
+                       'check the INT8 mIoU on val)', images, MIN_CALIBRATION_IMAGES)
+
+
+def skipped_weights(model: paddle.nn.Layer, qcfg: Dict[str, Any], what: str,
+                    summary: bool = True) -> List[str]:
+    """Weight names of the layers the QAT policy skips (PTQ's skip_tensor_list), after logging
+    the quant summary. `model` must be the one the program was exported from (same names)."""
+    plan = quant_plan(model, qcfg)
+    if not any(rule == 'quantized' for _, _, rule in plan):
+        raise UserError('config key `quant_config`: no layer is left to quantize (layers: {}, '
+                        'skip: {}); loosen the policy'.format(qcfg['layers'], qcfg['skip']))
+    if summary:
+        log_quant_summary(plan, what)
+    layers = dict(model.named_sublayers())
+    return [layers[name].weight.name for name, _, rule in plan if rule != 'quantized']
+
+
+def check_names_in_program(names: Sequence[str], model_file: str) -> None:
+    """The skipped layers' weights must be variables of the program, or the skip list would
+    silently not apply."""
+    desc = read_program(model_file)
+    block = desc.block(0)
+    missing = [n for n in names if block.find_var(n.encode()) is None]
+    if missing:
+        raise UserError('{} does not hold the weights of the skipped layers (e.g. {}): it was '
+                        'not exported from this config\'s model; pass --model_path with the '
+                        'FP32 weights instead of --model_dir'.format(model_file, missing[0]))
+
+
+def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
+                           qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'hist',
+                           batch_size: int = 1, device: str = 'cpu') -> Dict[str, Any]:
+    """Quantizes the exported FP32 model in `fp32_dir` into `save_dir` (files staged, then
+    each moved into place); returns {'save_dir', 'images', 'algo'}."""
+    if algo not in ALGOS:
+        raise UserError('--algo {} is not one of {}'.format(algo, ', '.join(ALGOS)))
+    from paddleslim.quant import quant_post_static
+    deploy = read_deploy(fp32_dir)
+    if deploy.get('quantized'):
+        raise UserError('{} is already quantized; pass an FP32 export'.format(fp32_dir))
+    check_names_in_program(skip_weights, deploy['model'])
+    feed = (program_input_names(deploy['model']) or ['x'])[0]
+    op_types = sorted({op for kind in qcfg['quantizable_layer_type'] for op in LAYER_OPS[kind]})
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
+    except OSError as e:
+        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
+            save_dir, e.strerror))
+    try:
+        src = os.path.join(stage, 'fp32')
+        os.makedirs(src)
+        shutil.copyfile(deploy['model'], os.path.join(src, 'model.pdmodel'))
+        shutil.copyfile(deploy['params'], os.path.join(src, 'model.pdiparams'))
+        fold_conv_bias_reshape(os.path.join(src, 'model.pdmodel'))  # upstream exports
+        dataset = CalibrationImages(image_paths, deploy['transforms'])
+
+        def collate(batch):
+            if len({img.shape for img in batch}) > 1:
+                raise UserError('calibration images differ in size after the deploy '
+                                'transforms; use --batch_size 1 or add a Resize to them')
+            return {feed: np.stack(batch).astype(np.float32)}
+        place = paddle.CUDAPlace(0) if device == 'gpu' else paddle.CPUPlace()
+        paddle.enable_static()
+        try:
+            loader = paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                          drop_last=False, collate_fn=collate, num_workers=0)
+            weight_type = 'channel_wise_abs_max' \
+                if qcfg['weight_quantize_type'] == 'channel_wise_abs_max' else 'abs_max'
+            with quiet_native_output():  # PaddleSlim's progress bars and per-step logs
+                quant_post_static(
+                    executor=paddle.static.Executor(place), model_dir=src,
+                    quantize_model_path=stage, data_loader=loader,
+                    model_filename='model.pdmodel', params_filename='model.pdiparams',
+                    save_model_filename='model.pdmodel', save_params_filename='model.pdiparams',
+                    batch_size=batch_size, batch_nums=-(-len(dataset) // batch_size), algo=algo,
+                    quantizable_op_type=op_types, weight_bits=qcfg['weight_bits'],
+                    activation_bits=qcfg['activation_bits'], weight_quantize_type=weight_type,
+                    onnx_format=True, skip_tensor_list=list(skip_weights) or None)
+        finally:
+            paddle.disable_static()
+        out = {k: v for k, v in deploy.items() if k not in ('dir', 'model', 'params')}
+        out.update(model='model.pdmodel', params='model.pdiparams', quantized=True,
+                   int8_ops=list(qcfg['int8_ops']),
+                   calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)})
+        out.pop('onnx', None)
+        with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
+            yaml.safe_dump({'Deploy': out}, f, sort_keys=False, default_flow_style=None)
+        for name in MODEL_FILES:
+            if os.path.exists(os.path.join(stage, name)):
+                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
+    except OSError as e:
+        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
+            save_dir, e.strerror or e))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    logger.info('PTQ (%s, %d calibration images) wrote the INT8 inference model to %s', algo,
+                len(dataset), save_dir)
+    return {'save_dir': save_dir, 'images': len(dataset), 'algo': algo}
