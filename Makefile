@@ -1,5 +1,6 @@
 # make install  -> .venv with the pinned stack (PADDLE=paddlepaddle-gpu==2.6.2 on GPU machines)
-# make demo     -> generated data, FP32 train/val/export, QAT train/val/export, FP32-vs-INT8 report
+# make demo     -> generated data, FP32 train/val/export, QAT train/val/export, PTQ, FP32-vs-INT8
+#                 report on Paddle Inference, OpenVINO and onnxruntime (report.md, charts, gallery)
 # make test     -> the test suite
 # make lint     -> ruff (pyflakes rules, line length)
 # make bench    -> docs/benchmark.md: 512x512 latency FP32 vs INT8 for the shipped configs
@@ -30,16 +31,21 @@ demo: install
 		--save_dir $(DEMO_OUT)/fp32
 	$(PY) val.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams
 	$(PY) export.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams \
-		--save_dir $(DEMO_OUT)/fp32_infer
+		--save_dir $(DEMO_OUT)/fp32_infer --to_onnx
 	$(PY) slim/quant/qat_train.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --learning_rate 0.001 \
 		--iters 100 --do_eval --save_interval 50 --log_iters 50 --seed 0 --save_dir $(DEMO_OUT)/quant
 	$(PY) slim/quant/qat_val.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams
 	$(PY) slim/quant/qat_export.py --config $(DEMO_CFG) \
-		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer
+		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer \
+		--to_onnx
+	$(PY) slim/quant/ptq.py --config $(DEMO_CFG) \
+		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --save_dir $(DEMO_OUT)/ptq_infer \
+		--to_onnx
 	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
-		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer --backend paddle openvino \
+		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer $(DEMO_OUT)/ptq_infer \
+		--backend paddle openvino onnxruntime \
 		--report_dir $(DEMO_OUT)/report
 	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 

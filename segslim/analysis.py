@@ -14,7 +14,7 @@ from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
 from segslim.engine.evaluate import predict_sample
 from segslim.engine.metrics import ConfusionMatrix
-from segslim.fileio import write_text
+from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.quant import quant_plan, quantize_model
 
@@ -137,6 +137,13 @@ class SensitivityProbe:
         return sorted(rows, key=lambda r: (r.alone_sqnr, r.alone_miou))
 
 
+def search_order(probe: SensitivityProbe, ranking: List[LayerSensitivity]) -> List[str]:
+    """Layers in the order a skip list takes them: the largest simulated mIoU gain when kept
+    FP32 first, then the lowest SQNR when quantized alone."""
+    return [r.name for r in sorted(ranking, key=lambda r: (-(r.kept_miou - probe.fp32_miou),
+                                                             r.alone_sqnr))]
+
+
 def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
                       max_drop: float, verify: Callable[[List[str]], float]
                       ) -> Tuple[List[str], List[Dict[str, Any]]]:
@@ -146,8 +153,7 @@ def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
     simulation only orders: a binary search over the prefix length (assuming a longer skip
     list never loses more) needs about log2(layers) engine checks. Returns (skip list,
     checks made, each with the simulated mIoU/SQNR of that set)."""
-    order = [r.name for r in sorted(ranking, key=lambda r: (-(r.kept_miou - probe.fp32_miou),
-                                                             r.alone_sqnr))]
+    order = search_order(probe, ranking)
     everything = set(probe.used)
     steps: Dict[int, Dict[str, Any]] = {}
 
@@ -176,11 +182,13 @@ def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
 def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[LayerSensitivity],
                       skip: List[str], config: str, existing_skip: Sequence[str],
                       note: str, steps: Optional[List[Dict[str, Any]]] = None) -> Dict[str, str]:
-    """sensitivity.md, sensitivity.png and skip_layers.yml (a config: `_base_` the analysed
-    one, quant_config.skip the skip list) in save_dir; returns their paths."""
+    """sensitivity.md, sensitivity.png, sensitivity.json and skip_layers.yml (a config:
+    `_base_` the analysed one, quant_config.skip the skip list) in save_dir; returns their
+    paths."""
     os.makedirs(save_dir, exist_ok=True)
     paths = {k: os.path.join(save_dir, v) for k, v in (
-        ('md', 'sensitivity.md'), ('png', 'sensitivity.png'), ('yml', 'skip_layers.yml'))}
+        ('md', 'sensitivity.md'), ('png', 'sensitivity.png'), ('json', 'sensitivity.json'),
+        ('yml', 'skip_layers.yml'))}
     unused = [n for n in probe.wrappers if n not in probe.used]
     lines = ['# Quantization sensitivity', '',
              'FP32 mIoU {:.4f} on {} val images; every layer quantized: see the steps below. '
@@ -205,6 +213,10 @@ def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[Laye
                 '{:.4f}'.format(s['engine_drop']) if 'engine_drop' in s else '-'))
     lines += ['', note, '', '![sensitivity](sensitivity.png)']
     write_text(paths['md'], '\n'.join(lines) + '\n')
+    write_json(paths['json'], {
+        'fp32_miou': probe.fp32_miou, 'num_images': len(probe.samples),
+        'ranking': [asdict(r) for r in ranking], 'search_order': search_order(probe, ranking),
+        'skip': list(skip), 'steps': steps or [], 'not_run_at_inference': unused})
     _chart(ranking, probe.fp32_miou, paths['png'])
     base = os.path.relpath(os.path.abspath(config), os.path.abspath(save_dir))
     body = yaml.safe_dump({'_base_': base, 'quant_config': {
@@ -233,7 +245,3 @@ def _chart(ranking: List[LayerSensitivity], fp32_miou: float, path: str) -> None
     fig.suptitle('Most sensitive {} of {} layers'.format(len(rows), len(ranking)), fontsize=9)
     fig.tight_layout()
     _save(fig, path)
-
-
-def ranking_json(ranking: List[LayerSensitivity]) -> List[Dict[str, Any]]:
-    return [asdict(r) for r in ranking]

@@ -103,9 +103,9 @@ def ptq(argv: Optional[List[str]] = None) -> None:
                    help='calibration batches drawn from the train set (upstream default 10)')
     p.add_argument('--batch_size', type=cli.positive_int, default=1,
                    help='images per calibration batch')
-    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='hist',
-                   help='activation scale method (upstream\'s ptq.py uses KL; hist kept the '
-                        'demo model\'s mIoU best)')
+    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='abs_max',
+                   help='activation scale method (upstream\'s ptq.py uses KL; abs_max kept the '
+                        'demo models\' mIoU best, see README)')
     p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
                    help='head of the exported model with --model_path (default argmax)')
     p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
@@ -135,8 +135,8 @@ def analysis(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--max_miou_drop', type=float, default=None,
                    help='find the smallest skip set whose PTQ model stays within this mIoU '
                         'of FP32 on the engine, e.g. 0.005')
-    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='hist',
-                   help='PTQ scale method of the engine check')
+    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='abs_max',
+                   help='PTQ scale method of the engine check (as ptq.py)')
 
     def main(args):
         from segslim.workflows import run_analysis

@@ -170,10 +170,14 @@ ONNX_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axes
 
 
 def export_onnx(model_dir: str) -> str:
-    """Writes <model_dir>/model.onnx from the folder's Paddle program (a QDQ model for a
-    quantized one: its observer-only pairs stripped first, so the ONNX model rounds exactly
-    what the QAT/PTQ model rounds, the placement TensorRT and onnxruntime expect) and names
-    it in deploy.yaml; returns its path."""
+    """Writes <model_dir>/model.onnx from the folder's Paddle program with paddle2onnx (a QDQ
+    model for a quantized one) and names it in deploy.yaml; returns its path.
+
+    The program goes in whole: paddle2onnx builds onnxruntime's QLinearConv from a conv's
+    input pair and its output (observer) pair, and without the output pairs it drops the
+    quantization of the activations altogether. Measured on a QAT model: with them, 36 convs
+    run QLinearConv and 99.79 % of pixels agree with the QAT model; stripped, no INT8 kernel
+    and 99.36 %."""
     try:
         import paddle2onnx
     except ImportError:
@@ -182,21 +186,16 @@ def export_onnx(model_dir: str) -> str:
     deploy_path = os.path.join(model_dir, 'deploy.yaml')
     with open(deploy_path) as f:
         deploy = yaml.safe_load(f)
-    program = os.path.join(model_dir, 'model.pdmodel')
-    with tempfile.TemporaryDirectory(prefix='segslim-onnx-') as tmp:
-        if deploy['Deploy'].get('quantized'):
-            stripped = os.path.join(tmp, 'model.pdmodel')
-            strip_observer_quantization(program, stripped)
-            program = stripped
-        try:
-            with _quiet_fd(2):
-                onnx_bytes = paddle2onnx.export(program, os.path.join(model_dir, 'model.pdiparams'),
-                                                None, opset_version=ONNX_OPSET, verbose=False,
-                                                deploy_backend='onnxruntime')
-        except Exception as e:  # the converter raises generic errors
-            raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
-                model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
-                type(e).__name__))
+    try:
+        with _quiet_fd(1), _quiet_fd(2):  # its banner and per-op notes
+            onnx_bytes = paddle2onnx.export(os.path.join(model_dir, 'model.pdmodel'),
+                                            os.path.join(model_dir, 'model.pdiparams'), None,
+                                            opset_version=ONNX_OPSET, verbose=False,
+                                            deploy_backend='onnxruntime')
+    except Exception as e:  # the converter raises generic errors
+        raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
+            model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
+            type(e).__name__))
     out = os.path.join(model_dir, 'model.onnx')
     write_bytes(out, onnx_bytes)
     deploy['Deploy']['onnx'] = 'model.onnx'

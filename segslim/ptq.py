@@ -88,7 +88,7 @@ def check_names_in_program(names: Sequence[str], model_file: str) -> None:
 
 
 def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
-                           qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'hist',
+                           qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'abs_max',
                            batch_size: int = 1, device: str = 'cpu') -> Dict[str, Any]:
     """Quantizes the exported FP32 model in `fp32_dir` into `save_dir` (files staged, then
     each moved into place); returns {'save_dir', 'images', 'algo'}."""

@@ -75,6 +75,9 @@ def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup
     return times
 
 
+BF16_BACKENDS = ('paddle', 'openvino')  # onnxruntime has no bf16 CPU kernels to compare
+
+
 def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: EngineOptions,
               shape: Sequence[int] = (1, 3, 512, 512), warmup: int = 5, repeats: int = 20,
               with_bf16: Optional[bool] = None,
@@ -96,7 +99,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             pred = create_predictor(model_dir, run_opts)
             runs.append((model_dir, pred))
             if i == 0 and opts.device == 'cpu' and opts.enable_mkldnn and not pred.quantized \
-                    and bf16:
+                    and bf16 and backend in BF16_BACKENDS:
                 runs.append((model_dir, create_predictor(
                     model_dir, dataclasses.replace(run_opts, precision='bf16'))))
     batch = _timing_batch(runs[0][1], dataset, shape)
