@@ -221,6 +221,39 @@ def _quiet_fd(fd: int):
         os.close(devnull)
 
 
+@contextlib.contextmanager
+def staged_model_folder(save_dir: str):
+    """Yields a staging folder inside save_dir for model.pdmodel/.pdiparams/deploy.yaml;
+    when the block succeeds each file is moved into save_dir whole (an existing model there is
+    replaced, not mixed; other files stay). The stage is always removed, and a killed run's
+    stages are cleared on the next one."""
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        for name in os.listdir(save_dir):
+            if name.startswith(STAGE_PREFIX):
+                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
+        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
+    except OSError as e:
+        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
+            save_dir, e.strerror))
+    try:
+        yield stage
+        for name in MODEL_FILES:
+            if os.path.exists(os.path.join(stage, name)):
+                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
+    except OSError as e:
+        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
+            save_dir, e.strerror or e))
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_deploy(folder: str, section: Dict[str, Any]) -> None:
+    """<folder>/deploy.yaml holding `Deploy: section` (PaddleSeg's layout)."""
+    with open(os.path.join(folder, 'deploy.yaml'), 'w') as f:
+        yaml.safe_dump({'Deploy': section}, f, sort_keys=False, default_flow_style=None)
+
+
 def deploy_transforms(cfg: Dict[str, Any]) -> list:
     export_cfg = cfg.get('export') or {}
     if export_cfg.get('transforms') is not None:
@@ -247,16 +280,7 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
     if input_shape and (len(shape) != 4 or min(shape) <= 0):
         raise UserError('--input_shape takes four positive numbers N C H W, e.g. 1 3 512 512; '
                         'got {}'.format(' '.join(map(str, input_shape))))
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):  # staging folders of a killed export
-            if name.startswith(STAGE_PREFIX):
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
-    except OSError as e:
-        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
-            save_dir, e.strerror))
-    try:
+    with staged_model_folder(save_dir) as stage:
         model.eval()
         net = InferenceModel(model, output_op)
         net.eval()
@@ -288,16 +312,7 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
         }}
         if quanter is not None and int8_ops:
             deploy['Deploy']['int8_ops'] = list(int8_ops)
-        with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
-            yaml.safe_dump(deploy, f, sort_keys=False, default_flow_style=None)
-        for name in MODEL_FILES:  # each file replaced whole; other files in save_dir stay
-            if os.path.exists(os.path.join(stage, name)):
-                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
-    except OSError as e:
-        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
-            save_dir, e.strerror or e))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        write_deploy(stage, deploy['Deploy'])
     logger.info('Exported %s inference model (%s head, %d conv biases folded) to %s',
                 'INT8' if quanter is not None else 'FP32', output_op, folded, save_dir)
     return {'save_dir': save_dir, 'output_op': output_op, 'folded_biases': folded}

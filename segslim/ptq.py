@@ -3,18 +3,16 @@ model, calibrated on train images through the deploy transforms, with the QAT sk
 saved in qat_export's layout (model.pdmodel, model.pdiparams, deploy.yaml)."""
 import os
 import shutil
-import tempfile
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
-import yaml
 
 from segslim._paddle import paddle
 from segslim.deploy.predictor import (Preprocessor, program_input_names, quiet_native_output,
                                       read_deploy)
 from segslim.errors import UserError
-from segslim.export import MODEL_FILES, STAGE_PREFIX, fold_conv_bias_reshape, read_program
-from segslim.fileio import move_into_place
+from segslim.export import (fold_conv_bias_reshape, read_program, staged_model_folder,
+                            write_deploy)
 from segslim.logger import logger
 from segslim.quant import log_quant_summary, quant_plan
 
@@ -101,13 +99,7 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
     check_names_in_program(skip_weights, deploy['model'])
     feed = (program_input_names(deploy['model']) or ['x'])[0]
     op_types = sorted({op for kind in qcfg['quantizable_layer_type'] for op in LAYER_OPS[kind]})
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
-    except OSError as e:
-        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
-            save_dir, e.strerror))
-    try:
+    with staged_model_folder(save_dir) as stage:
         src = os.path.join(stage, 'fp32')
         os.makedirs(src)
         shutil.copyfile(deploy['model'], os.path.join(src, 'model.pdmodel'))
@@ -144,16 +136,8 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                    int8_ops=list(qcfg['int8_ops']),
                    calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)})
         out.pop('onnx', None)
-        with open(os.path.join(stage, 'deploy.yaml'), 'w') as f:
-            yaml.safe_dump({'Deploy': out}, f, sort_keys=False, default_flow_style=None)
-        for name in MODEL_FILES:
-            if os.path.exists(os.path.join(stage, name)):
-                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
-    except OSError as e:
-        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
-            save_dir, e.strerror or e))
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        write_deploy(stage, out)
+        shutil.rmtree(src)
     logger.info('PTQ (%s, %d calibration images) wrote the INT8 inference model to %s', algo,
                 len(dataset), save_dir)
     return {'save_dir': save_dir, 'images': len(dataset), 'algo': algo}

@@ -62,13 +62,16 @@ def agreement(a: List[np.ndarray], b: List[np.ndarray]) -> float:
 def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup: int,
                      repeats: int) -> List[List[float]]:
     """Seconds per run of each predictor; runs alternate between predictors so that
-    machine noise hits all of them alike."""
+    machine noise hits all of them alike. Each timed run follows an untimed one of the same
+    predictor: the engine that ran before keeps its threads spinning for a while (OpenMP,
+    TBB, onnxruntime's pool), which would otherwise be charged to the next engine."""
     for p in predictors:
         for _ in range(warmup):
             p.run(batch)
     times: List[List[float]] = [[] for _ in predictors]
     for _ in range(repeats):
         for i, p in enumerate(predictors):
+            p.run(batch)
             tic = time.perf_counter()
             p.run(batch)
             times[i].append(time.perf_counter() - tic)

@@ -1,16 +1,15 @@
 """onnxruntime predictors for the model.onnx that export/qat_export/ptq --to_onnx write beside
 the Paddle program: the same interface as the Paddle Inference Predictor, CPU only. What runs
 INT8 is read from a profiled run of the optimized graph (QLinearConv and kin), not assumed."""
-import collections
 import glob
 import json
 import os
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 
-from segslim.deploy.predictor import EngineBase, EngineOptions
+from segslim.deploy.predictor import EngineBase, EngineOptions, summarize_ops
 from segslim.errors import UserError
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
@@ -31,24 +30,9 @@ def import_onnxruntime() -> Any:
 
 
 def profiled_summary(nodes: Dict[str, str]) -> Dict[str, Any]:
-    """{node name: op kind} of one profiled run -> the op summary (int8_ops, by_type, ...)."""
-    by_type: Dict[str, List[int]] = collections.defaultdict(lambda: [0, 0])
-    fp32 = []
-    for name, kind in sorted(nodes.items()):
-        if kind not in CONV_KINDS + MATMUL_KINDS:
-            continue
-        by_type[kind][1] += 1
-        if kind in INT8_KINDS:
-            by_type[kind][0] += 1
-        else:
-            fp32.append(name)
-
-    def total(kinds, idx):
-        return sum(by_type[k][idx] for k in kinds if k in by_type)
-    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
-            'fp32_ops': fp32, 'by_type': dict(by_type),
-            'conv_ops': total(CONV_KINDS, 1), 'int8_conv_ops': total(CONV_KINDS, 0),
-            'matmul_ops': total(MATMUL_KINDS, 1), 'int8_matmul_ops': total(MATMUL_KINDS, 0)}
+    """{node name: op kind} of one profiled run -> the op summary (see summarize_ops)."""
+    return summarize_ops([(kind, kind in INT8_KINDS, name)
+                          for name, kind in sorted(nodes.items())], CONV_KINDS, MATMUL_KINDS)
 
 
 class OnnxRuntimePredictor(EngineBase):
@@ -87,9 +71,6 @@ class OnnxRuntimePredictor(EngineBase):
         so.intra_op_num_threads = int(self.opts.cpu_threads)
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
-        # Idle threads would spin between runs and slow whatever runs next (interleaved
-        # timing of other engines included).
-        so.add_session_config_entry('session.intra_op.allow_spinning', '0')
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if profile_prefix:
             so.enable_profiling = True

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from segslim.deploy.predictor import EngineBase, EngineOptions
+from segslim.deploy.predictor import EngineBase, EngineOptions, summarize_ops
 from segslim.errors import UserError
 from segslim.export import strip_observer_quantization
 
@@ -38,27 +38,14 @@ def import_openvino() -> Any:
 def runtime_summary(runtime_model: Any) -> Dict[str, Any]:
     """What a compiled model executes in INT8, from its runtime graph (layerType,
     runtimePrecision), counted as op_summary() counts the oneDNN program."""
-    by_type: Dict[str, List[int]] = {}
-    fp32 = []
+    ops = []
     for op in runtime_model.get_ordered_ops():
         info = op.get_rt_info()
-        kind = info['layerType'].astype(str)
-        if kind not in CONV_LAYERS + MATMUL_LAYERS:
-            continue
-        counts = by_type.setdefault(kind, [0, 0])
-        counts[1] += 1
-        if info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS:
-            counts[0] += 1
-        else:
-            fp32.append(info['originalLayersNames'].astype(str).split(',')[0] or
-                        op.get_friendly_name())
-
-    def total(kinds, idx):
-        return sum(by_type[k][idx] for k in kinds if k in by_type)
-    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
-            'fp32_ops': fp32, 'by_type': by_type,
-            'conv_ops': total(CONV_LAYERS, 1), 'int8_conv_ops': total(CONV_LAYERS, 0),
-            'matmul_ops': total(MATMUL_LAYERS, 1), 'int8_matmul_ops': total(MATMUL_LAYERS, 0)}
+        ops.append((info['layerType'].astype(str),
+                    info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS,
+                    info['originalLayersNames'].astype(str).split(',')[0] or
+                    op.get_friendly_name()))
+    return summarize_ops(ops, CONV_LAYERS, MATMUL_LAYERS)
 
 
 def drop_observer_quantization(model: Any) -> List[str]:

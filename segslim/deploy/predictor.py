@@ -8,7 +8,7 @@ import sys
 import tempfile
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import yaml
@@ -90,35 +90,45 @@ def program_op_types(model_file: str) -> List[str]:
     return [block.op(i).type() for i in range(block.op_size())]
 
 
-def op_summary(model_file: str) -> Dict[str, Any]:
-    """What runs INT8 in an optimized (oneDNN) program, counted over the quantizable ops:
-    convolutions and matrix products (matmul, matmul_v2, fc, mul: most of a transformer's
-    compute). {'int8_ops', 'quantizable_ops', 'fp32_ops': [output names], 'by_type':
-    {type: [int8, total]}, 'conv_ops', 'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'}."""
-    desc = read_program(model_file)  # keep it alive: the block points into it
-    block = desc.block(0)
+def summarize_ops(ops: Iterable[Tuple[str, bool, str]], conv_kinds: Sequence[str],
+                  matmul_kinds: Sequence[str]) -> Dict[str, Any]:
+    """The op summary every backend reports, from (kind, runs INT8, name) of the engine's
+    ops: {'int8_ops', 'quantizable_ops', 'fp32_ops': [names], 'by_type': {kind: [int8,
+    total]}, 'conv_ops', 'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'}; only conv and
+    matmul kinds count."""
     by_type: Dict[str, List[int]] = {}
     fp32 = []
-    for i in range(block.op_size()):
-        op = block.op(i)
-        kind = op.type()
-        if kind not in CONV_TYPES + MATMUL_TYPES:
+    for kind, int8, name in ops:
+        if kind not in tuple(conv_kinds) + tuple(matmul_kinds):
             continue
         counts = by_type.setdefault(kind, [0, 0])
         counts[1] += 1
-        dtype = op.attr('mkldnn_data_type') if op.has_attr('mkldnn_data_type') else ''
-        if dtype == 'int8':
+        if int8:
             counts[0] += 1
         else:
-            outs = [op.output(n)[0] for n in op.output_names() if op.output(n)]
-            fp32.append(outs[0] if outs else kind)
+            fp32.append(name)
 
     def total(kinds, idx):
         return sum(by_type[k][idx] for k in kinds if k in by_type)
     return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
             'fp32_ops': fp32, 'by_type': by_type,
-            'conv_ops': total(CONV_TYPES, 1), 'int8_conv_ops': total(CONV_TYPES, 0),
-            'matmul_ops': total(MATMUL_TYPES, 1), 'int8_matmul_ops': total(MATMUL_TYPES, 0)}
+            'conv_ops': total(conv_kinds, 1), 'int8_conv_ops': total(conv_kinds, 0),
+            'matmul_ops': total(matmul_kinds, 1), 'int8_matmul_ops': total(matmul_kinds, 0)}
+
+
+def op_summary(model_file: str) -> Dict[str, Any]:
+    """What runs INT8 in an optimized (oneDNN) program, counted over the quantizable ops:
+    convolutions and matrix products (matmul, matmul_v2, fc, mul: most of a transformer's
+    compute); see summarize_ops."""
+    desc = read_program(model_file)  # keep it alive: the block points into it
+    block = desc.block(0)
+    ops = []
+    for i in range(block.op_size()):
+        op = block.op(i)
+        dtype = op.attr('mkldnn_data_type') if op.has_attr('mkldnn_data_type') else ''
+        outs = [op.output(n)[0] for n in op.output_names() if op.output(n)]
+        ops.append((op.type(), dtype == 'int8', outs[0] if outs else op.type()))
+    return summarize_ops(ops, CONV_TYPES, MATMUL_TYPES)
 
 
 class Preprocessor:
