@@ -33,6 +33,7 @@ UPSTREAM_FLAGS = {
         '--aug_eval --config --crop_size --data_format --device --flip_horizontal '
         '--flip_vertical --is_slide --model_path --num_workers --opts --scales --stride'),
     'qat_export': '--config --model_path --output_op --save_dir --with_softmax --without_argmax',
+    'ptq': '--batch_nums --batch_size --config --model_dir --opts',
     'infer': (
         '--auto_tuned_shape_file --batch_size --benchmark --config --cpu_threads --device '
         '--enable_auto_tune --enable_mkldnn --image_path --min_subgraph_size --model_name '
@@ -201,7 +202,7 @@ def test_upstream_style_chain(fp32_run, tmp_path):
     masks = sorted(os.path.relpath(os.path.join(r, n), out)
                    for r, _, files in os.walk(out) for n in files)
     assert len(masks) == 2 and all(m.endswith('.png') for m in masks), masks
-    m = re.search(r'model: bisenet_qat, precision: int8.*\n.*per image: preprocess '
+    m = re.search(r'model: bisenet_qat, engine: paddle, precision: int8.*\n.*per image: preprocess '
                   r'([0-9.]+) ms, inference ([0-9.]+) ms, postprocess ([0-9.]+) ms', proc.stdout)
     assert m and float(m.group(2)) > 0, proc.stdout[-2000:]
 

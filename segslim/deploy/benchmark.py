@@ -186,8 +186,8 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
                                          report['repeats'])]
     if report['device'] == 'cpu' and not report['vnni']:
         lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
-    lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs bf16 | params MB '
-              '| agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs best bf16 | '
+              'params MB | agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in report['rows']:
         lines.append('| {} | {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} '
                      '|'.format(
