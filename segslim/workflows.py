@@ -3,6 +3,7 @@ import argparse
 import logging
 import os
 import random
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -289,7 +290,6 @@ def verify_engine(model: paddle.nn.Layer, cfg: Dict[str, Any], model_dir: str,
 def run_ptq(args: argparse.Namespace) -> int:
     """slim/quant/ptq.py: post-training quantization of FP32 weights (--model_path) or of an
     FP32 export (--model_dir), calibrated on train images; the same layout as qat_export."""
-    import tempfile
     from segslim import ptq
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
@@ -323,7 +323,6 @@ def run_ptq(args: argparse.Namespace) -> int:
 def run_analysis(args: argparse.Namespace) -> int:
     """slim/quant/analysis.py: per-layer sensitivity, and with --max_miou_drop the smallest
     skip set whose PTQ model meets the budget on the engine."""
-    import tempfile
     from segslim import analysis, ptq
     from segslim.deploy.benchmark import predict_dataset, score
     from segslim.deploy.predictor import EngineOptions, Predictor, Preprocessor
