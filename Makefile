@@ -3,7 +3,8 @@
 #                 report on Paddle Inference, OpenVINO and onnxruntime (report.md, charts, gallery)
 # make test     -> the test suite
 # make lint     -> ruff (pyflakes rules, line length)
-# make bench    -> docs/benchmark.md: 512x512 latency FP32 vs INT8 for the shipped configs
+# make bench    -> docs/benchmark.md: latency FP32 vs bf16 vs INT8 of the shipped configs on Paddle
+#                 Inference and OpenVINO
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -59,7 +60,7 @@ lint: install
 	$(VENV)/bin/ruff check --select F,E9,E501 --line-length 100 segslim tests tools slim deploy *.py
 
 bench: install
-	$(PY) tools/bench_models.py --out docs/benchmark.md
+	$(PY) tools/bench_models.py --backend paddle openvino --repeats 5 --out docs/benchmark.md
 
 clean:
 	rm -rf output data/optic_disc_demo .pytest_cache

@@ -21,6 +21,7 @@ from segslim.deploy.predictor import EngineOptions
 from segslim.deploy.profile import format_profile, profile_engine
 from segslim.export import export_inference_model
 from segslim.fileio import write_json, write_text
+from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.quant import quant_config_of, quantize_model
 
@@ -97,11 +98,17 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
             logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2],
                         threads)
             dirs = export_pair(config, work, shape[2], layers=None)
-            report = benchmark([dirs['fp32'], dirs['int8']], None,
-                               EngineOptions(device='cpu', cpu_threads=threads,
-                                             input_shape=tuple(shape)),
-                               shape=shape, warmup=warmup, repeats=repeats,
-                               backends=backends)
+            opts = EngineOptions(device='cpu', cpu_threads=threads, input_shape=tuple(shape))
+            try:
+                report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
+                                   warmup=warmup, repeats=repeats, backends=backends)
+            except UserError as e:  # one engine cannot run this model: time the others
+                if len(backends) == 1:
+                    raise
+                logger.warning('%s: %s; timing Paddle Inference only', name, e)
+                report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
+                                   warmup=warmup, repeats=repeats, backends=('paddle',))
+                report['engine_failures'] = [str(e)]
             report['config'] = config
             report['model'] = name
             try:  # where the INT8 engine's time goes, in a child process
@@ -156,7 +163,9 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
     """docs/benchmark.md: what was measured how, the summary table, then each model's
     report (fallbacks and FP32 ops named)."""
     first, summ = reports[0], summary(reports)
-    lines = ['# Latency: FP32 vs bf16 vs INT8 on Paddle Inference', '',
+    engines = 'Paddle Inference and OpenVINO' if summ['geomean_openvino_speedup'] else \
+        'Paddle Inference'
+    lines = ['# Latency: FP32 vs bf16 vs INT8 on {}'.format(engines), '',
              'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
              'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
              'interleaved in one process. Input 1x3x512x1024 for the ResNet50_vd OS8 '
@@ -194,6 +203,9 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
                 r.get('openvino_int8_ops', '-')))
         lines += ['', 'Geometric mean: OpenVINO INT8 {} over Paddle FP32.'.format(
             ratio(summ['geomean_openvino_speedup']))]
+        for rep in reports:
+            for failure in rep.get('engine_failures', []):
+                lines.append('{}: OpenVINO could not run it ({}).'.format(rep['model'], failure))
     profiled = [rep for rep in reports if rep.get('int8_profile')]
     if profiled:
         slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])
