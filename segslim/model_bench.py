@@ -132,6 +132,8 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             rows.append({'openvino_{}_s'.format(p): r['s_per_img'] if r else None
                          for p, r in ov.items()})
             rows[-1]['openvino_speedup'] = ov['int8']['speedup'] if ov['int8'] else None
+            rows[-1]['openvino_speedup_vs_bf16'] = ov['bf16']['s_per_img'] / \
+                ov['int8']['s_per_img'] if ov['int8'] and ov['bf16'] else None
             rows[-1]['openvino_int8_ops'] = ov['int8']['int8_ops'] if ov['int8'] else None
         else:
             rows.append({})
@@ -140,7 +142,8 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             'fp32_s': fp32['s_per_img'], 'bf16_s': bf16['s_per_img'] if bf16 else None,
             'int8_s': int8['s_per_img'] if int8 else None,
             'speedup': int8['speedup'] if int8 else None,
-            'speedup_vs_bf16': int8['speedup_vs_bf16'] if int8 else None,
+            # against the same engine's bf16 (the rows' own column is against the best bf16)
+            'speedup_vs_bf16': bf16['s_per_img'] / int8['s_per_img'] if int8 and bf16 else None,
             'int8_ops': int8['int8_ops'] if int8 else None,
             'quantizable_ops': int8['quantizable_ops'] if int8 else None,
             'int8_conv_ops': int8['int8_conv_ops'] if int8 else None,
@@ -154,28 +157,30 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
         return float(np.exp(np.mean(np.log(values)))) if values else None
     first = reports[0]
     return {'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
-            'repeats': first['repeats'], 'rows': rows, 'geomean_speedup': geomean('speedup'),
+            'repeats': first['repeats'], 'warmup': first['warmup'], 'rows': rows,
+            'geomean_speedup': geomean('speedup'),
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
-            'geomean_openvino_speedup': geomean('openvino_speedup')}
+            'geomean_openvino_speedup': geomean('openvino_speedup'),
+            'geomean_openvino_speedup_vs_bf16': geomean('openvino_speedup_vs_bf16')}
 
 
-def format_markdown(reports: List[Dict[str, Any]]) -> str:
-    """docs/benchmark.md: what was measured how, the summary table, then each model's
-    report (fallbacks and FP32 ops named)."""
-    first, summ = reports[0], summary(reports)
+def summary_markdown(summ: Dict[str, Any]) -> str:
+    """The head of docs/benchmark.md: what was measured how and the summary tables (from
+    summary() alone)."""
     engines = 'Paddle Inference and OpenVINO' if summ['geomean_openvino_speedup'] else \
         'Paddle Inference'
     lines = ['# Latency: FP32 vs bf16 vs INT8 on {}'.format(engines), '',
              'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
              'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
-             'interleaved in one process. Input 1x3x512x1024 for the ResNet50_vd OS8 '
+             'interleaved in one process, each timed run after an untimed one of the same '
+             'engine. Input 1x3x512x1024 for the ResNet50_vd OS8 '
              'Cityscapes models, else square (see each row). Weights are random (latency does not '
              'depend on them); INT8 activation scales come from a few generated images; each '
              'model is quantized with its config\'s `quant_config`. Exported programs have '
              'the conv-bias rewrite, so oneDNN fuses conv + bias + BN + activation in FP32, '
              'bf16 and INT8 alike. mIoU of trained models is in the demo report '
-             '(`make demo`).'.format(first['cpu'], first['isa'], first['threads'],
-                                     first['repeats'], first['warmup']), '',
+             '(`make demo`).'.format(summ['cpu'], summ['isa'], summ['threads'],
+                                     summ['repeats'], summ['warmup']), '',
              '| Model | input | FP32 ms | bf16 ms | INT8 ms | INT8 vs FP32 | INT8 vs bf16 | '
              'INT8 convs | INT8 matmuls |', '|---|---|---|---|---|---|---|---|---|']
 
@@ -194,18 +199,26 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
         ratio(summ['geomean_speedup']), ratio(summ['geomean_speedup_vs_bf16']))]
     if summ['geomean_openvino_speedup']:
         lines += ['', '### OpenVINO (same exports, same process)', '',
-                  '| Model | FP32 ms | bf16 ms | INT8 ms | INT8 vs Paddle FP32 | INT8 ops |',
-                  '|---|---|---|---|---|---|']
+                  '| Model | FP32 ms | bf16 ms | INT8 ms | INT8 vs Paddle FP32 | INT8 vs OpenVINO '
+                  'bf16 | INT8 ops |', '|---|---|---|---|---|---|---|']
         for r in summ['rows']:
-            lines.append('| {} | {} | {} | {} | {} | {} |'.format(
+            lines.append('| {} | {} | {} | {} | {} | {} | {} |'.format(
                 r['model'], ms(r.get('openvino_fp32_s')), ms(r.get('openvino_bf16_s')),
                 ms(r.get('openvino_int8_s')), ratio(r.get('openvino_speedup')),
-                r.get('openvino_int8_ops', '-')))
-        lines += ['', 'Geometric mean: OpenVINO INT8 {} over Paddle FP32.'.format(
-            ratio(summ['geomean_openvino_speedup']))]
-        for rep in reports:
-            for failure in rep.get('engine_failures', []):
-                lines.append('{}: OpenVINO could not run it ({}).'.format(rep['model'], failure))
+                ratio(r.get('openvino_speedup_vs_bf16')), r.get('openvino_int8_ops', '-')))
+        lines += ['', 'Geometric mean: OpenVINO INT8 {} over Paddle FP32, {} over OpenVINO '
+                  'bf16.'.format(ratio(summ['geomean_openvino_speedup']),
+                                 ratio(summ['geomean_openvino_speedup_vs_bf16']))]
+    return '\n'.join(lines)
+
+
+def format_markdown(reports: List[Dict[str, Any]]) -> str:
+    """docs/benchmark.md: summary_markdown, where the INT8 time goes, then each model's
+    report (fallbacks and FP32 ops named)."""
+    lines = [summary_markdown(summary(reports))]
+    for rep in reports:
+        for failure in rep.get('engine_failures', []):
+            lines.append('{}: OpenVINO could not run it ({}).'.format(rep['model'], failure))
     profiled = [rep for rep in reports if rep.get('int8_profile')]
     if profiled:
         slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])
