@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from segslim.data.datasets import read_image
-from segslim.deploy.predictor import Predictor, Preprocessor, restore_size
+from segslim.deploy.predictor import EngineBase, Preprocessor, restore_size
 from segslim.errors import UserError
 from segslim.fileio import atomic_write, write_bytes
 
@@ -52,7 +52,7 @@ def pseudo_color(labels: np.ndarray):
     return get_pseudo_color_map(labels.astype(np.uint8))
 
 
-def predict_images(predictor: Predictor, images: List[Tuple[str, str]], save_dir: str,
+def predict_images(predictor: EngineBase, images: List[Tuple[str, str]], save_dir: str,
                    batch_size: int = 1, overlay: bool = False,
                    timings: Dict[str, List[float]] = None) -> List[str]:
     """Writes <save_dir>/<name>.png masks (and <name>_overlay.jpg) for list_images() items;
