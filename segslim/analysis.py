@@ -16,7 +16,7 @@ from segslim.engine.evaluate import predict_sample
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
-from segslim.quant import quant_plan, quantize_model
+from segslim.quant import calibrate, quant_plan, quantize_model
 
 # Without --max_miou_drop, layers whose quantization alone costs this much simulated mIoU
 # (half a point) go to skip_layers.yml.
@@ -41,18 +41,6 @@ def sqnr_db(reference: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> floa
     noise = sum(float(np.square(t.astype(np.float64) - r).sum())
                 for r, t in zip(reference, test))
     return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
-
-
-def calibrate(model: paddle.nn.Layer, batches: Sequence[np.ndarray]) -> None:
-    """Moving-average activation scales from `batches` (train mode, batch norm frozen)."""
-    model.train()
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
-            layer.eval()
-    with paddle.no_grad():
-        for x in batches:
-            model(paddle.to_tensor(x))
-    model.eval()
 
 
 def _identity(x):
@@ -228,8 +216,8 @@ def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[Laye
 
 
 def _chart(ranking: List[LayerSensitivity], fp32_miou: float, path: str) -> None:
-    from segslim.deploy.report import _pyplot, _save
-    plt = _pyplot()
+    from segslim.deploy.report import pyplot, save_figure
+    plt = pyplot()
     rows = ranking[:CHART_LAYERS]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 1.2 + 0.28 * len(rows)), sharey=True)
     y = np.arange(len(rows))[::-1]
@@ -244,4 +232,4 @@ def _chart(ranking: List[LayerSensitivity], fp32_miou: float, path: str) -> None
     ax2.set_xlabel('mIoU loss, only this layer quantized (points)')
     fig.suptitle('Most sensitive {} of {} layers'.format(len(rows), len(ranking)), fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

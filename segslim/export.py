@@ -4,7 +4,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -14,7 +13,7 @@ import yaml
 from segslim._paddle import paddle
 from segslim.errors import UserError
 from segslim.fileio import move_into_place, write_bytes
-from segslim.logger import logger
+from segslim.logger import logger, quiet_native_output
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
 STAGE_PREFIX = '.export-'
@@ -187,7 +186,7 @@ def export_onnx(model_dir: str) -> str:
     with open(deploy_path) as f:
         deploy = yaml.safe_load(f)
     try:
-        with _quiet_fd(1), _quiet_fd(2):  # its banner and per-op notes
+        with quiet_native_output():  # its banner and per-op notes
             onnx_bytes = paddle2onnx.export(os.path.join(model_dir, 'model.pdmodel'),
                                             os.path.join(model_dir, 'model.pdiparams'), None,
                                             opset_version=ONNX_OPSET, verbose=False,
@@ -204,21 +203,6 @@ def export_onnx(model_dir: str) -> str:
     logger.info('Exported %s ONNX model (opset %d) to %s',
                 'QDQ INT8' if deploy['Deploy'].get('quantized') else 'FP32', ONNX_OPSET, out)
     return out
-
-
-@contextlib.contextmanager
-def _quiet_fd(fd: int):
-    """Silences a native library's prints to file descriptor `fd` (paddle2onnx's banner)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved, devnull = os.dup(fd), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
 
 
 @contextlib.contextmanager

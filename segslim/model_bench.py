@@ -23,7 +23,7 @@ from segslim.export import export_inference_model
 from segslim.fileio import write_json, write_text
 from segslim.errors import UserError
 from segslim.logger import logger
-from segslim.quant import quant_config_of, quantize_model
+from segslim.quant import calibrate, quant_config_of, quantize_model
 
 
 def calibration_batches(size: int, count: int, seed: int = 0) -> List[np.ndarray]:
@@ -51,16 +51,7 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
         export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
     qcfg = quant_config_of(cfg)
     quanter = quantize_model(model, qcfg, summary=False)
-    # Fake-quant layers record moving-average activation scales in train mode; BN keeps
-    # its statistics frozen so the INT8 model matches the FP32 one.
-    model.train()
-    for layer in model.sublayers():
-        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
-            layer.eval()
-    with paddle.no_grad():
-        for x in calibration_batches(size, calib):
-            model(paddle.to_tensor(x))
-    model.eval()
+    calibrate(model, calibration_batches(size, calib))
     export_inference_model(model, cfg, dirs['int8'], output_op='argmax', quanter=quanter,
                            int8_ops=qcfg['int8_ops'])
     return dirs

@@ -8,12 +8,11 @@ from typing import Any, Dict, List, Sequence
 import numpy as np
 
 from segslim._paddle import paddle
-from segslim.deploy.predictor import (Preprocessor, program_input_names, quiet_native_output,
-                                      read_deploy)
+from segslim.deploy.predictor import Preprocessor, program_input_names, read_deploy
 from segslim.errors import UserError
 from segslim.export import (fold_conv_bias_reshape, read_program, staged_model_folder,
                             write_deploy)
-from segslim.logger import logger
+from segslim.logger import logger, quiet_native_output
 from segslim.quant import log_quant_summary, quant_plan
 
 ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')

@@ -2,7 +2,7 @@
 builds a model, quantizes it and loads weights for qat_train, qat_val and qat_export."""
 import copy
 import fnmatch
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from segslim._paddle import paddle
 from segslim import builder
@@ -138,6 +138,20 @@ def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool =
     quanter = QAT(config=slim_cfg)
     quanter.quantize(model)
     return quanter
+
+
+def calibrate(model: paddle.nn.Layer, batches: Sequence[Any]) -> None:
+    """Moving-average activation scales of a fake-quant model from N,C,H,W float32 arrays:
+    the fake-quant layers record them in train mode, batch norm keeps its statistics frozen
+    so the quantized model matches the FP32 one. Leaves the model in eval mode."""
+    model.train()
+    for layer in model.sublayers():
+        if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
+            layer.eval()
+    with paddle.no_grad():
+        for x in batches:
+            model(paddle.to_tensor(x))
+    model.eval()
 
 
 def build_quant_model(cfg: Dict[str, Any], fp32_weights: Optional[str] = None,

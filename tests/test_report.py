@@ -37,14 +37,14 @@ def test_twelve_row_charts_have_no_overlapping_labels():
         assert len(boxes) == 12
         for a, b in itertools.combinations(boxes, 2):
             assert not a.overlaps(b), (make.__name__, a, b)
-        rep._pyplot().close(fig)
+        rep.pyplot().close(fig)
     assert rep.row_labels(report['rows'])[0].endswith('FP32 Paddle Inference')
 
 
 def test_miou_axis_starts_at_zero():
     fig = rep.miou_figure(fake_report(3))
     assert fig.axes[0].get_xlim()[0] == 0
-    rep._pyplot().close(fig)
+    rep.pyplot().close(fig)
 
 
 def test_diff_map_counts_and_colours():

@@ -9,7 +9,7 @@ from typing import Any, Dict
 
 import numpy as np
 
-from segslim.deploy.predictor import EngineBase, EngineOptions, summarize_ops
+from segslim.deploy.predictor import NO_INT8, EngineBase, EngineOptions, summarize_ops
 from segslim.errors import UserError
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
@@ -64,7 +64,7 @@ class OnnxRuntimePredictor(EngineBase):
         self.engine = self._profile(np.zeros(self._probe_shape(), np.float32))
         self.precision = 'int8' if self.quantized else 'fp32'
         if self.quantized and not self.engine.get('int8_ops'):
-            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+            self.precision = NO_INT8
 
     def _options(self, profile_prefix: str = '') -> Any:
         so = self.ort.SessionOptions()

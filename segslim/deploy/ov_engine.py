@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from segslim.deploy.predictor import EngineBase, EngineOptions, summarize_ops
+from segslim.deploy.predictor import NO_INT8, EngineBase, EngineOptions, summarize_ops
 from segslim.errors import UserError
 from segslim.export import strip_observer_quantization
 
@@ -119,7 +119,7 @@ class OpenVINOPredictor(EngineBase):
             collections.OrderedDict()
         self.run(np.zeros(self._probe_shape(), np.float32))
         if self.quantized and not self.engine.get('int8_ops'):
-            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+            self.precision = NO_INT8
 
     def _request(self, shape: Tuple[int, ...]) -> Any:
         """An infer request of the model compiled for this static input shape."""

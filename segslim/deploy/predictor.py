@@ -1,10 +1,8 @@
 """Paddle Inference predictors for exported models, with an INT8 path that never crashes
 and never silently runs FP32: a failing oneDNN op set is narrowed and the change reported."""
-import contextlib
 import os
 import re
 import shutil
-import sys
 import tempfile
 import weakref
 from dataclasses import dataclass, field
@@ -17,6 +15,7 @@ from segslim import builder
 from segslim.data.datasets import read_image
 from segslim.errors import UserError
 from segslim.export import read_program
+from segslim.logger import quiet_native_output
 
 from paddle import inference as pi
 
@@ -156,27 +155,6 @@ def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
     return out.numpy()[0, 0].astype(labels.dtype)
 
 
-@contextlib.contextmanager
-def quiet_native_output(enabled: bool = True):
-    """Silences what the C++ passes print to stdout/stderr (the oneDNN quantization logs)."""
-    if os.environ.get('SEGSLIM_DEBUG') or not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved + [devnull]:
-            os.close(fd)
-
-
 # Without an explicit range TensorRT accepts inputs up to this side (or the timing input's,
 # when larger); a larger image is a one-line error that names the flags to widen it.
 TRT_MAX_SIDE = 2048
@@ -203,6 +181,10 @@ def program_input_names(model_file: str) -> List[str]:
     feeds = [(block.op(i).attr('col'), block.op(i).output('Out')[0])
              for i in range(block.op_size()) if block.op(i).type() == 'feed']
     return [name for _, name in sorted(feeds)]
+
+
+# What a quantized model's row says when the engine ran none of it in INT8.
+NO_INT8 = 'fp32 (QAT model, no INT8 kernels)'
 
 
 class EngineBase:
@@ -294,14 +276,14 @@ class Predictor(EngineBase):
         self._create()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.engine and not self.engine.get('int8_ops'):
-            self.precision = 'fp32 (QAT model, no INT8 kernels)'
+            self.precision = NO_INT8
 
     def _precision(self) -> str:
         opts = self.opts
         if self.quantized:
             if (opts.device == 'cpu' and opts.enable_mkldnn) or self.trt:
                 return 'int8'
-            return 'fp32 (QAT model, no INT8 kernels)'
+            return NO_INT8
         return opts.precision
 
     def _fixed_shape(self) -> bool:

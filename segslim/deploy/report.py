@@ -32,22 +32,22 @@ def row_labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
                               ' ' + engine_name(r) if several else '') for r in rows]
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     return plt
 
 
-def _save(fig: Any, path: str) -> None:
+def save_figure(fig: Any, path: str) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
-    _pyplot().close(fig)
+    pyplot().close(fig)
 
 
 def latency_figure(report: Dict[str, Any]) -> Any:
     """One horizontal bar per row (first row on top), each annotated with ms and speedup;
     the figure grows with the row count so two-line labels never overlap."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = report['rows']
     ms = [r['s_per_img'] * 1000 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.62 * len(rows)))
@@ -71,7 +71,7 @@ def latency_figure(report: Dict[str, Any]) -> Any:
 
 def miou_figure(report: Dict[str, Any]) -> Any:
     """mIoU per row on a 0..1 axis, beside per-class IoU as an annotated heat map."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = report['rows']
     classes = len(rows[0]['class_iou'])
     fig, (ax, heat) = plt.subplots(
@@ -231,11 +231,11 @@ def write_report_dir(report: Dict[str, Any], report_dir: str,
     from segslim.fileio import write_json
     os.makedirs(report_dir, exist_ok=True)
     rows = report['rows']
-    _save(latency_figure(report), os.path.join(report_dir, 'latency.png'))
+    save_figure(latency_figure(report), os.path.join(report_dir, 'latency.png'))
     lines = ['# FP32 vs INT8 report', '', format_report(report), '',
              '## Latency', '', '![latency](latency.png)']
     if all('miou' in r for r in rows):
-        _save(miou_figure(report), os.path.join(report_dir, 'miou.png'))
+        save_figure(miou_figure(report), os.path.join(report_dir, 'miou.png'))
         lines += ['', '## Accuracy', '', '![mIoU and per-class IoU](miou.png)']
     int8 = next((i for i, r in enumerate(rows) if r['precision'] == 'int8'), None)
     if dataset is not None and preds and int8 is not None and gallery > 0:
