@@ -2,7 +2,7 @@
 # make demo     -> generated data, FP32 train/val/export, QAT train/val/export, PTQ, FP32-vs-INT8
 #                 report on Paddle Inference, OpenVINO and onnxruntime (report.md, charts, gallery)
 # make test     -> the test suite
-# make lint     -> ruff (pyflakes rules, line length)
+# make lint     -> ruff (pyproject.toml rule sets) and mypy over segslim/
 # make bench    -> docs/benchmark.md: latency FP32 vs bf16 vs INT8 of the shipped configs on Paddle
 #                 Inference and OpenVINO
 PYTHON ?= python3
@@ -18,11 +18,12 @@ DEMO_OUT ?= output/demo
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py
+$(STAMP): requirements.txt requirements-dev.txt setup.py segslim/zlib_hook.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(PADDLE)" -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps paddleseg==2.8.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[openvino,onnx]"
+	$(PY) -c "from segslim.zlib_hook import install; print('zlib bound at start-up by', install())"
 	$(PY) tools/check_install.py
 	touch $(STAMP)
 
@@ -57,7 +58,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install
-	$(VENV)/bin/ruff check --select F,E9,E501 --line-length 100 segslim tests tools slim deploy *.py
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: install
 	$(PY) tools/bench_models.py --backend paddle openvino --repeats 5 --out docs/benchmark.md

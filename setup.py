@@ -1,4 +1,9 @@
+import re
+
 from setuptools import find_packages, setup
+
+with open('segslim/__init__.py') as f:  # the version is written there, once
+    VERSION = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
 # Optional engines, pinned to releases that install beside paddlepaddle 2.6 and numpy<2.
 # Measured here: openvino 2026.4.1, paddle2onnx 1.2.11, onnxruntime 1.32.0 on Python 3.11;
@@ -15,7 +20,7 @@ EXTRAS = {
 
 setup(
     name='segslim',
-    version='0.1.0',
+    version=VERSION,
     description='Quantization-aware training and INT8 deployment for PaddleSeg models',
     packages=find_packages(include=['segslim', 'segslim.*']),
     python_requires='>=3.8',

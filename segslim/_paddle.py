@@ -1,16 +1,7 @@
-"""The one import of paddle: every module that needs paddle, paddleseg or paddleslim
-imports them through here so the process-wide fixes below always run first."""
-import ctypes
-import ctypes.util
+"""The one import of paddle: every module that needs paddle imports it through here, so
+paddle's logging and warnings are set once (the zlib fix runs earlier, in segslim/__init__)."""
 import os
 import warnings
-
-# libpaddle.so (2.6) exports its own zlib symbols; with a Python whose zlib module is a
-# shared library, importing paddleslim/paddleseg then segfaults in inflateReset2. Loading
-# the system libz globally before paddle makes every module bind to one zlib.
-_libz = ctypes.util.find_library('z')
-if _libz:
-    ctypes.CDLL(_libz, mode=ctypes.RTLD_GLOBAL)
 
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', message='Setuptools is replacing distutils')
@@ -24,8 +15,8 @@ SUPPORTED_PADDLE = ('2.6',)
 def check_versions() -> None:
     """Warns when the installed paddle is outside the tested line (QAT export breaks on 3.x)."""
     if not paddle.__version__.startswith(SUPPORTED_PADDLE) and paddle.__version__ != '0.0.0':
-        warnings.warn('segslim is tested with paddlepaddle 2.6.x; found {}. Paddle 3.x breaks '
-                      'PaddleSlim QAT export.'.format(paddle.__version__))
+        warnings.warn(f'segslim is tested with paddlepaddle 2.6.x; found {paddle.__version__}. '
+                      'Paddle 3.x breaks PaddleSlim QAT export.', stacklevel=2)
 
 
 def device_available(device: str) -> bool:
@@ -55,9 +46,8 @@ def set_device(device: str) -> str:
                        'running on CPU (install paddlepaddle-gpu for GPU runs)')
         device = 'cpu'
     if not device_available(device):
-        raise UserError('--device {}: this paddlepaddle build has no {} support; install the '
-                        'paddle build for that device or pass --device cpu'.format(
-                            device, device.upper()))
+        raise UserError(f'--device {device}: this paddlepaddle build has no {device.upper()} '
+                        'support; install the paddle build for that device or pass --device cpu')
     paddle.set_device(device)
     return device
 

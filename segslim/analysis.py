@@ -15,7 +15,7 @@ from segslim.data.datasets import SegDataset
 from segslim.engine.evaluate import predict_sample
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import write_json, write_text
-from segslim.logger import logger
+from segslim.logger import logger, progress
 from segslim.quant import calibrate, quant_plan, quantize_model
 
 # Without --max_miou_drop, layers whose quantization alone costs this much simulated mIoU
@@ -67,7 +67,7 @@ class SensitivityProbe:
         quantize_model(self.model, qcfg, summary=False)
         calibrate(self.model, calib_batches)
         layers = dict(self.model.named_sublayers())
-        self.wrappers = {}
+        self.wrappers: Dict[str, Any] = {}
         for name, _, rule in self.plan:
             if rule != 'quantized':
                 continue
@@ -115,13 +115,12 @@ class SensitivityProbe:
         kinds = {name: kind for name, kind, _ in self.plan}
         everything = set(self.used)
         rows = []
-        for i, name in enumerate(self.used):
+        for name in progress(self.used, 'Layer sensitivity'):
             alone = self.measure({name})
             kept = self.measure(everything - {name})
             rows.append(LayerSensitivity(name, kinds[name], alone[0], alone[1], kept[0],
                                          kept[1]))
-            if (i + 1) % 10 == 0 or i + 1 == len(self.used):
-                logger.info('Sensitivity: %d/%d layers measured', i + 1, len(self.used))
+        logger.info('Sensitivity: %d layers measured', len(self.used))
         return sorted(rows, key=lambda r: (r.alone_sqnr, r.alone_miou))
 
 
@@ -167,6 +166,97 @@ def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
     return order[:best], [steps[k] for k in sorted(steps)]
 
 
+class PTQEngineCheck:
+    """verify(skip) for smallest_skip_set: quantizes the FP32 export with PTQ, the layers in
+    `skip` kept FP32, and returns its mIoU drop against the FP32 engine on the first
+    `num_images` val images (Paddle Inference, CPU oneDNN)."""
+
+    def __init__(self, fp32_model: paddle.nn.Layer, cfg: Dict[str, Any], work_dir: str,
+                 calib_paths: Sequence[str], qcfg: Dict[str, Any], dataset: SegDataset,
+                 num_images: int, algo: str = 'abs_max', device: str = 'cpu'):
+        from segslim.deploy.benchmark import evaluate_engines
+        from segslim.deploy.paddle_engine import PaddlePredictor
+        from segslim.export import export_inference_model
+        from segslim.options import EngineOptions
+        self.model, self.qcfg, self.dataset = fp32_model, qcfg, dataset
+        self.paths, self.algo, self.device, self.n = list(calib_paths), algo, device, num_images
+        self.fp32_dir = os.path.join(work_dir, 'fp32')
+        self.int8_dir = os.path.join(work_dir, 'int8')
+        export_inference_model(fp32_model, cfg, self.fp32_dir)
+        engine = PaddlePredictor(self.fp32_dir, EngineOptions())
+        self.base = evaluate_engines([engine], dataset, num_images,
+                                     desc='FP32 engine')[0]['metrics']['miou']
+
+    def __call__(self, skip: List[str]) -> float:
+        from segslim import ptq
+        from segslim.deploy.benchmark import evaluate_engines
+        from segslim.deploy.paddle_engine import PaddlePredictor
+        from segslim.options import EngineOptions
+        q = dict(self.qcfg, skip=list(self.qcfg['skip']) + list(skip))
+        ptq.post_training_quantize(self.fp32_dir, self.int8_dir, self.paths, q,
+                                   ptq.skipped_weights(self.model, q, '', False),
+                                   self.algo, device=self.device)
+        engine = PaddlePredictor(self.int8_dir, EngineOptions(precision='int8'))
+        miou = evaluate_engines([engine], self.dataset, self.n,
+                                desc='INT8 engine')[0]['metrics']['miou']
+        logger.info('Engine check, %d layers kept FP32: INT8 mIoU %.4f vs FP32 %.4f',
+                    len(skip), miou, self.base)
+        return self.base - miou
+
+
+def analyse(cfg: Dict[str, Any], weights: str, config: str, save_dir: str, num_images: int,
+            calib_images: int, max_miou_drop: Optional[float], algo: str = 'abs_max',
+            device: str = 'cpu') -> Dict[str, str]:
+    """The sensitivity of every layer of the config's model with `weights`, and a skip list:
+    with `max_miou_drop` the shortest one whose PTQ model meets it on the engine, else the
+    layers whose quantization alone costs DEFAULT_SKIP_DROP in simulation. Writes the
+    files of write_sensitivity and returns their paths."""
+    import tempfile
+
+    from segslim import builder, ptq
+    from segslim.builder import build_dataset
+    from segslim.deploy.engine import Preprocessor
+    from segslim.engine.checkpoint import load_weights
+    from segslim.export import deploy_transforms
+    from segslim.quant import quant_config_of
+    qcfg = quant_config_of(cfg)
+
+    def build() -> paddle.nn.Layer:
+        model = builder.build_model(cfg)
+        load_weights(model, weights)
+        return model
+    train_ds = build_dataset(cfg, 'train_dataset')
+    val_ds = build_dataset(cfg, 'val_dataset')
+    paths = ptq.calibration_paths(train_ds.file_list, min(calib_images, len(train_ds)))
+    ptq.warn_if_too_few(len(paths), calib_images, len(train_ds))
+    pre = Preprocessor(deploy_transforms(cfg))
+    probe = SensitivityProbe(build, qcfg, [pre(p)[0][np.newaxis] for p in paths], val_ds,
+                             num_images)
+    n = len(probe.samples)
+    logger.info('Sensitivity of %d layers on %d val images (FP32 mIoU %.4f)', len(probe.used),
+                n, probe.fp32_miou)
+    ranking = probe.rank()
+    steps = None
+    if max_miou_drop is None:
+        skip = [r.name for r in ranking if probe.fp32_miou - r.alone_miou >= DEFAULT_SKIP_DROP]
+        note = ('Skip list: the layers whose quantization alone costs at least '
+                f'{100 * DEFAULT_SKIP_DROP:.1f} mIoU '
+                'points in simulation; not checked on the engine (--max_miou_drop gives a '
+                'checked set).')
+    else:
+        with tempfile.TemporaryDirectory(prefix='segslim-analysis-') as tmp:
+            check = PTQEngineCheck(build(), cfg, tmp, paths, qcfg, val_ds, n, algo, device)
+            skip, steps = smallest_skip_set(probe, ranking, max_miou_drop, check)
+        met = any(s['skip'] == len(skip) and s['engine_drop'] <= max_miou_drop for s in steps)
+        note = ('Skip list: the shortest prefix of the ranking whose PTQ ({}) model stays '
+                'within {:.4f} mIoU of FP32 on the Paddle Inference engine ({} val images): '
+                '{}.'.format(algo, max_miou_drop, n,
+                             f'met, {len(skip)} layers kept FP32' if met else
+                             'NOT met by any set tried'))
+        (logger.info if met else logger.warning)(note)
+    return write_sensitivity(save_dir, probe, ranking, skip, config, qcfg['skip'], note, steps)
+
+
 def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[LayerSensitivity],
                       skip: List[str], config: str, existing_skip: Sequence[str],
                       note: str, steps: Optional[List[Dict[str, Any]]] = None) -> Dict[str, str]:
@@ -179,10 +269,10 @@ def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[Laye
         ('yml', 'skip_layers.yml'))}
     unused = [n for n in probe.wrappers if n not in probe.used]
     lines = ['# Quantization sensitivity', '',
-             'FP32 mIoU {:.4f} on {} val images; every layer quantized: see the steps below. '
+             f'FP32 mIoU {probe.fp32_miou:.4f} on {len(probe.samples)} val images; every layer '
+             'quantized: see the steps below. '
              '"alone": only that layer quantized; "kept FP32": every other layer quantized. '
-             'SQNR of the logits against FP32, in dB (higher is closer). Most sensitive '
-             'first.'.format(probe.fp32_miou, len(probe.samples)), '',
+             'SQNR of the logits against FP32, in dB (higher is closer). Most sensitive first.', '',
              '| # | layer | type | alone mIoU | alone SQNR dB | kept FP32 mIoU | kept FP32 SQNR '
              'dB | skipped |', '|---|---|---|---|---|---|---|---|']
     for i, r in enumerate(ranking, 1):
@@ -210,8 +300,8 @@ def write_sensitivity(save_dir: str, probe: SensitivityProbe, ranking: List[Laye
     body = yaml.safe_dump({'_base_': base, 'quant_config': {
         'skip': list(existing_skip) + [n for n in skip if n not in existing_skip]}},
         sort_keys=False)
-    write_text(paths['yml'], '# {}\n# Use it as the config of qat_train.py, qat_export.py or '
-               'ptq.py.\n{}'.format(note, body))
+    write_text(paths['yml'], f'# {note}\n# Use it as the config of qat_train.py, qat_export.py or '
+               f'ptq.py.\n{body}')
     return paths
 
 
@@ -230,6 +320,6 @@ def _chart(ranking: List[LayerSensitivity], fp32_miou: float, path: str) -> None
     ax2.barh(y, [100 * (fp32_miou - r.alone_miou) for r in rows], color='#c0504d', height=0.7)
     ax2.axvline(0, color='black', linewidth=0.8)
     ax2.set_xlabel('mIoU loss, only this layer quantized (points)')
-    fig.suptitle('Most sensitive {} of {} layers'.format(len(rows), len(ranking)), fontsize=9)
+    fig.suptitle(f'Most sensitive {len(rows)} of {len(ranking)} layers', fontsize=9)
     fig.tight_layout()
     save_figure(fig, path)

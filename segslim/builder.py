@@ -4,16 +4,16 @@
 Building never loads weights: see segslim.engine.checkpoint for that.
 """
 import copy
-import os
 import difflib
+import os
 from typing import Any, Dict, List, Optional, Tuple
+
+import paddleseg  # noqa: F401  (registers every component with the managers)
+from paddleseg.cvlibs import manager
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, check_files, check_root
 from segslim.errors import UserError
-
-import paddleseg  # noqa: F401  (registers every component with the managers)
-from paddleseg.cvlibs import manager
 
 KINDS = {
     'model': manager.MODELS,
@@ -58,7 +58,7 @@ def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> A
         if is_component(value):
             cfg[name] = build_component('any', value, key + '.' + name)
         elif isinstance(value, list) and any(is_component(v) for v in value):
-            cfg[name] = [build_component('any', v, '{}.{}[{}]'.format(key, name, i))
+            cfg[name] = [build_component('any', v, f'{key}.{name}[{i}]')
                          if is_component(v) else v for i, v in enumerate(value)]
     cfg.update(extra)
     try:
@@ -68,8 +68,9 @@ def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> A
     except (TypeError, ValueError, AssertionError, KeyError) as e:
         # paddleseg components check their arguments with assert / ValueError
         detail = str(e).strip().splitlines()
-        raise UserError('config key `{}`: cannot build {} ({}); check its arguments'.format(
-            key, cls.__name__, detail[-1] if detail else type(e).__name__))
+        raise UserError(f'config key `{key}`: cannot build {cls.__name__} '
+                        f'({detail[-1] if detail else type(e).__name__}); check its '
+                        'arguments') from e
 
 
 def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -82,7 +83,7 @@ def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def _as_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError('config key `{}` must be an integer, got {!r}'.format(key, value))
+        raise UserError(f'config key `{key}` must be an integer, got {value!r}')
     return value
 
 
@@ -134,12 +135,12 @@ def build_transforms(items: Optional[List[Dict[str, Any]]], key: str) -> list:
     if items is None:
         return []
     if not isinstance(items, list):
-        raise UserError('config key `{}`: transforms must be a list of {{type: ...}}'.format(key))
+        raise UserError(f'config key `{key}`: transforms must be a list of {{type: ...}}')
     out = []
     for i, item in enumerate(items):
         if not isinstance(item, dict) or 'type' not in item:
-            raise UserError('config key `{}[{}]`: expected {{type: Name, ...}}'.format(key, i))
-        out.append(build_component('transform', item, '{}[{}]'.format(key, i)))
+            raise UserError(f'config key `{key}[{i}]`: expected {{type: Name, ...}}')
+        out.append(build_component('transform', item, f'{key}[{i}]'))
     return out
 
 
@@ -147,11 +148,11 @@ def _with_ignore_index(item: Dict[str, Any], ignore: int, key: str) -> Dict[str,
     """The loss config with the dataset's ignore_index filled in where the loss takes one,
     inner losses of MixedLoss included (as PaddleSeg's builder does)."""
     item = dict(item)
-    cls = lookup('loss', item.get('type'), key + '.type')
+    cls = lookup('loss', str(item.get('type')), key + '.type')
     if 'ignore_index' in cls.__init__.__code__.co_varnames:
         item.setdefault('ignore_index', ignore)
     if isinstance(item.get('losses'), list):
-        item['losses'] = [_with_ignore_index(inner, ignore, '{}.losses[{}]'.format(key, j))
+        item['losses'] = [_with_ignore_index(inner, ignore, f'{key}.losses[{j}]')
                           if is_component(inner) else inner
                           for j, inner in enumerate(item['losses'])]
     return item
@@ -163,7 +164,7 @@ def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
     ignore = ignore_index_of(cfg)
     types = []
     for i, item in enumerate(loss_cfg['types']):
-        key = 'loss.types[{}]'.format(i)
+        key = f'loss.types[{i}]'
         types.append(build_component('loss', _with_ignore_index(item, ignore, key), key))
     if len(types) == 1 and len(loss_cfg['coef']) > 1:
         types = types * len(loss_cfg['coef'])
@@ -175,8 +176,8 @@ def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
     if not cfg.get('lr_scheduler'):
         legacy = cfg.get('learning_rate')
         if not isinstance(legacy, dict) or not isinstance(legacy.get('value'), (int, float)):
-            raise UserError('config key `learning_rate` must be a mapping {{value: 0.01, decay: '
-                            '{{...}}}}, got {!r}; or use `lr_scheduler:`'.format(legacy))
+            raise UserError('config key `learning_rate` must be a mapping {value: 0.01, decay: '
+                            f'{{...}}}}, got {legacy!r}; or use `lr_scheduler:`')
         value = legacy['value']
         decay = legacy.get('decay', {}) or {}
         lr_cfg = {'type': 'PolynomialDecay', 'learning_rate': value,
@@ -190,11 +191,11 @@ def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
         lr_cfg.setdefault('decay_steps', max(cfg['iters'] - warmup_iters, 1))
     cls = getattr(paddle.optimizer.lr, lr_type, None)
     if cls is None or not isinstance(cls, type):
-        raise UserError('config key `lr_scheduler.type`: unknown scheduler {!r}'.format(lr_type))
+        raise UserError(f'config key `lr_scheduler.type`: unknown scheduler {lr_type!r}')
     try:
         sched = cls(**lr_cfg)
     except TypeError as e:
-        raise UserError('config key `lr_scheduler`: cannot build {} ({})'.format(lr_type, e))
+        raise UserError(f'config key `lr_scheduler`: cannot build {lr_type} ({e})') from e
     if warmup_iters:
         sched = paddle.optimizer.lr.LinearWarmup(sched, warmup_iters, warmup_start,
                                                  lr_cfg['learning_rate'])
@@ -217,8 +218,8 @@ def build_optimizer(cfg: Dict[str, Any], model: paddle.nn.Layer,
 def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
     """The checked dataset for config key 'train_dataset' or 'val_dataset'."""
     if not cfg.get(key):
-        raise UserError('config: required key `{}` is missing; add it (see '
-                        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(key))
+        raise UserError(f'config: required key `{key}` is missing; add it (see '
+                        'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)')
     data_cfg = dict(cfg[key])
     default_mode = 'train' if key == 'train_dataset' else 'val'
     mode = str(data_cfg.get('mode', default_mode)).lower()
@@ -226,22 +227,22 @@ def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
     for name in ('train_path', 'val_path', 'test_path'):
         path = data_cfg.get(name)
         if path is not None and not os.path.isfile(path) and name.startswith(mode):
-            raise UserError('config key `{}.{}`: file list {} does not exist; create it or '
-                            'fix the path'.format(key, name, path))
+            raise UserError(f'config key `{key}.{name}`: file list {path} does not exist; create '
+                            'it or fix the path')
     check_root(data_cfg, key)
     transforms = build_transforms(data_cfg.get('transforms'), key + '.transforms')
     try:
         ds = build_component('dataset', data_cfg, key, transforms=transforms)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
+        raise UserError(f'config key `{key}`: {str(e).splitlines()[0]}') from e
     except Exception as e:  # paddleseg raises bare Exception for malformed list lines
         if type(e) is not Exception:
             raise
-        raise UserError('config key `{}`: {}'.format(key, str(e).splitlines()[0]))
+        raise UserError(f'config key `{key}`: {str(e).splitlines()[0]}') from e
     file_list = [(img, lab) for img, lab in ds.file_list]
     if not file_list:
-        raise UserError('config key `{}`: the {} list of {} is empty; add lines '
-                        '"image.jpg label.png"'.format(key, mode, ds.dataset_root))
+        raise UserError(f'config key `{key}`: the {mode} list of {ds.dataset_root} is empty; add '
+                        'lines "image.jpg label.png"')
     check_files(file_list, key)
     return SegDataset(file_list, transforms, num_classes_of(cfg),
                       getattr(ds, 'ignore_index', 255), mode, key, seed)

@@ -9,7 +9,9 @@ import os
 import sys
 from typing import Callable, List, Optional
 
+from segslim.deploy.engines import BACKEND_NAMES
 from segslim.errors import UserError
+from segslim.options import EngineOptions, EvalOptions, TrainOptions
 
 DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
@@ -18,7 +20,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one `error:` line (exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, 'error: {}: {}; see {} --help\n'.format(self.prog, message, self.prog))
+        self.exit(2, f'error: {self.prog}: {message}; see {self.prog} --help\n')
 
 
 def str2bool(value: str) -> bool:
@@ -31,19 +33,33 @@ def str2bool(value: str) -> bool:
         return True
     if text in ('false', '0', 'no', 'off'):
         return False
-    raise argparse.ArgumentTypeError('expected True or False, got {!r}'.format(value))
+    raise argparse.ArgumentTypeError(f'expected True or False, got {value!r}')
 
 
 def add_bool(p: argparse.ArgumentParser, flag: str, default: bool, help: str) -> None:
     """A boolean flag that takes `--flag`, `--flag True|False` and `--flag=True|False`."""
     p.add_argument(flag, type=str2bool, nargs='?', const=True, default=default,
-                   metavar='True|False', help='{} (default {})'.format(help, default))
+                   metavar='True|False', help=f'{help} (default {default})')
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f'must be a positive number, got {value}')
+    return number
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f'must be zero or more, got {value}')
+    return number
 
 
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
-        raise argparse.ArgumentTypeError('must be a positive integer, got {}'.format(value))
+        raise argparse.ArgumentTypeError(f'must be a positive integer, got {value}')
     return number
 
 
@@ -68,16 +84,19 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--learning_rate', type=float, default=None,
                    help='overrides lr_scheduler.learning_rate')
     p.add_argument('--save_interval', '--save_interval_iters', dest='save_interval',
-                   type=positive_int, default=1000,
+                   type=positive_int, default=TrainOptions.save_interval,
                    help='save (and evaluate) every N iterations; the last one is always saved')
-    p.add_argument('--save_dir', default='./output', help='run folder')
+    p.add_argument('--save_dir', default=TrainOptions.save_dir, help='run folder')
     p.add_argument('--resume_model', default=None, help='an iter_N folder to continue from')
-    p.add_argument('--keep_checkpoint_max', type=int, default=5,
+    p.add_argument('--keep_checkpoint_max', type=int,
+                   default=TrainOptions.keep_checkpoint_max,
                    help='iter_N folders to keep (best_model is always kept)')
-    p.add_argument('--num_workers', type=int, default=0, help='data loader processes')
+    p.add_argument('--num_workers', type=int, default=TrainOptions.num_workers,
+                   help='data loader processes')
     p.add_argument('--do_eval', action='store_true', help='evaluate at every save')
     p.add_argument('--use_vdl', action='store_true', help='write VisualDL scalars')
-    p.add_argument('--log_iters', type=positive_int, default=10, help='log every N iterations')
+    p.add_argument('--log_iters', type=positive_int, default=TrainOptions.log_iters,
+                   help='log every N iterations')
     p.add_argument('--seed', type=int, default=None,
                    help='seeds weight init, data order and augmentation (default: drawn at '
                         'random, logged and kept in the checkpoints)')
@@ -88,11 +107,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags val.py and qat_val.py share."""
     p.add_argument('--model_path', default=None,
                    help='model.pdparams to evaluate (default: the config\'s model.pretrained)')
-    p.add_argument('--num_workers', type=int, default=0,
+    p.add_argument('--num_workers', type=int, default=EvalOptions.num_workers,
                    help='processes that read and transform images ahead')
     p.add_argument('--aug_eval', action='store_true', help='multi-scale / flip evaluation')
     p.add_argument('--scales', nargs='+', type=float, default=None,
-                   help='with --aug_eval (default 1.0)')
+                   help=f'with --aug_eval (default {EvalOptions.scales})')
     p.add_argument('--flip_horizontal', action='store_true', help='with --aug_eval')
     p.add_argument('--flip_vertical', action='store_true', help='with --aug_eval')
     p.add_argument('--is_slide', action='store_true', help='sliding-window inference')
@@ -121,8 +140,7 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--without_argmax', action='store_true',
                    help='same as --output_op none (wins over --output_op, as upstream)')
     p.add_argument('--input_shape', nargs='+', type=int, default=None,
-                   metavar='N C H W', help='fixed input shape, e.g. 1 3 512 512 (default '
-                                           'dynamic)')
+                   metavar='N C H W', help='fixed input shape, e.g. 1 3 512 512 (default dynamic)')
     add_to_onnx(p)
     return p
 
@@ -133,14 +151,11 @@ def add_to_onnx(p: argparse.ArgumentParser) -> None:
                         'pip install -e .[onnx]')
 
 
-BACKENDS = ('paddle', 'openvino', 'onnxruntime')
-
-
 def add_engine_args(p: argparse.ArgumentParser,
                     many_backends: bool = False) -> argparse.ArgumentParser:
     """Engine flags infer.py and benchmark.py share (PaddleSeg deploy names); benchmark.py
     takes several --backend values (a row set each)."""
-    p.add_argument('--backend', choices=BACKENDS, nargs='+' if many_backends else None,
+    p.add_argument('--backend', choices=BACKEND_NAMES, nargs='+' if many_backends else None,
                    default=['paddle'] if many_backends else 'paddle',
                    help='paddle: Paddle Inference (oneDNN on CPU, TensorRT on GPU); openvino: '
                         'OpenVINO on CPU (pip install -e .[openvino]); onnxruntime: the '
@@ -148,41 +163,24 @@ def add_engine_args(p: argparse.ArgumentParser,
     if not any(a.dest == 'device' for a in p._actions):
         p.add_argument('--device', choices=['cpu', 'gpu', 'xpu', 'npu'], default=None,
                        help='default: gpu when paddle is compiled with CUDA, else cpu')
-    add_bool(p, '--use_trt', False, 'TensorRT on GPU')
-    p.add_argument('--precision', choices=['fp32', 'fp16', 'int8', 'bf16'], default='fp32',
+    add_bool(p, '--use_trt', EngineOptions.use_trt, 'TensorRT on GPU')
+    p.add_argument('--precision', choices=['fp32', 'fp16', 'int8', 'bf16'],
+                   default=EngineOptions.precision,
                    help='engine precision; a QAT model always runs INT8')
-    p.add_argument('--min_subgraph_size', type=int, default=3, help='TensorRT subgraphs')
-    add_bool(p, '--enable_auto_tune', False,
+    p.add_argument('--min_subgraph_size', type=int, default=EngineOptions.min_subgraph_size,
+                   help='TensorRT subgraphs')
+    add_bool(p, '--enable_auto_tune', EngineOptions.enable_auto_tune,
              'TensorRT: collect the dynamic shape ranges on the images first')
     p.add_argument('--auto_tuned_shape_file', default=None,
                    help='where --enable_auto_tune keeps the shape ranges (default: a '
                         'temporary file, deleted after the run)')
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=positive_int,
-                   default=2, help='CPU math threads (both backends)')
-    add_bool(p, '--enable_mkldnn', True, 'oneDNN on CPU')
+                   default=EngineOptions.cpu_threads, help='CPU math threads (every backend)')
+    add_bool(p, '--enable_mkldnn', EngineOptions.enable_mkldnn, 'oneDNN on CPU')
     add_bool(p, '--benchmark', False, 'print preprocess / inference / postprocess times')
-    add_bool(p, '--print_detail', False, 'show Paddle Inference\'s own (glog) output')
+    add_bool(p, '--print_detail', EngineOptions.print_detail,
+             'show Paddle Inference\'s own (glog) output')
     return p
-
-
-def eval_kwargs(args: argparse.Namespace, cfg: Optional[dict] = None) -> dict:
-    """Evaluation options from the flags, falling back on the config's test_config."""
-    test_cfg = dict((cfg or {}).get('test_config') or {})
-    kwargs = {
-        'aug_eval': getattr(args, 'aug_eval', False) or test_cfg.get('aug_eval', False),
-        'scales': getattr(args, 'scales', None) or test_cfg.get('scales', 1.0),
-        'flip_horizontal': getattr(args, 'flip_horizontal', False) or
-        test_cfg.get('flip_horizontal', False),
-        'flip_vertical': getattr(args, 'flip_vertical', False) or
-        test_cfg.get('flip_vertical', False),
-        'is_slide': getattr(args, 'is_slide', False) or test_cfg.get('is_slide', False),
-        'crop_size': getattr(args, 'crop_size', None) or test_cfg.get('crop_size'),
-        'stride': getattr(args, 'stride', None) or test_cfg.get('stride'),
-        'num_workers': max(getattr(args, 'num_workers', 0) or 0, 0),
-    }
-    if isinstance(kwargs['scales'], list) and len(kwargs['scales']) == 1:
-        kwargs['scales'] = float(kwargs['scales'][0])
-    return kwargs
 
 
 def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Namespace) -> int:
@@ -195,7 +193,7 @@ def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Name
     except UserError as e:
         if debug:
             raise
-        print('error: {}'.format(e), file=sys.stderr)
+        print(f'error: {e}', file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)

@@ -5,6 +5,11 @@ import argparse
 from typing import List, Optional
 
 from segslim import cli
+from segslim.deploy.engines import BACKEND_NAMES
+from segslim.options import PTQ_ALGOS, EngineOptions, TrainOptions
+
+# val images qat_export and ptq check their INT8 engine on
+VERIFY_IMAGES = 8
 
 
 def _parser(description: str, *adders, config_required: bool = True) -> argparse.ArgumentParser:
@@ -16,16 +21,17 @@ def _parser(description: str, *adders, config_required: bool = True) -> argparse
 
 def train(argv: Optional[List[str]] = None) -> None:
     p = _parser('Train a segmentation model (FP32).', cli.add_train_args)
-    p.add_argument('--precision', choices=['fp32', 'fp16'], default='fp32',
+    p.add_argument('--precision', choices=['fp32', 'fp16'], default=TrainOptions.precision,
                    help='fp16 enables automatic mixed precision (GPU only)')
-    p.add_argument('--amp_level', choices=['O1', 'O2'], default='O1', help='AMP level')
+    p.add_argument('--amp_level', choices=['O1', 'O2'], default=TrainOptions.amp_level,
+                   help='AMP level')
     p.add_argument('--use_ema', action='store_true',
                    help='also keep an EMA of the weights (best_ema_model/, ema_model.pdparams)')
     p.add_argument('--profiler_options', default=None,
                    help='paddle profiler, e.g. "batch_range=[10,20];profile_path=prof.log" '
                         '(paddleseg.utils.train_profiler)')
     cli.add_data_format(p)
-    p.add_argument('--repeats', type=cli.positive_int, default=1,
+    p.add_argument('--repeats', type=cli.positive_int, default=TrainOptions.repeats,
                    help='visit each training sample this many times per epoch')
 
     def main(args):
@@ -61,6 +67,16 @@ def qat_train(argv: Optional[List[str]] = None) -> None:
                         'pretrained weights, else random init)')
     p.add_argument('--allow_partial', action='store_true',
                    help='load FP32 weights even if some keys are missing or mismatched')
+    p.add_argument('--distill', action='store_true',
+                   help='distil from the FP32 model of --model_path (frozen): adds '
+                        '--distill_weight x KL(teacher || student) of the per-pixel class '
+                        'distributions to the loss')
+    p.add_argument('--distill_weight', type=cli.non_negative_float,
+                   default=TrainOptions.distill_weight, help='weight of the distillation term')
+    p.add_argument('--distill_temperature', type=cli.positive_float,
+                   default=TrainOptions.distill_temperature,
+                   help='temperature of both class distributions (the term is scaled by its '
+                        'square)')
 
     def main(args):
         from segslim.workflows import run_train
@@ -79,7 +95,7 @@ def qat_val(argv: Optional[List[str]] = None) -> None:
 
 def qat_export(argv: Optional[List[str]] = None) -> None:
     p = _parser('Export a QAT model as an INT8 inference model.', cli.add_export_args)
-    p.add_argument('--verify_images', type=int, default=8,
+    p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the QAT model on this many val images '
                         '(0: skip)')
 
@@ -103,14 +119,14 @@ def ptq(argv: Optional[List[str]] = None) -> None:
                    help='calibration batches drawn from the train set (upstream default 10)')
     p.add_argument('--batch_size', type=cli.positive_int, default=1,
                    help='images per calibration batch')
-    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='abs_max',
+    p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
                    help='activation scale method (upstream\'s ptq.py uses KL; abs_max kept the '
-                        'demo models\' mIoU best, see README)')
+                        'demo models\' mIoU best, see docs/measurements.md)')
     p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
                    help='head of the exported model with --model_path (default argmax)')
     p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
     p.add_argument('--without_argmax', action='store_true', help='same as --output_op none')
-    p.add_argument('--verify_images', type=int, default=8,
+    p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the FP32 engine on this many val images '
                         '(0: skip)')
     cli.add_to_onnx(p)
@@ -135,7 +151,7 @@ def analysis(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--max_miou_drop', type=float, default=None,
                    help='find the smallest skip set whose PTQ model stays within this mIoU '
                         'of FP32 on the engine, e.g. 0.005')
-    p.add_argument('--algo', choices=['abs_max', 'avg', 'hist', 'KL', 'mse'], default='abs_max',
+    p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
                    help='PTQ scale method of the engine check (as ptq.py)')
 
     def main(args):
@@ -208,8 +224,8 @@ def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
             from segslim.errors import UserError
             raise UserError('--num_train, --num_val and --size must be positive')
         make(args.save_dir, args.num_train, args.num_val, args.num_test, args.size, args.seed)
-        print('wrote {} train / {} val / {} test images of {}x{} to {}'.format(
-            args.num_train, args.num_val, args.num_test, args.size, args.size, args.save_dir))
+        print(f'wrote {args.num_train} train / {args.num_val} val / {args.num_test} test images '
+              f'of {args.size}x{args.size} to {args.save_dir}')
     cli.entry(p, main, argv)
 
 
@@ -219,17 +235,18 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--configs', nargs='+', default=None,
                    help='default: every model config under configs/ (the zoo)')
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
-                   default=2)
+                   default=EngineOptions.cpu_threads)
     p.add_argument('--size', type=cli.positive_int, default=512,
                    help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
     p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--out', default='docs/benchmark.md')
-    p.add_argument('--backend', nargs='+', choices=cli.BACKENDS, default=['paddle'],
+    p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=['paddle'],
                    help='engines to time (openvino: pip install -e .[openvino])')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
-        from segslim.model_bench import bench_models as run, write_report, zoo_configs
+        from segslim.model_bench import bench_models as run
+        from segslim.model_bench import write_report, zoo_configs
         configs = args.configs or zoo_configs()
         write_report(run(configs, args.cpu_threads, args.size, args.repeats,
                          backends=list(dict.fromkeys(args.backend))), args.out)

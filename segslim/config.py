@@ -33,31 +33,31 @@ def load_yaml(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
     path = os.path.abspath(path)
     if path in _chain:
         cycle = ' -> '.join(os.path.relpath(p) for p in list(_chain) + [path])
-        raise UserError('config {}: `_base_` is cyclic ({}); remove one of the links'.format(
-            os.path.relpath(path), cycle))
+        raise UserError(f'config {os.path.relpath(path)}: `_base_` is cyclic ({cycle}); remove '
+                        'one of the links')
     if not os.path.isfile(path):
         if _chain:
-            raise UserError('config {}: `_base_` file {} does not exist; fix the path (it is '
-                            'relative to the child file)'.format(os.path.relpath(_chain[-1]),
-                                                                 os.path.relpath(path)))
-        raise UserError('config file {} does not exist; pass --config with a .yml file'.format(
-            os.path.relpath(path)))
+            raise UserError(f'config {os.path.relpath(_chain[-1])}: `_base_` file '
+                            f'{os.path.relpath(path)} does not exist; fix the path (it is '
+                            'relative to the child file)')
+        raise UserError(f'config file {os.path.relpath(path)} does not exist; pass --config with '
+                        'a .yml file')
     try:
-        with open(path, 'r', encoding='utf-8') as f:
+        with open(path, encoding='utf-8') as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
-        where = ' line {}'.format(mark.line + 1) if mark is not None else ''
+        where = f' line {mark.line + 1}' if mark is not None else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
-        raise UserError('config {}{}: YAML syntax error ({}); fix the file'.format(
-            os.path.relpath(path), where, problem))
+        raise UserError(f'config {os.path.relpath(path)}{where}: YAML syntax error ({problem}); '
+                        'fix the file') from e
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError('config {}: cannot read ({})'.format(os.path.relpath(path), e))
+        raise UserError(f'config {os.path.relpath(path)}: cannot read ({e})') from e
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise UserError('config {}: the top level must be a mapping of keys, got {}'.format(
-            os.path.relpath(path), type(data).__name__))
+        raise UserError(f'config {os.path.relpath(path)}: the top level must be a mapping of '
+                        f'keys, got {type(data).__name__}')
     bases = data.pop(BASE_KEY, None)
     if bases is None:
         return data
@@ -93,11 +93,11 @@ def parse_opts(opts: Optional[List[str]]) -> Dict[str, Any]:
     parsed: Dict[str, Any] = {}
     for item in opts or []:
         if '=' not in item or not item.split('=', 1)[0].strip():
-            raise UserError('--opts {!r}: expected key.sub=value'.format(item))
+            raise UserError(f'--opts {item!r}: expected key.sub=value')
         key, raw = item.split('=', 1)
         key = key.strip()
         if any(not part for part in key.split('.')):
-            raise UserError('--opts {!r}: empty part in the key {!r}'.format(item, key))
+            raise UserError(f'--opts {item!r}: empty part in the key {key!r}')
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
@@ -159,7 +159,7 @@ def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int
 
 def _check_positive(flag: str, value: Any) -> None:
     if value <= 0:
-        raise UserError('{} must be positive, got {}'.format(flag, value))
+        raise UserError(f'{flag} must be positive, got {value}')
 
 
 def validate(cfg: Dict[str, Any], path: str = '<config>',
@@ -171,35 +171,32 @@ def validate(cfg: Dict[str, Any], path: str = '<config>',
         if key == 'lr_scheduler' and 'learning_rate' in cfg:
             continue
         if not cfg.get(key):
-            raise UserError('config {}: required key `{}` is missing; add it (see '
-                            'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)'.format(
-                                name, key))
+            raise UserError(f'config {name}: required key `{key}` is missing; add it (see '
+                            'configs/quick_start/bisenet_optic_disc_512x512_1k.yml)')
     for key in ('model', 'train_dataset', 'val_dataset', 'optimizer', 'lr_scheduler'):
         value = cfg.get(key)
         if value is not None and not (isinstance(value, dict) and 'type' in value):
-            raise UserError('config {}: `{}` needs a `type:` entry'.format(name, key))
+            raise UserError(f'config {name}: `{key}` needs a `type:` entry')
     for key in ('iters', 'batch_size'):
         value = cfg.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError('config {}: `{}` must be a positive integer, got {!r}'.format(
-                name, key, value))
+            raise UserError(f'config {name}: `{key}` must be a positive integer, got {value!r}')
     if 'loss' in required or cfg.get('loss') is not None:
         validate_loss(cfg.get('loss'), name)
 
 
 def validate_loss(loss: Any, name: str) -> None:
     if not isinstance(loss, dict) or not loss.get('types') or not loss.get('coef'):
-        raise UserError('config {}: `loss` needs `types` and `coef` lists'.format(name))
+        raise UserError(f'config {name}: `loss` needs `types` and `coef` lists')
     if not isinstance(loss['types'], list) or not isinstance(loss['coef'], list):
-        raise UserError('config {}: `loss.types` and `loss.coef` must be lists'.format(name))
+        raise UserError(f'config {name}: `loss.types` and `loss.coef` must be lists')
     for i, item in enumerate(loss['types']):
         if not isinstance(item, dict) or 'type' not in item:
-            raise UserError('config {}: `loss.types[{}]` must be a mapping with a `type:` '
-                            'entry, got {!r}'.format(name, i, item))
+            raise UserError(f'config {name}: `loss.types[{i}]` must be a mapping with a `type:` '
+                            f'entry, got {item!r}')
     for i, coef in enumerate(loss['coef']):
         if isinstance(coef, bool) or not isinstance(coef, (int, float)):
-            raise UserError('config {}: `loss.coef[{}]` must be a number, got {!r}'.format(
-                name, i, coef))
+            raise UserError(f'config {name}: `loss.coef[{i}]` must be a number, got {coef!r}')
     if len(loss['types']) not in (1, len(loss['coef'])):
         raise UserError('config {}: `loss.types` has {} entries and `loss.coef` {}; give one '
                         'type or one per coef'.format(name, len(loss['types']),
@@ -212,3 +209,19 @@ def save_config(cfg: Dict[str, Any], save_dir: str) -> str:
     path = os.path.join(save_dir, 'config.yaml')
     write_text(path, yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None))
     return path
+
+
+def apply_data_format(cfg: Dict[str, Any], data_format: str) -> None:
+    """--data_format NHWC, as PaddleSeg 2.8 supports it: DeepLabV3P only, set on the model,
+    its backbone and the losses; the loops transpose the NCHW batches."""
+    if data_format == 'NCHW':
+        return
+    if cfg['model'].get('type') != 'DeepLabV3P':
+        raise UserError('--data_format NHWC supports DeepLabV3P only (as PaddleSeg); config '
+                        'model.type is {}'.format(cfg['model'].get('type')))
+    cfg['model']['data_format'] = data_format
+    if isinstance(cfg['model'].get('backbone'), dict):
+        cfg['model']['backbone']['data_format'] = data_format
+    for item in (cfg.get('loss') or {}).get('types') or []:
+        if isinstance(item, dict):
+            item['data_format'] = data_format

@@ -1,5 +1,5 @@
-"""Inference-model export: output heads, deploy.yaml, and the program pass that lets
-oneDNN fuse conv + bias + batch-norm + activation."""
+"""Inference-model export: output heads, the staged model folder, deploy.yaml, and the
+ONNX file beside the Paddle program."""
 import contextlib
 import logging
 import os
@@ -14,6 +14,7 @@ from segslim._paddle import paddle
 from segslim.errors import UserError
 from segslim.fileio import move_into_place, write_bytes
 from segslim.logger import logger, quiet_native_output
+from segslim.program import fold_conv_bias_reshape
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
 STAGE_PREFIX = '.export-'
@@ -50,121 +51,6 @@ def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: b
     return output_op or 'argmax'
 
 
-def read_program(model_file: str) -> Any:
-    """The ProgramDesc of a saved inference program, or a one-line error naming the file."""
-    from paddle.base import core
-    try:
-        with open(model_file, 'rb') as f:
-            return core.ProgramDesc(f.read())
-    except Exception as e:  # paddle raises generic errors for a bad file
-        raise UserError('{} is not a Paddle inference program ({}); re-export the '
-                        'model'.format(model_file, type(e).__name__))
-
-
-def fold_conv_bias_reshape(model_file: str) -> int:
-    """Rewrites `reshape2(bias[C]) -> elementwise_add(x, ., axis=-1)` into
-    `elementwise_add(x, bias, axis=1)` in a saved program; returns how many were rewritten.
-
-    Paddle 2.6 exports every conv bias through that reshape; oneDNN's conv/bias/BN/activation
-    fuse passes do not match it, which leaves BN unfolded and INT8 convs with FP32 outputs.
-    The weights file is untouched: the same persistable variables stay in the program.
-    """
-    desc = read_program(model_file)
-    block = desc.block(0)
-    consumers: Dict[str, List[int]] = {}
-    for i in range(block.op_size()):
-        op = block.op(i)
-        for name in op.input_names():
-            for var in op.input(name):
-                consumers.setdefault(var, []).append(i)
-    remove, rewritten = [], 0
-    for i in range(block.op_size()):
-        op = block.op(i)
-        if op.type() != 'reshape2':
-            continue
-        src, out = op.input('X')[0], op.output('Out')[0]
-        src_var = block.find_var(src.encode())
-        users = consumers.get(out, [])
-        if src_var is None or not src_var.persistable() or len(src_var.shape()) != 1:
-            continue
-        channels = src_var.shape()[0]
-        if list(op.attr('shape')) != [1, channels, 1, 1] or len(users) != 1:
-            continue
-        add = block.op(users[0])
-        if add.type() != 'elementwise_add' or add.input('Y') != [out] or \
-                add.attr('axis') not in (-1, 1):
-            continue
-        add.set_input('Y', [src])
-        add._set_attr('axis', 1)
-        remove.append(i)
-        rewritten += 1
-    for i in reversed(remove):
-        op = block.op(i)
-        dead = op.output('Out') + (op.output('XShape') if 'XShape' in op.output_names() else [])
-        block._remove_op(i, i + 1)
-        for name in dead:
-            block._remove_var(name.encode())
-    if rewritten:
-        desc.flush()
-        write_bytes(model_file, desc.serialize_to_string())
-    return rewritten
-
-
-# Ops whose inputs a QAT/PTQ model really fake-quantizes (PaddleSlim's Conv2D/Linear and
-# quant_post_static's default op set); other quantize/dequantize pairs only carry scales.
-QUANTIZED_OP_TYPES = ('conv2d', 'depthwise_conv2d', 'conv2d_transpose', 'mul', 'matmul',
-                      'matmul_v2')
-
-
-def strip_observer_quantization(model_file: str, out_file: str) -> int:
-    """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
-    that feed no convolution or matrix product; returns how many pairs were removed.
-
-    QAT and PTQ exports also carry pairs on layer outputs (PaddleSlim's output-scale
-    observers: on conv outputs before batch norm, on adds, activations, pools). Paddle
-    Inference reads them as scales only, and the QAT model never rounds those tensors; an
-    engine that applies every pair (OpenVINO, onnxruntime) would round them to 8 bits. The
-    variables stay declared, so the unchanged params file still loads with the program.
-    """
-    desc = read_program(model_file)
-    block = desc.block(0)
-    ops = [block.op(i) for i in range(block.op_size())]
-    consumers: Dict[str, List[int]] = {}
-    producer: Dict[str, int] = {}
-    for i, op in enumerate(ops):
-        for name in op.input_names():
-            for var in op.input(name):
-                consumers.setdefault(var, []).append(i)
-        for name in op.output_names():
-            for var in op.output(name):
-                producer[var] = i
-    remove = []
-    for i, op in enumerate(ops):
-        if op.type() != 'dequantize_linear':
-            continue
-        src = op.input('X')[0]
-        q = producer.get(src)
-        if q is None or ops[q].type() != 'quantize_linear' or \
-                consumers.get(src, []) != [i]:
-            continue  # weights (stored quantized) or a shared tensor: keep
-        out = op.output('Y')[0]
-        users = consumers.get(out, [])
-        if any(ops[u].type() in QUANTIZED_OP_TYPES for u in users):
-            continue
-        original = ops[q].input('X')[0]
-        for u in users:
-            for name in ops[u].input_names():
-                args = ops[u].input(name)
-                if out in args:
-                    ops[u].set_input(name, [original if a == out else a for a in args])
-        remove += [q, i]
-    for i in sorted(remove, reverse=True):
-        block._remove_op(i, i + 1)
-    desc.flush()
-    write_bytes(out_file, desc.serialize_to_string())
-    return len(remove) // 2
-
-
 ONNX_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axes
 
 
@@ -174,14 +60,13 @@ def export_onnx(model_dir: str) -> str:
 
     The program goes in whole: paddle2onnx builds onnxruntime's QLinearConv from a conv's
     input pair and its output (observer) pair, and without the output pairs it drops the
-    quantization of the activations altogether. Measured on a QAT model: with them, 36 convs
-    run QLinearConv and 99.79 % of pixels agree with the QAT model; stripped, no INT8 kernel
-    and 99.36 %."""
+    quantization of the activations altogether (no INT8 kernel, lower agreement with the
+    QAT model; docs/engines.md has the measurement)."""
     try:
         import paddle2onnx
     except ImportError:
         raise UserError('--to_onnx needs paddle2onnx: pip install -e .[onnx] (make install '
-                        'does it)')
+                        'does it)') from None
     deploy_path = os.path.join(model_dir, 'deploy.yaml')
     with open(deploy_path) as f:
         deploy = yaml.safe_load(f)
@@ -194,7 +79,7 @@ def export_onnx(model_dir: str) -> str:
     except Exception as e:  # the converter raises generic errors
         raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
             model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
-            type(e).__name__))
+            type(e).__name__)) from e
     out = os.path.join(model_dir, 'model.onnx')
     write_bytes(out, onnx_bytes)
     deploy['Deploy']['onnx'] = 'model.onnx'
@@ -218,16 +103,16 @@ def staged_model_folder(save_dir: str):
                 shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
         stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
     except OSError as e:
-        raise UserError('cannot write --save_dir {} ({}); choose a writable folder'.format(
-            save_dir, e.strerror))
+        raise UserError(f'cannot write --save_dir {save_dir} ({e.strerror}); choose a writable '
+                        'folder') from e
     try:
         yield stage
         for name in MODEL_FILES:
             if os.path.exists(os.path.join(stage, name)):
                 move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
     except OSError as e:
-        raise UserError('cannot write the model to {} ({}); check space and permissions'.format(
-            save_dir, e.strerror or e))
+        raise UserError(f'cannot write the model to {save_dir} ({e.strerror or e}); check space '
+                        'and permissions') from e
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -259,9 +144,9 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
     replaced, not mixed.
     """
     if output_op not in OUTPUT_OPS:
-        raise UserError('--output_op {} is not one of {}'.format(output_op, OUTPUT_OPS))
-    shape = list(input_shape) if input_shape else [None, 3, None, None]
-    if input_shape and (len(shape) != 4 or min(shape) <= 0):
+        raise UserError(f'--output_op {output_op} is not one of {OUTPUT_OPS}')
+    shape: List[Optional[int]] = list(input_shape) if input_shape else [None, 3, None, None]
+    if input_shape and (len(input_shape) != 4 or min(input_shape) <= 0):
         raise UserError('--input_shape takes four positive numbers N C H W, e.g. 1 3 512 512; '
                         'got {}'.format(' '.join(map(str, input_shape))))
     with staged_model_folder(save_dir) as stage:

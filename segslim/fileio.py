@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from segslim.errors import UserError
 
@@ -20,7 +20,7 @@ OLD_MARK = '.old-'
 
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
     """Calls write(tmp_path) on a temporary file beside `path`, then renames it into place."""
-    tmp = '{}{}{}{}'.format(path, TMP_MARK, uuid.uuid4().hex[:8], os.path.splitext(path)[1])
+    tmp = f'{path}{TMP_MARK}{uuid.uuid4().hex[:8]}{os.path.splitext(path)[1]}'
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -59,12 +59,11 @@ def remove_path(path: str) -> None:
 
 def _explain_os_error(e: OSError, target: str) -> UserError:
     if e.errno == errno.ENOSPC:
-        return UserError('disk full while writing {}; free space and resume from the last '
-                         'complete checkpoint (it is intact)'.format(target))
+        return UserError(f'disk full while writing {target}; free space and resume from the last '
+                         'complete checkpoint (it is intact)')
     if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-        return UserError('cannot write {} ({}); choose a writable --save_dir'.format(
-            target, e.strerror))
-    return UserError('cannot write {} ({})'.format(target, e))
+        return UserError(f'cannot write {target} ({e.strerror}); choose a writable --save_dir')
+    return UserError(f'cannot write {target} ({e})')
 
 
 def atomic_dir(final: str, fill: Callable[[str], None]) -> None:
@@ -72,7 +71,7 @@ def atomic_dir(final: str, fill: Callable[[str], None]) -> None:
     `final`; an existing `final` is swapped out and removed only after the new one is in
     place. A failing OS call becomes one UserError line; nothing half-written remains."""
     parent = os.path.dirname(os.path.abspath(final))
-    tmp = '{}{}{}'.format(final, TMP_MARK, uuid.uuid4().hex[:8])
+    tmp = f'{final}{TMP_MARK}{uuid.uuid4().hex[:8]}'
     try:
         os.makedirs(parent, exist_ok=True)
         os.makedirs(tmp)
@@ -80,7 +79,7 @@ def atomic_dir(final: str, fill: Callable[[str], None]) -> None:
         _fsync_dir(tmp)
         old = None
         if os.path.exists(final):
-            old = '{}{}{}'.format(final, OLD_MARK, uuid.uuid4().hex[:8])
+            old = f'{final}{OLD_MARK}{uuid.uuid4().hex[:8]}'
             os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(parent)
@@ -88,7 +87,7 @@ def atomic_dir(final: str, fill: Callable[[str], None]) -> None:
             remove_path(old)
     except OSError as e:
         remove_path(tmp)
-        raise _explain_os_error(e, final)
+        raise _explain_os_error(e, final) from e
     except BaseException:
         remove_path(tmp)
         raise
@@ -118,3 +117,31 @@ def recover(folder: str) -> None:
             remove_path(old)
     for tmp in glob.glob(os.path.join(folder, '*' + TMP_MARK + '*')):
         remove_path(tmp)
+
+
+def check_writable(save_dir: str, flag: str = '--save_dir') -> None:
+    """Fails early, creating nothing, when save_dir (or the folder it would be made in)
+    cannot be written."""
+    path = os.path.abspath(save_dir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {save_dir} is a file; choose a folder')
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError('{} {} is not writable ({} is {}); choose another folder'.format(
+            flag, save_dir, parent, 'a file' if not os.path.isdir(parent) else 'read-only'))
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+    """Fails early, before any work, when an output file like --json cannot be written."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f'{flag} {path} is a folder; give a file name')
+    if not os.path.isdir(folder):
+        raise UserError(f'{flag} {path}: folder {folder} does not exist; create it or choose '
+                        'another path')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f'{flag} {path}: folder {folder} is read-only; choose another path')

@@ -1,9 +1,12 @@
-"""The package logger: one format for every script; and silencing native libraries' own
-prints."""
+"""The package logger: one format for every script; progress bars with an ETA on a
+terminal; and silencing native libraries' own prints."""
 import contextlib
 import logging
 import os
 import sys
+from typing import Any, Iterable, Optional, TypeVar
+
+T = TypeVar('T')
 
 logger = logging.getLogger('segslim')
 if not logger.handlers:
@@ -13,6 +16,25 @@ if not logger.handlers:
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+
+
+def progress(items: Iterable[T], desc: str, total: Optional[int] = None) -> Iterable[T]:
+    """`items` with a progress bar and ETA on a terminal (tqdm, on stderr); plain `items`
+    when stderr is not a terminal (logs, CI, pipes)."""
+    if not sys.stderr.isatty() or os.environ.get('SEGSLIM_NO_PROGRESS'):
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+def progress_bar(total: int, desc: str) -> Any:
+    """A tqdm bar to update() by hand, drawn on a copy of stderr (so it survives
+    quiet_native_output); None when stderr is not a terminal."""
+    if not sys.stderr.isatty() or os.environ.get('SEGSLIM_NO_PROGRESS'):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
+                file=os.fdopen(os.dup(2), 'w'))
 
 
 @contextlib.contextmanager

@@ -12,36 +12,36 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from segslim._paddle import paddle
 from segslim import builder
+from segslim._paddle import paddle
 from segslim.config import load_config
 from segslim.data.demo import make_sample
-from segslim.deploy.benchmark import benchmark, format_report
-from segslim.deploy.predictor import EngineOptions
+from segslim.deploy.benchmark import benchmark
+from segslim.deploy.engine import Preprocessor
 from segslim.deploy.profile import format_profile, profile_engine
-from segslim.export import export_inference_model
-from segslim.fileio import write_json, write_text
+from segslim.deploy.report import format_report
 from segslim.errors import UserError
-from segslim.logger import logger
+from segslim.export import deploy_transforms, export_inference_model
+from segslim.fileio import write_json, write_text
+from segslim.logger import logger, progress
+from segslim.options import EngineOptions
 from segslim.quant import calibrate, quant_config_of, quantize_model
 
 
-def calibration_batches(size: int, count: int, seed: int = 0) -> List[np.ndarray]:
-    """Normalized fundus-like images, N=1, as a stand-in for real calibration data."""
+def calibration_batches(cfg: Dict[str, Any], size: int, count: int,
+                        seed: int = 0) -> List[np.ndarray]:
+    """Generated fundus-like images through the config's deploy transforms, N=1, as a
+    stand-in for real calibration data."""
+    pre = Preprocessor(deploy_transforms(cfg))
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        img, _ = make_sample(rng, size)
-        x = (img[..., ::-1].astype(np.float32) / 255.0 - 0.5) / 0.5
-        out.append(np.transpose(x, (2, 0, 1))[np.newaxis].copy())
-    return out
+    return [pre(make_sample(rng, size)[0])[0][np.newaxis] for _ in range(count)]
 
 
 def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
                 layers: Optional[str] = 'all', fp32: bool = True) -> Dict[str, str]:
     """FP32 (unless not `fp32`) and INT8 exports of the config's model with random weights;
     `layers` overrides the config's quant_config.layers (None: the config's own policy)."""
-    opts = ['quant_config.layers={}'.format(layers)] if layers else []
+    opts = [f'quant_config.layers={layers}'] if layers else []
     cfg = load_config(config, opts=opts, required=('model',))
     paddle.seed(0)
     model = builder.build_model(cfg)
@@ -51,7 +51,7 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
         export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
     qcfg = quant_config_of(cfg)
     quanter = quantize_model(model, qcfg, summary=False)
-    calibrate(model, calibration_batches(size, calib))
+    calibrate(model, calibration_batches(cfg, size, calib))
     export_inference_model(model, cfg, dirs['int8'], output_op='argmax', quanter=quanter,
                            int8_ops=qcfg['int8_ops'])
     return dirs
@@ -82,7 +82,7 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy."""
     reports = []
-    for config in configs:
+    for config in progress(configs, 'Models'):
         name = os.path.splitext(os.path.basename(config))[0]
         shape = bench_shape(load_config(config, required=('model',)), size)
         with tempfile.TemporaryDirectory(prefix='segslim-bench-') as work:
@@ -114,13 +114,14 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
 def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
     """docs/benchmark.json: one row per model (seconds per image of each engine, speedups,
     INT8 ops over quantizable ops) and the geometric-mean speedups."""
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for rep in reports:
         by = {(r.get('backend', 'paddle'), r['precision']): r for r in rep['rows']}
-        fp32, bf16, int8 = (by.get(('paddle', p)) for p in ('fp32', 'bf16', 'int8'))
+        fp32 = by[('paddle', 'fp32')]
+        bf16, int8 = (by.get(('paddle', p)) for p in ('bf16', 'int8'))
         ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
         if any(ov.values()):
-            rows.append({'openvino_{}_s'.format(p): r['s_per_img'] if r else None
+            rows.append({f'openvino_{p}_s': r['s_per_img'] if r else None
                          for p, r in ov.items()})
             rows[-1]['openvino_speedup'] = ov['int8']['speedup'] if ov['int8'] else None
             rows[-1]['openvino_speedup_vs_bf16'] = ov['bf16']['s_per_img'] / \
@@ -160,7 +161,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     summary() alone)."""
     engines = 'Paddle Inference and OpenVINO' if summ['geomean_openvino_speedup'] else \
         'Paddle Inference'
-    lines = ['# Latency: FP32 vs bf16 vs INT8 on {}'.format(engines), '',
+    lines = [f'# Latency: FP32 vs bf16 vs INT8 on {engines}', '',
              'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
              'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
              'interleaved in one process, each timed run after an untimed one of the same '
@@ -176,10 +177,10 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
              'INT8 convs | INT8 matmuls |', '|---|---|---|---|---|---|---|---|---|']
 
     def ms(v):
-        return '{:.1f}'.format(v * 1000) if v else '-'
+        return f'{v * 1000:.1f}' if v else '-'
 
     def ratio(v):
-        return '{:.2f}x'.format(v) if v else '-'
+        return f'{v:.2f}x' if v else '-'
     for r in summ['rows']:
         lines.append('| {} | {}x{} | {} | {} | {} | {} | {} | {}/{} | {} |'.format(
             r['model'], r['input_shape'][3], r['input_shape'][2], ms(r['fp32_s']),

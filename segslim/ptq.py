@@ -3,40 +3,42 @@ model, calibrated on train images through the deploy transforms, with the QAT sk
 saved in qat_export's layout (model.pdmodel, model.pdiparams, deploy.yaml)."""
 import os
 import shutil
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from segslim._paddle import paddle
-from segslim.deploy.predictor import Preprocessor, program_input_names, read_deploy
+from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
-from segslim.export import (fold_conv_bias_reshape, read_program, staged_model_folder,
-                            write_deploy)
-from segslim.logger import logger, quiet_native_output
+from segslim.export import staged_model_folder, write_deploy
+from segslim.logger import logger, progress_bar, quiet_native_output
+from segslim.options import PTQ_ALGOS
+from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
 from segslim.quant import log_quant_summary, quant_plan
 
-ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
 # Below this many images the activation scales (a max, a mean of maxima, a histogram
 # percentile or a KL threshold over what was seen) follow a few images' extremes: a class or
 # lighting missing from them gets its activations clipped on other images.
 MIN_CALIBRATION_IMAGES = 32
-# Program op types of PaddleSlim's quantizable layer types.
-LAYER_OPS = {'Conv2D': ('conv2d', 'depthwise_conv2d'), 'Linear': ('mul', 'matmul', 'matmul_v2'),
-             'Conv2DTranspose': ('conv2d_transpose',)}
 
 
 class CalibrationImages(paddle.io.Dataset):
-    """Image files through the deploy transforms: CHW float32 arrays."""
+    """Image files through the deploy transforms: CHW float32 arrays. `bar` (a progress bar)
+    advances with every image read."""
 
-    def __init__(self, paths: Sequence[str], transforms: List[Dict[str, Any]]):
+    def __init__(self, paths: Sequence[str], transforms: List[Dict[str, Any]],
+                 bar: Any = None):
         super().__init__()
         self.paths = list(paths)
         self.pre = Preprocessor(transforms)
+        self.bar = bar
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        if self.bar is not None:
+            self.bar.update(1)
         return self.pre(self.paths[i])[0]
 
 
@@ -59,15 +61,16 @@ def warn_if_too_few(images: int, asked: int, available: int) -> None:
 
 
 def skipped_weights(model: paddle.nn.Layer, qcfg: Dict[str, Any], what: str,
-                    summary: bool = True) -> List[str]:
+                    summary: bool = True, summary_dir: Optional[str] = None) -> List[str]:
     """Weight names of the layers the QAT policy skips (PTQ's skip_tensor_list), after logging
-    the quant summary. `model` must be the one the program was exported from (same names)."""
+    the quant summary (its table in `summary_dir`). `model` must be the one the program was
+    exported from (same names)."""
     plan = quant_plan(model, qcfg)
     if not any(rule == 'quantized' for _, _, rule in plan):
         raise UserError('config key `quant_config`: no layer is left to quantize (layers: {}, '
                         'skip: {}); loosen the policy'.format(qcfg['layers'], qcfg['skip']))
     if summary:
-        log_quant_summary(plan, what)
+        log_quant_summary(plan, what, summary_dir)
     layers = dict(model.named_sublayers())
     return [layers[name].weight.name for name, _, rule in plan if rule != 'quantized']
 
@@ -79,9 +82,10 @@ def check_names_in_program(names: Sequence[str], model_file: str) -> None:
     block = desc.block(0)
     missing = [n for n in names if block.find_var(n.encode()) is None]
     if missing:
-        raise UserError('{} does not hold the weights of the skipped layers (e.g. {}): it was '
+        raise UserError(f'{model_file} does not hold the weights of the skipped layers (e.g. '
+                        f'{missing[0]}): it was '
                         'not exported from this config\'s model; pass --model_path with the '
-                        'FP32 weights instead of --model_dir'.format(model_file, missing[0]))
+                        'FP32 weights instead of --model_dir')
 
 
 def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
@@ -89,12 +93,12 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                            batch_size: int = 1, device: str = 'cpu') -> Dict[str, Any]:
     """Quantizes the exported FP32 model in `fp32_dir` into `save_dir` (files staged, then
     each moved into place); returns {'save_dir', 'images', 'algo'}."""
-    if algo not in ALGOS:
-        raise UserError('--algo {} is not one of {}'.format(algo, ', '.join(ALGOS)))
+    if algo not in PTQ_ALGOS:
+        raise UserError('--algo {} is not one of {}'.format(algo, ', '.join(PTQ_ALGOS)))
     from paddleslim.quant import quant_post_static
     deploy = read_deploy(fp32_dir)
     if deploy.get('quantized'):
-        raise UserError('{} is already quantized; pass an FP32 export'.format(fp32_dir))
+        raise UserError(f'{fp32_dir} is already quantized; pass an FP32 export')
     check_names_in_program(skip_weights, deploy['model'])
     feed = (program_input_names(deploy['model']) or ['x'])[0]
     op_types = sorted({op for kind in qcfg['quantizable_layer_type'] for op in LAYER_OPS[kind]})
@@ -104,7 +108,11 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
         shutil.copyfile(deploy['model'], os.path.join(src, 'model.pdmodel'))
         shutil.copyfile(deploy['params'], os.path.join(src, 'model.pdiparams'))
         fold_conv_bias_reshape(os.path.join(src, 'model.pdmodel'))  # upstream exports
-        dataset = CalibrationImages(image_paths, deploy['transforms'])
+        # PaddleSlim's own output is silenced, so the bar draws on a copy of stderr; the
+        # histogram methods read the images twice.
+        passes = 2 if algo in ('KL', 'hist') else 1
+        bar = progress_bar(len(image_paths) * passes, f'PTQ calibration ({algo})')
+        dataset = CalibrationImages(image_paths, deploy['transforms'], bar)
 
         def collate(batch):
             if len({img.shape for img in batch}) > 1:
@@ -130,6 +138,8 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                     onnx_format=True, skip_tensor_list=list(skip_weights) or None)
         finally:
             paddle.disable_static()
+            if bar is not None:
+                bar.close()
         out = {k: v for k, v in deploy.items() if k not in ('dir', 'model', 'params')}
         out.update(model='model.pdmodel', params='model.pdiparams', quantized=True,
                    int8_ops=list(qcfg['int8_ops']),

@@ -2,13 +2,16 @@
 builds a model, quantizes it and loads weights for qat_train, qat_val and qat_export."""
 import copy
 import fnmatch
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from segslim._paddle import paddle
 from segslim import builder
+from segslim._paddle import paddle
 from segslim.engine.checkpoint import load_weights
 from segslim.errors import UserError
+from segslim.fileio import write_text
 from segslim.logger import logger
+from segslim.program import DEFAULT_INT8_OPS, ONEDNN_INT8_OPS
 
 # The reference QAT setup (PaddleSeg deploy/slim/quant); `quant_config:` in the YAML
 # overrides any key.
@@ -27,15 +30,13 @@ DEFAULT_QUANT_CONFIG: Dict[str, Any] = {
     'skip': [],
     # Op types the oneDNN engine runs in INT8 (written to deploy.yaml). Convolutions by
     # default; transformers gain from fc/matmul too (see configs/segformer).
-    'int8_ops': ['conv2d', 'depthwise_conv2d', 'fused_conv2d'],
+    'int8_ops': list(DEFAULT_INT8_OPS),
     # What the deployed oneDNN INT8 engine is promised to run in INT8, as shares of its
     # convolutions and matrix products (tests/test_zoo.py checks every shipped config).
     'int8_share': {'conv': 0.0, 'matmul': 0.0},
 }
 WEIGHT_TYPES = ('abs_max', 'channel_wise_abs_max', 'range_abs_max', 'moving_average_abs_max')
 ACT_TYPES = ('abs_max', 'range_abs_max', 'moving_average_abs_max')
-ENGINE_INT8_OPS = ('conv2d', 'depthwise_conv2d', 'fused_conv2d', 'conv2d_transpose', 'fc',
-                   'matmul', 'matmul_v2', 'fused_matmul', 'pool2d', 'concat')
 LAYER_TYPES = {'Conv2D': paddle.nn.Conv2D, 'Linear': paddle.nn.Linear,
                'Conv2DTranspose': paddle.nn.Conv2DTranspose}
 
@@ -66,7 +67,7 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
          'a list of layer-name patterns (strings)'),
         ('onnx_format', isinstance(qcfg['onnx_format'], bool), 'True or False'),
         ('int8_ops', isinstance(qcfg['int8_ops'], list) and qcfg['int8_ops'] and
-         set(qcfg['int8_ops']) <= set(ENGINE_INT8_OPS), list(ENGINE_INT8_OPS)),
+         set(qcfg['int8_ops']) <= set(ONEDNN_INT8_OPS), list(ONEDNN_INT8_OPS)),
         ('int8_share', isinstance(qcfg['int8_share'], dict) and
          set(qcfg['int8_share']) <= {'conv', 'matmul'} and
          all(isinstance(v, (int, float)) and 0 <= v <= 1
@@ -75,8 +76,8 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
     ]
     for key, ok, allowed in checks:
         if not ok:
-            raise UserError('config key `quant_config.{}`: {!r} is not allowed; use {}'.format(
-                key, qcfg[key], allowed))
+            raise UserError(f'config key `quant_config.{key}`: {qcfg[key]!r} is not allowed; use '
+                            f'{allowed}')
     qcfg['moving_rate'] = float(qcfg['moving_rate'])
     return qcfg
 
@@ -97,34 +98,57 @@ def quant_plan(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> List[Tuple[str, 
         else:
             pattern = next((p for p in qcfg['skip'] if fnmatch.fnmatch(name, p)), None)
             if pattern is not None:
-                rule = 'skipped: quant_config.skip {!r}'.format(pattern)
+                rule = f'skipped: quant_config.skip {pattern!r}'
         plan.append((name, type(layer).__name__, rule))
     return plan
 
 
-def log_quant_summary(plan: List[Tuple[str, str, str]], what: str) -> None:
-    """Logs each layer with its rule, so a skip list visibly took effect."""
+SUMMARY_FILE = 'quant_summary.txt'
+
+
+def log_quant_summary(plan: List[Tuple[str, str, str]], what: str,
+                      summary_dir: Optional[str] = None) -> Optional[str]:
+    """Logs one line (how many layers are quantized, how many each rule skipped) and, with
+    `summary_dir`, writes every layer with its rule to <summary_dir>/quant_summary.txt, so
+    a skip list visibly took effect; returns that file's path."""
     quantized = sum(rule == 'quantized' for _, _, rule in plan)
-    width = max(len(name) for name, _, _ in plan)
-    lines = ['{}: quantizing {} of {} layers, skipping {}'.format(
-        what, quantized, len(plan), len(plan) - quantized)]
-    lines += ['  {:<{}}  {:<16} {}'.format(name, width, kind, rule) for name, kind, rule in plan]
-    logger.info('\n'.join(lines))
+    by_rule: Dict[str, int] = {}
+    for _, _, rule in plan:
+        if rule != 'quantized':
+            key = rule.split(' (')[0].split(" '")[0].replace('skipped: ', '')
+            by_rule[key] = by_rule.get(key, 0) + 1
+    head = '{}: quantizing {} of {} layers, skipping {}{}'.format(
+        what, quantized, len(plan), len(plan) - quantized, ' ({})'.format(', '.join(
+            f'{rule}: {n}' for rule, n in by_rule.items())) if by_rule else '')
+    path = None
+    if summary_dir:
+        width = max(len(name) for name, _, _ in plan)
+        lines = [head] + ['  {:<{}}  {:<16} {}'.format(name, width, kind, rule)
+                          for name, kind, rule in plan]
+        os.makedirs(summary_dir, exist_ok=True)
+        path = os.path.join(summary_dir, SUMMARY_FILE)
+        write_text(path, '\n'.join(lines) + '\n')
+        head += f' (every layer: {path})'
+    logger.info(head)
+    return path
 
 
 def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
     """Sets `skip_quant` on quantizable layers the policy leaves out; returns
     (names to quantize, names skipped)."""
     layers = dict(model.named_sublayers())
-    quantized, skipped = [], []
+    quantized: List[str] = []
+    skipped: List[str] = []
     for name, _, rule in quant_plan(model, qcfg):
         layers[name].skip_quant = rule != 'quantized'
         (skipped if layers[name].skip_quant else quantized).append(name)
     return quantized, skipped
 
 
-def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool = True):
-    """Inserts fake-quant layers in place; returns the PaddleSlim QAT object (for export)."""
+def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool = True,
+                   summary_dir: Optional[str] = None):
+    """Inserts fake-quant layers in place; returns the PaddleSlim QAT object (for export).
+    `summary` logs the quant summary (with its table in `summary_dir`)."""
     from paddleslim import QAT
     plan = quant_plan(model, qcfg)
     quantized, _ = mark_skipped(model, qcfg)
@@ -132,7 +156,8 @@ def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool =
         raise UserError('config key `quant_config`: no layer is left to quantize (layers: {}, '
                         'skip: {}); loosen the policy'.format(qcfg['layers'], qcfg['skip']))
     if summary:
-        log_quant_summary(plan, 'QAT ({})'.format('/'.join(qcfg['quantizable_layer_type'])))
+        log_quant_summary(plan, 'QAT ({})'.format('/'.join(qcfg['quantizable_layer_type'])),
+                          summary_dir)
     slim_cfg = {k: v for k, v in qcfg.items()
                 if k not in ('layers', 'skip', 'int8_ops', 'int8_share')}
     quanter = QAT(config=slim_cfg)
@@ -155,13 +180,14 @@ def calibrate(model: paddle.nn.Layer, batches: Sequence[Any]) -> None:
 
 
 def build_quant_model(cfg: Dict[str, Any], fp32_weights: Optional[str] = None,
-                      qat_weights: Optional[str] = None, allow_partial: bool = False):
+                      qat_weights: Optional[str] = None, allow_partial: bool = False,
+                      summary_dir: Optional[str] = None):
     """Builds the config's model, loads FP32 weights (before quantizing) or QAT weights
     (after), and returns (quantized model, QAT object)."""
     model = builder.build_model(cfg)
     if fp32_weights is not None:
         load_weights(model, fp32_weights, allow_partial=allow_partial)
-    quanter = quantize_model(model, quant_config_of(cfg))
+    quanter = quantize_model(model, quant_config_of(cfg), summary_dir=summary_dir)
     if qat_weights is not None:
         load_weights(model, qat_weights, allow_partial=allow_partial)
     return model, quanter

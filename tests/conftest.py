@@ -1,3 +1,5 @@
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -19,8 +21,55 @@ def run_cli(script, *args, cwd=None, timeout=600, env=None):
                           env=full_env)
 
 
+SCRIPTS = {  # the scripts' entry points, for in-process runs
+    'train.py': 'train', 'val.py': 'val', 'export.py': 'export',
+    'slim/quant/qat_train.py': 'qat_train', 'slim/quant/qat_val.py': 'qat_val',
+    'slim/quant/qat_export.py': 'qat_export', 'slim/quant/ptq.py': 'ptq',
+    'slim/quant/analysis.py': 'analysis', 'deploy/python/infer.py': 'infer',
+    'deploy/python/benchmark.py': 'benchmark', 'tools/make_demo_dataset.py': 'make_demo_dataset',
+}
+
+
+def run_command(script, *args, env=None):
+    """Runs a repo script's command in this process (for paths that need no process of
+    their own: argument and setup errors); returns a CompletedProcess like run_cli's."""
+    from segslim import commands
+    from segslim.logger import logger
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = dict(os.environ)
+    os.environ.update(dict(SEGSLIM_OFFLINE='1', **(env or {})))
+    os.environ.pop('SEGSLIM_DEBUG', None)
+    streams = [(h, h.stream) for h in logger.handlers if hasattr(h, 'stream')]
+    for handler, _ in streams:
+        handler.setStream(out)
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            getattr(commands, SCRIPTS[script])([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        for handler, stream in streams:
+            handler.setStream(stream)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
+def assert_one_line_error(proc, *words, code=2):
+    """Exit code 2 (a user mistake, not a crash), one `error:` line with `words`, no
+    traceback and no usage dump."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout[-1500:], proc.stderr)
+    assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and 'usage:' not in proc.stderr, proc.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], (word, errors[0])
+    return errors[0]
+
+
 def data_opts(root):
-    return ['{}.dataset_root={}'.format(key, root) for key in ('train_dataset', 'val_dataset')]
+    return [f'{key}.dataset_root={root}' for key in ('train_dataset', 'val_dataset')]
 
 
 @pytest.fixture(scope='session')

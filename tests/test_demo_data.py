@@ -42,6 +42,7 @@ def test_labels_are_binary_discs_that_vary(tmp_path):
 def test_offline_probe_sends_nothing_and_answers_fast(monkeypatch):
     import socket
     import time
+
     from segslim.data.datasets import can_reach
 
     attempts = []  # recorded, not raised: the probe runs in a thread that swallows errors

@@ -3,12 +3,12 @@ import json
 import os
 
 import numpy as np
+from conftest import INSTANT, data_opts, run_cli, run_command
 from PIL import Image
 
-from segslim.deploy import predictor as predictor_mod
-from segslim.deploy.predictor import EngineOptions, Predictor
-
-from conftest import INSTANT, data_opts, run_cli
+from segslim.deploy import paddle_engine as predictor_mod
+from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
+from segslim.options import EngineOptions
 
 ROW_FIELDS = ('model_dir', 'precision', 'miou', 'class_iou', 's_per_img', 'p90_s', 'speedup',
               'params_mb', 'pixel_agreement', 'int8_conv_ops', 'conv_ops', 'fallback')
@@ -56,9 +56,10 @@ def test_infer_writes_masks_of_input_size(exported, tmp_path):
 
 
 def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
-    # Paddle's default INT8 op set crashes oneDNN on BiSeNetV2's concat
+    # INT8 concat crashes oneDNN on BiSeNetV2 once the program is fused
     monkeypatch.setattr(predictor_mod, 'INT8_FALLBACK_OPS',
-                        ('default', predictor_mod.INT8_OPS))
+                        (predictor_mod.DEFAULT_INT8_OPS + ('concat', 'pool2d'),
+                         predictor_mod.DEFAULT_INT8_OPS))
     pred = Predictor(exported['int8'], EngineOptions(precision='int8'))
     assert pred.fallback and 'narrowed' in pred.fallback and 'concat' in pred.fallback
     assert pred.engine['int8_conv_ops'] > 0
@@ -66,8 +67,8 @@ def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
     assert pred.labels(x).shape == (1, 64, 64)
 
 
-def test_model_folder_without_deploy_yaml_is_one_line_error(exported, tmp_path):
-    proc = run_cli('deploy/python/benchmark.py', '--model_dirs', str(tmp_path),
-                   '--repeats', 1)
+def test_model_folder_without_deploy_yaml_is_one_line_error(tmp_path):
+    proc = run_command('deploy/python/benchmark.py', '--model_dirs', str(tmp_path),
+                       '--repeats', 1)
     assert proc.returncode == 2 and 'has no deploy.yaml' in proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

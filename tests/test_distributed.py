@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import INSTANT, ROOT, data_opts, run_cli
 
 

@@ -3,14 +3,15 @@ import os
 
 import numpy as np
 import pytest
-
-from segslim._paddle import paddle
-from segslim import builder
-from segslim.config import load_config
-from segslim.deploy.predictor import EngineOptions, Predictor, program_op_types
-from segslim.export import export_inference_model, fold_conv_bias_reshape
-
 from conftest import INSTANT
+
+from segslim import builder
+from segslim._paddle import paddle
+from segslim.config import load_config
+from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
+from segslim.export import export_inference_model
+from segslim.options import EngineOptions
+from segslim.program import fold_conv_bias_reshape, program_op_types
 
 
 @pytest.fixture(scope='module')

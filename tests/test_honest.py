@@ -2,18 +2,16 @@
 TensorRT calls checked against a recording fake Config (no GPU here)."""
 import json
 import os
-import pickle
 
 import numpy as np
 import pytest
 import yaml
+from conftest import INSTANT, ROOT, assert_one_line_error, data_opts, run_cli, run_command
 
-from segslim.deploy import predictor as predictor_mod
-from segslim.deploy.predictor import EngineOptions, Predictor
+from segslim.deploy import paddle_engine as predictor_mod
+from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
 from segslim.errors import UserError
-
-from conftest import INSTANT, ROOT, data_opts, run_cli
-from test_paddleseg_compat import one_error_line
+from segslim.options import EngineOptions
 
 PPLITE = os.path.join(ROOT, 'configs', 'quick_start', 'pp_liteseg_optic_disc_512x512_1k.yml')
 
@@ -42,9 +40,9 @@ def test_qat_model_without_int8_kernels_is_labelled_so(exported, tmp_path):
     (['--markdown', '.'], ['--markdown', 'folder']),
 ])
 def test_benchmark_refuses_what_would_not_run_as_asked(exported, args, words):
-    proc = run_cli('deploy/python/benchmark.py', '--model_dirs', exported['fp32'], '--device',
-                   'cpu', '--input_shape', 1, 3, 64, 64, '--repeats', 1, *args)
-    one_error_line(proc, *words)
+    proc = run_command('deploy/python/benchmark.py', '--model_dirs', exported['fp32'], '--device',
+                       'cpu', '--input_shape', 1, 3, 64, 64, '--repeats', 1, *args)
+    assert_one_line_error(proc, *words)
 
 
 def test_agreement_uses_one_restore_rule(fp32_run, tmp_path):
@@ -52,7 +50,7 @@ def test_agreement_uses_one_restore_rule(fp32_run, tmp_path):
     on every pixel once both are restored alike."""
     from segslim import builder
     from segslim.config import load_config
-    from segslim.deploy.benchmark import agreement_with_model
+    from segslim.deploy.benchmark import evaluate_engines
     from segslim.engine.checkpoint import load_weights
     from segslim.export import export_inference_model
     cfg = load_config(INSTANT, opts=data_opts(fp32_run['data']))
@@ -63,7 +61,7 @@ def test_agreement_uses_one_restore_rule(fp32_run, tmp_path):
     export_inference_model(model, cfg, str(tmp_path / 'm'))
     dataset = builder.build_dataset(cfg, 'val_dataset')
     pred = Predictor(str(tmp_path / 'm'), EngineOptions(enable_mkldnn=False))
-    assert agreement_with_model(model, pred, dataset, 4) >= 0.99999
+    assert evaluate_engines([pred], dataset, 4, model)[0]['model_agreement'] >= 0.99999
 
 
 def test_engine_miou_equals_val_py(exported, fp32_run, tmp_path):
@@ -87,7 +85,7 @@ def test_engine_miou_equals_val_py(exported, fp32_run, tmp_path):
 
 def test_op_summary_counts_matmuls(tmp_path):
     from segslim._paddle import paddle
-    from segslim.deploy.predictor import op_summary
+    from segslim.deploy.paddle_engine import op_summary
 
     class ConvThenLinear(paddle.nn.Layer):
         def __init__(self):
@@ -116,7 +114,7 @@ def test_cpu_features_parsing(tmp_path):
              'fpu avx2 avx_vnni': ('AVX-VNNI', True), 'fpu avx2': ('AVX2', False)}
     for flags, (isa, vnni) in cases.items():
         info = tmp_path / 'cpuinfo'
-        info.write_text('model name\t: Test CPU\nflags\t\t: {}\n'.format(flags))
+        info.write_text(f'model name\t: Test CPU\nflags\t\t: {flags}\n')
         found = cpu_features(str(info), ask_paddle=False)
         assert found['model'] == 'Test CPU' and found['isa'] == isa and found['vnni'] == vnni
         assert found['amx'] == ('amx_int8' in flags)
@@ -134,10 +132,10 @@ def test_cpu_features_parsing(tmp_path):
 def test_config_mistakes_are_exit_2(fp32_run, tmp_path, opt, words):
     script = 'slim/quant/qat_train.py' if opt.startswith('quant') else 'train.py'
     cfg = PPLITE if 'arm_type' in opt else INSTANT
-    proc = run_cli(script, '--config', cfg, '--iters', 1, '--save_dir', tmp_path,
-                   '--opts', opt, 'model.backbone.pretrained=None' if cfg == PPLITE else
-                   'iters=1', *data_opts(fp32_run['data']))
-    one_error_line(proc, *words)
+    proc = run_command(script, '--config', cfg, '--iters', 1, '--save_dir', tmp_path,
+                       '--opts', opt, 'model.backbone.pretrained=None' if cfg == PPLITE else
+                       'iters=1', *data_opts(fp32_run['data']))
+    assert_one_line_error(proc, *words)
 
 
 def test_scalar_legacy_learning_rate(fp32_run, tmp_path):
@@ -147,9 +145,9 @@ def test_scalar_legacy_learning_rate(fp32_run, tmp_path):
     cfg['learning_rate'] = 0.01
     path = tmp_path / 'legacy.yml'
     path.write_text(yaml.safe_dump(cfg))
-    proc = run_cli('train.py', '--config', path, '--iters', 1, '--save_dir', tmp_path / 'o',
-                   '--opts', *data_opts(fp32_run['data']))
-    one_error_line(proc, '`learning_rate`', 'mapping')
+    proc = run_command('train.py', '--config', path, '--iters', 1, '--save_dir', tmp_path / 'o',
+                       '--opts', *data_opts(fp32_run['data']))
+    assert_one_line_error(proc, '`learning_rate`', 'mapping')
 
 
 @pytest.mark.parametrize('script,args,words', [
@@ -163,16 +161,16 @@ def test_zero_counts_are_refused_not_clamped(exported, tmp_path, script, args, w
         base = ['--config', INSTANT, '--save_dir', tmp_path]
     else:
         base = ['--config', exported['fp32'], '--image_path', exported['data']]
-    one_error_line(run_cli(script, *base, *args), *words)
+    assert_one_line_error(run_command(script, *base, *args), *words)
 
 
 def test_val_json_unwritable(fp32_run, tmp_path):
     blocker = tmp_path / 'file'
     blocker.write_text('x')
-    proc = run_cli('val.py', '--config', INSTANT, '--model_path',
-                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'), '--json',
-                   blocker / 'm.json', '--opts', *data_opts(fp32_run['data']))
-    one_error_line(proc, '--json')
+    proc = run_command('val.py', '--config', INSTANT, '--model_path',
+                       os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'), '--json',
+                       blocker / 'm.json', '--opts', *data_opts(fp32_run['data']))
+    assert_one_line_error(proc, '--json')
 
 
 def test_allow_partial_from_the_cli(fp32_run, tmp_path):
@@ -181,8 +179,8 @@ def test_allow_partial_from_the_cli(fp32_run, tmp_path):
               '--batch_size', 2, '--opts', 'model.backbone.pretrained=None',
               "train_dataset.transforms=[{'type': 'Resize', 'target_size': [64, 64]}, "
               "{'type': 'Normalize'}]", *data_opts(fp32_run['data'])]
-    proc = run_cli('slim/quant/qat_train.py', '--save_dir', tmp_path / 'a', *common)
-    one_error_line(proc, 'does not fit')
+    proc = run_command('slim/quant/qat_train.py', '--save_dir', tmp_path / 'a', *common)
+    assert_one_line_error(proc, 'does not fit')
     proc = run_cli('slim/quant/qat_train.py', '--save_dir', tmp_path / 'b', '--allow_partial',
                    *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -192,7 +190,8 @@ def test_allow_partial_from_the_cli(fp32_run, tmp_path):
 # Bugs -------------------------------------------------------------------------------------
 def test_pretrained_urls_are_cached_apart(monkeypatch, tmp_path):
     import paddleseg.utils.utils as seg_utils
-    from segslim import workflows
+
+    from segslim.engine import checkpoint
     calls = []
 
     def fake_download(url, savepath, cover, extrapath, extraname, filename):
@@ -202,16 +201,17 @@ def test_pretrained_urls_are_cached_apart(monkeypatch, tmp_path):
         open(os.path.join(folder, filename), 'w').write(url)
         return folder
     monkeypatch.setattr(seg_utils, 'download_file_and_uncompress', fake_download)
-    monkeypatch.setattr(workflows, 'can_reach', lambda host: True)
-    a = workflows.local_weights('https://host/models/a_model/model.pdparams', 'model.pretrained')
-    b = workflows.local_weights('https://host/models/b_model/model.pdparams', 'model.pretrained')
+    monkeypatch.setattr(checkpoint, 'can_reach', lambda host: True)
+    a = checkpoint.local_weights('https://host/models/a_model/model.pdparams', 'model.pretrained')
+    b = checkpoint.local_weights('https://host/models/b_model/model.pdparams', 'model.pretrained')
     assert a != b and open(a).read().endswith('a_model/model.pdparams')
     assert open(b).read().endswith('b_model/model.pdparams') and len(calls) == 2
 
 
 def test_amp_loss_scale_is_checkpointed(tmp_path):
     from segslim._paddle import paddle
-    from segslim.engine.train import Trainer, TrainOptions, restore_scaler
+    from segslim.engine.train import Trainer, restore_scaler
+    from segslim.options import TrainOptions
 
     class FakeScaler:
         def __init__(self, scale):
@@ -226,11 +226,12 @@ def test_amp_loss_scale_is_checkpointed(tmp_path):
     model = paddle.nn.Conv2D(3, 2, 1)
     sched = paddle.optimizer.lr.PolynomialDecay(0.01, 10)
     opt = paddle.optimizer.SGD(sched, parameters=model.parameters())
-    trainer = Trainer(model, None, None, opt, sched, {}, {}, TrainOptions(save_dir=str(tmp_path)))
+    trainer = Trainer(model, None, None, opt, sched, {}, {}, TrainOptions(iters=10, batch_size=1,
+                                                                  save_dir=str(tmp_path)))
     trainer.scaler = FakeScaler(512.0)
     trainer._save(3, None)
-    with open(tmp_path / 'iter_3' / 'train_state.pkl', 'rb') as f:
-        state = pickle.load(f)
+    with open(tmp_path / 'iter_3' / 'train_state.json') as f:
+        state = json.load(f)
     assert state['scaler']['scale'] == 512.0 and state['scaler']['incr_count'] == 3
     fresh = FakeScaler(1024.0)
     restore_scaler(fresh, state)
@@ -384,7 +385,7 @@ def test_xpu_and_npu_configs(exported, fake_pi):
 
 
 def test_input_name_is_read_from_the_program(exported):
-    from segslim.deploy.predictor import program_input_names
+    from segslim.program import program_input_names
     assert program_input_names(os.path.join(exported['fp32'], 'model.pdmodel')) == ['x']
 
 

@@ -5,13 +5,12 @@ import os
 
 import numpy as np
 import pytest
+from conftest import INSTANT, assert_one_line_error, data_opts, run_cli
 from PIL import Image
 
-from segslim.deploy.predictor import EngineOptions, create_predictor
+from segslim.deploy.engines import create_predictor
 from segslim.errors import UserError
-
-from conftest import INSTANT, data_opts, run_cli
-from test_errors import assert_one_line_error
+from segslim.options import EngineOptions
 
 ov = pytest.importorskip('openvino')
 
@@ -37,7 +36,7 @@ def test_benchmark_rows_of_both_engines(exported, tmp_path):
 
 
 def test_observer_quantization_is_dropped_and_convs_stay_int8(exported):
-    from segslim.deploy.ov_engine import QUANTIZED_CONSUMERS, drop_observer_quantization
+    from segslim.deploy.openvino_engine import QUANTIZED_CONSUMERS, drop_observer_quantization
     model = ov.Core().read_model(os.path.join(exported['int8'], 'model.pdmodel'))
     fq = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
     dropped = drop_observer_quantization(model)

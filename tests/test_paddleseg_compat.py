@@ -1,16 +1,15 @@
 """PaddleSeg 2.8 drop-in: its client API reads our exports, its command lines run unchanged,
 its configs build (nested components, per-script required keys)."""
 import hashlib
+import json
 import os
-import pickle
 import re
 
 import numpy as np
 import pytest
 import yaml
+from conftest import INSTANT, ROOT, assert_one_line_error, data_opts, run_cli, run_command
 from PIL import Image
-
-from conftest import INSTANT, ROOT, data_opts, run_cli
 
 QUICK = os.path.join(ROOT, 'configs', 'quick_start', 'bisenet_optic_disc_512x512_1k.yml')
 # Every flag of PaddleSeg 2.8's counterpart scripts (release 2.8.0).
@@ -41,16 +40,6 @@ UPSTREAM_FLAGS = {
 }
 
 
-def one_error_line(proc, *words):
-    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
-    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith('error:')]
-    assert len(errors) == 1 and 'usage:' not in proc.stderr, proc.stderr[-2000:]
-    for word in words:
-        assert word in errors[0], (word, errors[0])
-
-
 def tree_digest(folder):
     """{relative path: sha1} of every file below folder."""
     out = {}
@@ -76,7 +65,8 @@ def instant_cfg(data):
 
 # Export contract -----------------------------------------------------------------------
 def test_heads_follow_paddleseg_contract(exported):
-    from segslim.deploy.predictor import EngineOptions, Predictor
+    from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
+    from segslim.options import EngineOptions
     x = np.zeros((2, 3, 64, 64), np.float32)
     for kind in ('fp32', 'int8'):
         deploy = yaml.safe_load(open(os.path.join(exported[kind], 'deploy.yaml')))['Deploy']
@@ -88,7 +78,7 @@ def test_heads_follow_paddleseg_contract(exported):
 
 
 def test_older_n1hw_exports_still_read():
-    from segslim.deploy.predictor import Predictor
+    from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
     pred = Predictor.__new__(Predictor)
     pred.deploy = {}
     old = np.arange(8, dtype=np.int32).reshape(2, 1, 2, 2)
@@ -209,12 +199,12 @@ def test_upstream_style_chain(fp32_run, tmp_path):
 
 @pytest.mark.parametrize('flag', ['--enable_mkldnn', '--use_trt', '--benchmark'])
 def test_bool_flag_rejects_non_boolean(exported, flag):
-    proc = run_cli('deploy/python/infer.py', '--config', exported['fp32'], '--image_path',
-                   exported['data'], flag, 'maybe')
-    one_error_line(proc, flag, 'True or False', "'maybe'")
+    proc = run_command('deploy/python/infer.py', '--config', exported['fp32'], '--image_path',
+                       exported['data'], flag, 'maybe')
+    assert_one_line_error(proc, flag, 'True or False', "'maybe'")
 
 
-def test_bool_flag_value_is_honoured(exported, tmp_path):
+def test_bool_flag_value_is_honoured():
     from segslim import cli
     p = cli.ArgumentParser()
     cli.add_engine_args(p)
@@ -239,9 +229,9 @@ def test_infer_folder_keeps_subfolders(exported, tmp_path):
 def test_infer_file_list_with_missing_entry(exported, tmp_path):
     listing = tmp_path / 'list.txt'
     listing.write_text('nope.jpg\n')
-    proc = run_cli('deploy/python/infer.py', '--config', exported['int8'], '--image_path',
-                   listing)
-    one_error_line(proc, 'nope.jpg', 'list.txt')
+    proc = run_command('deploy/python/infer.py', '--config', exported['int8'], '--image_path',
+                       listing)
+    assert_one_line_error(proc, 'nope.jpg', 'list.txt')
 
 
 def test_train_without_seed_draws_and_keeps_one(instant_data, tmp_path):
@@ -250,8 +240,8 @@ def test_train_without_seed_draws_and_keeps_one(instant_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = re.search(r'using seed (\d+) \(pass --seed \1', proc.stdout)
     assert m, proc.stdout[-2000:]
-    with open(tmp_path / 'iter_2' / 'train_state.pkl', 'rb') as f:
-        assert pickle.load(f)['seed'] == int(m.group(1))
+    with open(tmp_path / 'iter_2' / 'train_state.json') as f:
+        assert json.load(f)['seed'] == int(m.group(1))
 
 
 def test_repeats_lengthens_the_epoch(instant_data, tmp_path):
@@ -270,25 +260,25 @@ def test_profiler_options(instant_data, tmp_path):
     prof = tmp_path / 'prof.log'
     proc = run_cli('train.py', '--config', INSTANT, '--iters', 3, '--seed', 0, '--save_dir',
                    tmp_path / 'run', '--profiler_options',
-                   'batch_range=[1,2];profile_path={};exit_on_finished=false'.format(prof),
+                   f'batch_range=[1,2];profile_path={prof};exit_on_finished=false',
                    '--opts', *data_opts(instant_data))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert prof.exists()
-    proc = run_cli('train.py', '--config', INSTANT, '--save_dir', tmp_path / 'bad',
-                   '--profiler_options', 'nonsense', '--opts', *data_opts(instant_data))
-    one_error_line(proc, '--profiler_options')
+    proc = run_command('train.py', '--config', INSTANT, '--save_dir', tmp_path / 'bad',
+                       '--profiler_options', 'nonsense', '--opts', *data_opts(instant_data))
+    assert_one_line_error(proc, '--profiler_options')
 
 
 def test_device_the_build_lacks_is_one_line(fp32_run):
-    proc = run_cli('val.py', '--config', INSTANT, '--device', 'xpu', '--model_path',
-                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'))
-    one_error_line(proc, '--device xpu', 'XPU')
+    proc = run_command('val.py', '--config', INSTANT, '--device', 'xpu', '--model_path',
+                       os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'))
+    assert_one_line_error(proc, '--device xpu', 'XPU')
 
 
-def test_data_format_nhwc_is_deeplabv3p_only(fp32_run, tmp_path):
-    proc = run_cli('train.py', '--config', INSTANT, '--data_format', 'NHWC', '--save_dir',
-                   tmp_path)
-    one_error_line(proc, 'NHWC', 'DeepLabV3P', 'BiSeNetV2')
+def test_data_format_nhwc_is_deeplabv3p_only(tmp_path):
+    proc = run_command('train.py', '--config', INSTANT, '--data_format', 'NHWC', '--save_dir',
+                       tmp_path)
+    assert_one_line_error(proc, 'NHWC', 'DeepLabV3P', 'BiSeNetV2')
 
 
 def test_data_format_nhwc_trains_deeplabv3p(instant_data, tmp_path):
@@ -320,6 +310,7 @@ def test_val_auc_roc_and_data_format(fp32_run):
 
 def test_auc_roc_matches_sklearn_on_known_scores():
     from sklearn.metrics import roc_auc_score
+
     from segslim.engine.evaluate import ScoreCollector
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 8, 8)).astype(np.float32)
@@ -340,12 +331,12 @@ def test_export_defaults_and_overrides(fp32_run, tmp_path):
     deploy = yaml.safe_load(open(tmp_path / 'output' / 'inference_model' / 'deploy.yaml'))
     assert deploy['Deploy']['output_op'] == 'softmax'  # the alias wins, as upstream
     assert deploy['Deploy']['input_shape'] == [1, 3, 64, 64]
-    proc = run_cli('export.py', '--config', INSTANT, '--model_path', weights, '--input_shape',
-                   0, 3, 64, 64, '--save_dir', tmp_path / 'x')
-    one_error_line(proc, '--input_shape', 'positive')
-    proc = run_cli('export.py', '--config', INSTANT, '--model_path', weights, '--input_shape',
-                   3, 64, 64, '--save_dir', tmp_path / 'y')
-    one_error_line(proc, '--input_shape', 'N C H W')
+    proc = run_command('export.py', '--config', INSTANT, '--model_path', weights, '--input_shape',
+                       0, 3, 64, 64, '--save_dir', tmp_path / 'x')
+    assert_one_line_error(proc, '--input_shape', 'positive')
+    proc = run_command('export.py', '--config', INSTANT, '--model_path', weights, '--input_shape',
+                       3, 64, 64, '--save_dir', tmp_path / 'y')
+    assert_one_line_error(proc, '--input_shape', 'N C H W')
 
 
 @pytest.mark.parametrize('script', ['val.py', 'export.py'])
@@ -353,11 +344,11 @@ def test_model_path_falls_back_on_pretrained(fp32_run, tmp_path, script):
     weights = os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams')
     extra = ['--save_dir', tmp_path / 'out'] if script == 'export.py' else []
     proc = run_cli(script, '--config', INSTANT, *extra, '--opts',
-                   'model.pretrained={}'.format(weights), *data_opts(fp32_run['data']))
+                   f'model.pretrained={weights}', *data_opts(fp32_run['data']))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'No --model_path: using model.pretrained' in proc.stdout
-    proc = run_cli(script, '--config', INSTANT, *extra, '--opts', *data_opts(fp32_run['data']))
-    one_error_line(proc, '--model_path', 'model.pretrained')
+    proc = run_command(script, '--config', INSTANT, *extra, '--opts', *data_opts(fp32_run['data']))
+    assert_one_line_error(proc, '--model_path', 'model.pretrained')
 
 
 @pytest.mark.parametrize('script', ['slim/quant/qat_val.py', 'slim/quant/qat_export.py'])
@@ -365,7 +356,7 @@ def test_qat_scripts_fall_back_on_pretrained(qat_run, tmp_path, script):
     weights = os.path.join(qat_run['dir'], 'best_model', 'model.pdparams')
     extra = ['--save_dir', tmp_path / 'out'] if 'export' in script else []
     proc = run_cli(script, '--config', INSTANT, *extra, '--opts',
-                   'model.pretrained={}'.format(weights), *data_opts(qat_run['data']))
+                   f'model.pretrained={weights}', *data_opts(qat_run['data']))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'No --model_path' in proc.stdout
 
@@ -389,11 +380,11 @@ def test_scripts_require_only_the_keys_they_use(fp32_run, tmp_path):
     proc = run_cli('train.py', '--config', path, '--iters', 1, '--seed', 0, '--save_dir',
                    tmp_path / 'run')
     assert proc.returncode == 0, proc.stderr[-2000:]
-    proc = run_cli('train.py', '--config', path, '--iters', 1, '--do_eval', '--save_dir',
-                   tmp_path / 'run2')
-    one_error_line(proc, '`val_dataset`', 'missing')
-    proc = run_cli('val.py', '--config', model_only, '--model_path', weights)
-    one_error_line(proc, '`val_dataset`', 'missing')
+    proc = run_command('train.py', '--config', path, '--iters', 1, '--do_eval', '--save_dir',
+                       tmp_path / 'run2')
+    assert_one_line_error(proc, '`val_dataset`', 'missing')
+    proc = run_command('val.py', '--config', model_only, '--model_path', weights)
+    assert_one_line_error(proc, '`val_dataset`', 'missing')
 
 
 def test_mixed_loss_config_trains(instant_data, tmp_path):
@@ -410,6 +401,7 @@ def test_mixed_loss_config_trains(instant_data, tmp_path):
 
 def test_nested_components_are_built_anywhere():
     from paddleseg.cvlibs import manager
+
     from segslim import builder
     from segslim._paddle import paddle
 

@@ -1,15 +1,14 @@
 """The QAT wrapper: skip policies, config checks, strict weight loading."""
 
 import pytest
+from conftest import INSTANT
 
-from segslim._paddle import paddle
 from segslim import builder
+from segslim._paddle import paddle
 from segslim.config import load_config
 from segslim.engine.checkpoint import load_weights
 from segslim.errors import UserError
 from segslim.quant import build_quant_model, mark_skipped, quant_config_of, quantize_model
-
-from conftest import INSTANT
 
 
 class WithBackbone(paddle.nn.Layer):
@@ -45,7 +44,7 @@ def test_all_policy_and_skip_patterns():
 def test_bisenet_without_backbone_quantizes_every_conv():
     cfg = load_config(INSTANT)
     model = builder.build_model(cfg)
-    convs = [n for n, l in model.named_sublayers() if isinstance(l, paddle.nn.Conv2D)]
+    convs = [n for n, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Conv2D)]
     quantized, skipped = mark_skipped(model, quant_config_of(cfg))
     assert len(quantized) == len(convs) == 64 and not skipped
 

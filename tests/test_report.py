@@ -4,17 +4,16 @@ import json
 import re
 
 import numpy as np
+from conftest import INSTANT, data_opts, run_cli
 from PIL import Image
 
 from segslim.deploy import report as rep
-
-from conftest import INSTANT, data_opts, run_cli
 
 
 def fake_report(n_rows, classes=2):
     rows = []
     for i in range(n_rows):
-        rows.append({'model_dir': '/runs/a_rather_long_model_folder_name_{}_infer'.format(i),
+        rows.append({'model_dir': f'/runs/a_rather_long_model_folder_name_{i}_infer',
                      'precision': ('fp32', 'bf16', 'int8')[i % 3],
                      'backend': ('paddle', 'openvino')[i % 2], 's_per_img': 0.02 + 0.003 * i,
                      'speedup': 1.0 + 0.1 * i, 'miou': 0.9 - 0.001 * i,
@@ -71,8 +70,17 @@ def test_gallery_picks_the_lowest_agreement_images():
     other = [b.copy() for b in base]
     for i, n in enumerate([3, 0, 7, 1, 5]):   # differing pixels per image
         other[i].flat[:n] = 1
-    assert rep.pick_gallery(base, other, 3) == [2, 4, 0]
-    assert rep.pick_gallery(base, other, 10) == [2, 4, 0, 3]  # image 1 agrees fully
+    def pick(count):
+        gallery = rep.GalleryPick(count)
+        for i, (a, b) in enumerate(zip(base, other)):
+            gallery.offer(i, a, b)
+        return gallery.indices()
+    assert pick(3) == [2, 4, 0]
+    assert pick(10) == [2, 4, 0, 3]  # image 1 agrees fully
+    kept = rep.GalleryPick(2)
+    for i in range(200):  # holds two pairs of label maps, whatever the dataset size
+        kept.offer(i, base[0], other[i % 5])
+    assert len(kept.kept) == 2 and kept.indices() == [2, 7]
 
 
 def test_report_dir_writes_report_charts_and_gallery(exported, tmp_path):

@@ -8,10 +8,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import INSTANT, ROOT, data_opts, run_cli
 
 from segslim._paddle import paddle
-
-from conftest import INSTANT, ROOT, data_opts, run_cli
 
 
 def params(path):
@@ -67,7 +66,7 @@ def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     child.wait()
     done = sorted(int(n[5:]) for n in os.listdir(killed) if re.fullmatch(r'iter_\d+', n))
     assert done and done[-1] < 30, done
-    last = os.path.join(killed, 'iter_{}'.format(done[-1]))
+    last = os.path.join(killed, f'iter_{done[-1]}')
     proc = run_cli('train.py', '--save_dir', killed, '--resume_model', last, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_weights(os.path.join(killed, 'iter_30', 'model.pdparams'),
@@ -105,3 +104,40 @@ def test_ema_weights_are_saved_and_resumed(instant_data, tmp_path):
     ema, raw = params(str(straight / 'iter_4' / 'ema_model.pdparams')), params(
         str(straight / 'iter_4' / 'model.pdparams'))
     assert any(not np.array_equal(ema[k], raw[k]) for k in raw)
+
+
+def _checkpoint(folder):
+    """A resumable checkpoint of a tiny model, as the training loop writes it."""
+    from segslim.engine import checkpoint as ckpt
+    model = paddle.nn.Conv2D(3, 2, 1)
+    sched = paddle.optimizer.lr.PolynomialDecay(0.01, 10)
+    opt = paddle.optimizer.SGD(sched, parameters=model.parameters())
+    state = {'iter': 3, 'best_miou': np.float32(0.5), 'seed': 7, 'config': {'iters': 10},
+             'scaler': {'scale': np.array([512.0], np.float32)}}
+    ckpt.save_checkpoint(str(folder), model, opt, sched, state)
+    return ckpt
+
+
+def test_training_state_is_data_not_code(tmp_path):
+    ckpt = _checkpoint(tmp_path / 'iter_3')
+    assert sorted(os.listdir(tmp_path / 'iter_3')) == ['model.pdopt', 'model.pdparams',
+                                                       'train_state.json']
+    state = ckpt.load_checkpoint(str(tmp_path / 'iter_3'))['state']
+    assert state['iter'] == 3 and state['seed'] == 7 and state['config'] == {'iters': 10}
+    assert state['best_miou'] == 0.5 and state['scaler']['scale'] == [512.0]
+
+
+def test_older_pickled_state_resumes_only_as_plain_data(tmp_path):
+    import datetime
+    import pickle
+
+    from segslim.errors import UserError
+    ckpt = _checkpoint(tmp_path / 'iter_3')
+    os.remove(tmp_path / 'iter_3' / 'train_state.json')
+    with open(tmp_path / 'iter_3' / 'train_state.pkl', 'wb') as f:
+        pickle.dump({'iter': 3, 'best_miou': 0.5, 'seed': 7, 'config': {'iters': 10}}, f)
+    assert ckpt.load_checkpoint(str(tmp_path / 'iter_3'))['state']['seed'] == 7
+    with open(tmp_path / 'iter_3' / 'train_state.pkl', 'wb') as f:  # would import code
+        pickle.dump({'iter': 3, 'when': datetime.date(2020, 1, 1)}, f)
+    with pytest.raises(UserError, match='train_state.pkl holds more than plain data'):
+        ckpt.load_checkpoint(str(tmp_path / 'iter_3'))

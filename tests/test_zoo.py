@@ -1,11 +1,12 @@
-"""Every shipped config builds, quantizes with its own policy, exports INT8 with the argmax
-head and runs in Paddle Inference (oneDNN INT8), with at least the INT8 share it promises."""
+"""Every shipped config builds and quantizes with its own policy; one config of each model
+family also exports INT8 with the argmax head and runs in Paddle Inference (oneDNN INT8),
+with at least the INT8 share it promises (the family's other configs share its head and
+backbone kind and promise the same)."""
 import glob
 import os
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*', '*.yml'))
@@ -17,12 +18,35 @@ ZOO_MODELS = {
     'FCN/HRNet_W18_Small_V1', 'OCRNet/HRNet_W18', 'OCRNet/HRNet_W48',
     'SegFormer/MixVisionTransformer_B0', 'DeepLabV3P/ResNet50_vd', 'BiSeNetV2', 'UNet'}
 SIZE = 128
+# The config of each family that runs end to end: the lightest of the family's variants.
+# A family is a model type, apart from the HRNet models (FCN, OCRNet), which are one.
+FAMILY_RUNS = {
+    'ANN': 'ann/ann_resnet50_os8_cityscapes_1024x512_80k.yml',
+    'BiSeNetV2': 'bisenet/bisenet_cityscapes_1024x1024_160k.yml',
+    'DANet': 'danet/danet_resnet50_os8_cityscapes_1024x512_80k.yml',
+    'DeepLabV3P': 'quick_start/deeplabv3p_resnet18_optic_disc_512x512_1k.yml',
+    'DNLNet': 'dnlnet/dnlnet_resnet50_os8_cityscapes_1024x512_80k.yml',
+    'EMANet': 'emanet/emanet_resnet50_os8_cityscapes_1024x512_80k.yml',
+    'GCNet': 'gcnet/gcnet_resnet50_os8_cityscapes_1024x512_80k.yml',
+    # FCN and OCRNet on HRNet: the configs measured their policy on FCN-HRNet_W18_Small_V1
+    'HRNet': 'fcn/fcn_hrnetw18_small_v1_humanseg_192x192_mini_supervisely.yml',
+    'PPHumanSegLite': 'pp_humanseg_lite/pp_humanseg_lite_mini_supervisely.yml',
+    'PPLiteSeg': 'pp_liteseg/pp_liteseg_stdc1_cityscapes_1024x512_scale0.5_160k.yml',
+    'PSPNet': 'pspnet/pspnet_resnet50_os8_cityscapes_1024x512_80k.yml',
+    'SegFormer': 'segformer/segformer_b0_cityscapes_1024x1024_160k.yml',
+    'UNet': 'unet/unet_cityscapes_1024x512_160k.yml',
+}
 
 
 def model_names(cfg):
     model = cfg['model']
     backbone = (model.get('backbone') or {}).get('type')
     return {model['type']} | ({'{}/{}'.format(model['type'], backbone)} if backbone else set())
+
+
+def family_of(cfg):
+    backbone = (cfg['model'].get('backbone') or {}).get('type', '')
+    return 'HRNet' if backbone.startswith('HRNet') else cfg['model']['type']
 
 
 def test_zoo_holds_every_model():
@@ -41,11 +65,44 @@ def test_every_config_names_its_int8_promise():
         assert 'int8_share' in qcfg, path
 
 
-@pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_family_runs_end_to_end_and_shares_its_promise():
+    from segslim.config import load_config
+    from segslim.quant import quant_config_of
+    families = {}
+    for path in CONFIGS:
+        cfg = load_config(path)
+        families.setdefault(family_of(cfg), []).append(
+            (os.path.relpath(path, os.path.join(ROOT, 'configs')), quant_config_of(cfg)))
+    assert set(families) == set(FAMILY_RUNS), sorted(set(families) ^ set(FAMILY_RUNS))
+    for family, members in families.items():
+        run = dict(members)[FAMILY_RUNS[family]]
+        for path, qcfg in members:
+            assert qcfg['int8_ops'] == run['int8_ops'], path
+            assert qcfg['int8_share'] == run['int8_share'], path
+
+
+RUNS = [os.path.join(ROOT, 'configs', p) for p in FAMILY_RUNS.values()]
+
+
+@pytest.mark.parametrize('path', [p for p in CONFIGS if p not in RUNS],
+                         ids=lambda p: os.path.relpath(p, ROOT))
+def test_config_builds_and_quantizes(path):
+    """The configs that do not run end to end: the model builds and its own policy
+    quantizes at least one layer."""
+    from segslim import builder
+    from segslim.config import load_config
+    from segslim.quant import quant_config_of, quant_plan
+    cfg = load_config(path)
+    plan = quant_plan(builder.build_model(cfg), quant_config_of(cfg))
+    assert any(rule == 'quantized' for _, _, rule in plan), path
+
+
+@pytest.mark.parametrize('path', RUNS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_quantizes_exports_and_runs_int8(path, tmp_path):
     from segslim.config import load_config
-    from segslim.deploy.predictor import EngineOptions, Predictor
+    from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
     from segslim.model_bench import export_pair
+    from segslim.options import EngineOptions
     from segslim.quant import quant_config_of
     cfg = load_config(path)
     qcfg = quant_config_of(cfg)

@@ -1,8 +1,8 @@
 """Checks the installed stack: imports (with the zlib fix), versions, and `pip check`
 apart from paddleseg's known opencv pin. Exits non-zero on any other problem."""
+import os
 import subprocess
 import sys
-import os
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -10,17 +10,18 @@ KNOWN = ('paddleseg 2.8.0 has requirement opencv-python<=4.6.0',)
 
 
 def main() -> int:
-    from segslim._paddle import paddle
     import paddleseg
     import paddleslim  # noqa: F401
-    print('paddlepaddle {} (CUDA: {}), paddleseg {}'.format(
-        paddle.__version__, paddle.is_compiled_with_cuda(), paddleseg.__version__))
+
+    from segslim._paddle import paddle
+    print(f'paddlepaddle {paddle.__version__} (CUDA: {paddle.is_compiled_with_cuda()}), '
+          f'paddleseg {paddleseg.__version__}')
     for extra in ('openvino', 'paddle2onnx', 'onnxruntime'):  # optional engines
         try:
             module = __import__(extra)
             print('{} {}'.format(extra, getattr(module, '__version__', '?')))
         except ImportError:
-            print('{}: not installed (optional)'.format(extra))
+            print(f'{extra}: not installed (optional)')
     out = subprocess.run([sys.executable, '-m', 'pip', 'check'], capture_output=True,
                          text=True).stdout
     problems = [line for line in out.splitlines()

@@ -7,7 +7,7 @@ import collections
 import itertools
 import multiprocessing
 import signal
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Generator, Iterable
 
 _DATASET: Any = None
 _END = object()
@@ -24,7 +24,7 @@ def _call(fn: Callable[[Any, Any], Any], item: Any) -> Any:
 
 
 def ordered_map(fn: Callable[[Any, Any], Any], items: Iterable[Any], dataset: Any,
-                num_workers: int = 0) -> Iterator[Any]:
+                num_workers: int = 0) -> Generator[Any, None, None]:
     """Yields fn(dataset, item) for each item, in order. With num_workers > 0, forked worker
     processes compute up to 2 * num_workers results ahead; `fn` must be a module-level
     function. Closing the generator stops the workers."""

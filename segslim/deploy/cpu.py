@@ -1,7 +1,7 @@
 """What the CPU offers for INT8/bf16 inference."""
 import os
 import platform
-from typing import Any, Dict
+from typing import Any, Dict, Set
 
 
 def cpu_features(cpuinfo: str = '/proc/cpuinfo', ask_paddle: bool = True) -> Dict[str, Any]:
@@ -11,7 +11,8 @@ def cpu_features(cpuinfo: str = '/proc/cpuinfo', ask_paddle: bool = True) -> Dic
     `vnni` and `bf16` come from paddle (what its oneDNN kernels detect) when ask_paddle;
     /proc/cpuinfo is read for what paddle does not expose: the model name, AMX and the ISA
     name a report states."""
-    flags, model = set(), platform.processor() or platform.machine()
+    flags: Set[str] = set()
+    model = platform.processor() or platform.machine()
     if os.path.exists(cpuinfo):
         with open(cpuinfo) as f:
             for line in f:

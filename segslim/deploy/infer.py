@@ -1,13 +1,14 @@
 """Prediction on image files with an exported model: pseudo-colour masks and overlays."""
+import functools
 import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
 
 from segslim.data.datasets import read_image
-from segslim.deploy.predictor import EngineBase, Preprocessor, restore_size
+from segslim.deploy.engine import EngineBase, Preprocessor, restore_size
 from segslim.errors import UserError
 from segslim.fileio import atomic_write, write_bytes
 
@@ -21,24 +22,24 @@ def list_images(image_path: str) -> List[Tuple[str, str]]:
     sub-folders do not overwrite each other."""
     from paddleseg.utils import get_image_list
     if not os.path.exists(image_path):
-        raise UserError('--image_path {} does not exist; pass an image, a folder or a file '
-                        'list'.format(image_path))
+        raise UserError(f'--image_path {image_path} does not exist; pass an image, a folder or a '
+                        'file list')
     try:
         paths, base = get_image_list(image_path)
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError('--image_path {} cannot be read ({})'.format(image_path, e))
+        raise UserError(f'--image_path {image_path} cannot be read ({e})') from e
     except RuntimeError:
-        raise UserError('--image_path {} holds no images (.jpg, .jpeg, .png, .bmp)'.format(
-            image_path))
+        raise UserError(f'--image_path {image_path} holds no images (.jpg, .jpeg, .png, '
+                        '.bmp)') from None
     if base is not None:  # a blank line of a file list names the list's folder itself
         paths = [p for p in paths if os.path.normpath(p) != os.path.normpath(base)]
     if not paths:
-        raise UserError('--image_path {} lists no images'.format(image_path))
+        raise UserError(f'--image_path {image_path} lists no images')
     out = []
     for path in paths:
         if not os.path.isfile(path):
-            raise UserError('{} is listed in --image_path {} but does not exist; fix the '
-                            'list (paths are relative to its folder)'.format(path, image_path))
+            raise UserError(f'{path} is listed in --image_path {image_path} but does not exist; '
+                            'fix the list (paths are relative to its folder)')
         rel = os.path.relpath(path, base) if base is not None else os.path.basename(path)
         if rel.startswith(os.pardir):
             rel = os.path.basename(path)
@@ -54,13 +55,13 @@ def pseudo_color(labels: np.ndarray):
 
 def predict_images(predictor: EngineBase, images: List[Tuple[str, str]], save_dir: str,
                    batch_size: int = 1, overlay: bool = False,
-                   timings: Dict[str, List[float]] = None) -> List[str]:
+                   timings: Optional[Dict[str, List[float]]] = None) -> List[str]:
     """Writes <save_dir>/<name>.png masks (and <name>_overlay.jpg) for list_images() items;
     returns the mask paths. With `timings`, appends seconds per batch of each stage."""
     try:
         os.makedirs(save_dir, exist_ok=True)
     except OSError as e:
-        raise UserError('cannot write --save_dir {} ({})'.format(save_dir, e.strerror))
+        raise UserError(f'cannot write --save_dir {save_dir} ({e.strerror})') from e
     pre = Preprocessor(predictor.deploy['transforms'])
     written = []
     for start in range(0, len(images), max(batch_size, 1)):
@@ -82,7 +83,7 @@ def predict_images(predictor: EngineBase, images: List[Tuple[str, str]], save_di
             out = os.path.join(save_dir, name + '.png')
             os.makedirs(os.path.dirname(out), exist_ok=True)
             mask = pseudo_color(lab)
-            atomic_write(out, lambda tmp: mask.save(tmp, format='PNG'))
+            atomic_write(out, functools.partial(mask.save, format='PNG'))
             written.append(out)
             if overlay:
                 img = read_image(path).astype(np.uint8)

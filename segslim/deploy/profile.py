@@ -70,12 +70,16 @@ def _flush_all() -> None:
 def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
            runs: int) -> None:
     import time
+
     import numpy as np
-    from segslim.deploy.predictor import EngineOptions, Predictor
-    pred = Predictor(model_dir, EngineOptions(precision=precision, cpu_threads=threads,
+
+    from segslim.deploy.paddle_engine import PaddlePredictor
+    from segslim.options import EngineOptions
+    pred = PaddlePredictor(model_dir, EngineOptions(precision=precision, cpu_threads=threads,
                                               input_shape=tuple(shape)))
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     import ctypes
+
     import paddle
     dnnl = ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3'))
     for _ in range(3):
@@ -97,7 +101,7 @@ def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
 
 def format_profile(name: str, prof: Dict[str, Any]) -> str:
     """A markdown table of ms per run by kind, largest first."""
-    lines = ['| {} | ms per run | share |'.format(name), '|---|---|---|']
+    lines = [f'| {name} | ms per run | share |', '|---|---|---|']
     items = sorted(prof['by_kind'].items(), key=lambda kv: -kv[1])
     items.append(('Paddle native kernels (resize, arg_max, ...) and overhead',
                   prof['native_ms']))

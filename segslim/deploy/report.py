@@ -1,6 +1,6 @@
-"""The report a person looks at: report.md with the benchmark table, a latency chart, an mIoU
-chart on a zero-based axis, and a gallery of the val images where INT8 differs most from
-FP32 (input, ground truth, both masks and a map of the changed pixels)."""
+"""The report a person looks at: the benchmark table (markdown), report.md with a latency
+chart, an mIoU chart on a zero-based axis, and a gallery of the val images where INT8
+differs most from FP32 (input, ground truth, both masks and a map of the changed pixels)."""
 import math
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 
 from segslim.data.datasets import SegDataset, read_image, read_label
-from segslim.deploy.benchmark import engine_name, format_report, precision_label
+from segslim.deploy.engines import backend_label
+from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write, write_bytes, write_text
 
 # Difference-map colours (RGB): changed pixels, split by what they do to the ground truth.
@@ -18,6 +19,64 @@ FIXED = (40, 180, 60)       # INT8 matches the ground truth where FP32 did not
 BROKEN = (220, 40, 40)      # FP32 matched the ground truth, INT8 does not
 PANEL_MIN_SIDE = 256        # small images are enlarged (nearest) up to this width
 HEADER = 24                 # pixels above each panel for its title
+
+
+def engine_name(row: Dict[str, Any]) -> str:
+    return backend_label(row.get('backend', 'paddle'))
+
+
+def precision_label(precision: str) -> str:
+    """'INT8', 'BF16', ...; a sentence such as 'fp32 (QAT model, no INT8 kernels)' stays."""
+    return precision if ' ' in precision else precision.upper()
+
+
+def _ops_cell(row: Dict[str, Any]) -> str:
+    """'47/47' INT8 over quantizable ops, split by kind where matmuls are present."""
+    if row.get('quantizable_ops') is None:
+        return '-'
+    if not row.get('matmul_ops'):
+        return '{}/{}'.format(row['int8_ops'], row['quantizable_ops'])
+    return 'conv {}/{}, matmul {}/{}'.format(row['int8_conv_ops'], row['conv_ops'],
+                                              row['int8_matmul_ops'], row['matmul_ops'])
+
+
+def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
+    """The markdown report: header line, the main table (rows named by `name` when given,
+    else by model folder), per-class IoU, notes on fallbacks and FP32 ops."""
+    lines = ['Device: {} | CPU: {} | ISA: {} | threads: {} | input {} | median of {} runs, '
+             'models interleaved'.format(report['device'], report['cpu'], report['isa'],
+                                         report['threads'], 'x'.join(map(str,
+                                                                         report['input_shape'])),
+                                         report['repeats'])]
+    if report['device'] == 'cpu' and not report['vnni']:
+        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
+    lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs best bf16 | '
+              'params MB | agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in report['rows']:
+        lines.append('| {} | {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} '
+                     '|'.format(
+            name or r['model_dir'], engine_name(r), precision_label(r['precision']),
+            '{:.4f}'.format(r['miou']) if 'miou' in r else '-', r['s_per_img'], r['p90_s'],
+            r['speedup'], '{:.2f}x'.format(r['speedup_vs_bf16']) if r['speedup_vs_bf16'] else '-',
+            r['params_mb'],
+            '{:.4%}'.format(r['pixel_agreement']) if 'pixel_agreement' in r else '-',
+            _ops_cell(r)))
+    if any('class_iou' in r for r in report['rows']):
+        lines += ['', '| Model | Engine | Type | per-class IoU |', '|---|---|---|---|']
+        for r in report['rows']:
+            lines.append('| {} | {} | {} | {} |'.format(name or r['model_dir'], engine_name(r),
+                                                       precision_label(r['precision']),
+                                                  ', '.join(f'{v:.4f}'
+                                                            for v in r.get('class_iou', []))))
+    for r in report['rows']:
+        if r['fallback']:
+            lines.append('Note: {} ({}, {}): {}'.format(name or r['model_dir'], engine_name(r),
+                                                       r['precision'], r['fallback']))
+        if r['precision'] == 'int8' and r.get('fp32_ops'):
+            lines.append('Note: {} on {} runs {} quantizable ops in FP32: {}'.format(
+                name or r['model_dir'], engine_name(r), len(r['fp32_ops']),
+                ', '.join(r['fp32_ops'][:6])))
+    return '\n'.join(lines)
 
 
 def short_name(model_dir: str) -> str:
@@ -95,7 +154,7 @@ def miou_figure(report: Dict[str, Any]) -> Any:
     if classes <= 20:
         for i in range(len(rows)):
             for j in range(classes):
-                heat.text(j, i, '{:.3f}'.format(values[i, j]), ha='center', va='center',
+                heat.text(j, i, f'{values[i, j]:.3f}', ha='center', va='center',
                           fontsize=7, color='white' if values[i, j] < 0.6 else 'black')
     fig.tight_layout()
     return fig
@@ -121,14 +180,9 @@ def diff_map(fp32: np.ndarray, int8: np.ndarray, label: np.ndarray, ignore_index
 def image_iou(pred: np.ndarray, label: np.ndarray, num_classes: int,
               ignore_index: int) -> float:
     """Mean IoU over the classes present in the prediction or the label of one image."""
-    valid = label != ignore_index
-    ious = []
-    for c in range(num_classes):
-        p, g = (pred == c) & valid, (label == c) & valid
-        union = int((p | g).sum())
-        if union:
-            ious.append(int((p & g).sum()) / union)
-    return float(np.mean(ious)) if ious else 1.0
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    cm.update(pred, label)
+    return cm.present_miou()
 
 
 def color_mask(labels: np.ndarray) -> np.ndarray:
@@ -168,30 +222,46 @@ def gallery_image(image_rgb: np.ndarray, label: np.ndarray, fp32: np.ndarray,
     return np.concatenate(row, axis=1), counts
 
 
-def pick_gallery(fp32: List[np.ndarray], int8: List[np.ndarray], count: int) -> List[int]:
-    """Indices of the `count` images with the lowest FP32-INT8 agreement, lowest first
-    (ties: dataset order); images that agree fully are left out."""
-    shares = [float((a == b).mean()) for a, b in zip(fp32, int8)]
-    order = sorted(range(len(shares)), key=lambda i: (shares[i], i))
-    return [i for i in order if shares[i] < 1.0][:count]
+class GalleryPick:
+    """Keeps, image by image, the `count` val images whose two label maps (rows `rows` of a
+    benchmark) agree least, lowest first (ties: dataset order); images that agree fully are
+    left out. Holds at most `count` pairs of label maps, whatever the dataset size."""
+
+    def __init__(self, count: int, rows: Tuple[int, int] = (0, 1)):
+        self.count = count
+        self.rows = rows
+        self.kept: List[Tuple[float, int, np.ndarray, np.ndarray]] = []
+
+    def offer(self, index: int, fp32: np.ndarray, int8: np.ndarray) -> None:
+        share = float((fp32 == int8).mean())
+        if share >= 1.0 or self.count <= 0:
+            return
+        if len(self.kept) == self.count and (share, index) >= self.kept[-1][:2]:
+            return
+        dtype = np.uint8 if max(fp32.max(), int8.max()) < 256 else np.int32
+        self.kept.append((share, index, fp32.astype(dtype), int8.astype(dtype)))
+        self.kept.sort(key=lambda k: k[:2])
+        del self.kept[self.count:]
+
+    def indices(self) -> List[int]:
+        return [k[1] for k in self.kept]
 
 
-def write_gallery(gallery_dir: str, dataset: SegDataset, fp32: List[np.ndarray],
-                  int8: List[np.ndarray], count: int, engine: str) -> List[Dict[str, Any]]:
-    """gallery/NN_<image>.png for the lowest-agreement images and gallery/index.md; returns
-    one record per picture (file, image, agreement, IoU of both, changed/fixed/broken)."""
+def write_gallery(gallery_dir: str, dataset: SegDataset, pick: GalleryPick,
+                  engine: str) -> List[Dict[str, Any]]:
+    """gallery/NN_<image>.png for the picked images and gallery/index.md; returns one
+    record per picture (file, image, agreement, IoU of both, changed/fixed/broken)."""
     os.makedirs(gallery_dir, exist_ok=True)
     records = []
-    for rank, i in enumerate(pick_gallery(fp32, int8, count), 1):
+    for rank, (share, i, fp32, int8) in enumerate(pick.kept, 1):
         img_path, label_path = dataset.file_list[i]
-        label = read_label(label_path)
+        label = read_label(str(label_path))
         image = read_image(img_path).astype(np.uint8)[..., ::-1]
         if image.shape[:2] != label.shape:
             image = cv2.resize(image, (label.shape[1], label.shape[0]))
-        picture, counts = gallery_image(image, label, fp32[i], int8[i], dataset.ignore_index)
-        share = float((fp32[i] == int8[i]).mean())
+        picture, counts = gallery_image(image, label, fp32, int8, dataset.ignore_index)
         ious = [image_iou(p, label, dataset.num_classes, dataset.ignore_index)
-                for p in (fp32[i], int8[i])]
+                for p in (fp32, int8)]
         stem = os.path.splitext(os.path.basename(img_path))[0]
         name = '{:02d}_{}_agree{:.2f}_iou{:.3f}-{:.3f}.png'.format(rank, stem, 100 * share,
                                                                    *ious)
@@ -207,12 +277,12 @@ def write_gallery(gallery_dir: str, dataset: SegDataset, fp32: List[np.ndarray],
 def gallery_markdown(records: List[Dict[str, Any]], engine: str, prefix: str) -> str:
     """The gallery section: a legend, then each picture with its caption."""
     if not records:
-        return 'INT8 ({}) and FP32 predict the same class on every pixel of every val ' \
-               'image: no gallery.'.format(engine)
-    lines = ['Val images where the INT8 engine ({}) disagrees most with FP32, lowest '
+        return f'INT8 ({engine}) and FP32 predict the same class on every pixel of every val ' \
+               'image: no gallery.'
+    lines = [f'Val images where the INT8 engine ({engine}) disagrees most with FP32, lowest '
              'agreement first. Panels: input, ground truth, FP32 mask, INT8 mask, difference '
              '(grey: same class; yellow: changed, neither matches the ground truth; green: '
-             'INT8 fixes the ground truth; red: INT8 breaks it).'.format(engine), '']
+             'INT8 fixes the ground truth; red: INT8 breaks it).', '']
     for r in records:
         lines += ['**{}**: agreement {:.2%} ({} of {} pixels changed: {} fixed, {} broken), '
                   'image mIoU FP32 {:.4f} -> INT8 {:.4f}'.format(
@@ -224,8 +294,7 @@ def gallery_markdown(records: List[Dict[str, Any]], engine: str, prefix: str) ->
 
 def write_report_dir(report: Dict[str, Any], report_dir: str,
                      dataset: Optional[SegDataset] = None,
-                     preds: Optional[List[List[np.ndarray]]] = None,
-                     gallery: int = 8) -> str:
+                     pick: Optional[GalleryPick] = None) -> str:
     """report.md, latency.png, miou.png (with a dataset) and gallery/ (first INT8 row against
     the first row); returns the path of report.md."""
     from segslim.fileio import write_json
@@ -238,9 +307,9 @@ def write_report_dir(report: Dict[str, Any], report_dir: str,
         save_figure(miou_figure(report), os.path.join(report_dir, 'miou.png'))
         lines += ['', '## Accuracy', '', '![mIoU and per-class IoU](miou.png)']
     int8 = next((i for i, r in enumerate(rows) if r['precision'] == 'int8'), None)
-    if dataset is not None and preds and int8 is not None and gallery > 0:
-        records = write_gallery(os.path.join(report_dir, 'gallery'), dataset, preds[0],
-                                preds[int8], gallery, engine_name(rows[int8]))
+    if dataset is not None and pick is not None and int8 is not None and pick.count > 0:
+        records = write_gallery(os.path.join(report_dir, 'gallery'), dataset, pick,
+                                engine_name(rows[int8]))
         report['gallery'] = records
         lines += ['', '## Where INT8 differs from FP32', '',
                   'INT8 row: {} on {}; FP32 row: {} on {} ([index](gallery/index.md)).'.format(

@@ -1,25 +1,32 @@
 """Checkpoint io: atomic writes, strict weight loading, resume state, pruning.
 
 A checkpoint folder (`iter_N/`, `best_model/`) holds model.pdparams, and for resumable
-ones model.pdopt (optimizer + LR scheduler) and train_state.pkl (iteration, best metric,
-seed, resolved config). Folders are written with fileio.atomic_dir, so a kill at any
-moment leaves every complete checkpoint intact (fileio.recover cleans up after one).
+ones model.pdopt (optimizer + LR scheduler) and train_state.json (iteration, best metric,
+seed, resolved config: data, never code). Folders are written with fileio.atomic_dir, so a
+kill at any moment leaves every complete checkpoint intact (fileio.recover cleans up after
+one). Also here: where weights come from (--model_path, `model.pretrained`, URLs).
 """
 import glob
+import io
+import json
 import os
 import pickle
 import warnings
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
+from segslim import builder
 from segslim._paddle import paddle
+from segslim.data.datasets import can_reach
 from segslim.errors import UserError
 from segslim.fileio import atomic_dir, remove_path
+from segslim.logger import logger
 
 PARAMS = 'model.pdparams'
 OPT = 'model.pdopt'
-STATE = 'train_state.pkl'
+STATE = 'train_state.json'
+LEGACY_STATE = 'train_state.pkl'  # older runs: read as plain data only
 
 
 def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
@@ -27,18 +34,17 @@ def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
     if os.path.isdir(path):
         path = os.path.join(path, PARAMS)
     if not os.path.isfile(path):
-        raise UserError('{} {} does not exist; pass a model.pdparams written by train.py '
-                        'or qat_train.py'.format(flag, path))
+        raise UserError(f'{flag} {path} does not exist; pass a model.pdparams written by train.py '
+                        'or qat_train.py')
     try:
         state = paddle.load(path, return_numpy=True)
     except Exception as e:  # paddle raises many types for a bad file
-        raise UserError('{} {} is not a Paddle params file ({}); pass a model.pdparams '
-                        'written by train.py or qat_train.py'.format(
-                            flag, path, type(e).__name__))
+        raise UserError(f'{flag} {path} is not a Paddle params file ({type(e).__name__}); pass a '
+                        'model.pdparams written by train.py or qat_train.py') from e
     if not isinstance(state, dict) or not state or not all(
             hasattr(v, 'shape') for v in state.values()):
-        raise UserError('{} {} holds no model weights; pass a model.pdparams written by '
-                        'train.py or qat_train.py'.format(flag, path))
+        raise UserError(f'{flag} {path} holds no model weights; pass a model.pdparams written by '
+                        'train.py or qat_train.py')
     return state
 
 
@@ -55,17 +61,16 @@ def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = ['{} {}->{}'.format(k, list(state[k].shape), list(own[k].shape))
+    mismatched = [f'{k} {list(state[k].shape)}->{list(own[k].shape)}'
                   for k in own if k in state and list(state[k].shape) != list(own[k].shape)]
     report = {'missing': missing, 'unexpected': unexpected, 'mismatched': mismatched}
     if (missing or unexpected or mismatched) and not allow_partial:
         if is_quantized(own) and not is_quantized(state):
-            raise UserError('{} {} holds FP32 weights but this model is quantized; run '
-                            'slim/quant/qat_train.py first and pass its '
-                            'best_model/model.pdparams'.format(flag, path))
+            raise UserError(f'{flag} {path} holds FP32 weights but this model is quantized; run '
+                            'slim/quant/qat_train.py first and pass its best_model/model.pdparams')
         if is_quantized(state) and not is_quantized(own):
-            raise UserError('{} {} holds QAT (quantized) weights; use the slim/quant/qat_*.py '
-                            'scripts for them'.format(flag, path))
+            raise UserError(f'{flag} {path} holds QAT (quantized) weights; use the '
+                            'slim/quant/qat_*.py scripts for them')
         parts = []
         for kind, keys in report.items():
             if keys:
@@ -81,20 +86,60 @@ def load_weights(model: paddle.nn.Layer, path: str, allow_partial: bool = False,
     return report
 
 
+def _plain(obj: Any) -> Any:
+    """numpy values (an AMP loss scale, a metric) as JSON numbers and lists."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f'{type(obj).__name__} cannot be written to a training state')
+
+
 def write_dir_atomic(final: str, files: Dict[str, Any]) -> None:
     """Writes {name: object-or-callable(path)} as the folder `final`, atomically
-    (fileio.atomic_dir): .pkl names are pickled, other objects paddle.save'd."""
+    (fileio.atomic_dir): .json names as JSON, other objects paddle.save'd."""
     def fill(tmp: str) -> None:
         for name, obj in files.items():
             target = os.path.join(tmp, name)
             if callable(obj):
                 obj(target)
-            elif name.endswith('.pkl'):
-                with open(target, 'wb') as f:
-                    pickle.dump(obj, f)
+            elif name.endswith('.json'):
+                with open(target, 'w') as f:
+                    json.dump(obj, f, indent=1, default=_plain)
             else:
                 paddle.save(obj, target)
     atomic_dir(final, fill)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads a pickle that holds only plain data (dicts, lists, numbers, strings); anything
+    that would import or call code is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f'{module}.{name} is not plain data')
+
+
+def read_state(path: str) -> Tuple[Any, str]:
+    """The training state of a checkpoint folder and the file it came from: train_state.json,
+    or an older run's train_state.pkl read as plain data only."""
+    json_path, pkl_path = os.path.join(path, STATE), os.path.join(path, LEGACY_STATE)
+    if os.path.isfile(json_path):
+        with open(json_path) as f:
+            return json.load(f), STATE
+    if not os.path.isfile(pkl_path):
+        raise UserError(f'--resume_model {path}: {STATE} is missing, the checkpoint is incomplete; '
+                        'resume from another iter_N folder')
+    with open(pkl_path, 'rb') as f:
+        data = f.read()
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load(), LEGACY_STATE
+    except pickle.UnpicklingError as e:
+        if 'is not plain data' in str(e):
+            raise UserError(f'--resume_model {path}: {LEGACY_STATE} holds more than plain data '
+                            f'({e}), so it is '
+                            'not loaded; resume from a checkpoint with train_state.json or '
+                            'start a new run') from e
+        raise
 
 
 def save_checkpoint(path: str, model: paddle.nn.Layer,
@@ -119,22 +164,23 @@ def save_checkpoint(path: str, model: paddle.nn.Layer,
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """The parts of a resumable checkpoint folder; a one-line error if it is incomplete."""
     if not os.path.isdir(path):
-        raise UserError('--resume_model {} is not a checkpoint folder; pass an iter_N folder '
-                        'of a previous run'.format(path))
-    for name in (PARAMS, OPT, STATE):
+        raise UserError(f'--resume_model {path} is not a checkpoint folder; pass an iter_N folder '
+                        'of a previous run')
+    for name in (PARAMS, OPT):
         if not os.path.isfile(os.path.join(path, name)):
-            raise UserError('--resume_model {}: {} is missing, the checkpoint is incomplete; '
-                            'resume from another iter_N folder'.format(path, name))
+            raise UserError(f'--resume_model {path}: {name} is missing, the checkpoint is '
+                            'incomplete; resume from another iter_N folder')
     try:
-        with open(os.path.join(path, STATE), 'rb') as f:
-            state = pickle.load(f)
+        state, state_file = read_state(path)
         opt_state = paddle.load(os.path.join(path, OPT))
+    except UserError:
+        raise
     except Exception as e:
-        raise UserError('--resume_model {} is corrupt ({}); resume from another iter_N '
-                        'folder'.format(path, type(e).__name__))
+        raise UserError(f'--resume_model {path} is corrupt ({type(e).__name__}); resume from '
+                        'another iter_N folder') from e
     if not isinstance(state, dict) or 'iter' not in state:
-        raise UserError('--resume_model {}: {} is not a training state; resume from another '
-                        'iter_N folder'.format(path, STATE))
+        raise UserError(f'--resume_model {path}: {state_file} is not a training state; resume '
+                        'from another iter_N folder')
     return {'params': os.path.join(path, PARAMS), 'opt': opt_state, 'state': state}
 
 
@@ -156,3 +202,43 @@ def prune_checkpoints(save_dir: str, keep: int, protect: Iterable[str] = ()) -> 
     for path in iter_checkpoints(save_dir)[:-keep]:
         if os.path.abspath(path) not in protected:
             remove_path(path)
+
+
+def local_weights(location: str, key: str) -> str:
+    """A local file for a weights path or URL. URLs go through paddleseg's downloader, which
+    caches each under a folder named after the URL."""
+    if not str(location).startswith(('http://', 'https://')):
+        return location
+    host = str(location).split('/')[2]
+    if not can_reach((host, 443)):
+        raise UserError(f'config key `{key}`: {location} cannot be downloaded (no network); '
+                        'fetch it elsewhere and set the key to the local file')
+    from paddleseg.utils import download_pretrained_model
+    return download_pretrained_model(location)
+
+
+def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
+    """Loads `model.pretrained` / `model.backbone.pretrained` into the matching sublayer,
+    skipping unfit keys; returns whether anything was loaded."""
+    found = builder.pretrained_paths(cfg)
+    for sub, location in found:
+        key = 'model.{}pretrained'.format(sub + '.' if sub else '')
+        location = local_weights(location, key)
+        target = getattr(model, sub) if sub else model
+        report = load_weights(target, location, allow_partial=True, flag=key)
+        logger.info('Loaded %s from %s (%d missing, %d unexpected, %d mismatched keys skipped)',
+                    key, location, len(report['missing']), len(report['unexpected']),
+                    len(report['mismatched']))
+    return bool(found)
+
+
+def weights_path(model_path: Optional[str], cfg: Dict[str, Any], config: str) -> str:
+    """--model_path, else the config's `model.pretrained` (PaddleSeg's fallback)."""
+    if model_path:
+        return model_path
+    pretrained = cfg['model'].get('pretrained')
+    if pretrained:
+        logger.info('No --model_path: using model.pretrained %s of the config', pretrained)
+        return local_weights(pretrained, 'model.pretrained')
+    raise UserError('no weights to load: pass --model_path <model.pdparams> or set '
+                    f'`model.pretrained` in {config}')

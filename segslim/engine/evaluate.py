@@ -1,7 +1,8 @@
 """Evaluation of a dygraph model on a dataset (FP32 or fake-quant alike)."""
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
+from paddleseg.core import infer
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
@@ -10,8 +11,6 @@ from segslim.engine import distributed
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
 from segslim.logger import logger
-
-from paddleseg.core import infer
 
 
 def _read_sample(dataset: SegDataset, index: int) -> Dict[str, Any]:
@@ -45,7 +44,8 @@ class ScoreCollector:
 
     def __init__(self, num_classes: int, ignore_index: int):
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.scores, self.labels = [], []
+        self.scores: List[np.ndarray] = []
+        self.labels: List[np.ndarray] = []
 
     def update(self, logit: np.ndarray, label: np.ndarray) -> None:
         e = np.exp(logit - logit.max(axis=0, keepdims=True))
@@ -91,7 +91,7 @@ def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False
                 pred = predict_sample(model, sample, aug_eval, scales, flip_horizontal,
                                       flip_vertical, is_slide, crop_size, stride,
                                       with_logit=auc_roc)
-                if auc_roc:
+                if scores is not None:
                     pred, logit = pred
                     scores.update(logit, sample['label'])
                 cm.update(pred, sample['label'])

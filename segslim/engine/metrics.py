@@ -1,5 +1,5 @@
 """Segmentation metrics from one confusion matrix."""
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 
@@ -17,15 +17,23 @@ class ConfusionMatrix:
         pred = np.asarray(pred).reshape(-1).astype(np.int64)
         label = np.asarray(label).reshape(-1).astype(np.int64)
         if pred.shape != label.shape:
-            raise ValueError('prediction and label sizes differ: {} vs {}'.format(
-                pred.shape, label.shape))
+            raise ValueError(f'prediction and label sizes differ: {pred.shape} vs {label.shape}')
         keep = (label != self.ignore_index) & (label >= 0) & (label < self.num_classes)
         pred = np.clip(pred[keep], 0, self.num_classes - 1)
         idx = label[keep] * self.num_classes + pred
         self.matrix += np.bincount(idx, minlength=self.num_classes ** 2).reshape(
             self.num_classes, self.num_classes)
 
-    def compute(self) -> Dict[str, object]:
+    def present_miou(self) -> float:
+        """Mean IoU over the classes present in the labels or the predictions (1.0 when
+        nothing was counted): the per-image score of the report's gallery."""
+        m = self.matrix.astype(np.float64)
+        tp = np.diag(m)
+        union = m.sum(axis=1) + m.sum(axis=0) - tp
+        present = union > 0
+        return float((tp[present] / union[present]).mean()) if present.any() else 1.0
+
+    def compute(self) -> Dict[str, Any]:
         """mIoU, pixel accuracy, Cohen's kappa, mean Dice and per-class IoU/precision/recall.
 
         A class absent from both labels and predictions gets IoU 0 and counts in the mean,
@@ -65,7 +73,7 @@ def _floats(values: np.ndarray) -> List[float]:
     return [round(float(v), 6) for v in values]
 
 
-def format_metrics(metrics: Dict[str, object], title: str = '[EVAL]') -> str:
+def format_metrics(metrics: Dict[str, Any], title: str = '[EVAL]') -> str:
     """The two-line summary val.py, qat_val.py and training-time eval print."""
     head = '{} #pixels: {} mIoU: {:.4f} Acc: {:.4f} Kappa: {:.4f} Dice: {:.4f}'.format(
         title, metrics['pixels'], metrics['miou'], metrics['acc'], metrics['kappa'],

@@ -1,46 +1,45 @@
 """The training loop, shared by train.py (FP32) and qat_train.py (fake-quant models)."""
+import copy
 import math
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Generator, Iterator, List, Optional, Tuple
 
 import numpy as np
+from paddleseg.utils.ema import update_ema_model
+from paddleseg.utils.timer import calculate_eta
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, collate
 from segslim.data.loader import ordered_map
 from segslim.engine import checkpoint as ckpt
 from segslim.engine import distributed
-from segslim.engine.ema import ModelEMA
 from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.errors import UserError
 from segslim.fileio import recover
 from segslim.logger import logger
+from segslim.options import TrainOptions
 
 EMA_PARAMS = 'ema_model.pdparams'
 
 
-@dataclass
-class TrainOptions:
-    """What the command line controls about a training run."""
-    save_dir: str = 'output'
-    iters: int = 1000
-    batch_size: int = 4
-    do_eval: bool = False
-    use_vdl: bool = False
-    save_interval: int = 1000
-    log_iters: int = 10
-    keep_checkpoint_max: int = 5
-    num_workers: int = 0
-    seed: int = 0
-    precision: str = 'fp32'
-    amp_level: str = 'O1'
-    use_ema: bool = False
-    repeats: int = 1                          # visits of each sample per epoch
-    profiler_options: Optional[str] = None    # paddleseg.utils.train_profiler options
-    eval_kwargs: Dict[str, Any] = field(default_factory=dict)
+class WeightAverage:
+    """--use_ema: a frozen copy of the model that follows its weights with paddleseg's EMA
+    update (decay min(1 - 1 / (step + 1), 0.999): early steps follow the model closely)."""
+
+    def __init__(self, model: paddle.nn.Layer, decay: float = 0.999):
+        self.decay = decay
+        self.model = copy.deepcopy(model)
+        self.model.eval()
+        for param in self.model.parameters():
+            param.stop_gradient = True
+
+    def update(self, model: paddle.nn.Layer, step: int) -> None:
+        update_ema_model(self.model, model, step, self.decay)
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
 
 
 def _load_batch(dataset: SegDataset, item: Tuple[List[int], int]):
@@ -50,7 +49,7 @@ def _load_batch(dataset: SegDataset, item: Tuple[List[int], int]):
 
 def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
             num_workers: int = 0, repeats: int = 1, rank: int = 0,
-            world: int = 1) -> Iterator[Tuple[np.ndarray, np.ndarray, int]]:
+            world: int = 1) -> Generator[Tuple[np.ndarray, np.ndarray, int], None, None]:
     """Endless (images, labels, epoch) batches; epoch e visits a permutation of every sample
     `repeats` times drawn from (seed, e), dropping the last partial step. Starting at
     `start_iter` yields exactly what an uninterrupted run would yield from there on, with or
@@ -63,9 +62,8 @@ def batches(dataset: SegDataset, batch_size: int, seed: int, start_iter: int,
     step = batch_size * world
     per_epoch = n // step
     if per_epoch == 0:
-        raise UserError('config key `{}`: {} images are fewer than batch_size {} x {} '
-                        'processes; lower --batch_size or add images'.format(
-                            dataset.key, n, batch_size, world))
+        raise UserError(f'config key `{dataset.key}`: {n} images are fewer than batch_size '
+                        f'{batch_size} x {world} processes; lower --batch_size or add images')
 
     def keys_from(epoch: int, offset: int) -> Iterator[Tuple[List[int], int]]:
         while True:
@@ -89,7 +87,7 @@ def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
         raise UserError('config key `loss.coef`: the model has {} outputs but coef has {} '
                         'entries; give one coefficient per output'.format(
                             len(logits), len(losses['coef'])))
-    terms = []
+    terms: List[paddle.Tensor] = []
     for logit, loss, coef in zip(logits, losses['types'], losses['coef']):
         kind = type(loss).__name__
         if kind == 'MixedLoss':
@@ -101,9 +99,17 @@ def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
     return terms
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return '{:02d}:{:02d}:{:02d}'.format(seconds // 3600, seconds // 60 % 60, seconds % 60)
+def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor, temperature: float = 1.0,
+                 axis: int = 1) -> paddle.Tensor:
+    """KL(teacher || student) of the per-pixel class distributions at `temperature`, averaged
+    over pixels and scaled by temperature^2 (so its gradients keep their size as the
+    temperature softens the distributions). `teacher` carries no gradient."""
+    import paddle.nn.functional as F
+    t = F.softmax(teacher.detach() / temperature, axis=axis)
+    log_s = F.log_softmax(student / temperature, axis=axis)
+    log_t = F.log_softmax(teacher.detach() / temperature, axis=axis)
+    per_pixel = (t * (log_t - log_s)).sum(axis=axis)
+    return per_pixel.mean() * temperature ** 2
 
 
 def _log_window(window: Dict[str, float], it: int, epoch: int, lr: float,
@@ -111,27 +117,33 @@ def _log_window(window: Dict[str, float], it: int, epoch: int, lr: float,
     """One log line (and VisualDL scalars) for the iterations since the last one; resets."""
     n = max(window['iters'], 1)
     loss, batch_cost = window['loss'] / n, window['cost'] / n
-    logger.info('[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f, lr: %.6f, batch_cost: %.4f, '
+    distill = ', distill_loss: {:.4f}'.format(window['distill'] / n) if opts.distill else ''
+    logger.info('[TRAIN] epoch: %d, iter: %d/%d, loss: %.4f%s, lr: %.6f, batch_cost: %.4f, '
                 'reader_cost: %.5f, ips: %.4f samples/sec | ETA %s', epoch + 1, it, opts.iters,
-                loss, lr, batch_cost, window['reader'] / n,
+                loss, distill, lr, batch_cost, window['reader'] / n,
                 window['samples'] / window['cost'] if window['cost'] else 0.0,
-                _eta((opts.iters - it) * batch_cost))
+                calculate_eta(opts.iters - it, batch_cost))
     if writer is not None:
         writer.add_scalar('Train/loss', loss, it)
+        if opts.distill:
+            writer.add_scalar('Train/distill_loss', window['distill'] / n, it)
         writer.add_scalar('Train/lr', lr, it)
         writer.add_scalar('Train/batch_cost', batch_cost, it)
-    window.update(loss=0.0, cost=0.0, reader=0.0, samples=0, iters=0)
+    window.update(loss=0.0, distill=0.0, cost=0.0, reader=0.0, samples=0, iters=0)
 
 
 def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegDataset],
           optimizer: paddle.optimizer.Optimizer, scheduler: paddle.optimizer.lr.LRScheduler,
           losses: Dict[str, list], cfg: Dict[str, Any], opts: TrainOptions,
-          resume: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+          resume: Optional[Dict[str, Any]] = None,
+          teacher: Optional[paddle.nn.Layer] = None) -> Dict[str, Any]:
     """Runs iterations up to opts.iters; saves iter_N/ every save_interval and best_model/
     on a better mIoU (best_ema_model/ too with opts.use_ema). `resume` comes from
-    checkpoint.load_checkpoint. Returns {'iter', 'best_miou', 'best_iter', 'last_checkpoint'}."""
+    checkpoint.load_checkpoint; with opts.distill, the frozen `teacher` adds
+    opts.distill_weight x distill_loss to every step's loss.
+    Returns {'iter', 'best_miou', 'best_iter', 'last_checkpoint'}."""
     return Trainer(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
-                   resume).run()
+                   resume, teacher).run()
 
 
 class Trainer:
@@ -141,21 +153,31 @@ class Trainer:
                  val_ds: Optional[SegDataset], optimizer: paddle.optimizer.Optimizer,
                  scheduler: paddle.optimizer.lr.LRScheduler, losses: Dict[str, list],
                  cfg: Dict[str, Any], opts: TrainOptions,
-                 resume: Optional[Dict[str, Any]] = None):
+                 resume: Optional[Dict[str, Any]] = None,
+                 teacher: Optional[paddle.nn.Layer] = None):
+        if opts.distill and teacher is None:
+            raise UserError('distillation needs a teacher: pass --model_path with the FP32 '
+                            'weights')
+        self.teacher = teacher if opts.distill else None
+        if self.teacher is not None:
+            self.teacher.eval()
+            for param in self.teacher.parameters():
+                param.stop_gradient = True
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.train_ds, self.val_ds, self.losses, self.cfg, self.opts = (
             train_ds, val_ds, losses, cfg, opts)
-        self.start_iter, self.resumed_from = 0, None
+        self.start_iter = 0
+        self.resumed_from: Optional[str] = None
         self.best = {'model': (-1.0, -1), 'ema': (-1.0, -1)}  # (mIoU, iter)
         self.rank, self.world = distributed.world()
         self.main = self.rank == 0  # only the first process writes
         if self.main:
             os.makedirs(opts.save_dir, exist_ok=True)
             recover(opts.save_dir)
-        self.ema = ModelEMA(model) if opts.use_ema else None
+        self.ema = WeightAverage(model) if opts.use_ema else None
         if resume is not None:
             self._resume(resume)
-        self.last_ckpt = self.resumed_from
+        self.last_ckpt: Optional[str] = self.resumed_from
         self.scaler = None
         if opts.precision == 'fp16':
             if not paddle.is_compiled_with_cuda() or 'gpu' not in paddle.get_device():
@@ -199,7 +221,8 @@ class Trainer:
         profiler_step = profiler(opts.profiler_options)
         self.model.train()
         it = self.start_iter
-        window = {'loss': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0, 'iters': 0}
+        window = {'loss': 0.0, 'distill': 0.0, 'cost': 0.0, 'reader': 0.0, 'samples': 0,
+                  'iters': 0}
         tic = time.time()
         try:
             while it < opts.iters:
@@ -207,9 +230,10 @@ class Trainer:
                 window['reader'] += time.time() - tic
                 it += 1
                 lr = self.optimizer.get_lr()
-                value = self._step(imgs, labels, it)
+                value, distill = self._step(imgs, labels, it)
                 profiler_step()
                 window['loss'] += value
+                window['distill'] += distill
                 window['cost'] += time.time() - tic
                 window['samples'] += len(imgs)
                 window['iters'] += 1
@@ -220,7 +244,7 @@ class Trainer:
                 tic = time.time()
         except KeyboardInterrupt:
             logger.warning('Interrupted at iter %d. %s', it,
-                           'Resume with --resume_model {}'.format(self.last_ckpt)
+                           f'Resume with --resume_model {self.last_ckpt}'
                            if self.last_ckpt else 'No checkpoint was written yet.')
             raise
         finally:
@@ -243,8 +267,22 @@ class Trainer:
         return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
                 'last_checkpoint': self.last_ckpt}
 
-    def _step(self, imgs: np.ndarray, labels: np.ndarray, it: int) -> float:
-        """One optimizer step; returns the loss, or stops the run on NaN/inf."""
+    def _loss(self, x: paddle.Tensor, y: paddle.Tensor) -> Tuple[paddle.Tensor, float]:
+        """The step's loss (task terms, plus the weighted distillation term with a teacher)
+        and the unweighted distillation loss (0.0 without one)."""
+        logits = self.net(x)
+        loss = sum(compute_loss(logits, y, self.losses))
+        if self.teacher is None:
+            return loss, 0.0
+        with paddle.no_grad():
+            target = self.teacher(x)[0]
+        axis = -1 if getattr(self.model, 'data_format', 'NCHW') == 'NHWC' else 1
+        kd = distill_loss(logits[0], target, self.opts.distill_temperature, axis)
+        return loss + self.opts.distill_weight * kd, float(kd)
+
+    def _step(self, imgs: np.ndarray, labels: np.ndarray, it: int) -> Tuple[float, float]:
+        """One optimizer step; returns the loss and the distillation loss, or stops the run
+        on NaN/inf."""
         # Dropout draws from paddle's global generator, whose state does not survive a
         # save/load; seeding it per iteration makes a resumed run draw the same masks.
         paddle.seed(self.opts.seed * 1000003 + it + self.rank * 7919)
@@ -253,12 +291,12 @@ class Trainer:
             x = x.transpose((0, 2, 3, 1))
         if self.scaler is not None:
             with paddle.amp.auto_cast(level=self.opts.amp_level, enable=True):
-                loss = sum(compute_loss(self.net(x), y, self.losses))
+                loss, distill = self._loss(x, y)
             scaled = self.scaler.scale(loss)
             scaled.backward()
             self.scaler.minimize(self.optimizer, scaled)
         else:
-            loss = sum(compute_loss(self.net(x), y, self.losses))
+            loss, distill = self._loss(x, y)
             loss.backward()
             self.optimizer.step()
         self.model.clear_gradients()
@@ -271,11 +309,12 @@ class Trainer:
                             'labels'.format(value, it, self.last_ckpt or 'none'))
         if self.ema is not None:
             self.ema.update(self.model, it)
-        return value
+        return value, distill
 
     def _evaluate(self, which: str, model: paddle.nn.Layer, it: int, writer: Any) -> None:
         """Evaluates, logs, and writes best_model/ (best_ema_model/) on a better mIoU."""
-        metrics = evaluate(model, self.val_ds, **self.opts.eval_kwargs)
+        assert self.val_ds is not None  # only called with --do_eval and a val set
+        metrics = evaluate(model, self.val_ds, **self.opts.eval.kwargs())
         title = '[EVAL]' if which == 'model' else '[EVAL EMA]'
         logger.info('\n' + format_metrics(metrics, title))
         if writer is not None:
@@ -301,14 +340,14 @@ class Trainer:
                  'seed': opts.seed, 'config': self.cfg}
         if self.scaler is not None:  # AMP's loss scale: a resumed fp16 run continues it
             state['scaler'] = self.scaler.state_dict()
-        path = os.path.join(opts.save_dir, 'iter_{}'.format(it))
+        path = os.path.join(opts.save_dir, f'iter_{it}')
         self.last_ckpt = path
         if not self.main:
             return
         extra = {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None
         ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, extra)
         ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
-                               protect=[self.resumed_from, path])
+                               protect=[p for p in (self.resumed_from, path) if p])
 
 
 def profiler(options: Optional[str]):
@@ -320,15 +359,16 @@ def profiler(options: Optional[str]):
     if not options:
         return lambda: None
     import sys
+
     from paddle import profiler as pp
     from paddleseg.utils.train_profiler import ProfilerOptions
     try:
         parsed = ProfilerOptions(options)
         start, end = parsed['batch_range'][:2]
     except (ValueError, AssertionError, KeyError):
-        raise UserError('--profiler_options {!r}: expected "key=value;key=value" with keys '
+        raise UserError(f'--profiler_options {options!r}: expected "key=value;key=value" with keys '
                         'batch_range, state, sorted_key, tracer_option, profile_path, '
-                        'exit_on_finished'.format(options))
+                        'exit_on_finished') from None
     targets = [pp.ProfilerTarget.CPU]
     if parsed['state'] in ('GPU', 'All') and paddle.is_compiled_with_cuda():
         targets.append(pp.ProfilerTarget.GPU)
@@ -372,6 +412,6 @@ def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
     except (KeyError, ValueError) as e:
         raise UserError('--resume_model {}: the optimizer state does not fit this config '
                         '({}); resume with the config the run was started with'.format(
-                            os.path.dirname(resume['params']), e))
+                            os.path.dirname(resume['params']), e)) from e
     if 'LR_Scheduler' in opt_state:
         scheduler.set_state_dict(opt_state['LR_Scheduler'])

@@ -1,5 +1,5 @@
 """onnxruntime predictors for the model.onnx that export/qat_export/ptq --to_onnx write beside
-the Paddle program: the same interface as the Paddle Inference Predictor, CPU only. What runs
+the Paddle program: the engine interface of segslim.deploy.engine, CPU only. What runs
 INT8 is read from a profiled run of the optimized graph (QLinearConv and kin), not assumed."""
 import glob
 import json
@@ -9,8 +9,9 @@ from typing import Any, Dict
 
 import numpy as np
 
-from segslim.deploy.predictor import NO_INT8, EngineBase, EngineOptions, summarize_ops
+from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
 from segslim.errors import UserError
+from segslim.options import EngineOptions
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
 CONV_KINDS = ('Conv', 'FusedConv', 'NchwcConv', 'ConvTranspose', 'QLinearConv', 'ConvInteger')
@@ -25,7 +26,7 @@ def import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError:
         raise UserError('--backend onnxruntime needs the onnxruntime package: pip install -e '
-                        '.[onnx] (make install does it), or use --backend paddle')
+                        '.[onnx] (make install does it), or use --backend paddle') from None
     return onnxruntime
 
 
@@ -45,23 +46,24 @@ class OnnxRuntimePredictor(EngineBase):
             raise UserError('--backend onnxruntime runs on CPU here; add --device cpu and drop '
                             '--use_trt, or use --backend paddle')
         if opts.precision in ('fp16', 'bf16'):
-            raise UserError('--precision {} is not run by onnxruntime on CPU; use fp32 (or '
-                            'int8 with a quantized export)'.format(opts.precision))
+            raise UserError(f'--precision {opts.precision} is not run by onnxruntime on CPU; use '
+                            'fp32 (or int8 with a quantized export)')
         super().__init__(model_dir, opts)
         name = self.deploy.get('onnx')
         path = os.path.join(self.deploy['dir'], name) if name else None
         if not path or not os.path.isfile(path):
-            raise UserError('{} has no ONNX model; export it with --to_onnx, or use --backend '
-                            'paddle'.format(model_dir))
+            raise UserError(f'{model_dir} has no ONNX model; export it with --to_onnx, or use '
+                            '--backend paddle')
         self.onnx_path = path
         try:
             self.session = self.ort.InferenceSession(path, self._options(),
                                                      providers=['CPUExecutionProvider'])
         except Exception as e:  # onnxruntime raises its own generic errors
-            raise UserError('onnxruntime cannot load {} ({}); re-export with --to_onnx'.format(
-                path, str(e).strip().splitlines()[-1][:160]))
+            raise UserError(f'onnxruntime cannot load {path} '
+                            f'({str(e).strip().splitlines()[-1][:160]}); re-export with '
+                            '--to_onnx') from e
         self.input_name = self.session.get_inputs()[0].name
-        self.engine = self._profile(np.zeros(self._probe_shape(), np.float32))
+        self.engine = self._profile(np.zeros(self.probe_shape(), np.float32))
         self.precision = 'int8' if self.quantized else 'fp32'
         if self.quantized and not self.engine.get('int8_ops'):
             self.precision = NO_INT8

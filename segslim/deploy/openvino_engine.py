@@ -1,5 +1,5 @@
-"""OpenVINO predictors for exported models: the same interface as the Paddle Inference
-Predictor (run, to_labels, labels, precision, engine op summary), CPU only.
+"""OpenVINO predictors for exported models: the engine interface of
+segslim.deploy.engine (run, to_labels, labels, precision, engine op summary), CPU only.
 
 OpenVINO reads the Paddle inference program directly; a QAT export's quantize/dequantize
 pairs become FakeQuantize ops, and what runs INT8 is read back from the compiled model's
@@ -11,9 +11,10 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from segslim.deploy.predictor import NO_INT8, EngineBase, EngineOptions, summarize_ops
+from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
 from segslim.errors import UserError
-from segslim.export import strip_observer_quantization
+from segslim.options import EngineOptions
+from segslim.program import strip_observer_quantization
 
 # OpenVINO CPU runtime layer types counted as quantizable work (oneDNN's conv/matmul kinds).
 CONV_LAYERS = ('Convolution', 'GroupConvolution', 'Deconvolution')
@@ -31,7 +32,7 @@ def import_openvino() -> Any:
         import openvino
     except ImportError:
         raise UserError('--backend openvino needs the openvino package: pip install -e '
-                        '.[openvino] (make install does it), or use --backend paddle')
+                        '.[openvino] (make install does it), or use --backend paddle') from None
     return openvino
 
 
@@ -106,7 +107,7 @@ class OpenVINOPredictor(EngineBase):
                 text = str(e).strip()
                 raise UserError('OpenVINO cannot read {} ({}); use --backend paddle'.format(
                     self.deploy['model'], text.splitlines()[-1][:160] if text else
-                    type(e).__name__))
+                    type(e).__name__)) from e
         self.dropped = drop_observer_quantization(self.model) if self.quantized and \
             not keep_all else []
         self.precision = 'int8' if self.quantized else (
@@ -115,9 +116,9 @@ class OpenVINOPredictor(EngineBase):
             'INFERENCE_PRECISION_HINT': 'bf16' if self.precision == 'bf16' else 'f32',
             'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
             'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1}
-        self._compiled: 'collections.OrderedDict[Tuple[int, ...], Any]' = \
+        self._compiled: collections.OrderedDict[Tuple[int, ...], Any] = \
             collections.OrderedDict()
-        self.run(np.zeros(self._probe_shape(), np.float32))
+        self.run(np.zeros(self.probe_shape(), np.float32))
         if self.quantized and not self.engine.get('int8_ops'):
             self.precision = NO_INT8
 
@@ -133,7 +134,7 @@ class OpenVINOPredictor(EngineBase):
         except Exception as e:
             raise UserError('OpenVINO cannot compile {} for input {} ({}); use --backend '
                             'paddle'.format(self.model_dir, 'x'.join(map(str, shape)),
-                                            str(e).strip().splitlines()[-1][:160]))
+                                            str(e).strip().splitlines()[-1][:160])) from e
         self.engine = runtime_summary(compiled.get_runtime_model())
         self._compiled[shape] = compiled.create_infer_request()
         if len(self._compiled) > SHAPE_CACHE:

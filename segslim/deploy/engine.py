@@ -1,0 +1,144 @@
+"""The engine interface every backend implements, and what all of them share: the model
+folder's deploy.yaml, the deploy transforms, restoring label maps to the image size and
+the op summary that says what ran INT8."""
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import yaml
+
+from segslim import builder
+from segslim.data.datasets import read_image
+from segslim.errors import UserError
+from segslim.options import EngineOptions
+from segslim.program import QUANT_OP_TYPES, program_op_types
+
+# What a quantized model's row says when the engine ran none of it in INT8.
+NO_INT8 = 'fp32 (QAT model, no INT8 kernels)'
+
+
+def read_deploy(model_dir: str) -> Dict[str, Any]:
+    """The `Deploy` section of <model_dir>/deploy.yaml with absolute model/params paths."""
+    path = os.path.join(model_dir, 'deploy.yaml') if os.path.isdir(model_dir) else model_dir
+    if not os.path.isfile(path):
+        raise UserError(f'{model_dir} has no deploy.yaml; pass a folder written by export.py or '
+                        'qat_export.py')
+    try:
+        with open(path) as f:
+            deploy = (yaml.safe_load(f) or {}).get('Deploy')
+    except (yaml.YAMLError, AttributeError) as e:
+        raise UserError(f'{path} is not a valid deploy.yaml ({type(e).__name__}); re-export the '
+                        'model') from e
+    if not isinstance(deploy, dict) or 'model' not in deploy or 'params' not in deploy:
+        raise UserError(f'{path} lacks Deploy.model/Deploy.params; re-export the model')
+    base = os.path.dirname(os.path.abspath(path))
+    deploy = dict(deploy)
+    for key in ('model', 'params'):
+        deploy[key] = os.path.join(base, deploy[key])
+        if not os.path.isfile(deploy[key]):
+            raise UserError(f'{path} names {deploy[key]} which does not exist; re-export the model')
+    deploy.setdefault('transforms', [{'type': 'Normalize'}])
+    deploy.setdefault('output_op', 'argmax')
+    deploy['dir'] = base
+    return deploy
+
+
+def summarize_ops(ops: Iterable[Tuple[str, bool, str]], conv_kinds: Sequence[str],
+                  matmul_kinds: Sequence[str]) -> Dict[str, Any]:
+    """The op summary every backend reports, from (kind, runs INT8, name) of the engine's
+    ops: {'int8_ops', 'quantizable_ops', 'fp32_ops': [names], 'by_type': {kind: [int8,
+    total]}, 'conv_ops', 'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'}; only conv and
+    matmul kinds count."""
+    by_type: Dict[str, List[int]] = {}
+    fp32 = []
+    for kind, int8, name in ops:
+        if kind not in tuple(conv_kinds) + tuple(matmul_kinds):
+            continue
+        counts = by_type.setdefault(kind, [0, 0])
+        counts[1] += 1
+        if int8:
+            counts[0] += 1
+        else:
+            fp32.append(name)
+
+    def total(kinds: Iterable[str], idx: int) -> int:
+        return sum(by_type[k][idx] for k in kinds if k in by_type)
+    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
+            'fp32_ops': fp32, 'by_type': by_type,
+            'conv_ops': total(conv_kinds, 1), 'int8_conv_ops': total(conv_kinds, 0),
+            'matmul_ops': total(matmul_kinds, 1), 'int8_matmul_ops': total(matmul_kinds, 0)}
+
+
+class Preprocessor:
+    """The deploy.yaml transforms applied to an image (a file, or a H,W,3 BGR array as
+    cv2 reads it), as in deployment; returns (C,H,W float32, trans_info)."""
+
+    def __init__(self, transforms: List[Dict[str, Any]]):
+        from paddleseg.transforms import Compose
+        self.compose = Compose(builder.build_transforms(transforms, 'Deploy.transforms'))
+
+    def __call__(self, image: Union[str, np.ndarray]) -> Tuple[np.ndarray, list]:
+        img = read_image(image) if isinstance(image, str) else image.astype(np.float32)
+        data = self.compose({'img': img, 'trans_info': [], 'gt_fields': []})
+        return data['img'], data['trans_info']
+
+
+def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
+    """Undoes the transforms' resize/padding records on a H,W label map with paddleseg's
+    reverse_transform (nearest for labels): the one restore rule for engine outputs and,
+    in pixel agreement, for the dygraph model's."""
+    if not trans_info:
+        return labels
+    from paddleseg.core.infer import reverse_transform
+
+    from segslim._paddle import paddle
+    out = reverse_transform(paddle.to_tensor(labels[np.newaxis, np.newaxis].astype(np.int32)),
+                            trans_info, mode='nearest')
+    return out.numpy()[0, 0].astype(labels.dtype)
+
+
+class EngineBase:
+    """What every backend's predictor offers: `deploy` (read_deploy), `model_dir`, `opts`,
+    `quantized`, `precision` (what the engine runs), `fallback` (what was changed to make it
+    run, or None), `engine` (op summary: what runs INT8) and run() on a N,C,H,W batch."""
+    backend = ''
+    precision: str
+
+    def __init__(self, model_dir: str, opts: EngineOptions):
+        self.deploy = read_deploy(model_dir)
+        self.opts = opts
+        self.model_dir = model_dir
+        self.op_types = program_op_types(self.deploy['model'])
+        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
+        self.fallback: Optional[str] = None
+        self.engine: Dict[str, Any] = {}
+        if opts.precision == 'int8' and not self.quantized:
+            raise UserError(f'{model_dir} holds no quantization scales, so INT8 would silently '
+                            'run FP32; '
+                            'export it with slim/quant/qat_export.py or ptq.py')
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def fixed_shape(self) -> bool:
+        """Whether the model was exported with one fixed input shape."""
+        shape = self.deploy.get('input_shape') or []
+        return len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape)
+
+    def probe_shape(self) -> List[int]:
+        """The exported fixed input shape, else opts.input_shape: what a first run uses."""
+        if self.fixed_shape():
+            return list(self.deploy['input_shape'])
+        return list(self.opts.input_shape)
+
+    def to_labels(self, out: np.ndarray) -> np.ndarray:
+        """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
+        (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read
+        from the output itself: upstream exports do not always name their head."""
+        if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+            return out.argmax(axis=1).astype(np.int64)
+        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
+
+    def labels(self, images: np.ndarray) -> np.ndarray:
+        """Class ids N,H,W of a N,C,H,W float32 batch."""
+        return self.to_labels(self.run(images))

@@ -1,0 +1,43 @@
+"""The backend registry: which engines exist, what each is called in a report, whether it
+has a bf16 CPU path, and the factory that builds a predictor for a model folder. Importing
+this module imports no engine."""
+import importlib
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+from segslim.errors import UserError
+from segslim.options import EngineOptions
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str           # --backend value
+    label: str          # how reports name it
+    module: str         # where its predictor lives
+    predictor: str      # the predictor class
+    bf16: bool          # has a bf16 CPU path worth a baseline row
+
+
+BACKENDS: Dict[str, Backend] = {b.name: b for b in (
+    Backend('paddle', 'Paddle Inference', 'segslim.deploy.paddle_engine', 'PaddlePredictor',
+            True),
+    Backend('openvino', 'OpenVINO', 'segslim.deploy.openvino_engine', 'OpenVINOPredictor',
+            True),
+    Backend('onnxruntime', 'onnxruntime', 'segslim.deploy.onnxruntime_engine',
+            'OnnxRuntimePredictor', False),
+)}
+BACKEND_NAMES: Tuple[str, ...] = tuple(BACKENDS)
+
+
+def backend_label(name: str) -> str:
+    return BACKENDS[name].label if name in BACKENDS else name
+
+
+def create_predictor(model_dir: str, opts: EngineOptions):
+    """The predictor of opts.backend for an exported model folder (an EngineBase)."""
+    backend = BACKENDS.get(opts.backend)
+    if backend is None:
+        raise UserError('--backend {} is unknown; use one of {}'.format(
+            opts.backend, ', '.join(BACKEND_NAMES)))
+    cls = getattr(importlib.import_module(backend.module), backend.predictor)
+    return cls(model_dir, opts)

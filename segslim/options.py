@@ -1,0 +1,107 @@
+"""What a command line controls about a run, as plain records: training, evaluation and
+the inference engine. Each default is written here once; the argument parsers read their
+defaults from these records, and a script that lacks a flag gets the same default."""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+# PTQ activation-scale methods, the default first (it kept the demo models' mIoU best).
+PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
+
+
+def _from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
+    """An instance of the dataclass `cls` from the flags `args` has (others keep their
+    defaults), with `given` values on top."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+              if hasattr(args, f.name) and f.name not in given}
+    values.update(given)
+    return cls(**values)
+
+
+@dataclass
+class TrainOptions:
+    """A training run (train.py, qat_train.py)."""
+    iters: int
+    batch_size: int
+    save_dir: str = './output'
+    do_eval: bool = False
+    use_vdl: bool = False
+    save_interval: int = 1000
+    log_iters: int = 10
+    keep_checkpoint_max: int = 5
+    num_workers: int = 0
+    seed: int = 0
+    precision: str = 'fp32'                   # fp32 | fp16 (AMP, GPU)
+    amp_level: str = 'O1'
+    use_ema: bool = False
+    repeats: int = 1                          # visits of each sample per epoch
+    profiler_options: Optional[str] = None    # paddleseg.utils.train_profiler options
+    distill: bool = False                     # qat_train: the FP32 model teaches the QAT one
+    distill_weight: float = 1.0               # weight of the distillation term
+    distill_temperature: float = 1.0          # softens both class distributions
+    eval: 'EvalOptions' = field(default_factory=lambda: EvalOptions())
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: Any) -> 'TrainOptions':
+        return _from_args(cls, args, **given)
+
+
+@dataclass
+class EvalOptions:
+    """How the val set is predicted (val.py, qat_val.py, training-time evaluation)."""
+    aug_eval: bool = False
+    scales: Union[float, List[float]] = 1.0
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    is_slide: bool = False
+    crop_size: Optional[Sequence[int]] = None
+    stride: Optional[Sequence[int]] = None
+    num_workers: int = 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace,
+                  cfg: Optional[Dict[str, Any]] = None) -> 'EvalOptions':
+        """The flags, falling back on the config's `test_config` for each one not given."""
+        test_cfg = dict((cfg or {}).get('test_config') or {})
+        values = {}
+        for f in dataclasses.fields(cls):
+            flag = getattr(args, f.name, None)
+            values[f.name] = flag or test_cfg.get(f.name, f.default)
+        if isinstance(values['scales'], list) and len(values['scales']) == 1:
+            values['scales'] = float(values['scales'][0])
+        values['num_workers'] = max(int(values['num_workers'] or 0), 0)
+        return cls(**values)
+
+    def kwargs(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EngineOptions:
+    """How to run an exported model: engine, device, precision and the engine's knobs."""
+    device: str = 'cpu'
+    backend: str = 'paddle'          # see segslim.deploy.engines.BACKENDS
+    precision: str = 'fp32'          # fp32 | bf16 (CPU) | int8 | fp16 (GPU TensorRT)
+    cpu_threads: int = 2
+    enable_mkldnn: bool = True
+    use_trt: bool = False
+    min_subgraph_size: int = 3
+    enable_auto_tune: bool = False
+    gpu_mem_mb: int = 500
+    gpu_id: int = 0
+    trt_shape_file: Optional[str] = None
+    input_shape: Sequence[int] = (1, 3, 512, 512)
+    print_detail: bool = False       # the engine's own (glog) output
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **given: Any) -> 'EngineOptions':
+        backend = getattr(args, 'backend', cls.backend)
+        if not isinstance(backend, str):  # benchmark.py takes several
+            backend = backend[0]
+        given.setdefault('backend', backend)
+        if getattr(args, 'auto_tuned_shape_file', None):
+            given.setdefault('trt_shape_file', args.auto_tuned_shape_file)
+        if getattr(args, 'input_shape', None):
+            given.setdefault('input_shape', tuple(args.input_shape))
+        return _from_args(cls, args, **given)

@@ -1,0 +1,168 @@
+"""Saved Paddle inference programs: reading them, the op types they hold, and the two
+rewrites the project applies (conv-bias fold for oneDNN, observer strip for engines that
+apply every quantize/dequantize pair). Every list of Paddle op types lives here."""
+from typing import Any, Dict, List, Tuple
+
+from segslim.errors import UserError
+from segslim.fileio import write_bytes
+
+# Program op types of PaddleSlim's quantizable layer types.
+LAYER_OPS: Dict[str, Tuple[str, ...]] = {
+    'Conv2D': ('conv2d', 'depthwise_conv2d'),
+    'Linear': ('mul', 'matmul', 'matmul_v2'),
+    'Conv2DTranspose': ('conv2d_transpose',),
+}
+# Ops whose inputs a QAT/PTQ model really fake-quantizes; other quantize/dequantize pairs
+# only carry scales.
+QUANTIZED_OP_TYPES = tuple(op for ops in LAYER_OPS.values() for op in ops)
+# The ops that mark a program as quantized.
+QUANT_OP_TYPES = ('quantize_linear', 'dequantize_linear', 'fake_quantize_dequantize_abs_max',
+                  'fake_channel_wise_quantize_dequantize_abs_max',
+                  'fake_quantize_dequantize_moving_average_abs_max')
+# Quantizable work in an optimized oneDNN program, as counted in every op summary.
+CONV_TYPES = ('conv2d', 'depthwise_conv2d', 'fused_conv2d', 'conv2d_transpose')
+MATMUL_TYPES = ('matmul', 'matmul_v2', 'fused_matmul', 'fc', 'mul')
+# Op types the oneDNN engine may be told to run in INT8 (quant_config.int8_ops).
+ONEDNN_INT8_OPS = CONV_TYPES + ('fc', 'matmul', 'matmul_v2', 'fused_matmul', 'pool2d',
+                                'concat')
+# The default INT8 set: Paddle's own default crashes on concat once the program is fused,
+# and pooling in INT8 ran no faster but agreed less with the QAT model.
+DEFAULT_INT8_OPS = ('conv2d', 'depthwise_conv2d', 'fused_conv2d')
+
+
+def read_program(model_file: str) -> Any:
+    """The ProgramDesc of a saved inference program, or a one-line error naming the file."""
+    from paddle.base import core
+    try:
+        with open(model_file, 'rb') as f:
+            return core.ProgramDesc(f.read())
+    except Exception as e:  # paddle raises generic errors for a bad file
+        raise UserError(f'{model_file} is not a Paddle inference program ({type(e).__name__}); '
+                        're-export the '
+                        'model') from e
+
+
+def block_ops(desc: Any) -> List[Any]:
+    """The ops of block 0 (keep `desc` alive while using them: they point into it)."""
+    block = desc.block(0)
+    return [block.op(i) for i in range(block.op_size())]
+
+
+def program_op_types(model_file: str) -> List[str]:
+    """Op types of block 0 of a saved program."""
+    desc = read_program(model_file)
+    return [op.type() for op in block_ops(desc)]
+
+
+def program_input_names(model_file: str) -> List[str]:
+    """Names the program's feed ops fill, in order."""
+    desc = read_program(model_file)
+    feeds = [(op.attr('col'), op.output('Out')[0]) for op in block_ops(desc)
+             if op.type() == 'feed']
+    return [name for _, name in sorted(feeds)]
+
+
+def consumers_map(ops: List[Any]) -> Dict[str, List[int]]:
+    """{variable name: indices of the ops that read it}."""
+    consumers: Dict[str, List[int]] = {}
+    for i, op in enumerate(ops):
+        for name in op.input_names():
+            for var in op.input(name):
+                consumers.setdefault(var, []).append(i)
+    return consumers
+
+
+def producers_map(ops: List[Any]) -> Dict[str, int]:
+    """{variable name: index of the op that writes it last}."""
+    producer: Dict[str, int] = {}
+    for i, op in enumerate(ops):
+        for name in op.output_names():
+            for var in op.output(name):
+                producer[var] = i
+    return producer
+
+
+def _remove_ops(desc: Any, indices: List[int], drop_vars: bool = False) -> None:
+    block = desc.block(0)
+    for i in sorted(indices, reverse=True):
+        op = block.op(i)
+        dead = [v for n in op.output_names() for v in op.output(n)] if drop_vars else []
+        block._remove_op(i, i + 1)
+        for name in dead:
+            block._remove_var(name.encode())
+
+
+def fold_conv_bias_reshape(model_file: str) -> int:
+    """Rewrites `reshape2(bias[C]) -> elementwise_add(x, ., axis=-1)` into
+    `elementwise_add(x, bias, axis=1)` in a saved program; returns how many were rewritten.
+
+    Paddle 2.6 exports every conv bias through that reshape; oneDNN's conv/bias/BN/activation
+    fuse passes do not match it, which leaves BN unfolded and INT8 convs with FP32 outputs.
+    The weights file is untouched: the same persistable variables stay in the program.
+    """
+    desc = read_program(model_file)
+    block = desc.block(0)
+    ops = block_ops(desc)
+    consumers = consumers_map(ops)
+    remove = []
+    for i, op in enumerate(ops):
+        if op.type() != 'reshape2':
+            continue
+        src, out = op.input('X')[0], op.output('Out')[0]
+        src_var = block.find_var(src.encode())
+        users = consumers.get(out, [])
+        if src_var is None or not src_var.persistable() or len(src_var.shape()) != 1:
+            continue
+        if list(op.attr('shape')) != [1, src_var.shape()[0], 1, 1] or len(users) != 1:
+            continue
+        add = ops[users[0]]
+        if add.type() != 'elementwise_add' or add.input('Y') != [out] or \
+                add.attr('axis') not in (-1, 1):
+            continue
+        add.set_input('Y', [src])
+        add._set_attr('axis', 1)
+        remove.append(i)
+    if remove:
+        _remove_ops(desc, remove, drop_vars=True)
+        desc.flush()
+        write_bytes(model_file, desc.serialize_to_string())
+    return len(remove)
+
+
+def strip_observer_quantization(model_file: str, out_file: str) -> int:
+    """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
+    that feed no convolution or matrix product; returns how many pairs were removed.
+
+    QAT and PTQ exports also carry pairs on layer outputs (PaddleSlim's output-scale
+    observers: on conv outputs before batch norm, on adds, activations, pools). Paddle
+    Inference reads them as scales only, and the QAT model never rounds those tensors; an
+    engine that applies every pair (OpenVINO, onnxruntime) would round them to 8 bits. The
+    variables stay declared, so the unchanged params file still loads with the program.
+    """
+    desc = read_program(model_file)
+    ops = block_ops(desc)
+    consumers = consumers_map(ops)
+    producer = producers_map(ops)
+    remove = []
+    for i, op in enumerate(ops):
+        if op.type() != 'dequantize_linear':
+            continue
+        src = op.input('X')[0]
+        q = producer.get(src)
+        if q is None or ops[q].type() != 'quantize_linear' or consumers.get(src, []) != [i]:
+            continue  # weights (stored quantized) or a shared tensor: keep
+        out = op.output('Y')[0]
+        users = consumers.get(out, [])
+        if any(ops[u].type() in QUANTIZED_OP_TYPES for u in users):
+            continue
+        original = ops[q].input('X')[0]
+        for u in users:
+            for name in ops[u].input_names():
+                args = ops[u].input(name)
+                if out in args:
+                    ops[u].set_input(name, [original if a == out else a for a in args])
+        remove += [q, i]
+    _remove_ops(desc, remove)
+    desc.flush()
+    write_bytes(out_file, desc.serialize_to_string())
+    return len(remove) // 2
