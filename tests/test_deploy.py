@@ -33,10 +33,27 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     assert rows[0]['speedup'] == 1.0 and rows[0]['pixel_agreement'] == 1.0
     int8 = rows[-1]
     assert int8['int8_conv_ops'] == int8['conv_ops'] > 0 and int8['fallback'] is None
-    # vs the FP32 engine: QAT fine-tuning changed the weights too (98.9 % on this tiny model)
+    # vs the FP32 engine: QAT fine-tuning changed the weights too, so not near 100 %
     assert int8['pixel_agreement'] > 0.98 and int8['params_mb'] < rows[0]['params_mb']
     assert rows[0]['int8_conv_ops'] == 0
     assert '| Model | Engine | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
+    # the FP32 baseline gets every pass the INT8 row gets, and the report says which
+    extra = list(predictor_mod.ONEDNN_EXTRA_PASSES)
+    assert rows[0]['passes'] == {'appended': extra, 'deleted': []}
+    assert int8['passes'] == {'appended': extra,
+                              'deleted': list(predictor_mod.INT8_DELETE_PASSES)}
+    assert 'Passes: Paddle Inference FP32: +interpolate_mkldnn_pass' in proc.stdout
+
+
+def test_extra_onednn_passes_keep_the_masks(exported):
+    x = np.random.default_rng(0).standard_normal((1, 3, 96, 80)).astype(np.float32)
+    for kind, precision in (('fp32', 'fp32'), ('int8', 'int8')):
+        opts = EngineOptions(precision=precision, input_shape=(1, 3, 96, 80))
+        plain = Predictor(exported[kind], opts, extra_passes=())
+        fast = Predictor(exported[kind], opts)
+        assert plain.passes['appended'] == [] and fast.passes['appended']
+        np.testing.assert_array_equal(plain.labels(x), fast.labels(x))
+        assert plain.engine['int8_conv_ops'] == fast.engine['int8_conv_ops']
 
 
 def test_infer_writes_masks_of_input_size(exported, tmp_path):

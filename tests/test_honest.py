@@ -258,7 +258,13 @@ class FakeInference:
                     outer.calls.append((name, args, kwargs))
                     if name == 'collect_shape_range_info':
                         open(args[0], 'w').write('shapes')
+                    if name == 'pass_builder':
+                        return PassBuilder()
                 return record
+
+        class PassBuilder:
+            def __getattr__(self, name):
+                return lambda *args, **kwargs: outer.calls.append((name, args, kwargs))
         self.Config = Config
 
     def create_predictor(self, config):
@@ -328,6 +334,7 @@ def test_trt_int8_for_qat_model(exported, fake_pi):
     assert list(lo) == ['img'] and opt['img'] == [1, 3, 512, 1024]
     assert hi['img'][2:] == [2048, 2048] and lo['img'][2:] == [32, 32]
     assert 'enable_mkldnn_int8' not in names and 'disable_gpu' not in names
+    assert 'append_pass' not in names and pred.passes == {'appended': [], 'deleted': []}
     with pytest.raises(UserError, match='beyond the TensorRT shape range'):
         pred.run(np.zeros((1, 3, 4096, 512), np.float32))
 
@@ -418,3 +425,5 @@ def test_op_onednn_rejects_runs_in_paddle_kernels(exported, monkeypatch):
     assert len(configs) == 2 and 'conv2d' in configs[-1].mkldnn_ops
     assert 'pool2d' not in configs[-1].mkldnn_ops
     assert 'pool2d run in Paddle' in pred.fallback and pred.precision == 'bf16'
+    # the resize pass is appended on CPU whatever the precision
+    assert ('append_pass', ('interpolate_mkldnn_pass',), {}) in fake.calls

@@ -65,7 +65,7 @@ def test_ptq_onnx_runs_in_onnxruntime_like_the_int8_engine(ptq_model):
     pred = engine(ptq_model['dir'], 'onnxruntime')
     assert os.path.isfile(os.path.join(ptq_model['dir'], 'model.onnx'))
     # this 20-iteration model has near-tied logits on many pixels, so two engines rounding
-    # differently disagree on more of them than on the demo model (99.97 %, README)
+    # differently disagree on more of them than on the demo model (docs/measurements.md)
     assert agreement(ptq_model['dir'], dataset, 'onnxruntime') >= 0.995
     assert pred.engine['conv_ops'] > 0  # counted from the profiled graph
 

@@ -75,7 +75,7 @@ def test_qat_export_is_int8_and_verified(exported):
     m = re.search(r'agrees with the QAT model on ([0-9.]+)% of pixels', exported[
         'qat_export_stdout'])
     assert m, exported['qat_export_stdout'][-2000:]
-    assert float(m.group(1)) >= 99.9  # what README.md promises
+    assert float(m.group(1)) >= 99.9  # below that qat_export warns
     int8 = os.path.getsize(os.path.join(exported['int8'], 'model.pdiparams'))
     fp32 = os.path.getsize(os.path.join(exported['fp32'], 'model.pdiparams'))
     assert int8 < 0.4 * fp32  # INT8 weights

@@ -28,6 +28,10 @@ from segslim.program import (
 INT8_FALLBACK_OPS = (DEFAULT_INT8_OPS, ('conv2d', 'fused_conv2d'))
 # Without this pass residual convs (conv + elementwise_add) are left in FP32.
 INT8_DELETE_PASSES = ('conv_elementwise_add_mkldnn_fuse_pass',)
+# Passes Paddle 2.6 ships but leaves out of its oneDNN CPU list: they move work from Paddle's
+# own CPU kernels into oneDNN with the same outputs, so FP32, bf16 and INT8 rows all get them
+# (bilinear/nearest resize).
+ONEDNN_EXTRA_PASSES = ('interpolate_mkldnn_pass',)
 
 
 def op_summary(model_file: str) -> Dict[str, Any]:
@@ -75,9 +79,13 @@ class PaddlePredictor(EngineBase):
     backend = 'paddle'
 
     def __init__(self, model_dir: str, opts: EngineOptions,
-                 delete_passes: Sequence[str] = INT8_DELETE_PASSES):
+                 delete_passes: Sequence[str] = INT8_DELETE_PASSES,
+                 extra_passes: Sequence[str] = ONEDNN_EXTRA_PASSES):
         check_engine_options(opts)
         self.delete_passes = tuple(delete_passes)
+        self.extra_passes = tuple(extra_passes)
+        # what this engine changed in Paddle's pass list, for the report
+        self.passes: Dict[str, List[str]] = {'appended': [], 'deleted': []}
         super().__init__(model_dir, opts)
         self.trt = opts.device == 'gpu' and opts.use_trt
         self.input_name = (program_input_names(self.deploy['model']) or ['x'])[0]
@@ -142,6 +150,10 @@ class PaddlePredictor(EngineBase):
             config.enable_mkldnn_int8(set(int8_ops))
             for name in self.delete_passes:
                 config.delete_pass(name)
+        for name in self.extra_passes:
+            config.pass_builder().append_pass(name)
+        self.passes = {'appended': list(self.extra_passes),
+                       'deleted': list(self.delete_passes) if self.quantized else []}
         if cache:
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)

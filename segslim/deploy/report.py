@@ -49,7 +49,9 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
                                                                          report['input_shape'])),
                                          report['repeats'])]
     if report['device'] == 'cpu' and not report['vnni']:
-        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here.')
+        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here, '
+                     'and oneDNN INT8 can run slower than FP32; compare the rows before '
+                     'shipping INT8.')
     lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs best bf16 | '
               'params MB | agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in report['rows']:
@@ -76,7 +78,23 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
             lines.append('Note: {} on {} runs {} quantizable ops in FP32: {}'.format(
                 name or r['model_dir'], engine_name(r), len(r['fp32_ops']),
                 ', '.join(r['fp32_ops'][:6])))
+    lines += passes_notes(report['rows'])
     return '\n'.join(lines)
+
+
+def passes_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+    """'Passes: <engine> <types>: +appended, -deleted' for each distinct change of the
+    engine's pass list, naming the rows (by engine and type) that ran with it."""
+    groups: Dict[str, List[str]] = {}
+    for r in rows:
+        passes = r.get('passes') or {}
+        change = ', '.join(['+' + p for p in passes.get('appended', [])] +
+                           ['-' + p for p in passes.get('deleted', [])])
+        if change:
+            label = f"{engine_name(r)} {precision_label(r['precision'])}"
+            if label not in groups.setdefault(change, []):
+                groups[change].append(label)
+    return [f"Passes: {', '.join(labels)}: {change}" for change, labels in groups.items()]
 
 
 def short_name(model_dir: str) -> str:
