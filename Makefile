@@ -51,11 +51,14 @@ demo: install
 		--report_dir $(DEMO_OUT)/report
 	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 
+# Two workers (one per core); a test file stays on one worker, so its fixtures run once.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: install
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: install
 	$(VENV)/bin/ruff check .

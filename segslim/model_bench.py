@@ -5,6 +5,7 @@ as FP32, quantized with activation scales calibrated on a few generated images, 
 INT8, and timed through Paddle Inference (and OpenVINO when asked) in one process,
 interleaved.
 """
+import datetime
 import glob
 import os
 import tempfile
@@ -148,7 +149,8 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
         values = [r[key] for r in rows if r.get(key)]
         return float(np.exp(np.mean(np.log(values)))) if values else None
     first = reports[0]
-    return {'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
+    return {'date': datetime.date.today().isoformat(),
+            'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
             'repeats': first['repeats'], 'warmup': first['warmup'], 'rows': rows,
             'geomean_speedup': geomean('speedup'),
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
@@ -162,7 +164,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     engines = 'Paddle Inference and OpenVINO' if summ['geomean_openvino_speedup'] else \
         'Paddle Inference'
     lines = [f'# Latency: FP32 vs bf16 vs INT8 on {engines}', '',
-             'Written by `make bench` (`tools/bench_models.py`). CPU: {} ({}), {} threads, '
+             'Written by `make bench` (`tools/bench_models.py`) on {}. CPU: {} ({}), {} threads, '
              'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
              'interleaved in one process, each timed run after an untimed one of the same '
              'engine. Input 1x3x512x1024 for the ResNet50_vd OS8 '
@@ -171,8 +173,9 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
              'model is quantized with its config\'s `quant_config`. Exported programs have '
              'the conv-bias rewrite, so oneDNN fuses conv + bias + BN + activation in FP32, '
              'bf16 and INT8 alike. mIoU of trained models is in the demo report '
-             '(`make demo`).'.format(summ['cpu'], summ['isa'], summ['threads'],
-                                     summ['repeats'], summ['warmup']), '',
+             '(`make demo`).'.format(summ.get('date', 'an unrecorded date'), summ['cpu'],
+                                     summ['isa'], summ['threads'], summ['repeats'],
+                                     summ['warmup']), '',
              '| Model | input | FP32 ms | bf16 ms | INT8 ms | INT8 vs FP32 | INT8 vs bf16 | '
              'INT8 convs | INT8 matmuls |', '|---|---|---|---|---|---|---|---|---|']
 
