@@ -36,15 +36,19 @@ def evaluate_engines(predictors: Sequence[EngineBase], dataset: SegDataset,
     same = np.zeros(len(predictors), np.int64)
     same_model = np.zeros(len(predictors), np.int64)
     pixels = 0
-    pres: Dict[str, Preprocessor] = {}
+    shared: Dict[str, Preprocessor] = {}  # one per distinct deploy transforms
+    for p in predictors:
+        key = repr(p.deploy['transforms'])
+        if key not in shared:
+            shared[key] = Preprocessor(p.deploy['transforms'])
+    pres = [shared[repr(p.deploy['transforms'])] for p in predictors]
+    if model is not None:
+        model.eval()
     for i in progress(range(len(files)), desc):
         img_path, label_path = files[i]
         labels = []
-        for pred in predictors:
-            key = repr(pred.deploy['transforms'])
-            if key not in pres:
-                pres[key] = Preprocessor(pred.deploy['transforms'])
-            img, info = pres[key](img_path)
+        for pred, pre in zip(predictors, pres):
+            img, info = pre(img_path)
             labels.append(restore_size(pred.labels(img[np.newaxis])[0], info))
         if label_path is None:
             raise UserError(f'val image {img_path} has no label; list a label for it')
@@ -68,11 +72,11 @@ def evaluate_engines(predictors: Sequence[EngineBase], dataset: SegDataset,
 
 
 def model_labels(model: Any, dataset: SegDataset, index: int) -> np.ndarray:
-    """Class ids of the dygraph model for val image `index`, at the label size."""
+    """Class ids of the dygraph model (in eval mode) for val image `index`, at the label
+    size."""
     from paddleseg.core import infer
 
     from segslim._paddle import paddle
-    model.eval()
     sample = dataset[index]
     with paddle.no_grad():
         logit = infer.inference(model, paddle.to_tensor(sample['img'][np.newaxis]))

@@ -84,8 +84,6 @@ class PaddlePredictor(EngineBase):
         check_engine_options(opts)
         self.delete_passes = tuple(delete_passes)
         self.extra_passes = tuple(extra_passes)
-        # what this engine changed in Paddle's pass list, for the report
-        self.passes: Dict[str, List[str]] = {'appended': [], 'deleted': []}
         super().__init__(model_dir, opts)
         self.trt = opts.device == 'gpu' and opts.use_trt
         self.input_name = (program_input_names(self.deploy['model']) or ['x'])[0]
@@ -107,6 +105,15 @@ class PaddlePredictor(EngineBase):
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.engine and not self.engine.get('int8_ops'):
             self.precision = NO_INT8
+
+    @property
+    def passes(self) -> Dict[str, List[str]]:
+        """What this engine changes in Paddle's pass list, for the report: passes only apply
+        on CPU with oneDNN."""
+        if self.opts.device != 'cpu' or not self.opts.enable_mkldnn:
+            return {'appended': [], 'deleted': []}
+        return {'appended': list(self.extra_passes),
+                'deleted': list(self.delete_passes) if self.quantized else []}
 
     def _precision(self) -> str:
         opts = self.opts
@@ -152,8 +159,6 @@ class PaddlePredictor(EngineBase):
                 config.delete_pass(name)
         for name in self.extra_passes:
             config.pass_builder().append_pass(name)
-        self.passes = {'appended': list(self.extra_passes),
-                       'deleted': list(self.delete_passes) if self.quantized else []}
         if cache:
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)
