@@ -66,7 +66,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 bench: install
-	$(PY) tools/bench_models.py --backend paddle openvino --repeats 5 --out docs/benchmark.md
+	$(PY) tools/bench_models.py --backend paddle openvino onnxruntime --repeats 5 --out docs/benchmark.md
 
 clean:
 	rm -rf output data/optic_disc_demo .pytest_cache

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional
 
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.errors import UserError
-from segslim.options import EngineOptions, EvalOptions, TrainOptions
+from segslim.options import ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
 
 DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
@@ -147,8 +147,12 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def add_to_onnx(p: argparse.ArgumentParser) -> None:
     p.add_argument('--to_onnx', action='store_true',
-                   help='also write model.onnx (QDQ for INT8 models) with paddle2onnx; '
-                        'pip install -e .[onnx]')
+                   help='also write model.onnx beside the Paddle program (INT8 models: QDQ with '
+                        'INT8 weights, placed for --onnx_target); pip install -e .[onnx]')
+    p.add_argument('--onnx_target', choices=ONNX_TARGETS, default=None,
+                   help='the runtime the INT8 ONNX is placed for (implies --to_onnx): '
+                        'onnxruntime (default; u8 activations, QLinearConv on CPU) or tensorrt '
+                        '(s8 symmetric, Q/DQ on the inputs of weighted layers)')
 
 
 def add_engine_args(p: argparse.ArgumentParser,

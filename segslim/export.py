@@ -1,5 +1,5 @@
-"""Inference-model export: output heads, the staged model folder, deploy.yaml, and the
-ONNX file beside the Paddle program."""
+"""Inference-model export: output heads, the staged model folder and deploy.yaml (the ONNX
+file beside the Paddle program: segslim.onnx_export)."""
 import contextlib
 import logging
 import os
@@ -12,8 +12,8 @@ import yaml
 
 from segslim._paddle import paddle
 from segslim.errors import UserError
-from segslim.fileio import move_into_place, write_bytes
-from segslim.logger import logger, quiet_native_output
+from segslim.fileio import move_into_place
+from segslim.logger import logger
 from segslim.program import fold_conv_bias_reshape
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
@@ -49,45 +49,6 @@ def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: b
     if without_argmax:
         return 'none'
     return output_op or 'argmax'
-
-
-ONNX_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axes
-
-
-def export_onnx(model_dir: str) -> str:
-    """Writes <model_dir>/model.onnx from the folder's Paddle program with paddle2onnx (a QDQ
-    model for a quantized one) and names it in deploy.yaml; returns its path.
-
-    The program goes in whole: paddle2onnx builds onnxruntime's QLinearConv from a conv's
-    input pair and its output (observer) pair, and without the output pairs it drops the
-    quantization of the activations altogether (no INT8 kernel, lower agreement with the
-    QAT model; docs/engines.md has the measurement)."""
-    try:
-        import paddle2onnx
-    except ImportError:
-        raise UserError('--to_onnx needs paddle2onnx: pip install -e .[onnx] (make install '
-                        'does it)') from None
-    deploy_path = os.path.join(model_dir, 'deploy.yaml')
-    with open(deploy_path) as f:
-        deploy = yaml.safe_load(f)
-    try:
-        with quiet_native_output():  # its banner and per-op notes
-            onnx_bytes = paddle2onnx.export(os.path.join(model_dir, 'model.pdmodel'),
-                                            os.path.join(model_dir, 'model.pdiparams'), None,
-                                            opset_version=ONNX_OPSET, verbose=False,
-                                            deploy_backend='onnxruntime')
-    except Exception as e:  # the converter raises generic errors
-        raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
-            model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
-            type(e).__name__)) from e
-    out = os.path.join(model_dir, 'model.onnx')
-    write_bytes(out, onnx_bytes)
-    deploy['Deploy']['onnx'] = 'model.onnx'
-    write_bytes(deploy_path, yaml.safe_dump(deploy, sort_keys=False,
-                                            default_flow_style=None).encode())
-    logger.info('Exported %s ONNX model (opset %d) to %s',
-                'QDQ INT8' if deploy['Deploy'].get('quantized') else 'FP32', ONNX_OPSET, out)
-    return out
 
 
 @contextlib.contextmanager

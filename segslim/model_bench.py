@@ -25,17 +25,22 @@ from segslim.errors import UserError
 from segslim.export import deploy_transforms, export_inference_model
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger, progress
+from segslim.onnx_export import export_onnx
 from segslim.options import EngineOptions
 from segslim.quant import calibrate, quant_config_of, quantize_model
 
 
+def sample_images(size: int, count: int, seed: int = 0) -> List[np.ndarray]:
+    """Generated fundus-like BGR images, a stand-in for real calibration data."""
+    rng = np.random.default_rng(seed)
+    return [make_sample(rng, size)[0] for _ in range(count)]
+
+
 def calibration_batches(cfg: Dict[str, Any], size: int, count: int,
                         seed: int = 0) -> List[np.ndarray]:
-    """Generated fundus-like images through the config's deploy transforms, N=1, as a
-    stand-in for real calibration data."""
+    """sample_images through the config's deploy transforms, N=1."""
     pre = Preprocessor(deploy_transforms(cfg))
-    rng = np.random.default_rng(seed)
-    return [pre(make_sample(rng, size)[0])[0][np.newaxis] for _ in range(count)]
+    return [pre(image)[0][np.newaxis] for image in sample_images(size, count, seed)]
 
 
 def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
@@ -90,6 +95,9 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
             logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2],
                         threads)
             dirs = export_pair(config, work, shape[2], layers=None)
+            if 'onnxruntime' in backends:
+                export_onnx(dirs['fp32'])
+                export_onnx(dirs['int8'], 'onnxruntime', sample_images(shape[2], 4))
             opts = EngineOptions(device='cpu', cpu_threads=threads, input_shape=tuple(shape))
             try:
                 report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
@@ -130,6 +138,14 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             rows[-1]['openvino_int8_ops'] = ov['int8']['int8_ops'] if ov['int8'] else None
         else:
             rows.append({})
+        ort = {p: by.get(('onnxruntime', p)) for p in ('fp32', 'int8')}
+        if ort['fp32'] and ort['int8']:
+            rows[-1].update(
+                onnxruntime_fp32_s=ort['fp32']['s_per_img'],
+                onnxruntime_int8_s=ort['int8']['s_per_img'],
+                onnxruntime_speedup=ort['fp32']['s_per_img'] / ort['int8']['s_per_img'],
+                onnxruntime_int8_conv_ops=ort['int8']['int8_conv_ops'],
+                onnxruntime_conv_ops=ort['int8']['conv_ops'])
         rows[-1].update({
             'model': rep['model'], 'config': rep['config'], 'input_shape': rep['input_shape'],
             'fp32_s': fp32['s_per_img'], 'bf16_s': bf16['s_per_img'] if bf16 else None,
@@ -155,14 +171,16 @@ def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             'geomean_speedup': geomean('speedup'),
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
             'geomean_openvino_speedup': geomean('openvino_speedup'),
-            'geomean_openvino_speedup_vs_bf16': geomean('openvino_speedup_vs_bf16')}
+            'geomean_openvino_speedup_vs_bf16': geomean('openvino_speedup_vs_bf16'),
+            'geomean_onnxruntime_speedup': geomean('onnxruntime_speedup')}
 
 
 def summary_markdown(summ: Dict[str, Any]) -> str:
     """The head of docs/benchmark.md: what was measured how and the summary tables (from
     summary() alone)."""
-    engines = 'Paddle Inference and OpenVINO' if summ['geomean_openvino_speedup'] else \
-        'Paddle Inference'
+    engines = ', '.join(['Paddle Inference'] + [
+        name for name, key in (('OpenVINO', 'geomean_openvino_speedup'),
+                               ('onnxruntime', 'geomean_onnxruntime_speedup')) if summ.get(key)])
     lines = [f'# Latency: FP32 vs bf16 vs INT8 on {engines}', '',
              'Written by `make bench` (`tools/bench_models.py`) on {}. CPU: {} ({}), {} threads, '
              'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
@@ -204,6 +222,17 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
         lines += ['', 'Geometric mean: OpenVINO INT8 {} over Paddle FP32, {} over OpenVINO '
                   'bf16.'.format(ratio(summ['geomean_openvino_speedup']),
                                  ratio(summ['geomean_openvino_speedup_vs_bf16']))]
+    if summ.get('geomean_onnxruntime_speedup'):
+        lines += ['', '### onnxruntime (model.onnx of the same exports, same process)', '',
+                  '| Model | FP32 ms | INT8 ms | INT8 vs onnxruntime FP32 | INT8 convs |',
+                  '|---|---|---|---|---|']
+        for r in summ['rows']:
+            lines.append('| {} | {} | {} | {} | {}/{} |'.format(
+                r['model'], ms(r.get('onnxruntime_fp32_s')), ms(r.get('onnxruntime_int8_s')),
+                ratio(r.get('onnxruntime_speedup')), r.get('onnxruntime_int8_conv_ops', '-'),
+                r.get('onnxruntime_conv_ops', '-')))
+        lines += ['', 'Geometric mean: onnxruntime INT8 {} over onnxruntime FP32.'.format(
+            ratio(summ['geomean_onnxruntime_speedup']))]
     return '\n'.join(lines)
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 # PTQ activation-scale methods, the default first (it kept the demo models' mIoU best).
+# Runtimes an INT8 ONNX file is placed for (--onnx_target); the first is the default.
+ONNX_TARGETS = ('onnxruntime', 'tensorrt')
 PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
 
 

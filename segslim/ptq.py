@@ -145,6 +145,7 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                    int8_ops=list(qcfg['int8_ops']),
                    calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)})
         out.pop('onnx', None)
+        out.pop('onnx_target', None)
         write_deploy(stage, out)
         shutil.rmtree(src)
     logger.info('PTQ (%s, %d calibration images) wrote the INT8 inference model to %s', algo,

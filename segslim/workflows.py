@@ -1,12 +1,13 @@
 """What each command does once its flags are parsed: set up (config, device, seed), build
 what the command needs and hand it to the library. Nothing here computes: training lives
-in engine/, quantization in quant/ptq/analysis, export in export, engines in deploy/."""
+in engine/, quantization in quant/ptq/analysis, export in export/onnx_export, engines in
+deploy/."""
 import argparse
 import logging
 import os
 import random
 import tempfile
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -27,10 +28,11 @@ from segslim.engine.evaluate import evaluate
 from segslim.engine.metrics import format_metrics
 from segslim.engine.train import restore_training, train
 from segslim.errors import UserError
-from segslim.export import export_inference_model, export_onnx, output_op_of
+from segslim.export import export_inference_model, output_op_of
 from segslim.fileio import check_output_file, check_writable, write_json, write_text
 from segslim.logger import logger
-from segslim.options import EngineOptions, EvalOptions, TrainOptions
+from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
+from segslim.options import ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
 from segslim.quant import build_quant_model, quant_config_of, quantize_model
 
 
@@ -188,17 +190,37 @@ def _val_set_for_check(cfg: Dict[str, Any]) -> Any:
         return None
 
 
+def _calibration_images(cfg: Dict[str, Any]) -> List[str]:
+    """A few train (else val) images for the ranges an INT8 ONNX needs beyond the program's
+    scales; none (logged by the ONNX export) when the config's data is not on this machine."""
+    from segslim.ptq import calibration_paths
+    for key in ('train_dataset', 'val_dataset'):
+        if cfg.get(key):
+            try:
+                files = build_dataset(cfg, key).file_list
+            except UserError:
+                continue
+            return calibration_paths(files, min(CALIBRATION_IMAGES, len(files)))
+    return []
+
+
+def _export_onnx(args: argparse.Namespace, cfg: Dict[str, Any], images: List[str]) -> None:
+    export_onnx(args.save_dir, args.onnx_target or ONNX_TARGETS[0], images)
+
+
 def run_export(args: argparse.Namespace, quant: bool = False) -> int:
     """export.py and qat_export.py: an inference model with its deploy.yaml."""
     cfg = _setup(args, EXPORT_KEYS)
     check_writable(args.save_dir)
+    if args.to_onnx or args.onnx_target:
+        require_onnx_export()
     model, quanter = _load_for_inference(args, cfg, quant, summary_dir=args.save_dir)
     export_inference_model(model, cfg, args.save_dir,
                            output_op_of(args.output_op, args.with_softmax, args.without_argmax),
                            args.input_shape, quanter,
                            quant_config_of(cfg)['int8_ops'] if quant else None)
-    if args.to_onnx:
-        export_onnx(args.save_dir)
+    if args.to_onnx or args.onnx_target:
+        _export_onnx(args, cfg, _calibration_images(cfg) if quant else [])
     if quant and getattr(args, 'verify_images', 0) > 0:
         from segslim.deploy.benchmark import check_int8_engine
         dataset = _val_set_for_check(cfg)
@@ -213,6 +235,8 @@ def run_ptq(args: argparse.Namespace) -> int:
     from segslim import ptq
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
+    if args.to_onnx or args.onnx_target:
+        require_onnx_export()
     qcfg = quant_config_of(cfg)
     train_ds = build_dataset(cfg, 'train_dataset')
     asked = args.batch_nums * args.batch_size
@@ -233,8 +257,8 @@ def run_ptq(args: argparse.Namespace) -> int:
             args.algo, '/'.join(qcfg['quantizable_layer_type'])), summary_dir=args.save_dir)
         ptq.post_training_quantize(fp32_dir, args.save_dir, paths, qcfg, skip, args.algo,
                                    args.batch_size, args.device)
-        if args.to_onnx:
-            export_onnx(args.save_dir)
+        if args.to_onnx or args.onnx_target:
+            _export_onnx(args, cfg, paths[:CALIBRATION_IMAGES])
         if args.verify_images > 0:
             from segslim.deploy.benchmark import check_int8_engine
             dataset = _val_set_for_check(cfg)

@@ -67,6 +67,9 @@ class OnnxRuntimePredictor(EngineBase):
         self.precision = 'int8' if self.quantized else 'fp32'
         if self.quantized and not self.engine.get('int8_ops'):
             self.precision = NO_INT8
+        if self.deploy.get('onnx_target') == 'tensorrt':
+            self.fallback = ('the ONNX file is placed for TensorRT; onnxruntime runs its Q/DQ '
+                             'in float')
 
     def _options(self, profile_prefix: str = '') -> Any:
         so = self.ort.SessionOptions()
@@ -74,6 +77,11 @@ class OnnxRuntimePredictor(EngineBase):
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.deploy.get('onnx_target') == 'tensorrt':
+            # Placed for TensorRT: onnxruntime's x86 kernels for its s8 activations add
+            # products in pairs into int16 and saturate, so the graph runs as float Q/DQ
+            # (the reference numerics of the file), not as onnxruntime INT8 kernels.
+            so.add_session_config_entry('session.disable_quant_qdq', '1')
         if profile_prefix:
             so.enable_profiling = True
             so.profile_file_prefix = profile_prefix

@@ -1,0 +1,193 @@
+"""ONNX export beside the Paddle program (--to_onnx, --onnx_target).
+
+paddle2onnx converts the float program; for a quantized folder the float program is the
+quantized one with every quantize/dequantize pair taken out and the INT8 weights dequantized,
+and the scales of those pairs go to segslim.onnx_qdq, which places the QuantizeLinear /
+DequantizeLinear nodes where the target runs them as INT8 kernels."""
+import contextlib
+import os
+import tempfile
+from typing import Any, Dict, Iterator, List, Sequence, Union
+
+import numpy as np
+import yaml
+
+from segslim._paddle import paddle
+from segslim.errors import UserError
+from segslim.fileio import write_bytes
+from segslim.logger import logger, quiet_native_output
+from segslim.onnx_qdq import ProgramScales, WeightQuant, quantize_graph
+from segslim.options import ONNX_TARGETS
+from segslim.program import LAYER_OPS
+
+ONNX_OPSET = 13  # QuantizeLinear/DequantizeLinear with per-channel axes
+# Images that measure the ranges the program has no scale for (onnxruntime target).
+CALIBRATION_IMAGES = 8
+# (activation input, weight input) of the layer ops whose scales the writer places.
+LAYER_INPUTS = {op: ('Input', 'Filter') for op in LAYER_OPS['Conv2D']}
+LAYER_INPUTS.update({op: ('X', 'Y') for op in LAYER_OPS['Linear']})
+
+
+def import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise UserError('--to_onnx needs the onnx package: pip install -e .[onnx] (make install '
+                        'does it)') from None
+    return onnx
+
+
+def require_onnx_export() -> None:
+    """A one-line error now, before any work, when the ONNX export cannot run."""
+    try:
+        import paddle2onnx  # noqa: F401
+    except ImportError:
+        raise UserError('--to_onnx needs paddle2onnx: pip install -e .[onnx] (make install '
+                        'does it)') from None
+    import_onnx()
+
+
+@contextlib.contextmanager
+def static_mode() -> Iterator[None]:
+    """Paddle's static graph mode for the block, dygraph again afterwards if it was on."""
+    was_dygraph = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        yield
+    finally:
+        if was_dygraph:
+            paddle.disable_static()
+
+
+def dequantized_program(model_dir: str, out_dir: str) -> ProgramScales:
+    """Writes to out_dir/model.pdmodel|.pdiparams the folder's program with every
+    quantize/dequantize pair removed and its INT8 weights dequantized (what paddle2onnx
+    converts as a float graph, variable names kept); returns the scales that were removed."""
+    scales = ProgramScales()
+    with static_mode():
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            with quiet_native_output():
+                program, feeds, fetches = paddle.static.load_inference_model(
+                    os.path.join(model_dir, 'model'), exe)
+            block = program.global_block()
+
+            def value(name: str) -> np.ndarray:
+                return np.array(scope.find_var(name).get_tensor())
+
+            def rewire(old: str, new: str) -> List[Any]:
+                users = [op for op in block.ops if old in op.input_arg_names]
+                for op in users:
+                    op._rename_input(old, new)
+                return users
+
+            for op in list(block.ops):
+                if op.type != 'dequantize_linear':
+                    continue
+                src, out = op.input('X')[0], op.output('Y')[0]
+                qmax = float(2 ** (op.attr('bit_length') - 1) - 1)
+                scale = value(op.input('Scale')[0]).astype(np.float32).ravel()
+                if block.var(src).persistable:  # an INT8 weight, per channel on quant_axis
+                    q = value(src)
+                    axis = op.attr('quant_axis')
+                    shape = [1] * q.ndim
+                    shape[axis] = -1
+                    w = (q.astype(np.float32) * (scale / qmax).reshape(shape)).astype(np.float32)
+                    scope.find_var(src).get_tensor().set(w, paddle.CPUPlace())
+                    scales.weights[src] = WeightQuant(q.astype(np.int8), scale / qmax, axis)
+                    rewire(out, src)
+                    block._remove_op(list(block.ops).index(op))
+                    continue
+                quant = next((p for p in block.ops if p.type == 'quantize_linear'
+                              and src in p.output_arg_names), None)
+                if quant is None:
+                    continue
+                original = quant.input('X')[0]
+                for user in rewire(out, original):
+                    names = LAYER_INPUTS.get(user.type)
+                    if names and user.input(names[0]) == [original]:
+                        weight = user.input(names[1])[0]
+                        scales.inputs[_weight_key(weight)] = float(scale[0]) / qmax
+                block._remove_op(list(block.ops).index(op))
+                block._remove_op(list(block.ops).index(quant))
+            feed_vars = [block.var(name) for name in feeds]
+            with quiet_native_output():
+                paddle.static.save_inference_model(os.path.join(out_dir, 'model'), feed_vars,
+                                                   fetches, exe, program=program)
+    return scales
+
+
+def _weight_key(name: str) -> str:
+    """The parameter name behind a weight input (the dequantized alias before rewiring)."""
+    return name.split('.quantized')[0]
+
+
+def _batches(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
+             ) -> List[np.ndarray]:
+    """The images as the deployed model sees them: 1,C,H,W batches after the deploy
+    transforms."""
+    from segslim.deploy.engine import Preprocessor
+    pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
+    return [pre(image)[0][np.newaxis] for image in images]
+
+
+def paddle_to_onnx(model_dir: str) -> Any:
+    """The float ONNX model of the folder's (float) Paddle program."""
+    import paddle2onnx
+    onnx = import_onnx()
+    try:
+        with quiet_native_output():  # its banner and per-op notes
+            data = paddle2onnx.export(os.path.join(model_dir, 'model.pdmodel'),
+                                      os.path.join(model_dir, 'model.pdiparams'), None,
+                                      opset_version=ONNX_OPSET, verbose=False)
+    except Exception as e:  # the converter raises generic errors
+        raise UserError('paddle2onnx cannot convert {} ({}); drop --to_onnx'.format(
+            model_dir, str(e).strip().splitlines()[-1][:160] if str(e) else
+            type(e).__name__)) from e
+    return onnx.load_from_string(data)
+
+
+def export_onnx(model_dir: str, target: str = 'onnxruntime',
+                calibration_images: Sequence[Union[str, np.ndarray]] = ()) -> str:
+    """Writes <model_dir>/model.onnx (FP32, or QDQ INT8 for a quantized folder, placed for
+    `target`) and names it and its target in deploy.yaml; returns its path.
+    `calibration_images` (paths or BGR arrays) give the ranges the Paddle program has no
+    scale for: conv outputs that feed no quantized layer (onnxruntime target only)."""
+    require_onnx_export()
+    if target not in ONNX_TARGETS:
+        raise UserError(f'--onnx_target {target} is not one of {", ".join(ONNX_TARGETS)}')
+    deploy_path = os.path.join(model_dir, 'deploy.yaml')
+    if not os.path.isfile(os.path.join(model_dir, 'model.pdmodel')) or \
+            not os.path.isfile(deploy_path):
+        raise UserError(f'{model_dir} holds no exported Paddle model (model.pdmodel and '
+                        'deploy.yaml); export it first')
+    with open(deploy_path) as f:
+        deploy = yaml.safe_load(f)
+    quantized = bool(deploy['Deploy'].get('quantized'))
+    if quantized:
+        with tempfile.TemporaryDirectory(prefix='segslim-onnx-') as tmp:
+            scales = dequantized_program(model_dir, tmp)
+            model = paddle_to_onnx(tmp)
+        model, stats = quantize_graph(model, scales, target, _batches(
+            deploy['Deploy'], calibration_images))
+        if stats['uncalibrated']:
+            logger.warning('ONNX: %d conv outputs have no calibration images for their range, '
+                           'so their convs run in float in onnxruntime; give the config a '
+                           'train_dataset or val_dataset', stats['uncalibrated'])
+    else:
+        model, stats = paddle_to_onnx(model_dir), {}
+    out = os.path.join(model_dir, 'model.onnx')
+    write_bytes(out, model.SerializeToString())
+    deploy['Deploy']['onnx'] = 'model.onnx'
+    deploy['Deploy']['onnx_target'] = target
+    write_bytes(deploy_path, yaml.safe_dump(deploy, sort_keys=False,
+                                            default_flow_style=None).encode())
+    if quantized:
+        logger.info('Exported QDQ INT8 ONNX model for %s (opset %d, %d/%d convs and %d/%d '
+                    'matmuls with INT8 weights) to %s', target, ONNX_OPSET,
+                    stats['int8_convs'], stats['convs'], stats['int8_matmuls'],
+                    stats['matmuls'], out)
+    else:
+        logger.info('Exported FP32 ONNX model (opset %d) to %s', ONNX_OPSET, out)
+    return out

@@ -1,0 +1,343 @@
+"""The INT8 ONNX graph: batch norm folded into the convolutions, weights stored as int8 per
+channel, and QuantizeLinear/DequantizeLinear placed from the Paddle program's scales where the
+target runs them as INT8 kernels.
+
+- onnxruntime (x86 CPU): u8 activations, s8 per-channel weights, int32 biases. A conv becomes
+  QLinearConv only when its input and weight come from DequantizeLinear and its output (or the
+  Relu after it) feeds exactly one QuantizeLinear, so every consumer of a quantized tensor reads
+  it through one DQ, and conv outputs that feed no quantized layer get a range measured on
+  calibration images. Tensors after a Relu use zero point 0 (the Relu folds into the
+  requantization); signed ones zero point 128, the same grid as the symmetric QAT scale.
+- tensorrt (explicit quantization): s8 symmetric activations and weights, zero points 0, Q/DQ
+  on the inputs of weighted layers and on residual-add inputs only, float bias, equal scales on
+  the inputs of a concat.
+The scale of a tensor read by several quantized layers is the largest of theirs."""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+LAYER_TYPES = ('Conv', 'MatMul')
+NONNEGATIVE_OPS = ('Relu', 'Sigmoid', 'Softmax')
+# Ops whose output is non-negative when every data input is.
+SIGN_KEEPING_OPS = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'Resize', 'Concat', 'Add',
+                    'Mul', 'Identity', 'Reshape', 'Flatten', 'Transpose')
+
+
+@dataclass
+class WeightQuant:
+    q: np.ndarray        # int8 values as the Paddle program stores them
+    step: np.ndarray     # per-channel dequantization step (scale / qmax)
+    axis: int
+
+
+@dataclass
+class ProgramScales:
+    inputs: Dict[str, float] = field(default_factory=dict)   # weight name -> input step
+    weights: Dict[str, WeightQuant] = field(default_factory=dict)
+
+
+class Graph:
+    """A mutable view of an ONNX graph: initializers by name, producers and consumers."""
+
+    def __init__(self, model: Any):
+        from onnx import numpy_helper
+        self.model = model
+        self.g = model.graph
+        self.nh = numpy_helper
+        self.inits: Dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
+                                             for t in self.g.initializer}
+        keep = []
+        for node in self.g.node:  # paddle2onnx writes parameters as Constant nodes
+            value = [a for a in node.attribute if a.name == 'value']
+            if node.op_type == 'Constant' and value:
+                self.inits[node.output[0]] = numpy_helper.to_array(value[0].t)
+            else:
+                keep.append(node)
+        self.nodes: List[Any] = keep
+        self.counter = 0
+        self.origin: Dict[str, str] = {}  # new initializer -> the parameter it was made from
+
+    def producer(self, name: str) -> Optional[Any]:
+        return next((n for n in self.nodes if name in n.output), None)
+
+    def consumers(self, name: str) -> List[Any]:
+        return [n for n in self.nodes if name in n.input]
+
+    def is_output(self, name: str) -> bool:
+        return any(o.name == name for o in self.g.output)
+
+    def fresh(self, base: str) -> str:
+        self.counter += 1
+        return f'{base}_{self.counter}'
+
+    def add_init(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.inits[name] = value
+        self.origin[name] = self.origin.get(base, base)
+        return name
+
+    def redirect(self, old: str, new: str, users: Sequence[Any]) -> None:
+        for node in users:
+            for i, name in enumerate(node.input):
+                if name == old:
+                    node.input[i] = new
+
+    def finish(self) -> Any:
+        """Writes nodes (topologically sorted) and the used initializers back."""
+        used = {name for n in self.nodes for name in n.input}
+        del self.g.initializer[:]
+        self.g.initializer.extend(self.nh.from_array(np.asarray(v), k)
+                                  for k, v in sorted(self.inits.items()) if k in used)
+        known = {i.name for i in self.g.input} | set(self.inits) | {''}
+        ordered, pending = [], list(self.nodes)
+        while pending:
+            ready = [n for n in pending if all(i in known for i in n.input)]
+            if not ready:
+                raise ValueError('the ONNX graph has a cycle or an undefined input: '
+                                 + pending[0].name)
+            for n in ready:
+                known.update(n.output)
+            ordered += ready
+            ready_ids = {id(n) for n in ready}
+            pending = [n for n in pending if id(n) not in ready_ids]
+        del self.g.node[:]
+        self.g.node.extend(ordered)
+        del self.g.value_info[:]
+        return self.model
+
+
+def _sole_consumer(g: Graph, name: str, op_type: str) -> Optional[Any]:
+    users = g.consumers(name)
+    if len(users) == 1 and users[0].op_type == op_type and not g.is_output(name):
+        return users[0]
+    return None
+
+
+def fold_batch_norms(g: Graph, weights: Dict[str, WeightQuant]) -> None:
+    """Folds Conv -> BatchNormalization and Conv -> Add(per-channel constant) into the conv's
+    weight and bias. For an INT8 weight the int8 values only change sign: with the BN factor
+    a, W * a = (sign(a) * q) * (|a| * step) exactly."""
+    from onnx import helper
+    for conv in [n for n in g.nodes if n.op_type == 'Conv']:
+        if len(conv.input) < 2 or conv.input[1] not in g.inits:
+            continue
+        while True:
+            w_name = conv.input[1]
+            w = g.inits[w_name].astype(np.float32)
+            cout = w.shape[0]
+            bias = g.inits[conv.input[2]].astype(np.float32) if len(conv.input) > 2 \
+                and conv.input[2] else np.zeros(cout, np.float32)
+            bn = _sole_consumer(g, conv.output[0], 'BatchNormalization')
+            add = _sole_consumer(g, conv.output[0], 'Add')
+            if bn is not None and all(i in g.inits for i in bn.input[1:5]):
+                gamma, beta, mean, var = (g.inits[i].astype(np.float64) for i in bn.input[1:5])
+                eps = next((helper.get_attribute_value(a) for a in bn.attribute
+                            if a.name == 'epsilon'), 1e-5)
+                factor = gamma / np.sqrt(var + eps)
+                new_bias = (bias - mean) * factor + beta
+                follower = bn
+            elif add is not None:
+                other = [i for i in add.input if i != conv.output[0]]
+                const = g.inits.get(other[0]) if len(other) == 1 else None
+                if const is None or const.size != cout or \
+                        (const.ndim >= 3 and const.shape[-2:] != (1, 1)):
+                    break
+                factor = np.ones(cout)
+                new_bias = bias + const.astype(np.float64).reshape(cout)
+                follower = add
+            else:
+                break
+            shape = (cout,) + (1,) * (w.ndim - 1)
+            quant = weights.get(w_name)
+            new_w = g.add_init(w_name, (w * factor.reshape(shape)).astype(np.float32))
+            if quant is not None:
+                sign = np.where(factor < 0, -1, 1)
+                weights[new_w] = WeightQuant(
+                    (quant.q.astype(np.int16) * sign.reshape(shape)).astype(np.int8),
+                    (quant.step * np.abs(factor)).astype(np.float32), quant.axis)
+            conv.input[1] = new_w
+            b_name = g.add_init(w_name.rsplit('.w_', 1)[0] + '.b', new_bias.astype(np.float32))
+            if len(conv.input) > 2:
+                conv.input[2] = b_name
+            else:
+                conv.input.append(b_name)
+            conv.output[0] = follower.output[0]
+            g.nodes.remove(follower)
+
+
+def _nonnegative(g: Graph, name: str, depth: int = 0) -> bool:
+    """Whether the tensor cannot be negative, from the ops that make it."""
+    if name in g.inits:
+        return bool((g.inits[name] >= 0).all())
+    node = g.producer(name)
+    if node is None or depth > 50:
+        return False
+    if node.op_type in NONNEGATIVE_OPS:
+        return True
+    if node.op_type in SIGN_KEEPING_OPS:
+        data = node.input[:1] if node.op_type in ('Resize', 'Reshape') else node.input
+        return all(_nonnegative(g, i, depth + 1) for i in data if i)
+    return False
+
+
+def _qdq(g: Graph, tensor: str, scale: float, zero_point: int, dtype: Any,
+         users: Sequence[Any]) -> str:
+    """Inserts Q -> DQ after `tensor` and points `users` at the DQ output."""
+    from onnx import helper
+    s = g.add_init(tensor + '.scale', np.array(scale, np.float32))
+    z = g.add_init(tensor + '.zero_point', np.array(zero_point, dtype))
+    quantized, restored = g.fresh(tensor + '.q'), g.fresh(tensor + '.dq')
+    g.redirect(tensor, restored, users)
+    g.nodes.append(helper.make_node('QuantizeLinear', [tensor, s, z], [quantized],
+                                    name=quantized))
+    g.nodes.append(helper.make_node('DequantizeLinear', [quantized, s, z], [restored],
+                                    name=restored))
+    return restored
+
+
+def _weight_dq(g: Graph, layer: Any, quant: WeightQuant, axis: int) -> None:
+    """DQ(int8 weight, per-channel step, zero point 0) -> the layer: the weight form every
+    runtime takes as INT8 (OpenVINO runs a conv with a uint8 weight in float)."""
+    from onnx import helper
+    w_name = layer.input[1]
+    q = g.add_init(w_name + '.int8', quant.q.astype(np.int8))
+    z = g.add_init(w_name + '.zero_point', np.zeros(quant.step.size, np.int8))
+    s = g.add_init(w_name + '.scale', quant.step.astype(np.float32).ravel())
+    out = g.fresh(w_name + '.dq')
+    g.nodes.append(helper.make_node('DequantizeLinear', [q, s, z], [out], name=out, axis=axis))
+    layer.input[1] = out
+
+
+def _bias_dq(g: Graph, conv: Any, step_in: float, quant: WeightQuant) -> None:
+    from onnx import helper
+    if len(conv.input) < 3 or conv.input[2] not in g.inits:
+        return
+    step = (step_in * quant.step.astype(np.float64)).ravel()
+    step = np.where(step > 0, step, 1e-12)
+    bias = g.inits[conv.input[2]].astype(np.float64).ravel()
+    q = np.clip(np.round(bias / step), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
+    qn = g.add_init(conv.input[2] + '.int32', q)
+    sn = g.add_init(conv.input[2] + '.scale', step.astype(np.float32))
+    zn = g.add_init(conv.input[2] + '.zero_point', np.zeros(step.size, np.int32))
+    out = g.fresh(conv.input[2] + '.dq')
+    g.nodes.append(helper.make_node('DequantizeLinear', [qn, sn, zn], [out], name=out, axis=0))
+    conv.input[2] = out
+
+
+def _layers(g: Graph, scales: ProgramScales) -> List[Tuple[Any, WeightQuant, float]]:
+    """(node, weight quantization, input step) of every layer with INT8 weights and a scale
+    on its input, in graph order."""
+    found = []
+    for node in g.nodes:
+        if node.op_type not in LAYER_TYPES or len(node.input) < 2:
+            continue
+        quant = scales.weights.get(node.input[1])
+        step = scales.inputs.get(g.origin.get(node.input[1], node.input[1]))
+        if quant is not None and step is not None and node.input[0] not in g.inits:
+            found.append((node, quant, step))
+    return found
+
+
+def _layer_output(g: Graph, node: Any) -> str:
+    """The tensor a requantization can follow: the layer output, or its Relu's."""
+    relu = _sole_consumer(g, node.output[0], 'Relu')
+    return relu.output[0] if relu is not None else node.output[0]
+
+
+def quantize_graph(model: Any, scales: ProgramScales, target: str,
+                   calibration: Optional[Sequence[np.ndarray]] = None,
+                   ranges: Optional[Callable[..., Dict[str, Tuple[float, float]]]] = None
+                   ) -> Tuple[Any, Dict[str, int]]:
+    """The float ONNX model with the INT8 placement for `target`; returns it and counts
+    {convs, int8_convs, matmuls, int8_matmuls, calibrated, uncalibrated}."""
+    g = Graph(model)
+    weights = dict(scales.weights)
+    fold_batch_norms(g, weights)
+    scales = ProgramScales(scales.inputs, weights)
+    layers = _layers(g, scales)
+    trt = target == 'tensorrt'
+    steps: Dict[str, float] = {}
+    for node, _, step in layers:
+        steps[node.input[0]] = max(steps.get(node.input[0], 0.0), step)
+    if trt:
+        _equal_concat_steps(g, steps)
+    layer_ids = {id(n) for n, _, _ in layers}
+    sources = {id(n): n.input[0] for n, _, _ in layers}
+    for tensor, step in steps.items():
+        users = g.consumers(tensor)
+        if trt:
+            users = [u for u in users if id(u) in layer_ids or u.op_type == 'Add']
+            _qdq(g, tensor, step, 0, np.int8, users)
+        else:
+            zero = 0 if _nonnegative(g, tensor) else 128
+            _qdq(g, tensor, step, zero, np.uint8, users)
+    stats = {'calibrated': 0, 'uncalibrated': 0}
+    if not trt:  # requantize the outputs that feed no quantized layer
+        need = sorted({_layer_output(g, n) for n, _, _ in layers} - set(steps))
+        need = [t for t in need if not g.is_output(t)]
+        measured = (ranges or tensor_ranges)(g, need, calibration) if need and calibration \
+            else {}
+        for tensor in need:
+            if tensor not in measured:
+                stats['uncalibrated'] += 1
+                continue
+            low, high = measured[tensor]
+            low, high = min(low, 0.0), max(high, 0.0)
+            scale = (high - low) / 255.0 or 1e-8
+            zero = int(np.clip(round(-low / scale), 0, 255))
+            _qdq(g, tensor, scale, zero, np.uint8, g.consumers(tensor))
+            stats['calibrated'] += 1
+    for node, quant, _ in layers:
+        _weight_dq(g, node, quant, 0 if node.op_type == 'Conv' else quant.axis)
+        if node.op_type == 'Conv' and not trt:
+            _bias_dq(g, node, steps[sources[id(node)]], quant)
+    stats.update(convs=sum(n.op_type == 'Conv' for n in g.nodes),
+                 int8_convs=sum(n.op_type == 'Conv' for n, _, _ in layers),
+                 matmuls=sum(n.op_type in ('MatMul', 'Gemm') for n in g.nodes),
+                 int8_matmuls=sum(n.op_type == 'MatMul' for n, _, _ in layers))
+    return g.finish(), stats
+
+
+def _equal_concat_steps(g: Graph, steps: Dict[str, float]) -> None:
+    """TensorRT merges a concat's quantized inputs only when their scales are equal."""
+    for node in g.nodes:
+        if node.op_type == 'Concat':
+            inputs = [i for i in node.input if i in steps]
+            if len(inputs) > 1:
+                top = max(steps[i] for i in inputs)
+                for i in inputs:
+                    steps[i] = top
+
+
+def tensor_ranges(g: Graph, names: Sequence[str], batches: Sequence[np.ndarray]
+                  ) -> Dict[str, Tuple[float, float]]:
+    """(min, max) of each named tensor of the float graph over the batches (onnxruntime)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return {}
+    import copy
+
+    from onnx import TensorProto, helper
+    probe = copy.deepcopy(g.model)
+    view = Graph(probe)
+    view.nodes = [copy.deepcopy(n) for n in g.nodes]
+    view.inits = g.inits
+    view.finish()
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), options,
+                                           providers=['CPUExecutionProvider'])
+    input_name = session.get_inputs()[0].name
+    found: Dict[str, Tuple[float, float]] = {}
+    for batch in batches:
+        for name, value in zip(names, session.run(names, {input_name: batch})):
+            low, high = float(value.min()), float(value.max())
+            old = found.get(name, (low, high))
+            found[name] = (min(old[0], low), max(old[1], high))
+    return found

@@ -1,0 +1,210 @@
+"""The INT8 ONNX writer: BN folding, Q/DQ placement for onnxruntime and TensorRT, the
+export flags and their errors."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
+
+from segslim.builder import build_dataset
+from segslim.config import load_config
+from segslim.deploy.benchmark import evaluate_engines
+from segslim.deploy.engines import create_predictor
+from segslim.errors import UserError
+from segslim.options import EngineOptions
+
+onnx = pytest.importorskip('onnx')
+ort = pytest.importorskip('onnxruntime')
+from onnx import helper, numpy_helper  # noqa: E402
+
+from segslim.onnx_export import export_onnx  # noqa: E402
+from segslim.onnx_qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
+
+
+def engine(model_dir, backend):
+    return create_predictor(model_dir, EngineOptions(backend=backend, precision='int8',
+                                                     input_shape=(1, 3, 64, 64)))
+
+
+def val_set(data):
+    return build_dataset(load_config(INSTANT, opts=data_opts(data)), 'val_dataset')
+
+
+def qat_model(qat_run):
+    from segslim.quant import build_quant_model
+    cfg = load_config(INSTANT, opts=data_opts(qat_run['data']))
+    model, _ = build_quant_model(cfg, qat_weights=os.path.join(qat_run['dir'], 'best_model',
+                                                               'model.pdparams'))
+    return model
+
+
+@pytest.fixture(scope='module')
+def onnx_models(exported, tmp_path_factory):
+    """The FP32 export and the QAT export with model.onnx for each target (in-process)."""
+    base = tmp_path_factory.mktemp('onnx')
+    images = sorted(os.path.join(exported['data'], 'JPEGImages', f)
+                    for f in os.listdir(os.path.join(exported['data'], 'JPEGImages')))[:4]
+    dirs = {}
+    for name, src, target in (('fp32', exported['fp32'], 'onnxruntime'),
+                              ('ort', exported['int8'], 'onnxruntime'),
+                              ('trt', exported['int8'], 'tensorrt')):
+        dirs[name] = str(base / name)
+        shutil.copytree(src, dirs[name])
+        export_onnx(dirs[name], target, images)
+    return dirs
+
+
+def load(model_dir):
+    return onnx.load(os.path.join(model_dir, 'model.onnx'))
+
+
+def test_qat_export_to_onnx_runs_every_conv_int8_in_onnxruntime(qat_run, exported,
+                                                                   onnx_models, tmp_path):
+    out = tmp_path / 'int8'
+    proc = run_cli('slim/quant/qat_export.py', '--config', INSTANT, '--model_path',
+                   os.path.join(qat_run['dir'], 'best_model', 'model.pdparams'),
+                   '--save_dir', out, '--to_onnx', '--verify_images', 0,
+                   '--opts', *data_opts(qat_run['data']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    deploy = yaml.safe_load(open(out / 'deploy.yaml'))['Deploy']
+    assert deploy['onnx'] == 'model.onnx' and deploy['onnx_target'] == 'onnxruntime'
+    pred = engine(str(out), 'onnxruntime')
+    # paddle2onnx's own quantized export left a third of the convs in float (36/56)
+    assert pred.precision == 'int8'
+    assert pred.engine['int8_conv_ops'] == pred.engine['conv_ops'] > 0
+    rows = evaluate_engines([engine(str(out), 'paddle'), pred], val_set(qat_run['data']),
+                            model=qat_model(qat_run))
+    # near-tied logits of a 20-iteration model make two INT8 engines differ on a few pixels
+    assert rows[1]['agreement'] >= 0.995 and rows[1]['model_agreement'] >= 0.995, rows[1]
+    # int8 weights: paddle2onnx wrote them as float, a file as large as the FP32 one
+    size = os.path.getsize(out / 'model.onnx')
+    assert size <= 0.3 * os.path.getsize(os.path.join(onnx_models['fp32'], 'model.onnx'))
+
+
+def test_fp32_onnx_is_plain_float(onnx_models):
+    model = load(onnx_models['fp32'])
+    ops = {n.op_type for n in model.graph.node}
+    assert 'Conv' in ops and not ops & {'QuantizeLinear', 'DequantizeLinear'}
+
+
+def test_tensorrt_target_structure(onnx_models):
+    model = load(onnx_models['trt'])
+    assert max(o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')) >= 13
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    qdq = [n for n in model.graph.node if n.op_type in ('QuantizeLinear', 'DequantizeLinear')]
+    assert qdq
+    for n in qdq:  # symmetric int8 everywhere
+        zero = inits[n.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), n.name
+    convs = [n for n in model.graph.node if n.op_type == 'Conv']
+    for conv in convs:  # data and weight from DQ, int8 weight initializer
+        assert producer[conv.input[0]].op_type == 'DequantizeLinear', conv.name
+        weight_dq = producer[conv.input[1]]
+        assert weight_dq.op_type == 'DequantizeLinear'
+        assert inits[weight_dq.input[0]].dtype == np.int8
+    layer_outputs = {c.output[0] for c in convs}
+    for n in model.graph.node:
+        if n.op_type != 'QuantizeLinear':
+            continue
+        dq = consumers[n.output[0]]
+        readers = [r for d in dq for r in consumers.get(d.output[0], [])]
+        if n.input[0] in layer_outputs:  # a conv output is quantized only for quantized users
+            assert all(r.op_type in ('Conv', 'MatMul', 'Add') for r in readers), n.name
+    quantized = {n.input[0] for n in model.graph.node if n.op_type == 'QuantizeLinear'}
+    adds = [n for n in model.graph.node if n.op_type == 'Add']
+    residual = [a for a in adds if any(i in quantized or producer.get(i) is not None
+                                       and producer[i].op_type == 'DequantizeLinear'
+                                       for i in a.input)]
+    assert residual
+    for add in residual:  # identity inputs that carry a scale are read through DQ
+        for i in add.input:
+            assert i not in quantized, (add.name, i)
+
+
+def test_tensorrt_target_runs_in_onnxruntime_like_the_int8_engine(onnx_models, exported):
+    pred = engine(onnx_models['trt'], 'onnxruntime')
+    assert 'TensorRT' in pred.fallback
+    rows = evaluate_engines([engine(onnx_models['trt'], 'paddle'), pred],
+                            val_set(exported['data']))
+    assert rows[1]['agreement'] >= 0.995
+    assert abs(rows[1]['metrics']['miou'] - rows[0]['metrics']['miou']) <= 0.01
+
+
+def test_openvino_runs_both_onnx_files_int8(onnx_models):
+    ov = pytest.importorskip('openvino')
+    from segslim.deploy.openvino_engine import runtime_summary
+    core = ov.Core()
+    for name in ('ort', 'trt'):
+        model = core.read_model(os.path.join(onnx_models[name], 'model.onnx'))
+        model.reshape({model.inputs[0].get_any_name(): [1, 3, 64, 64]})
+        summary = runtime_summary(core.compile_model(model, 'CPU').get_runtime_model())
+        assert summary['int8_conv_ops'] == summary['conv_ops'] > 0, (name, summary)
+
+
+def conv_bn_model(gamma):
+    """x -> Conv(w) -> BatchNormalization: a float graph as paddle2onnx writes it."""
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (4, 3, 3, 3)).astype(np.int8)
+    step = np.array([0.01, 0.02, 0.005, 0.03], np.float32)
+    w = q.astype(np.float32) * step[:, None, None, None]
+    consts = {'w': w, 'b': rng.normal(size=4).astype(np.float32),
+              'gamma': np.asarray(gamma, np.float32), 'beta': rng.normal(size=4).astype(np.float32),
+              'mean': rng.normal(size=4).astype(np.float32),
+              'var': rng.uniform(0.5, 2, 4).astype(np.float32)}
+    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+             for k, v in consts.items()]
+    nodes += [helper.make_node('Conv', ['x', 'w', 'b'], ['c'], pads=[1, 1, 1, 1]),
+              helper.make_node('BatchNormalization', ['c', 'gamma', 'beta', 'mean', 'var'],
+                               ['y'], epsilon=1e-5)]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 3, 8, 8])], [helper.make_tensor_value_info(
+            'y', onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    return model, WeightQuant(q, step, 0)
+
+
+def run(model, x):
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=['CPUExecutionProvider']).run(None, {'x': x})[0]
+
+
+def test_batch_norm_folds_exactly_into_int8_weights_with_negative_factors():
+    x = np.random.default_rng(1).normal(size=(1, 3, 8, 8)).astype(np.float32)
+    model, quant = conv_bn_model([1.5, -0.7, 0.0001, -2.0])
+    expected = run(model, x)
+    g = Graph(model)
+    weights = {'w': quant}
+    fold_batch_norms(g, weights)
+    assert [n.op_type for n in g.nodes] == ['Conv']
+    folded = weights[g.nodes[0].input[1]]
+    sign = np.array([1, -1, 1, -1])[:, None, None, None]
+    assert np.array_equal(folded.q, quant.q * sign)  # only the signs change
+    w = g.inits[g.nodes[0].input[1]]
+    np.testing.assert_allclose(folded.q * folded.step[:, None, None, None], w, rtol=1e-5,
+                               atol=1e-7)
+    np.testing.assert_allclose(run(g.finish(), x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_bad_inputs_are_one_line(fp32_run, exported, tmp_path):
+    with pytest.raises(UserError, match='no exported Paddle model'):
+        export_onnx(str(tmp_path))
+    proc = run_command('export.py', '--config', INSTANT, '--model_path', 'x.pdparams',
+                       '--save_dir', tmp_path / 'o', '--onnx_target', 'coreml')
+    assert_one_line_error(proc, '--onnx_target')
+    fake = tmp_path / 'site' / 'onnx'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text("raise ImportError('No module named onnx')\n")
+    proc = run_cli('export.py', '--config', INSTANT, '--model_path',
+                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
+                   '--save_dir', tmp_path / 'f',
+                   '--to_onnx', '--opts', *data_opts(exported['data']),
+                   env={'PYTHONPATH': str(tmp_path / 'site')})
+    assert_one_line_error(proc, '--to_onnx', 'onnx package', 'pip install')
+    assert not os.path.exists(tmp_path / 'f' / 'model.pdmodel')  # refused before any work
