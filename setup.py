@@ -41,6 +41,7 @@ setup(
         'segslim-qat-export=segslim.commands:qat_export',
         'segslim-ptq=segslim.commands:ptq',
         'segslim-quant-analysis=segslim.commands:analysis',
+        'segslim-auto-quant=segslim.commands:auto_quant',
         'segslim-infer=segslim.commands:infer',
         'segslim-benchmark=segslim.commands:benchmark',
         'segslim-make-demo-dataset=segslim.commands:make_demo_dataset',

@@ -160,6 +160,34 @@ def analysis(argv: Optional[List[str]] = None) -> None:
     cli.entry(p, main, argv)
 
 
+def auto_quant(argv: Optional[List[str]] = None) -> None:
+    p = _parser('From FP32 weights to the fastest INT8 model whose mIoU on the engine stays '
+                'within a bound: PTQ, then a skip set, then QAT with distillation, each '
+                'checked on every engine.')
+    p.add_argument('--model_path', required=True, help='FP32 model.pdparams')
+    p.add_argument('--save_dir', default='output/auto_quant',
+                   help='every candidate, report.md, and best/ (the chosen model)')
+    p.add_argument('--max_miou_drop', type=float, default=0.005,
+                   help='largest mIoU loss against the FP32 export on the same engine')
+    p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=None,
+                   help='engines to consider (default: every installed one)')
+    p.add_argument('--max_qat_iters', type=cli.positive_int, default=1000,
+                   help='QAT budget; QAT stops at the first quarter that meets the bound')
+    p.add_argument('--num_images', type=cli.positive_int, default=None,
+                   help='val images each check runs on (default: all)')
+    p.add_argument('--calib_images', type=cli.positive_int, default=32,
+                   help='train images that calibrate PTQ')
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
+                   default=EngineOptions.cpu_threads, help='CPU threads of every engine')
+    p.add_argument('--resume', action='store_true',
+                   help='continue a killed run in --save_dir at its last finished step')
+
+    def main(args):
+        from segslim.workflows import run_auto_quant
+        return run_auto_quant(args)
+    cli.entry(p, main, argv)
+
+
 def infer(argv: Optional[List[str]] = None) -> None:
     p = cli.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')

@@ -44,7 +44,8 @@ def calibration_batches(cfg: Dict[str, Any], size: int, count: int,
 
 
 def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
-                layers: Optional[str] = 'all', fp32: bool = True) -> Dict[str, str]:
+                layers: Optional[str] = 'all', fp32: bool = True,
+                input_shape: Optional[Sequence[int]] = None) -> Dict[str, str]:
     """FP32 (unless not `fp32`) and INT8 exports of the config's model with random weights;
     `layers` overrides the config's quant_config.layers (None: the config's own policy)."""
     opts = [f'quant_config.layers={layers}'] if layers else []
@@ -54,12 +55,13 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
     model.eval()
     dirs = {'fp32': os.path.join(work_dir, 'fp32'), 'int8': os.path.join(work_dir, 'int8')}
     if fp32:
-        export_inference_model(model, cfg, dirs['fp32'], output_op='argmax')
+        export_inference_model(model, cfg, dirs['fp32'], output_op='argmax',
+                               input_shape=input_shape)
     qcfg = quant_config_of(cfg)
     quanter = quantize_model(model, qcfg, summary=False)
     calibrate(model, calibration_batches(cfg, size, calib))
     export_inference_model(model, cfg, dirs['int8'], output_op='argmax', quanter=quanter,
-                           int8_ops=qcfg['int8_ops'])
+                           int8_ops=qcfg['int8_ops'], input_shape=input_shape)
     return dirs
 
 
@@ -94,21 +96,30 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
         with tempfile.TemporaryDirectory(prefix='segslim-bench-') as work:
             logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2],
                         threads)
-            dirs = export_pair(config, work, shape[2], layers=None)
+            # at the timed size: paddle2onnx converts adaptive pooling only at a known size
+            dirs = export_pair(config, work, shape[2], layers=None, input_shape=shape)
+            model_backends, failures = list(backends), []
             if 'onnxruntime' in backends:
-                export_onnx(dirs['fp32'])
-                export_onnx(dirs['int8'], 'onnxruntime', sample_images(shape[2], 4))
+                try:
+                    export_onnx(dirs['fp32'])
+                    export_onnx(dirs['int8'], 'onnxruntime', sample_images(shape[2], 4))
+                except UserError as e:
+                    logger.warning('%s: %s; no onnxruntime rows', name, e)
+                    model_backends.remove('onnxruntime')
+                    failures.append(str(e))
             opts = EngineOptions(device='cpu', cpu_threads=threads, input_shape=tuple(shape))
             try:
                 report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
-                                   warmup=warmup, repeats=repeats, backends=backends)
+                                   warmup=warmup, repeats=repeats, backends=model_backends)
             except UserError as e:  # one engine cannot run this model: time the others
-                if len(backends) == 1:
+                if len(model_backends) == 1:
                     raise
                 logger.warning('%s: %s; timing Paddle Inference only', name, e)
                 report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
                                    warmup=warmup, repeats=repeats, backends=('paddle',))
-                report['engine_failures'] = [str(e)]
+                failures.append(str(e))
+            if failures:
+                report['engine_failures'] = failures
             report['config'] = config
             report['model'] = name
             try:  # where the INT8 engine's time goes, in a child process
@@ -242,7 +253,7 @@ def format_markdown(reports: List[Dict[str, Any]]) -> str:
     lines = [summary_markdown(summary(reports))]
     for rep in reports:
         for failure in rep.get('engine_failures', []):
-            lines.append('{}: OpenVINO could not run it ({}).'.format(rep['model'], failure))
+            lines.append('{}: an engine could not run it: {}.'.format(rep['model'], failure))
     profiled = [rep for rep in reports if rep.get('int8_profile')]
     if profiled:
         slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])

@@ -16,7 +16,7 @@ from segslim._paddle import paddle
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
-from segslim.onnx_qdq import ProgramScales, WeightQuant, quantize_graph
+from segslim.onnx_qdq import GraphError, ProgramScales, WeightQuant, quantize_graph
 from segslim.options import ONNX_TARGETS
 from segslim.program import LAYER_OPS
 
@@ -126,10 +126,22 @@ def _weight_key(name: str) -> str:
 def _batches(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
              ) -> List[np.ndarray]:
     """The images as the deployed model sees them: 1,C,H,W batches after the deploy
-    transforms."""
+    transforms, resized to the export's input size when it is fixed."""
+    import cv2
+
     from segslim.deploy.engine import Preprocessor
     pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
-    return [pre(image)[0][np.newaxis] for image in images]
+    shape = deploy.get('input_shape') or []
+    size = tuple(shape[2:]) if len(shape) == 4 and all(d and d > 0 for d in shape[2:]) else None
+    batches = []
+    for image in images:
+        chw = pre(image)[0]
+        if size and chw.shape[1:] != size:
+            chw = cv2.resize(chw.transpose(1, 2, 0), (size[1], size[0]),
+                             interpolation=cv2.INTER_LINEAR).reshape(size[0], size[1], -1)
+            chw = chw.transpose(2, 0, 1)
+        batches.append(np.ascontiguousarray(chw[np.newaxis], dtype=np.float32))
+    return batches
 
 
 def paddle_to_onnx(model_dir: str) -> Any:
@@ -169,8 +181,13 @@ def export_onnx(model_dir: str, target: str = 'onnxruntime',
         with tempfile.TemporaryDirectory(prefix='segslim-onnx-') as tmp:
             scales = dequantized_program(model_dir, tmp)
             model = paddle_to_onnx(tmp)
-        model, stats = quantize_graph(model, scales, target, _batches(
-            deploy['Deploy'], calibration_images))
+        try:
+            model, stats = quantize_graph(model, scales, target, _batches(
+                deploy['Deploy'], calibration_images))
+        except GraphError as e:
+            raise UserError(f'onnxruntime cannot run the ONNX graph paddle2onnx made of '
+                            f'{model_dir} ({e}); export with a fixed --input_shape N C H W '
+                            '(adaptive pooling converts only at a known size)') from e
         if stats['uncalibrated']:
             logger.warning('ONNX: %d conv outputs have no calibration images for their range, '
                            'so their convs run in float in onnxruntime; give the config a '

@@ -280,6 +280,29 @@ def run_analysis(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_auto_quant(args: argparse.Namespace) -> int:
+    """slim/quant/auto_quant.py: the steps of segslim.auto_quant on this config and weights."""
+    from segslim import auto_quant as aq
+    cfg = _setup(args, ('model', 'train_dataset', 'val_dataset'))
+    check_writable(args.save_dir)
+    if not os.path.isfile(args.model_path):
+        raise UserError(f'--model_path {args.model_path} does not exist; pass the FP32 '
+                        'model.pdparams (train.py writes best_model/model.pdparams)')
+    ckpt.load_weights(builder.build_model(cfg), args.model_path)  # fit the config: now
+    installed = aq.available_backends()
+    backends = args.backend or installed
+    missing = [b for b in backends if b not in installed]
+    if missing:
+        raise UserError('--backend {}: not installed here (pip install -e .[openvino,onnx]); '
+                        'installed: {}'.format(' '.join(missing), ' '.join(installed)))
+    if (args.device or 'cpu') != 'cpu':
+        raise UserError('auto-quant checks candidates on CPU engines; use --device cpu')
+    steps = aq.Steps(args.config, args.model_path, args.save_dir, backends, args.num_images,
+                     args.cpu_threads, 'cpu', args.calib_images, args.opts or ())
+    return aq.AutoQuant(steps, args.save_dir, args.max_miou_drop, args.max_qat_iters,
+                        resume=args.resume).run()
+
+
 def run_infer(args: argparse.Namespace) -> int:
     """deploy/python/infer.py: masks for image files."""
     from segslim.deploy.engines import create_predictor

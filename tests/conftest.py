@@ -25,7 +25,8 @@ SCRIPTS = {  # the scripts' entry points, for in-process runs
     'train.py': 'train', 'val.py': 'val', 'export.py': 'export',
     'slim/quant/qat_train.py': 'qat_train', 'slim/quant/qat_val.py': 'qat_val',
     'slim/quant/qat_export.py': 'qat_export', 'slim/quant/ptq.py': 'ptq',
-    'slim/quant/analysis.py': 'analysis', 'deploy/python/infer.py': 'infer',
+    'slim/quant/analysis.py': 'analysis', 'slim/quant/auto_quant.py': 'auto_quant',
+    'deploy/python/infer.py': 'infer',
     'deploy/python/benchmark.py': 'benchmark', 'tools/make_demo_dataset.py': 'make_demo_dataset',
 }
 

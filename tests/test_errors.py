@@ -188,7 +188,9 @@ def test_14_label_values_out_of_range(tmp_path, instant_data, workers):
         arr = np.asarray(Image.open(lab)).copy()
         arr[0, 0] = 7
         Image.fromarray(arr).save(lab)
-    proc = train(tmp_path / 'o', '--num_workers', workers, data=root)
+    # worker processes are forked: in their own process, not this one (its threads, e.g. a
+    # pytest-xdist worker's, can leave a forked child waiting on a lock forever)
+    proc = train(tmp_path / 'o', '--num_workers', workers, data=root, process=workers > 0)
     assert_one_line_error(proc, 'class ids [7]', 'outside [0, 2)')
     assert no_checkpoint(tmp_path / 'o')
 

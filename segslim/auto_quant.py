@@ -1,0 +1,305 @@
+"""slim/quant/auto_quant.py: from FP32 weights to the fastest INT8 model that keeps its mIoU
+on the engine that will run it.
+
+Steps, each the command a user would run (its own process, logged with its command line),
+each result checked on the engines and written to <save_dir>/auto_quant.json before the next
+step starts, so --resume repeats nothing that finished:
+  1. fp32   export.py: the reference mIoU of each engine
+  2. ptq    ptq.py: done when an engine's INT8 mIoU is within --max_miou_drop of its FP32
+  3. skip   analysis.py --max_miou_drop, then ptq.py with the skip set it found
+  4. qat    qat_train.py --distill in rounds up to --max_qat_iters, qat_export.py after each
+            round, stopping at the first round that meets the bound
+  5. choose benchmark of every candidate on every engine (latency and mIoU, as
+            benchmark.py measures them): the fastest INT8 row within the bound is the answer,
+            copied to <save_dir>/best/ (deploy.yaml names its engine); report.md lists all.
+The decision logic (AutoQuant) only sees the Steps interface, so tests drive it with fakes."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+from segslim.errors import UserError
+from segslim.fileio import write_json, write_text
+from segslim.logger import logger
+
+STATE = 'auto_quant.json'
+STAGES = ('fp32', 'ptq', 'skip', 'qat')
+
+
+class Steps:
+    """The real steps: the project's commands in child processes, engines in this one."""
+
+    def __init__(self, config: str, model_path: str, save_dir: str, backends: Sequence[str],
+                 num_images: Optional[int], threads: int, device: str, calib_images: int = 32,
+                 opts: Sequence[str] = ()):
+        self.config, self.model_path, self.save_dir = config, model_path, save_dir
+        self.backends, self.num_images, self.threads = list(backends), num_images, threads
+        self.device, self.calib_images, self.opts = device, calib_images, list(opts)
+        self._val: Any = None
+
+    def _run(self, command: str, *args: Any) -> None:
+        argv = [str(a) for a in args] + (['--opts'] + self.opts if self.opts else [])
+        logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'), ' '.join(argv))
+        proc = subprocess.Popen([sys.executable, '-c', 'import sys; from segslim import '
+                                 f'commands; commands.{command}(sys.argv[1:])', *argv],
+                                stderr=subprocess.PIPE, text=True)
+        errors = []
+        for line in proc.stderr or ():  # the step's log shows; its error line becomes ours
+            if line.startswith('error:'):
+                errors.append(line[6:].strip())
+            else:
+                sys.stderr.write(line)
+        if proc.wait() != 0:
+            raise UserError('{} failed: {}'.format(command, errors[-1] if errors else
+                                                   f'exit code {proc.returncode}'))
+
+    def _onnx(self) -> List[str]:
+        return ['--to_onnx'] if 'onnxruntime' in self.backends else []
+
+    def export_fp32(self, out: str) -> str:
+        self._run('export', '--config', self.config, '--model_path', self.model_path,
+                  '--save_dir', out, *self._onnx())
+        return out
+
+    def ptq(self, out: str, config: Optional[str] = None) -> str:
+        self._run('ptq', '--config', config or self.config, '--model_path', self.model_path,
+                  '--save_dir', out, '--batch_nums', self.calib_images, '--batch_size', 1,
+                  '--verify_images', 0, '--device', self.device, *self._onnx())
+        return out
+
+    def skip_set(self, out: str, max_drop: float) -> Optional[str]:
+        """A PTQ model with the shortest skip set analysis.py finds for the bound."""
+        analysis = os.path.join(out, 'analysis')
+        self._run('analysis', '--config', self.config, '--model_path', self.model_path,
+                  '--save_dir', analysis, '--max_miou_drop', max_drop,
+                  '--num_images', self.num_images or 8, '--calib_images', self.calib_images)
+        with open(os.path.join(analysis, 'sensitivity.json')) as f:
+            if not json.load(f)['skip']:
+                return None
+        return self.ptq(os.path.join(out, 'infer'), os.path.join(analysis, 'skip_layers.yml'))
+
+    def qat(self, out: str, iters: int, resume: Optional[str]) -> str:
+        """QAT with distillation up to `iters` (resuming a round's checkpoint), exported."""
+        train_dir = os.path.join(out, 'train')
+        self._run('qat_train', '--config', self.config, '--model_path', self.model_path,
+                  '--learning_rate', 0.001, '--iters', iters, '--save_interval', iters,
+                  '--distill', '--seed', 0, '--save_dir', train_dir, '--log_iters', 50,
+                  *(['--resume_model', resume] if resume else []))
+        self._run('qat_export', '--config', self.config, '--model_path',
+                  os.path.join(train_dir, f'iter_{iters}', 'model.pdparams'),
+                  '--save_dir', os.path.join(out, 'infer'), '--verify_images', 0,
+                  *self._onnx())
+        return os.path.join(out, 'infer')
+
+    def checkpoint(self, out: str, iters: int) -> str:
+        return os.path.join(out, 'train', f'iter_{iters}')
+
+    def val_set(self) -> Any:
+        if self._val is None:
+            from segslim.builder import build_dataset
+            from segslim.config import load_config
+            self._val = build_dataset(load_config(self.config, opts=self.opts), 'val_dataset')
+        return self._val
+
+    def _opts(self, backend: str, precision: str) -> Any:
+        from segslim.options import EngineOptions
+        return EngineOptions(backend=backend, precision=precision, device='cpu',
+                             cpu_threads=self.threads)
+
+    def miou(self, model_dir: str, int8: bool) -> Dict[str, float]:
+        """Engine mIoU on the val set, per backend."""
+        from segslim.deploy.benchmark import evaluate_engines
+        from segslim.deploy.engines import create_predictor
+        preds = [create_predictor(model_dir, self._opts(b, 'int8' if int8 else 'fp32'))
+                 for b in self.backends]
+        rows = evaluate_engines(preds, self.val_set(), self.num_images,
+                                desc=os.path.basename(model_dir.rstrip('/')))
+        return {b: row['metrics']['miou'] for b, row in zip(self.backends, rows)}
+
+    def bench(self, model_dirs: Sequence[str]) -> List[Dict[str, Any]]:
+        """benchmark.py's rows for the candidates (first: the FP32 export)."""
+        from segslim.deploy.benchmark import benchmark
+        return benchmark(model_dirs, self.val_set(), self._opts(self.backends[0], 'fp32'),
+                         backends=self.backends, repeats=10, warmup=3)['rows']
+
+
+def available_backends() -> List[str]:
+    """Paddle Inference, and each optional engine whose packages import."""
+    found = ['paddle']
+    for backend, modules in (('openvino', ('openvino',)),
+                             ('onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx'))):
+        try:
+            for module in modules:
+                __import__(module)
+            found.append(backend)
+        except ImportError:
+            pass
+    return found
+
+
+class AutoQuant:
+    """The decision over the steps' results; state in <save_dir>/auto_quant.json."""
+
+    def __init__(self, steps: Any, save_dir: str, max_drop: float, max_qat_iters: int,
+                 resume: bool = False, qat_rounds: int = 4):
+        if not 0 < max_drop < 1:
+            raise UserError(f'--max_miou_drop {max_drop} must be between 0 and 1 (0.005 = half '
+                            'a mIoU point)')
+        self.steps, self.save_dir, self.max_drop = steps, save_dir, max_drop
+        self.max_qat_iters, self.rounds = max_qat_iters, qat_rounds
+        self.path = os.path.join(save_dir, STATE)
+        self.state: Dict[str, Any] = {'candidates': {}, 'max_miou_drop': max_drop}
+        if resume and os.path.isfile(self.path):
+            with open(self.path) as f:
+                self.state = json.load(f)
+            logger.info('auto-quant: resuming; done: %s',
+                        ', '.join(self.state['candidates']) or 'nothing')
+
+    def _save(self) -> None:
+        write_json(self.path, self.state)
+
+    def _done(self, name: str) -> Optional[Dict[str, Any]]:
+        cand = self.state['candidates'].get(name)
+        return cand if cand and cand.get('final') and os.path.isdir(cand['dir']) else None
+
+    def _record(self, name: str, method: str, model_dir: Optional[str], started: float,
+                int8: bool = True, final: bool = True, **extra: Any) -> Dict[str, Any]:
+        cand: Dict[str, Any] = {'method': method, 'dir': model_dir, 'final': final,
+                                'seconds': round(time.time() - started, 1), **extra}
+        if model_dir:
+            cand['miou'] = self.steps.miou(model_dir, int8)
+            ref = self.state['candidates'].get('fp32', {}).get('miou', cand['miou'])
+            cand['drop'] = {b: ref[b] - m for b, m in cand['miou'].items()}
+            cand['meets'] = [b for b, d in cand['drop'].items() if d <= self.max_drop]
+            logger.info('auto-quant: %s: mIoU %s; within %.4f on: %s', method,
+                        ', '.join(f'{b} {m:.4f}' for b, m in cand['miou'].items()),
+                        self.max_drop, ', '.join(cand['meets']) or 'no engine')
+        self.state['candidates'][name] = cand
+        self._save()
+        return cand
+
+    def run(self) -> int:
+        os.makedirs(self.save_dir, exist_ok=True)
+
+        def d(name: str) -> str:
+            return os.path.join(self.save_dir, name)
+        if not self._done('fp32'):
+            t = time.time()
+            self._record('fp32', 'FP32 export', self.steps.export_fp32(d('fp32_infer')), t,
+                         int8=False)
+        if not self._done('ptq'):
+            t = time.time()
+            self._record('ptq', 'PTQ', self.steps.ptq(d('ptq_infer')), t)
+        if not self._met() and not self._done('skip'):
+            t = time.time()
+            model = self.steps.skip_set(d('skip'), self.max_drop)
+            self._record('skip', 'PTQ with a skip set', model, t,
+                         note='' if model else 'no skip set needed or found')
+        if not self._met():
+            self._qat(d('qat'))
+        return self._choose()
+
+    def _met(self) -> bool:
+        return any(c.get('meets') for n, c in self.state['candidates'].items() if n != 'fp32')
+
+    def _qat(self, out: str) -> None:
+        cand = self.state['candidates'].get('qat') or {}
+        if cand.get('final'):
+            return
+        chunk = max(1, -(-self.max_qat_iters // self.rounds))
+        done = cand.get('iters', 0)
+        t = time.time() - cand.get('seconds', 0)
+        while done < self.max_qat_iters:
+            iters = min(done + chunk, self.max_qat_iters)
+            resume = self.steps.checkpoint(out, done) if done else None
+            model = self.steps.qat(out, iters, resume)
+            last = iters >= self.max_qat_iters
+            cand = self._record('qat', f'QAT with distillation, {iters} iterations', model, t,
+                                final=False, iters=iters)
+            if cand['meets'] or last:
+                cand['final'] = True
+                self._save()
+                return
+            done = iters
+
+    def _choose(self) -> int:
+        cands = {n: c for n, c in self.state['candidates'].items() if c.get('dir')}
+        names = [n for n in cands if n != 'fp32']
+        rows = self.steps.bench([cands['fp32']['dir']] + [cands[n]['dir'] for n in names])
+        by_dir = {c['dir']: n for n, c in cands.items()}
+        ref = {r['backend']: r['miou'] for r in rows if by_dir.get(r['model_dir']) == 'fp32'
+               and r['precision'] == 'fp32'}
+        for r in rows:
+            r['candidate'] = by_dir.get(r['model_dir'], '?')
+            r['drop'] = ref.get(r['backend'], r['miou']) - r['miou']
+            r['meets'] = r['drop'] <= self.max_drop
+        int8 = [r for r in rows if r['precision'] == 'int8']
+        good = sorted((r for r in int8 if r['meets']), key=lambda r: r['s_per_img'])
+        self.state['rows'] = [{k: r.get(k) for k in (
+            'candidate', 'backend', 'precision', 's_per_img', 'miou', 'drop', 'meets',
+            'int8_conv_ops', 'conv_ops')} for r in rows]
+        choice = good[0] if good else None
+        fastest_float = min((r for r in rows if r['precision'] in ('fp32', 'bf16')),
+                            key=lambda r: r['s_per_img'])
+        if choice is not None:
+            best = os.path.join(self.save_dir, 'best')
+            shutil.rmtree(best, ignore_errors=True)
+            shutil.copytree(choice['model_dir'], best)
+            _name_engine(best, choice['backend'])
+            self.state['choice'] = {'candidate': choice['candidate'],
+                                    'backend': choice['backend'], 'dir': best}
+            logger.info('auto-quant: best: %s on %s, %.1f ms, mIoU %.4f (drop %.4f) -> %s',
+                        cands[choice['candidate']]['method'], choice['backend'],
+                        1000 * choice['s_per_img'], choice['miou'], choice['drop'], best)
+            if fastest_float['s_per_img'] < choice['s_per_img']:
+                logger.warning('auto-quant: the FP32 model runs faster (%s %s, %.1f ms) than '
+                               'any INT8 row that keeps the mIoU on this CPU',
+                               fastest_float['backend'], fastest_float['precision'],
+                               1000 * fastest_float['s_per_img'])
+        else:
+            closest = min(int8, key=lambda r: r['drop']) if int8 else None
+            self.state['choice'] = None
+            self.state['closest'] = '{} on {}, drop {:.4f}'.format(
+                cands[closest['candidate']]['method'], closest['backend'],
+                closest['drop']) if closest else 'none'
+            logger.error('auto-quant: no INT8 candidate keeps mIoU within %.4f; closest: %s',
+                         self.max_drop, self.state['closest'])
+        self._save()
+        write_text(os.path.join(self.save_dir, 'report.md'), report_markdown(self.state))
+        return 0 if choice is not None else 1
+
+
+def _name_engine(model_dir: str, backend: str) -> None:
+    import yaml
+    path = os.path.join(model_dir, 'deploy.yaml')
+    with open(path) as f:
+        deploy = yaml.safe_load(f)
+    deploy['Deploy']['engine'] = backend
+    write_text(path, yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
+
+
+def report_markdown(state: Dict[str, Any]) -> str:
+    """report.md: every candidate tried, every engine row, and the choice."""
+    lines = ['# auto-quant', '', 'Bound: INT8 mIoU within {:.4f} of the FP32 export on the same '
+             'engine.'.format(state['max_miou_drop']), '', '## Candidates', '',
+             '| candidate | method | time s | engine mIoU (drop) |', '|---|---|---|---|']
+    for name, c in state['candidates'].items():
+        mious = ', '.join('{} {:.4f} ({:+.4f})'.format(b, m, 0.0 - c['drop'][b])
+                          for b, m in (c.get('miou') or {}).items())
+        lines.append('| {} | {} | {} | {} |'.format(name, c['method'], c['seconds'],
+                                                     mious or c.get('note', '-')))
+    lines += ['', '## Engines (latency and mIoU as benchmark.py measures them)', '',
+              '| candidate | engine | precision | ms | mIoU | drop | INT8 convs | within |',
+              '|---|---|---|---|---|---|---|---|']
+    for r in state.get('rows', []):
+        lines.append('| {} | {} | {} | {:.1f} | {:.4f} | {:+.4f} | {}/{} | {} |'.format(
+            r['candidate'], r['backend'], r['precision'], 1000 * r['s_per_img'], r['miou'],
+            0.0 - r['drop'], r['int8_conv_ops'], r['conv_ops'], 'yes' if r['meets'] else 'no'))
+    choice = state.get('choice')
+    lines += ['', 'Choice: ' + ('{candidate} on {backend}, in {dir}'.format(**choice) if choice
+                                else 'none: no INT8 candidate keeps the mIoU (exit code 1); '
+                                'closest: ' + state.get('closest', 'none'))]
+    return '\n'.join(lines) + '\n'

@@ -1,0 +1,194 @@
+"""auto_quant.py: the decision over its steps (on fakes), one real run, resume, bad input."""
+import json
+import os
+
+import pytest
+import yaml
+from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
+
+from segslim.auto_quant import AutoQuant
+from segslim.errors import UserError
+
+FP32 = 0.90
+
+
+class FakeSteps:
+    """Steps with made-up engine results: `mious` maps a candidate to {backend: mIoU} (the
+    QAT entry: one dict per round); `ms` maps a candidate to {backend: latency}."""
+
+    def __init__(self, tmp, mious, ms, skip_found=True, fail_at=None):
+        self.tmp, self.mious, self.ms = tmp, mious, ms
+        self.skip_found, self.fail_at = skip_found, fail_at
+        self.calls = []
+        self.qat_round = 0
+
+    def _dir(self, name):
+        path = os.path.join(self.tmp, name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, 'deploy.yaml'), 'w') as f:
+            yaml.safe_dump({'Deploy': {'model': 'model.pdmodel'}}, f)
+        return path
+
+    def _step(self, name):
+        self.calls.append(name)
+        if name == self.fail_at:
+            raise KeyboardInterrupt
+        return self._dir(name)
+
+    def export_fp32(self, out):
+        return self._step('fp32')
+
+    def ptq(self, out, config=None):
+        return self._step('ptq')
+
+    def skip_set(self, out, max_drop):
+        path = self._step('skip')
+        return path if self.skip_found else None
+
+    def qat(self, out, iters, resume):
+        self.calls.append(f'qat:{iters}:{os.path.basename(resume) if resume else "-"}')
+        self.qat_round += 1
+        return self._dir('qat')
+
+    def checkpoint(self, out, iters):
+        return os.path.join(out, f'iter_{iters}')
+
+    def miou(self, model_dir, int8):
+        name = os.path.basename(model_dir)
+        if name == 'qat':
+            return self.mious['qat'][self.qat_round - 1]
+        return self.mious[name]
+
+    def bench(self, model_dirs):
+        self.calls.append('bench')
+        rows = []
+        for d in model_dirs:
+            name = os.path.basename(d)
+            mious = self.mious['qat'][-1] if name == 'qat' else self.mious[name]
+            for backend, miou in mious.items():
+                rows.append({'model_dir': d, 'backend': backend, 's_per_img':
+                             self.ms[name][backend] / 1000, 'miou': miou,
+                             'precision': 'fp32' if name == 'fp32' else 'int8',
+                             'int8_conv_ops': 0 if name == 'fp32' else 5, 'conv_ops': 5})
+        return rows
+
+
+def auto(tmp_path, steps, drop=0.005, resume=False):
+    return AutoQuant(steps, str(tmp_path / 'run'), drop, max_qat_iters=400, resume=resume)
+
+
+def test_ptq_within_the_bound_is_enough_and_the_fastest_row_wins(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32, 'openvino': FP32},
+        'ptq': {'paddle': FP32 - 0.001, 'openvino': FP32 - 0.004}},
+        {'fp32': {'paddle': 50, 'openvino': 40}, 'ptq': {'paddle': 30, 'openvino': 20}})
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice']['candidate'] == 'ptq' and state['choice']['backend'] == 'openvino'
+    deploy = yaml.safe_load(open(tmp_path / 'run' / 'best' / 'deploy.yaml'))['Deploy']
+    assert deploy['engine'] == 'openvino'
+    report = (tmp_path / 'run' / 'report.md').read_text()
+    assert 'Choice: ptq on openvino' in report and '| ptq | openvino | int8 | 20.0 |' in report
+
+
+def test_a_skip_set_is_tried_when_ptq_misses(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
+        'skip': {'paddle': FP32 - 0.003}},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 25}})
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice']['candidate'] == 'skip'  # the faster PTQ row misses the bound
+
+
+def test_qat_runs_in_rounds_and_stops_at_the_first_that_meets_the_bound(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
+        'skip': {'paddle': FP32 - 0.01},
+        'qat': [{'paddle': FP32 - 0.008}, {'paddle': FP32 - 0.002}, {'paddle': FP32}]},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 25},
+         'qat': {'paddle': 21}})
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'qat:100:-', 'qat:200:iter_100', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice']['candidate'] == 'qat'
+    assert state['candidates']['qat']['iters'] == 200
+
+
+def test_nothing_meets_the_bound_exit_1_with_the_closest_and_the_work_kept(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.05},
+        'qat': [{'paddle': FP32 - 0.03}] * 4},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'qat': {'paddle': 21}},
+        skip_found=False)
+    assert auto(tmp_path, steps).run() == 1
+    assert steps.calls[-2:] == ['qat:400:iter_300', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice'] is None and set(state['candidates']) == {'fp32', 'ptq', 'skip',
+                                                                    'qat'}
+    assert not (tmp_path / 'run' / 'best').exists()
+    assert 'Choice: none' in (tmp_path / 'run' / 'report.md').read_text()
+    assert state['closest'] == 'QAT with distillation, 400 iterations on paddle, drop 0.0300'
+
+
+def test_resume_repeats_no_finished_step(tmp_path):
+    mious = {'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
+             'skip': {'paddle': FP32 - 0.001}}
+    ms = {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 25}}
+    killed = FakeSteps(str(tmp_path / 'm'), mious, ms, fail_at='skip')
+    with pytest.raises(KeyboardInterrupt):
+        auto(tmp_path, killed).run()
+    assert killed.calls == ['fp32', 'ptq', 'skip']
+    again = FakeSteps(str(tmp_path / 'm'), mious, ms)
+    assert auto(tmp_path, again, resume=True).run() == 0
+    assert again.calls == ['skip', 'bench']
+
+
+def test_the_bound_must_be_a_fraction(tmp_path):
+    for bad in (0, 1, -0.1, 5):
+        with pytest.raises(UserError, match='--max_miou_drop'):
+            AutoQuant(None, str(tmp_path), bad, 100)
+
+
+def test_auto_quant_end_to_end_on_the_instant_model(fp32_run, tmp_path):
+    out = tmp_path / 'aq'
+    proc = run_cli('slim/quant/auto_quant.py', '--config', INSTANT, '--model_path',
+                   os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
+                   '--save_dir', out, '--backend', 'paddle', '--max_miou_drop', 0.05,
+                   '--calib_images', 4, '--max_qat_iters', 4,
+                   '--opts', *data_opts(fp32_run['data']))
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    state = json.load(open(out / 'auto_quant.json'))
+    assert {'fp32', 'ptq'} <= set(state['candidates'])
+    assert all(r['backend'] == 'paddle' for r in state['rows'])
+    report = (out / 'report.md').read_text()
+    assert '| fp32 | paddle | fp32 |' in report and '| ptq | paddle | int8 |' in report
+    if proc.returncode == 0:
+        deploy = yaml.safe_load(open(out / 'best' / 'deploy.yaml'))['Deploy']
+        assert deploy['engine'] == 'paddle' and deploy['quantized']
+
+
+def test_auto_quant_bad_inputs_are_one_line(fp32_run, tmp_path):
+    weights = os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams')
+    args = ['--config', INSTANT, '--save_dir', tmp_path / 'o', '--opts',
+            *data_opts(fp32_run['data'])]
+    proc = run_command('slim/quant/auto_quant.py', '--model_path', weights,
+                       '--max_miou_drop', 1.5, *args)
+    assert_one_line_error(proc, '--max_miou_drop', 'between 0 and 1')
+    proc = run_command('slim/quant/auto_quant.py', '--model_path', tmp_path / 'no.pdparams',
+                       *args)
+    assert_one_line_error(proc, 'no.pdparams', 'does not exist')
+    fake = tmp_path / 'site' / 'openvino'
+    fake.mkdir(parents=True)
+    (fake / '__init__.py').write_text("raise ImportError('No module named openvino')\n")
+    proc = run_cli('slim/quant/auto_quant.py', '--model_path', weights, '--backend',
+                   'openvino', *args, env={'PYTHONPATH': str(tmp_path / 'site')})
+    assert_one_line_error(proc, '--backend openvino', 'not installed')
+    other = os.path.join(os.path.dirname(INSTANT), '..', '..', 'configs', 'unet',
+                         'unet_cityscapes_1024x512_160k.yml')
+    proc = run_command('slim/quant/auto_quant.py', '--model_path', weights,
+                       '--config', other, '--save_dir', tmp_path / 'u', '--opts',
+                       *data_opts(fp32_run['data']))
+    assert_one_line_error(proc, 'model.pdparams')
