@@ -51,9 +51,9 @@ demo: install
 		--report_dir $(DEMO_OUT)/report
 	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 
-# One process: several commands run inside the pytest process (error paths), and a pytest
-# worker's own threads made a fork in them hang (pytest-xdist, seen once in four runs).
-PYTEST := $(PY) -m pytest -q
+# Two workers (one per core); a test file stays on one worker, so its module fixtures run once.
+# Commands that fork data workers run in their own process (tests/conftest.py run_command).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
 
 test: install
 	$(PYTEST) tests

@@ -335,17 +335,16 @@ def tensor_ranges(g: Graph, names: Sequence[str], batches: Sequence[np.ndarray]
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
+    found: Dict[str, Tuple[float, float]] = {}
     try:
         session = onnxruntime.InferenceSession(probe.SerializeToString(), options,
                                                providers=['CPUExecutionProvider'])
         input_name = session.get_inputs()[0].name
-        outputs = [session.run(names, {input_name: batch}) for batch in batches]
+        for batch in batches:  # reduced batch by batch: memory does not grow with them
+            for name, value in zip(names, session.run(names, {input_name: batch})):
+                low, high = float(value.min()), float(value.max())
+                old = found.get(name, (low, high))
+                found[name] = (min(old[0], low), max(old[1], high))
     except Exception as e:  # onnxruntime raises its own generic errors
         raise GraphError(str(e).strip().splitlines()[-1][:200]) from e
-    found: Dict[str, Tuple[float, float]] = {}
-    for values in outputs:
-        for name, value in zip(names, values):
-            low, high = float(value.min()), float(value.max())
-            old = found.get(name, (low, high))
-            found[name] = (min(old[0], low), max(old[1], high))
     return found

@@ -36,6 +36,11 @@ def run_command(script, *args, env=None):
     their own: argument and setup errors); returns a CompletedProcess like run_cli's."""
     from segslim import commands
     from segslim.logger import logger
+    argv = [str(a) for a in args]
+    # forked data workers would copy this process's threads' locks (a pytest-xdist worker's
+    # among them) and can wait on one forever: runs with workers need run_cli
+    assert not any(a == '--num_workers' and b != '0' for a, b in zip(argv, argv[1:])), \
+        'run_cli for --num_workers > 0'
     out, err = io.StringIO(), io.StringIO()
     saved_env = dict(os.environ)
     os.environ.update(dict(SEGSLIM_OFFLINE='1', **(env or {})))
@@ -46,7 +51,7 @@ def run_command(script, *args, env=None):
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            getattr(commands, SCRIPTS[script])([str(a) for a in args])
+            getattr(commands, SCRIPTS[script])(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
