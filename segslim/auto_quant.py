@@ -34,10 +34,11 @@ class Steps:
 
     def __init__(self, config: str, model_path: str, save_dir: str, backends: Sequence[str],
                  num_images: Optional[int], threads: int, device: str, calib_images: int = 32,
-                 opts: Sequence[str] = ()):
+                 opts: Sequence[str] = (), shape: Sequence[int] = (1, 3, 512, 512)):
         self.config, self.model_path, self.save_dir = config, model_path, save_dir
         self.backends, self.num_images, self.threads = list(backends), num_images, threads
         self.device, self.calib_images, self.opts = device, calib_images, list(opts)
+        self.shape = list(shape)
         self._val: Any = None
 
     def _run(self, command: str, *args: Any) -> None:
@@ -123,7 +124,8 @@ class Steps:
         """benchmark.py's rows for the candidates (first: the FP32 export)."""
         from segslim.deploy.benchmark import benchmark
         return benchmark(model_dirs, self.val_set(), self._opts(self.backends[0], 'fp32'),
-                         backends=self.backends, repeats=10, warmup=3)['rows']
+                         shape=self.shape, backends=self.backends, repeats=10,
+                         warmup=3)['rows']
 
 
 def available_backends() -> List[str]:

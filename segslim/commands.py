@@ -177,6 +177,8 @@ def auto_quant(argv: Optional[List[str]] = None) -> None:
                    help='val images each check runs on (default: all)')
     p.add_argument('--calib_images', type=cli.positive_int, default=32,
                    help='train images that calibrate PTQ')
+    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=[1, 3, 512, 512],
+                   metavar=('N', 'C', 'H', 'W'), help='timing input (as benchmark.py)')
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
     p.add_argument('--resume', action='store_true',

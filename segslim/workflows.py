@@ -298,7 +298,8 @@ def run_auto_quant(args: argparse.Namespace) -> int:
     if (args.device or 'cpu') != 'cpu':
         raise UserError('auto-quant checks candidates on CPU engines; use --device cpu')
     steps = aq.Steps(args.config, args.model_path, args.save_dir, backends, args.num_images,
-                     args.cpu_threads, 'cpu', args.calib_images, args.opts or ())
+                     args.cpu_threads, 'cpu', args.calib_images, args.opts or (),
+                     args.input_shape)
     return aq.AutoQuant(steps, args.save_dir, args.max_miou_drop, args.max_qat_iters,
                         resume=args.resume).run()
 

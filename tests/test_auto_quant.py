@@ -157,7 +157,7 @@ def test_auto_quant_end_to_end_on_the_instant_model(fp32_run, tmp_path):
     proc = run_cli('slim/quant/auto_quant.py', '--config', INSTANT, '--model_path',
                    os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                    '--save_dir', out, '--backend', 'paddle', '--max_miou_drop', 0.05,
-                   '--calib_images', 4, '--max_qat_iters', 4,
+                   '--calib_images', 4, '--max_qat_iters', 4, '--input_shape', 1, 3, 64, 64,
                    '--opts', *data_opts(fp32_run['data']))
     assert proc.returncode in (0, 1), proc.stderr[-3000:]
     state = json.load(open(out / 'auto_quant.json'))
