@@ -3,10 +3,12 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
 
+from segslim.analysis import LayerSensitivity, smallest_skip_set
 from segslim.builder import build_dataset
 from segslim.config import load_config
 from segslim.deploy.benchmark import evaluate_engines
@@ -102,13 +104,17 @@ def test_ptq_bad_inputs_are_one_line(exported, tmp_path):
     assert_one_line_error(proc, '--to_onnx', 'pip install')
 
 
+# The real search, on the tiny model; the binary search itself is checked on fakes below.
+MAX_DROP = 0.02
+
+
 @pytest.fixture(scope='module')
 def analysed(fp32_run, tmp_path_factory):
     out = tmp_path_factory.mktemp('analysis')
     proc = run_cli('slim/quant/analysis.py', '--config', INSTANT, '--model_path',
                    os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                    '--save_dir', out, '--num_images', 4, '--calib_images', 4,
-                   '--max_miou_drop', 0.0, '--opts', *data_opts(fp32_run['data']))
+                   '--max_miou_drop', MAX_DROP, '--opts', *data_opts(fp32_run['data']))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {'dir': out, 'log': proc.stdout + proc.stderr, 'data': fp32_run['data'],
             'fp32': fp32_run['dir']}
@@ -150,8 +156,39 @@ def test_max_miou_drop_skip_set_meets_the_target_on_the_engine(analysed, exporte
     fp32, _ = engine_miou(exported['fp32'], dataset)
     if 'NOT met' in text:
         assert len(skip) == len(result['search_order']) - 1
-    else:
-        assert int8 >= fp32 - 1e-9, (int8, fp32, len(skip))
+    else:  # the engine checks it searched with (same images): within the bound
+        assert int8 >= fp32 - MAX_DROP - 1e-9, (int8, fp32, len(skip))
+
+
+class FakeProbe:
+    """Layers l0..l9 whose simulated order is their index; the engine drop is 0.01 per
+    quantized layer among the first `bad`."""
+
+    def __init__(self, bad):
+        self.used = [f'l{i}' for i in range(10)]
+        self.fp32_miou = 0.9
+        self.bad = bad
+
+    def measure(self, quantized):
+        return 0.9 - 0.001 * len(quantized), 30.0
+
+    def ranking(self):
+        return [LayerSensitivity(n, 'Conv2D', 0.9, 40.0, 0.9 + 0.01 * (10 - i), 40.0)
+                for i, n in enumerate(self.used)]
+
+    def verify(self, skip):
+        return 0.01 * sum(1 for n in self.used[:self.bad] if n not in skip)
+
+
+@pytest.mark.parametrize('bad, drop, expected', [(0, 0.0, 0), (4, 0.0, 4), (4, 0.02, 2),
+                                                 (10, 0.0, 9), (10, 0.005, 9)])
+def test_smallest_skip_set_is_the_shortest_prefix_that_meets_the_bound(bad, drop, expected):
+    probe = FakeProbe(bad)
+    skip, steps = smallest_skip_set(probe, probe.ranking(), drop, probe.verify)
+    assert skip == probe.used[:expected]
+    assert len(steps) <= 2 + int(np.ceil(np.log2(10)))  # a binary search, not a scan
+    met = [s['skip'] for s in steps if s['engine_drop'] <= drop]
+    assert expected == len(probe.used) - 1 or min(met) == expected
 
 
 def test_skip_list_changes_what_qat_train_quantizes(analysed, tmp_path):
