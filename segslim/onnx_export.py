@@ -76,13 +76,22 @@ def dequantized_program(model_dir: str, out_dir: str) -> ProgramScales:
             def value(name: str) -> np.ndarray:
                 return np.array(scope.find_var(name).get_tensor())
 
+            ops = list(block.ops)
+            producer = {name: op for op in ops for name in op.output_arg_names}
+            readers: Dict[str, List[Any]] = {}
+            for op in ops:
+                for name in op.input_arg_names:
+                    readers.setdefault(name, []).append(op)
+
             def rewire(old: str, new: str) -> List[Any]:
-                users = [op for op in block.ops if old in op.input_arg_names]
+                users = readers.pop(old, [])
                 for op in users:
                     op._rename_input(old, new)
+                readers.setdefault(new, []).extend(users)
                 return users
 
-            for op in list(block.ops):
+            removed = set()
+            for op in ops:
                 if op.type != 'dequantize_linear':
                     continue
                 src, out = op.input('X')[0], op.output('Y')[0]
@@ -97,11 +106,10 @@ def dequantized_program(model_dir: str, out_dir: str) -> ProgramScales:
                     scope.find_var(src).get_tensor().set(w, paddle.CPUPlace())
                     scales.weights[src] = WeightQuant(q.astype(np.int8), scale / qmax, axis)
                     rewire(out, src)
-                    block._remove_op(list(block.ops).index(op))
+                    removed.add(id(op))
                     continue
-                quant = next((p for p in block.ops if p.type == 'quantize_linear'
-                              and src in p.output_arg_names), None)
-                if quant is None:
+                quant = producer.get(src)
+                if quant is None or quant.type != 'quantize_linear':
                     continue
                 original = quant.input('X')[0]
                 for user in rewire(out, original):
@@ -109,8 +117,9 @@ def dequantized_program(model_dir: str, out_dir: str) -> ProgramScales:
                     if names and user.input(names[0]) == [original]:
                         weight = user.input(names[1])[0]
                         scales.inputs[_weight_key(weight)] = float(scale[0]) / qmax
-                block._remove_op(list(block.ops).index(op))
-                block._remove_op(list(block.ops).index(quant))
+                removed.update((id(op), id(quant)))
+            for i in reversed([i for i, op in enumerate(ops) if id(op) in removed]):
+                block._remove_op(i)
             feed_vars = [block.var(name) for name in feeds]
             with quiet_native_output():
                 paddle.static.save_inference_model(os.path.join(out_dir, 'model'), feed_vars,
@@ -127,9 +136,7 @@ def _batches(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
              ) -> List[np.ndarray]:
     """The images as the deployed model sees them: 1,C,H,W batches after the deploy
     transforms, resized to the export's input size when it is fixed."""
-    import cv2
-
-    from segslim.deploy.engine import Preprocessor
+    from segslim.deploy.engine import Preprocessor, resize_chw
     pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
     shape = deploy.get('input_shape') or []
     size = tuple(shape[2:]) if len(shape) == 4 and all(d and d > 0 for d in shape[2:]) else None
@@ -137,9 +144,7 @@ def _batches(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
     for image in images:
         chw = pre(image)[0]
         if size and chw.shape[1:] != size:
-            chw = cv2.resize(chw.transpose(1, 2, 0), (size[1], size[0]),
-                             interpolation=cv2.INTER_LINEAR).reshape(size[0], size[1], -1)
-            chw = chw.transpose(2, 0, 1)
+            chw = resize_chw(chw, *size)
         batches.append(np.ascontiguousarray(chw[np.newaxis], dtype=np.float32))
     return batches
 

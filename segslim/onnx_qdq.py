@@ -13,7 +13,7 @@ target runs them as INT8 kernels.
   the inputs of a concat.
 The scale of a tensor read by several quantized layers is the largest of theirs."""
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -62,11 +62,20 @@ class Graph:
         self.counter = 0
         self.origin: Dict[str, str] = {}  # new initializer -> the parameter it was made from
 
-    def producer(self, name: str) -> Optional[Any]:
-        return next((n for n in self.nodes if name in n.output), None)
-
     def consumers(self, name: str) -> List[Any]:
         return [n for n in self.nodes if name in n.input]
+
+    def readers(self) -> Dict[str, List[Any]]:
+        """{tensor: the nodes that read it} now (a snapshot: edits after it are not in it)."""
+        found: Dict[str, List[Any]] = {}
+        for node in self.nodes:
+            for name in dict.fromkeys(node.input):
+                found.setdefault(name, []).append(node)
+        return found
+
+    def producers(self) -> Dict[str, Any]:
+        """{tensor: the node that writes it} now (a snapshot)."""
+        return {name: node for node in self.nodes for name in node.output}
 
     def is_output(self, name: str) -> bool:
         return any(o.name == name for o in self.g.output)
@@ -94,25 +103,26 @@ class Graph:
         self.g.initializer.extend(self.nh.from_array(np.asarray(v), k)
                                   for k, v in sorted(self.inits.items()) if k in used)
         known = {i.name for i in self.g.input} | set(self.inits) | {''}
-        ordered, pending = [], list(self.nodes)
-        while pending:
-            ready = [n for n in pending if all(i in known for i in n.input)]
-            if not ready:
-                raise ValueError('the ONNX graph has a cycle or an undefined input: '
-                                 + pending[0].name)
-            for n in ready:
-                known.update(n.output)
-            ordered += ready
-            ready_ids = {id(n) for n in ready}
-            pending = [n for n in pending if id(n) not in ready_ids]
+        waiting = {id(n): sum(1 for i in set(n.input) if i not in known) for n in self.nodes}
+        readers = self.readers()
+        ordered = [n for n in self.nodes if not waiting[id(n)]]
+        for node in ordered:  # Kahn's order: grows while it is walked
+            for out in node.output:
+                for user in readers.get(out, []):
+                    waiting[id(user)] -= 1
+                    if not waiting[id(user)]:
+                        ordered.append(user)
+        if len(ordered) != len(self.nodes):
+            raise ValueError('the ONNX graph has a cycle or an undefined input')
         del self.g.node[:]
         self.g.node.extend(ordered)
         del self.g.value_info[:]
         return self.model
 
 
-def _sole_consumer(g: Graph, name: str, op_type: str) -> Optional[Any]:
-    users = g.consumers(name)
+def _sole_consumer(g: Graph, name: str, op_type: str,
+                   readers: Optional[Dict[str, List[Any]]] = None) -> Optional[Any]:
+    users = readers.get(name, []) if readers is not None else g.consumers(name)
     if len(users) == 1 and users[0].op_type == op_type and not g.is_output(name):
         return users[0]
     return None
@@ -123,6 +133,7 @@ def fold_batch_norms(g: Graph, weights: Dict[str, WeightQuant]) -> None:
     weight and bias. For an INT8 weight the int8 values only change sign: with the BN factor
     a, W * a = (sign(a) * q) * (|a| * step) exactly."""
     from onnx import helper
+    readers = g.readers()  # folding renames a conv output to its follower's: readers stay
     for conv in [n for n in g.nodes if n.op_type == 'Conv']:
         if len(conv.input) < 2 or conv.input[1] not in g.inits:
             continue
@@ -132,8 +143,8 @@ def fold_batch_norms(g: Graph, weights: Dict[str, WeightQuant]) -> None:
             cout = w.shape[0]
             bias = g.inits[conv.input[2]].astype(np.float32) if len(conv.input) > 2 \
                 and conv.input[2] else np.zeros(cout, np.float32)
-            bn = _sole_consumer(g, conv.output[0], 'BatchNormalization')
-            add = _sole_consumer(g, conv.output[0], 'Add')
+            bn = _sole_consumer(g, conv.output[0], 'BatchNormalization', readers)
+            add = _sole_consumer(g, conv.output[0], 'Add', readers)
             if bn is not None and all(i in g.inits for i in bn.input[1:5]):
                 gamma, beta, mean, var = (g.inits[i].astype(np.float64) for i in bn.input[1:5])
                 eps = next((helper.get_attribute_value(a) for a in bn.attribute
@@ -170,18 +181,18 @@ def fold_batch_norms(g: Graph, weights: Dict[str, WeightQuant]) -> None:
             g.nodes.remove(follower)
 
 
-def _nonnegative(g: Graph, name: str, depth: int = 0) -> bool:
+def _nonnegative(g: Graph, producers: Dict[str, Any], name: str, depth: int = 0) -> bool:
     """Whether the tensor cannot be negative, from the ops that make it."""
     if name in g.inits:
         return bool((g.inits[name] >= 0).all())
-    node = g.producer(name)
+    node = producers.get(name)
     if node is None or depth > 50:
         return False
     if node.op_type in NONNEGATIVE_OPS:
         return True
     if node.op_type in SIGN_KEEPING_OPS:
         data = node.input[:1] if node.op_type in ('Resize', 'Reshape') else node.input
-        return all(_nonnegative(g, i, depth + 1) for i in data if i)
+        return all(_nonnegative(g, producers, i, depth + 1) for i in data if i)
     return False
 
 
@@ -250,8 +261,7 @@ def _layer_output(g: Graph, node: Any) -> str:
 
 
 def quantize_graph(model: Any, scales: ProgramScales, target: str,
-                   calibration: Optional[Sequence[np.ndarray]] = None,
-                   ranges: Optional[Callable[..., Dict[str, Tuple[float, float]]]] = None
+                   calibration: Optional[Sequence[np.ndarray]] = None
                    ) -> Tuple[Any, Dict[str, int]]:
     """The float ONNX model with the INT8 placement for `target`; returns it and counts
     {convs, int8_convs, matmuls, int8_matmuls, calibrated, uncalibrated}."""
@@ -268,20 +278,20 @@ def quantize_graph(model: Any, scales: ProgramScales, target: str,
         _equal_concat_steps(g, steps)
     layer_ids = {id(n) for n, _, _ in layers}
     sources = {id(n): n.input[0] for n, _, _ in layers}
+    producers = g.producers()  # placement adds Q/DQ after tensors, never a new writer of one
     for tensor, step in steps.items():
         users = g.consumers(tensor)
         if trt:
             users = [u for u in users if id(u) in layer_ids or u.op_type == 'Add']
             _qdq(g, tensor, step, 0, np.int8, users)
         else:
-            zero = 0 if _nonnegative(g, tensor) else 128
+            zero = 0 if _nonnegative(g, producers, tensor) else 128
             _qdq(g, tensor, step, zero, np.uint8, users)
     stats = {'calibrated': 0, 'uncalibrated': 0}
     if not trt:  # requantize the outputs that feed no quantized layer
         need = sorted({_layer_output(g, n) for n, _, _ in layers} - set(steps))
         need = [t for t in need if not g.is_output(t)]
-        measured = (ranges or tensor_ranges)(g, need, calibration) if need and calibration \
-            else {}
+        measured = tensor_ranges(g, need, calibration) if need and calibration else {}
         for tensor in need:
             if tensor not in measured:
                 stats['uncalibrated'] += 1

@@ -6,12 +6,11 @@ import os
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-import cv2
 import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import EngineBase, Preprocessor, restore_size
+from segslim.deploy.engine import EngineBase, Preprocessor, resize_chw, restore_size
 from segslim.deploy.engines import BACKENDS, create_predictor
 from segslim.deploy.paddle_engine import check_engine_options
 from segslim.deploy.report import GalleryPick
@@ -206,5 +205,4 @@ def _timing_batch(pred: EngineBase, dataset: Optional[SegDataset],
     if dataset is None:
         return np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     img, _ = Preprocessor(pred.deploy['transforms'])(dataset.file_list[0][0])
-    img = cv2.resize(np.transpose(img, (1, 2, 0)), (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.repeat(np.transpose(img, (2, 0, 1))[np.newaxis], n, axis=0).astype(np.float32)
+    return np.repeat(resize_chw(img, h, w)[np.newaxis], n, axis=0)

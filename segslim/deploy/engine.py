@@ -83,6 +83,14 @@ class Preprocessor:
         return data['img'], data['trans_info']
 
 
+def resize_chw(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A preprocessed C,H,W float image resized (bilinear) to C,height,width."""
+    import cv2
+    hwc = cv2.resize(np.transpose(image, (1, 2, 0)), (width, height),
+                     interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
+    return np.ascontiguousarray(np.transpose(hwc, (2, 0, 1)), dtype=np.float32)
+
+
 def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
     """Undoes the transforms' resize/padding records on a H,W label map with paddleseg's
     reverse_transform (nearest for labels): the one restore rule for engine outputs and,

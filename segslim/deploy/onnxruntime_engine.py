@@ -67,9 +67,14 @@ class OnnxRuntimePredictor(EngineBase):
         self.precision = 'int8' if self.quantized else 'fp32'
         if self.quantized and not self.engine.get('int8_ops'):
             self.precision = NO_INT8
-        if self.deploy.get('onnx_target') == 'tensorrt':
+        if self.for_tensorrt:
             self.fallback = ('the ONNX file is placed for TensorRT; onnxruntime runs its Q/DQ '
                              'in float')
+
+    @property
+    def for_tensorrt(self) -> bool:
+        """The file was placed for TensorRT (export --onnx_target tensorrt)."""
+        return self.deploy.get('onnx_target') == 'tensorrt'
 
     def _options(self, profile_prefix: str = '') -> Any:
         so = self.ort.SessionOptions()
@@ -77,7 +82,7 @@ class OnnxRuntimePredictor(EngineBase):
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         so.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.deploy.get('onnx_target') == 'tensorrt':
+        if self.for_tensorrt:
             # Placed for TensorRT: onnxruntime's x86 kernels for its s8 activations add
             # products in pairs into int16 and saturate, so the graph runs as float Q/DQ
             # (the reference numerics of the file), not as onnxruntime INT8 kernels.
