@@ -248,9 +248,12 @@ class AutoQuant:
                             key=lambda r: r['s_per_img'])
         if choice is not None:
             best = os.path.join(self.save_dir, 'best')
+            partial = best + '.partial'  # a kill mid-copy leaves no half-written best/
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(choice['model_dir'], partial)
+            _name_engine(partial, choice['backend'])
             shutil.rmtree(best, ignore_errors=True)
-            shutil.copytree(choice['model_dir'], best)
-            _name_engine(best, choice['backend'])
+            os.rename(partial, best)
             self.state['choice'] = {'candidate': choice['candidate'],
                                     'backend': choice['backend'], 'dir': best}
             logger.info('auto-quant: best: %s on %s, %.1f ms, mIoU %.4f (drop %.4f) -> %s',
