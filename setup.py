@@ -6,13 +6,15 @@ with open('segslim/__init__.py') as f:  # the version is written there, once
     VERSION = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
 # Optional engines, pinned to releases that install beside paddlepaddle 2.6 and numpy<2.
-# Measured here: openvino 2026.4.1, paddle2onnx 1.2.11, onnxruntime 1.32.0, onnx 1.19.1 on
+# Measured here: openvino 2026.4.1 with nncf 3.4.0 (OpenVINO's quantizer, ptq.py --quantizer
+# nncf; it needs Python 3.10+), paddle2onnx 1.2.11, onnxruntime 1.32.0, onnx 1.19.1 on
 # Python 3.11; the older pins are the last wheels published for those Pythons. Newer onnx
 # (1.23) and ml-dtypes (0.6) require numpy 2, which breaks opencv-python 4.6.
 EXTRAS = {
     'openvino': ['openvino==2026.4.1; python_version>="3.10"',
                  'openvino==2025.3.0; python_version=="3.9"',
-                 'openvino==2024.4.0; python_version<"3.9"'],
+                 'openvino==2024.4.0; python_version<"3.9"',
+                 'nncf==3.4.0; python_version>="3.10"'],
     'onnx': ['paddle2onnx==1.2.11',
              'onnx==1.19.1; python_version>="3.9"', 'onnx==1.17.0; python_version<"3.9"',
              'ml-dtypes==0.5.3; python_version>="3.9"',

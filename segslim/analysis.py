@@ -12,6 +12,7 @@ import yaml
 
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
+from segslim.deploy.engines import backend_label
 from segslim.engine.evaluate import predict_sample
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import write_json, write_text
@@ -168,47 +169,53 @@ def smallest_skip_set(probe: SensitivityProbe, ranking: List[LayerSensitivity],
 
 class PTQEngineCheck:
     """verify(skip) for smallest_skip_set: quantizes the FP32 export with PTQ, the layers in
-    `skip` kept FP32, and returns its mIoU drop against the FP32 engine on the first
-    `num_images` val images (Paddle Inference, CPU oneDNN)."""
+    `skip` kept FP32, and returns its mIoU drop against the FP32 model on the same engine
+    (`backend`, CPU: Paddle Inference's oneDNN, OpenVINO, or onnxruntime on the --to_onnx
+    file) on the first `num_images` val images."""
 
     def __init__(self, fp32_model: paddle.nn.Layer, cfg: Dict[str, Any], work_dir: str,
                  calib_paths: Sequence[str], qcfg: Dict[str, Any], dataset: SegDataset,
-                 num_images: int, algo: str = 'abs_max', device: str = 'cpu'):
-        from segslim.deploy.benchmark import evaluate_engines
-        from segslim.deploy.paddle_engine import PaddlePredictor
+                 num_images: int, algo: str = 'abs_max', device: str = 'cpu',
+                 backend: str = 'paddle'):
         from segslim.export import export_inference_model
-        from segslim.options import EngineOptions
         self.model, self.qcfg, self.dataset = fp32_model, qcfg, dataset
         self.paths, self.algo, self.device, self.n = list(calib_paths), algo, device, num_images
+        self.backend = backend
         self.fp32_dir = os.path.join(work_dir, 'fp32')
         self.int8_dir = os.path.join(work_dir, 'int8')
         export_inference_model(fp32_model, cfg, self.fp32_dir)
-        engine = PaddlePredictor(self.fp32_dir, EngineOptions())
-        self.base = evaluate_engines([engine], dataset, num_images,
-                                     desc='FP32 engine')[0]['metrics']['miou']
+        self.base = self._miou(self.fp32_dir, 'fp32')
+
+    def _miou(self, model_dir: str, precision: str) -> float:
+        from segslim.deploy.benchmark import evaluate_engines
+        from segslim.deploy.engines import create_predictor
+        from segslim.options import EngineOptions
+        if self.backend == 'onnxruntime':
+            from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx
+            export_onnx(model_dir, 'onnxruntime', self.paths[:CALIBRATION_IMAGES])
+        engine = create_predictor(model_dir, EngineOptions(backend=self.backend,
+                                                           precision=precision))
+        return evaluate_engines([engine], self.dataset, self.n,
+                                desc=f'{precision.upper()} engine')[0]['metrics']['miou']
 
     def __call__(self, skip: List[str]) -> float:
         from segslim import ptq
-        from segslim.deploy.benchmark import evaluate_engines
-        from segslim.deploy.paddle_engine import PaddlePredictor
-        from segslim.options import EngineOptions
         q = dict(self.qcfg, skip=list(self.qcfg['skip']) + list(skip))
         ptq.post_training_quantize(self.fp32_dir, self.int8_dir, self.paths, q,
                                    ptq.skipped_weights(self.model, q, '', False),
                                    self.algo, device=self.device)
-        engine = PaddlePredictor(self.int8_dir, EngineOptions(precision='int8'))
-        miou = evaluate_engines([engine], self.dataset, self.n,
-                                desc='INT8 engine')[0]['metrics']['miou']
-        logger.info('Engine check, %d layers kept FP32: INT8 mIoU %.4f vs FP32 %.4f',
-                    len(skip), miou, self.base)
+        miou = self._miou(self.int8_dir, 'int8')
+        logger.info('Engine check (%s), %d layers kept FP32: INT8 mIoU %.4f vs FP32 %.4f',
+                    self.backend, len(skip), miou, self.base)
         return self.base - miou
 
 
 def analyse(cfg: Dict[str, Any], weights: str, config: str, save_dir: str, num_images: int,
             calib_images: int, max_miou_drop: Optional[float], algo: str = 'abs_max',
-            device: str = 'cpu') -> Dict[str, str]:
+            device: str = 'cpu', backend: str = 'paddle') -> Dict[str, str]:
     """The sensitivity of every layer of the config's model with `weights`, and a skip list:
-    with `max_miou_drop` the shortest one whose PTQ model meets it on the engine, else the
+    with `max_miou_drop` the shortest one whose PTQ model meets it on the engine (`backend`,
+    on CPU), else the
     layers whose quantization alone costs DEFAULT_SKIP_DROP in simulation. Writes the
     files of write_sensitivity and returns their paths."""
     import tempfile
@@ -245,12 +252,13 @@ def analyse(cfg: Dict[str, Any], weights: str, config: str, save_dir: str, num_i
                 'checked set).')
     else:
         with tempfile.TemporaryDirectory(prefix='segslim-analysis-') as tmp:
-            check = PTQEngineCheck(build(), cfg, tmp, paths, qcfg, val_ds, n, algo, device)
+            check = PTQEngineCheck(build(), cfg, tmp, paths, qcfg, val_ds, n, algo, device,
+                                   backend)
             skip, steps = smallest_skip_set(probe, ranking, max_miou_drop, check)
         met = any(s['skip'] == len(skip) and s['engine_drop'] <= max_miou_drop for s in steps)
         note = ('Skip list: the shortest prefix of the ranking whose PTQ ({}) model stays '
-                'within {:.4f} mIoU of FP32 on the Paddle Inference engine ({} val images): '
-                '{}.'.format(algo, max_miou_drop, n,
+                'within {:.4f} mIoU of FP32 on the {} engine ({} val images): '
+                '{}.'.format(algo, max_miou_drop, backend_label(backend), n,
                              f'met, {len(skip)} layers kept FP32' if met else
                              'NOT met by any set tried'))
         (logger.info if met else logger.warning)(note)

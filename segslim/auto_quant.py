@@ -5,8 +5,13 @@ Steps, each the command a user would run (its own process, logged with its comma
 each result checked on the engines and written to <save_dir>/auto_quant.json before the next
 step starts, so --resume repeats nothing that finished:
   1. fp32   export.py: the reference mIoU of each engine
-  2. ptq    ptq.py: done when an engine's INT8 mIoU is within --max_miou_drop of its FP32
-  3. skip   analysis.py --max_miou_drop, then ptq.py with the skip set it found
+  2. ptq    ptq.py: done when an engine's INT8 mIoU is within --max_miou_drop of its FP32;
+     nncf   where OpenVINO is an engine and nncf is installed, also ptq.py --quantizer nncf
+            (OpenVINO's own quantizer; its IR model runs on OpenVINO only)
+  3. skip   analysis.py --max_miou_drop --backend (the first engine where PTQ missed), then
+            ptq.py with the skip set it found;
+     nncf_ac and NNCF's accuracy-controlled variant (ptq.py --quantizer nncf
+            --max_miou_drop) as the anchor on OpenVINO
   4. qat    qat_train.py --distill in rounds up to --max_qat_iters, qat_export.py after each
             round, stopping at the first round that meets the bound
   5. choose benchmark of every candidate on every engine (latency and mIoU, as
@@ -26,7 +31,6 @@ from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 
 STATE = 'auto_quant.json'
-STAGES = ('fp32', 'ptq', 'skip', 'qat')
 
 
 class Steps:
@@ -40,6 +44,7 @@ class Steps:
         self.device, self.calib_images, self.opts = device, calib_images, list(opts)
         self.shape = list(shape)
         self._val: Any = None
+        self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
     def _run(self, command: str, *args: Any) -> None:
         argv = [str(a) for a in args] + (['--opts'] + self.opts if self.opts else [])
@@ -71,12 +76,23 @@ class Steps:
                   '--verify_images', 0, '--device', self.device, *self._onnx())
         return out
 
-    def skip_set(self, out: str, max_drop: float) -> Optional[str]:
-        """A PTQ model with the shortest skip set analysis.py finds for the bound."""
+    def nncf(self, out: str, max_drop: Optional[float] = None) -> str:
+        """ptq.py --quantizer nncf (accuracy-controlled with `max_drop`): an OpenVINO IR."""
+        bound = ['--max_miou_drop', max_drop] + (
+            ['--num_images', self.num_images] if self.num_images else []) if max_drop else []
+        self._run('ptq', '--config', self.config, '--model_path', self.model_path,
+                  '--save_dir', out, '--quantizer', 'nncf', '--batch_nums', self.calib_images,
+                  '--verify_images', 0, *bound)
+        return out
+
+    def skip_set(self, out: str, max_drop: float, backend: str) -> Optional[str]:
+        """A PTQ model with the shortest skip set analysis.py finds for the bound on
+        `backend`."""
         analysis = os.path.join(out, 'analysis')
         self._run('analysis', '--config', self.config, '--model_path', self.model_path,
-                  '--save_dir', analysis, '--max_miou_drop', max_drop,
-                  '--num_images', self.num_images or 8, '--calib_images', self.calib_images)
+                  '--save_dir', analysis, '--max_miou_drop', max_drop, '--backend', backend,
+                  '--num_images', self.num_images or len(self.val_set()),
+                  '--calib_images', self.calib_images)
         with open(os.path.join(analysis, 'sensitivity.json')) as f:
             if not json.load(f)['skip']:
                 return None
@@ -113,12 +129,13 @@ class Steps:
     def miou(self, model_dir: str, int8: bool) -> Dict[str, float]:
         """Engine mIoU on the val set, per backend."""
         from segslim.deploy.benchmark import evaluate_engines
-        from segslim.deploy.engines import create_predictor
+        from segslim.deploy.engines import create_predictor, runs_model
+        backends = [b for b in self.backends if runs_model(b, model_dir)]
         preds = [create_predictor(model_dir, self._opts(b, 'int8' if int8 else 'fp32'))
-                 for b in self.backends]
+                 for b in backends]
         rows = evaluate_engines(preds, self.val_set(), self.num_images,
                                 desc=os.path.basename(model_dir.rstrip('/')))
-        return {b: row['metrics']['miou'] for b, row in zip(self.backends, rows)}
+        return {b: row['metrics']['miou'] for b, row in zip(backends, rows)}
 
     def bench(self, model_dirs: Sequence[str]) -> List[Dict[str, Any]]:
         """benchmark.py's rows for the candidates (first: the FP32 export)."""
@@ -128,18 +145,20 @@ class Steps:
                          warmup=3)['rows']
 
 
+def importable(*modules: str) -> bool:
+    try:
+        for module in modules:
+            __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
 def available_backends() -> List[str]:
     """Paddle Inference, and each optional engine whose packages import."""
-    found = ['paddle']
-    for backend, modules in (('openvino', ('openvino',)),
-                             ('onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx'))):
-        try:
-            for module in modules:
-                __import__(module)
-            found.append(backend)
-        except ImportError:
-            pass
-    return found
+    return ['paddle'] + [backend for backend, modules in (
+        ('openvino', ('openvino',)), ('onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx')))
+        if importable(*modules)]
 
 
 class AutoQuant:
@@ -195,11 +214,22 @@ class AutoQuant:
         if not self._done('ptq'):
             t = time.time()
             self._record('ptq', 'PTQ', self.steps.ptq(d('ptq_infer')), t)
+        nncf = getattr(self.steps, 'nncf_ready', False)
+        if nncf and not self._done('nncf'):
+            t = time.time()
+            self._record('nncf', 'PTQ by NNCF (OpenVINO)', self.steps.nncf(d('nncf_infer')), t)
         if not self._met() and not self._done('skip'):
             t = time.time()
-            model = self.steps.skip_set(d('skip'), self.max_drop)
-            self._record('skip', 'PTQ with a skip set', model, t,
-                         note='' if model else 'no skip set needed or found')
+            # checked on the first engine (in --backend order) where PTQ missed
+            ptq = self.state['candidates']['ptq']
+            backend = next(b for b in ptq['miou'] if b not in ptq['meets'])
+            model = self.steps.skip_set(d('skip'), self.max_drop, backend)
+            self._record('skip', f'PTQ with a skip set (checked on {backend})', model, t,
+                         note='' if model else f'no skip set needed or found on {backend}')
+        if not self._met() and nncf and not self._done('nncf_ac'):
+            t = time.time()
+            self._record('nncf_ac', 'PTQ by NNCF, accuracy-controlled (OpenVINO)',
+                         self.steps.nncf(d('nncf_ac_infer'), self.max_drop), t)
         if not self._met():
             self._qat(d('qat'))
         return self._choose()

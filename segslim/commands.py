@@ -6,7 +6,7 @@ from typing import List, Optional
 
 from segslim import cli
 from segslim.deploy.engines import BACKEND_NAMES
-from segslim.options import PTQ_ALGOS, EngineOptions, TrainOptions
+from segslim.options import MAX_REVERTED, PTQ_ALGOS, PTQ_QUANTIZERS, EngineOptions, TrainOptions
 
 # val images qat_export and ptq check their INT8 engine on
 VERIFY_IMAGES = 8
@@ -122,6 +122,19 @@ def ptq(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
                    help='activation scale method (upstream\'s ptq.py uses KL; abs_max kept the '
                         'demo models\' mIoU best, see docs/measurements.md)')
+    p.add_argument('--quantizer', choices=PTQ_QUANTIZERS, default=PTQ_QUANTIZERS[0],
+                   help='paddleslim: quant_post_static, a Paddle INT8 model every engine runs; '
+                        'nncf: OpenVINO\'s own quantizer, an OpenVINO IR model only --backend '
+                        'openvino runs (pip install -e .[openvino])')
+    p.add_argument('--max_miou_drop', type=float, default=None,
+                   help='with --quantizer nncf: its accuracy-controlled variant reverts the '
+                        'costliest ops to FP32 until the OpenVINO mIoU on --num_images val '
+                        'images is within this of FP32, e.g. 0.005')
+    p.add_argument('--num_images', type=cli.positive_int, default=None,
+                   help='val images --max_miou_drop is checked on (default: all)')
+    p.add_argument('--max_reverted', type=cli.positive_int, default=MAX_REVERTED,
+                   help='with --max_miou_drop: most ops reverted to FP32 (each one costs a '
+                        'ranking pass over the val images)')
     p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
                    help='head of the exported model with --model_path (default argmax)')
     p.add_argument('--with_softmax', action='store_true', help='same as --output_op softmax')
@@ -153,6 +166,9 @@ def analysis(argv: Optional[List[str]] = None) -> None:
                         'of FP32 on the engine, e.g. 0.005')
     p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
                    help='PTQ scale method of the engine check (as ptq.py)')
+    p.add_argument('--backend', choices=BACKEND_NAMES, default='paddle',
+                   help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
+                        'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
 
     def main(args):
         from segslim.workflows import run_analysis

@@ -18,7 +18,8 @@ from segslim.program import fold_conv_bias_reshape
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
 STAGE_PREFIX = '.export-'
-MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'deploy.yaml')
+MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'model.xml',
+               'model.bin', 'deploy.yaml')
 
 
 class InferenceModel(paddle.nn.Layer):

@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from segslim._paddle import paddle
+from segslim.deploy.engine import model_inputs
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
@@ -132,23 +133,6 @@ def _weight_key(name: str) -> str:
     return name.split('.quantized')[0]
 
 
-def _batches(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
-             ) -> List[np.ndarray]:
-    """The images as the deployed model sees them: 1,C,H,W batches after the deploy
-    transforms, resized to the export's input size when it is fixed."""
-    from segslim.deploy.engine import Preprocessor, resize_chw
-    pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
-    shape = deploy.get('input_shape') or []
-    size = tuple(shape[2:]) if len(shape) == 4 and all(d and d > 0 for d in shape[2:]) else None
-    batches = []
-    for image in images:
-        chw = pre(image)[0]
-        if size and chw.shape[1:] != size:
-            chw = resize_chw(chw, *size)
-        batches.append(np.ascontiguousarray(chw[np.newaxis], dtype=np.float32))
-    return batches
-
-
 def paddle_to_onnx(model_dir: str) -> Any:
     """The float ONNX model of the folder's (float) Paddle program."""
     import paddle2onnx
@@ -187,7 +171,7 @@ def export_onnx(model_dir: str, target: str = 'onnxruntime',
             scales = dequantized_program(model_dir, tmp)
             model = paddle_to_onnx(tmp)
         try:
-            model, stats = quantize_graph(model, scales, target, _batches(
+            model, stats = quantize_graph(model, scales, target, model_inputs(
                 deploy['Deploy'], calibration_images))
         except GraphError as e:
             raise UserError(f'onnxruntime cannot run the ONNX graph paddle2onnx made of '

@@ -6,10 +6,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-# PTQ activation-scale methods, the default first (it kept the demo models' mIoU best).
 # Runtimes an INT8 ONNX file is placed for (--onnx_target); the first is the default.
 ONNX_TARGETS = ('onnxruntime', 'tensorrt')
+# PTQ activation-scale methods, the default first (it kept the demo models' mIoU best).
 PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
+# Post-training quantizers (ptq.py --quantizer); the first is the default.
+PTQ_QUANTIZERS = ('paddleslim', 'nncf')
+# Most ops NNCF's accuracy control reverts to FP32 (each costs a ranking pass over val).
+MAX_REVERTED = 8
 
 
 def _from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:

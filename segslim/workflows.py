@@ -235,8 +235,13 @@ def run_ptq(args: argparse.Namespace) -> int:
     from segslim import ptq
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
+    nncf = args.quantizer == 'nncf'
+    _check_quantizer_flags(args)
     if args.to_onnx or args.onnx_target:
         require_onnx_export()
+    if nncf:
+        from segslim.nncf_quant import import_nncf
+        import_nncf()
     qcfg = quant_config_of(cfg)
     train_ds = build_dataset(cfg, 'train_dataset')
     asked = args.batch_nums * args.batch_size
@@ -253,18 +258,40 @@ def run_ptq(args: argparse.Namespace) -> int:
             fp32_dir = os.path.join(tmp, 'fp32')
             export_inference_model(model, cfg, fp32_dir, output_op_of(
                 args.output_op, args.with_softmax, args.without_argmax))
-        skip = ptq.skipped_weights(model, qcfg, 'PTQ ({}, {})'.format(
-            args.algo, '/'.join(qcfg['quantizable_layer_type'])), summary_dir=args.save_dir)
-        ptq.post_training_quantize(fp32_dir, args.save_dir, paths, qcfg, skip, args.algo,
-                                   args.batch_size, args.device)
+        if nncf:
+            from segslim.nncf_quant import nncf_quantize
+            val = None if args.max_miou_drop is None else build_dataset(cfg, 'val_dataset')
+            nncf_quantize(fp32_dir, args.save_dir, paths, val, args.num_images,
+                          args.max_miou_drop, args.max_reverted)
+        else:
+            skip = ptq.skipped_weights(model, qcfg, 'PTQ ({}, {})'.format(
+                args.algo, '/'.join(qcfg['quantizable_layer_type'])), summary_dir=args.save_dir)
+            ptq.post_training_quantize(fp32_dir, args.save_dir, paths, qcfg, skip, args.algo,
+                                       args.batch_size, args.device)
         if args.to_onnx or args.onnx_target:
             _export_onnx(args, cfg, paths[:CALIBRATION_IMAGES])
         if args.verify_images > 0:
             from segslim.deploy.benchmark import check_int8_engine
             dataset = _val_set_for_check(cfg)
             if dataset is not None:
-                check_int8_engine(dataset, args.save_dir, args.verify_images, fp32_dir=fp32_dir)
+                check_int8_engine(dataset, args.save_dir, args.verify_images, fp32_dir=fp32_dir,
+                                  backend='openvino' if nncf else 'paddle')
     return 0
+
+
+def _check_quantizer_flags(args: argparse.Namespace) -> None:
+    """Refuses ptq.py flags the chosen quantizer would ignore."""
+    if args.quantizer == 'nncf':
+        if args.to_onnx or args.onnx_target:
+            raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
+                            '--to_onnx/--onnx_target or use --quantizer paddleslim')
+        if args.max_miou_drop is not None and not 0 < args.max_miou_drop < 1:
+            raise UserError(f'--max_miou_drop {args.max_miou_drop} must be between 0 and 1 '
+                            '(0.005 = half a mIoU point)')
+    elif args.max_miou_drop is not None:
+        raise UserError('--max_miou_drop in ptq.py is NNCF\'s accuracy control: add '
+                        '--quantizer nncf, or find a skip set with slim/quant/analysis.py '
+                        '--max_miou_drop')
 
 
 def run_analysis(args: argparse.Namespace) -> int:
@@ -274,8 +301,17 @@ def run_analysis(args: argparse.Namespace) -> int:
     cfg = _setup(args, ('model', 'train_dataset', 'val_dataset'))
     check_writable(args.save_dir)
     weights = ckpt.weights_path(args.model_path, cfg, args.config)
+    if args.backend != 'paddle' and args.max_miou_drop is not None:
+        if (args.device or 'cpu') != 'cpu':
+            raise UserError(f'--backend {args.backend} checks on CPU only; use --device cpu')
+        if args.backend == 'onnxruntime':
+            require_onnx_export()
+        else:
+            from segslim.deploy.openvino_engine import import_openvino
+            import_openvino()
     paths = analysis.analyse(cfg, weights, args.config, args.save_dir, args.num_images,
-                             args.calib_images, args.max_miou_drop, args.algo, args.device)
+                             args.calib_images, args.max_miou_drop, args.algo, args.device,
+                             args.backend)
     logger.info('Wrote %s, %s and %s', paths['md'], paths['png'], paths['yml'])
     return 0
 

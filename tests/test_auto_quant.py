@@ -16,9 +16,9 @@ class FakeSteps:
     """Steps with made-up engine results: `mious` maps a candidate to {backend: mIoU} (the
     QAT entry: one dict per round); `ms` maps a candidate to {backend: latency}."""
 
-    def __init__(self, tmp, mious, ms, skip_found=True, fail_at=None):
+    def __init__(self, tmp, mious, ms, skip_found=True, fail_at=None, nncf_ready=False):
         self.tmp, self.mious, self.ms = tmp, mious, ms
-        self.skip_found, self.fail_at = skip_found, fail_at
+        self.skip_found, self.fail_at, self.nncf_ready = skip_found, fail_at, nncf_ready
         self.calls = []
         self.qat_round = 0
 
@@ -41,7 +41,11 @@ class FakeSteps:
     def ptq(self, out, config=None):
         return self._step('ptq')
 
-    def skip_set(self, out, max_drop):
+    def nncf(self, out, max_drop=None):
+        return self._step('nncf_ac' if max_drop else 'nncf')
+
+    def skip_set(self, out, max_drop, backend):
+        self.skip_backend = backend
         path = self._step('skip')
         return path if self.skip_found else None
 
@@ -101,6 +105,38 @@ def test_a_skip_set_is_tried_when_ptq_misses(tmp_path):
     assert steps.calls == ['fp32', 'ptq', 'skip', 'bench']
     state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
     assert state['choice']['candidate'] == 'skip'  # the faster PTQ row misses the bound
+
+
+def test_nncf_is_a_candidate_where_openvino_is_and_the_fastest_row_within_wins(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32, 'openvino': FP32},
+        'ptq': {'paddle': FP32 - 0.001, 'openvino': FP32 - 0.001},
+        'nncf': {'openvino': FP32 - 0.004}},  # an OpenVINO IR: OpenVINO rows only
+        {'fp32': {'paddle': 50, 'openvino': 40}, 'ptq': {'paddle': 30, 'openvino': 20},
+         'nncf': {'openvino': 15}}, nncf_ready=True)
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'nncf', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice'] == {'candidate': 'nncf', 'backend': 'openvino',
+                               'dir': str(tmp_path / 'run' / 'best')}
+    assert state['candidates']['nncf']['meets'] == ['openvino']
+
+
+def test_nncf_accuracy_control_is_tried_beside_the_skip_set(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32, 'openvino': FP32},
+        'ptq': {'paddle': FP32 - 0.02, 'openvino': FP32 - 0.02},
+        'nncf': {'openvino': FP32 - 0.01}, 'nncf_ac': {'openvino': FP32 - 0.004}},
+        {'fp32': {'paddle': 50, 'openvino': 40}, 'ptq': {'paddle': 30, 'openvino': 20},
+         'nncf': {'openvino': 15}, 'nncf_ac': {'openvino': 18}},
+        skip_found=False, nncf_ready=True)
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'nncf', 'skip', 'nncf_ac', 'bench']
+    assert steps.skip_backend == 'paddle'  # the first engine where PTQ missed
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice']['candidate'] == 'nncf_ac'  # the faster plain NNCF row misses
+    report = (tmp_path / 'run' / 'report.md').read_text()
+    assert '| nncf | openvino | int8 | 15.0 |' in report and 'no |' in report
 
 
 def test_qat_runs_in_rounds_and_stops_at_the_first_that_meets_the_bound(tmp_path):

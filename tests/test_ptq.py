@@ -160,6 +160,29 @@ def test_max_miou_drop_skip_set_meets_the_target_on_the_engine(analysed, exporte
         assert int8 >= fp32 - MAX_DROP - 1e-9, (int8, fp32, len(skip))
 
 
+def test_the_engine_check_runs_on_the_engine_asked_for(fp32_run, exported, tmp_path):
+    # onnxruntime: the engine with an extra step (the --to_onnx file of each model)
+    backend = 'onnxruntime'
+    pytest.importorskip(backend)
+    from segslim import builder
+    from segslim.analysis import PTQEngineCheck
+    from segslim.engine.checkpoint import load_weights
+    from segslim.ptq import calibration_paths
+    from segslim.quant import quant_config_of
+    cfg = load_config(INSTANT, opts=data_opts(fp32_run['data']))
+    model = builder.build_model(cfg)
+    load_weights(model, os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'))
+    train = build_dataset(cfg, 'train_dataset')
+    dataset = val_set(fp32_run['data'])
+    check = PTQEngineCheck(model, cfg, str(tmp_path), calibration_paths(train.file_list, 4),
+                           quant_config_of(cfg), dataset, 4, backend=backend)
+    drop = check([])
+    int8, pred = engine_miou(check.int8_dir, dataset, backend)
+    fp32, _ = engine_miou(check.fp32_dir, dataset, backend)
+    assert pred.backend == backend and pred.precision == 'int8'
+    assert drop == pytest.approx(fp32 - int8, abs=1e-9)
+
+
 class FakeProbe:
     """Layers l0..l9 whose simulated order is their index; the engine drop is 0.01 per
     quantized layer among the first `bad`."""

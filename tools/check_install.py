@@ -16,7 +16,7 @@ def main() -> int:
     from segslim._paddle import paddle
     print(f'paddlepaddle {paddle.__version__} (CUDA: {paddle.is_compiled_with_cuda()}), '
           f'paddleseg {paddleseg.__version__}')
-    for extra in ('openvino', 'paddle2onnx', 'onnx', 'onnxruntime'):  # optional engines
+    for extra in ('openvino', 'nncf', 'paddle2onnx', 'onnx', 'onnxruntime'):  # optional engines
         try:
             module = __import__(extra)
             print('{} {}'.format(extra, getattr(module, '__version__', '?')))

@@ -11,7 +11,7 @@ import numpy as np
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import EngineBase, Preprocessor, resize_chw, restore_size
-from segslim.deploy.engines import BACKENDS, create_predictor
+from segslim.deploy.engines import BACKENDS, create_predictor, runs_model
 from segslim.deploy.paddle_engine import check_engine_options
 from segslim.deploy.report import GalleryPick
 from segslim.engine.metrics import ConfusionMatrix
@@ -83,34 +83,35 @@ def model_labels(model: Any, dataset: SegDataset, index: int) -> np.ndarray:
 
 
 def check_int8_engine(dataset: SegDataset, int8_dir: str, limit: int, model: Any = None,
-                      fp32_dir: Optional[str] = None) -> Dict[str, Any]:
-    """The check qat_export and ptq run on their output: the INT8 Paddle Inference engine
-    (CPU, oneDNN) on the first `limit` val images, its mIoU and pixel agreement with the FP32
-    engine of `fp32_dir` and/or the dygraph `model` (the QAT model). Logged, and a warning
-    when INT8 agrees with the model on less than 99.9 % of pixels or loses more than 1 mIoU
-    point against FP32. Returns {'miou', 'fp32_miou', 'agreement', 'model_agreement'}."""
-    from segslim.deploy.paddle_engine import PaddlePredictor
-    int8 = PaddlePredictor(int8_dir, EngineOptions(precision='int8'))
+                      fp32_dir: Optional[str] = None, backend: str = 'paddle') -> Dict[str, Any]:
+    """The check qat_export and ptq run on their output: the INT8 engine (CPU; Paddle
+    Inference's oneDNN unless `backend` says otherwise) on the first `limit` val images, its
+    mIoU and pixel agreement with the FP32 engine of `fp32_dir` and/or the dygraph `model`
+    (the QAT model). Logged, and a warning when INT8 agrees with the model on less than
+    99.9 % of pixels or loses more than 1 mIoU point against FP32. Returns {'miou',
+    'fp32_miou', 'agreement', 'model_agreement'}."""
+    int8 = create_predictor(int8_dir, EngineOptions(backend=backend, precision='int8'))
     predictors: List[EngineBase] = [int8]
     if fp32_dir:
-        predictors.insert(0, PaddlePredictor(fp32_dir, EngineOptions()))
+        predictors.insert(0, create_predictor(fp32_dir, EngineOptions(backend=backend)))
     rows = evaluate_engines(predictors, dataset, limit, model, desc='Checking the INT8 engine')
     n = min(limit, len(dataset))
     if int8.fallback:
         logger.warning('INT8 engine: %s', int8.fallback)
     result: Dict[str, Any] = {'miou': rows[-1]['metrics']['miou']}
-    ops = '{}/{} convs INT8'.format(int8.engine.get('int8_conv_ops'), int8.engine.get('conv_ops'))
+    ops = '{}, {}/{} convs INT8'.format(BACKENDS[backend].label, int8.engine.get('int8_conv_ops'),
+                                        int8.engine.get('conv_ops'))
     if fp32_dir:
         result.update(fp32_miou=rows[0]['metrics']['miou'], agreement=rows[-1]['agreement'])
         ok = result['miou'] >= result['fp32_miou'] - 0.01
         (logger.info if ok else logger.warning)(
-            'INT8 engine (oneDNN, %s): mIoU %.4f vs FP32 engine %.4f on %d val images, '
+            'INT8 engine (%s): mIoU %.4f vs FP32 engine %.4f on %d val images, '
             '%.4f%% of pixels agree', ops, result['miou'], result['fp32_miou'], n,
             100 * result['agreement'])
     if model is not None:
         share = result['model_agreement'] = rows[-1]['model_agreement']
         (logger.info if share >= 0.999 else logger.warning)(
-            'INT8 engine (oneDNN, %s) agrees with the QAT model on %.4f%% of pixels (%d val '
+            'INT8 engine (%s) agrees with the QAT model on %.4f%% of pixels (%d val '
             'images)', ops, 100 * share, n)
     return result
 
@@ -155,6 +156,10 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     bf16 = with_bf16 if with_bf16 is not None else cpu['bf16']
     for backend in backends:
         for i, model_dir in enumerate(model_dirs):
+            if i and not runs_model(backend, model_dir):  # an OpenVINO IR folder on another engine
+                logger.info('%s: %s cannot run an OpenVINO IR folder; no row', model_dir,
+                            BACKENDS[backend].label)
+                continue
             run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend)
             pred = create_predictor(model_dir, run_opts)
             runs.append(pred)

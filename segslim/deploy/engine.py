@@ -13,6 +13,10 @@ from segslim.errors import UserError
 from segslim.options import EngineOptions
 from segslim.program import QUANT_OP_TYPES, program_op_types
 
+# OpenVINO IR (model.xml/model.bin, written by ptq.py --quantizer nncf): only OpenVINO runs it.
+IR_SUFFIX = '.xml'
+IR_QUANT_OP = 'FakeQuantize'
+
 # What a quantized model's row says when the engine ran none of it in INT8.
 NO_INT8 = 'fp32 (QAT model, no INT8 kernels)'
 
@@ -41,6 +45,22 @@ def read_deploy(model_dir: str) -> Dict[str, Any]:
     deploy.setdefault('output_op', 'argmax')
     deploy['dir'] = base
     return deploy
+
+
+def model_format(deploy: Dict[str, Any]) -> str:
+    """'openvino' for an OpenVINO IR model folder, else 'paddle' (a Paddle inference
+    program, with its model.onnx beside it when exported --to_onnx)."""
+    return 'openvino' if deploy['model'].endswith(IR_SUFFIX) else 'paddle'
+
+
+def ir_op_types(model_file: str) -> List[str]:
+    """The layer types of an OpenVINO IR model.xml."""
+    import xml.etree.ElementTree as ET
+    try:
+        return [layer.get('type', '') for layer in ET.parse(model_file).getroot().iter('layer')]
+    except ET.ParseError as e:
+        raise UserError(f'{model_file} is not a valid OpenVINO IR file ({e}); re-export the '
+                        'model') from e
 
 
 def summarize_ops(ops: Iterable[Tuple[str, bool, str]], conv_kinds: Sequence[str],
@@ -91,6 +111,22 @@ def resize_chw(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(hwc, (2, 0, 1)), dtype=np.float32)
 
 
+def model_inputs(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
+                 ) -> List[np.ndarray]:
+    """The images as the deployed model sees them: 1,C,H,W batches after the deploy
+    transforms, resized to the export's input size when it is fixed."""
+    pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
+    shape = deploy.get('input_shape') or []
+    size = tuple(shape[2:]) if len(shape) == 4 and all(d and d > 0 for d in shape[2:]) else None
+    batches = []
+    for image in images:
+        chw = pre(image)[0]
+        if size and chw.shape[1:] != size:
+            chw = resize_chw(chw, *size)
+        batches.append(np.ascontiguousarray(chw[np.newaxis], dtype=np.float32))
+    return batches
+
+
 def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
     """Undoes the transforms' resize/padding records on a H,W label map with paddleseg's
     reverse_transform (nearest for labels): the one restore rule for engine outputs and,
@@ -116,8 +152,13 @@ class EngineBase:
         self.deploy = read_deploy(model_dir)
         self.opts = opts
         self.model_dir = model_dir
-        self.op_types = program_op_types(self.deploy['model'])
-        self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
+        self.format = model_format(self.deploy)
+        if self.format == 'openvino':
+            self.op_types = ir_op_types(self.deploy['model'])
+            self.quantized = IR_QUANT_OP in self.op_types
+        else:
+            self.op_types = program_op_types(self.deploy['model'])
+            self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
         self.fallback: Optional[str] = None
         self.engine: Dict[str, Any] = {}
         if opts.precision == 'int8' and not self.quantized:

@@ -16,13 +16,14 @@ class Backend:
     module: str         # where its predictor lives
     predictor: str      # the predictor class
     bf16: bool          # has a bf16 CPU path worth a baseline row
+    formats: Tuple[str, ...] = ('paddle',)  # model folders it runs (engine.model_format)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend('paddle', 'Paddle Inference', 'segslim.deploy.paddle_engine', 'PaddlePredictor',
             True),
     Backend('openvino', 'OpenVINO', 'segslim.deploy.openvino_engine', 'OpenVINOPredictor',
-            True),
+            True, ('paddle', 'openvino')),
     Backend('onnxruntime', 'onnxruntime', 'segslim.deploy.onnxruntime_engine',
             'OnnxRuntimePredictor', False),
 )}
@@ -33,11 +34,27 @@ def backend_label(name: str) -> str:
     return BACKENDS[name].label if name in BACKENDS else name
 
 
+def model_format_of(model_dir: str) -> str:
+    from segslim.deploy.engine import model_format, read_deploy
+    return model_format(read_deploy(model_dir))
+
+
+def runs_model(backend: str, model_dir: str) -> bool:
+    """Whether the backend runs the model folder's format (an OpenVINO IR folder runs on
+    OpenVINO only)."""
+    return model_format_of(model_dir) in BACKENDS[backend].formats
+
+
 def create_predictor(model_dir: str, opts: EngineOptions):
     """The predictor of opts.backend for an exported model folder (an EngineBase)."""
     backend = BACKENDS.get(opts.backend)
     if backend is None:
         raise UserError('--backend {} is unknown; use one of {}'.format(
             opts.backend, ', '.join(BACKEND_NAMES)))
+    fmt = model_format_of(model_dir)
+    if fmt not in backend.formats:
+        raise UserError('{} holds an OpenVINO IR model (model.xml), which --backend {} cannot '
+                        'run; use --backend {}'.format(model_dir, opts.backend, ' or '.join(
+                            b.name for b in BACKENDS.values() if fmt in b.formats)))
     cls = getattr(importlib.import_module(backend.module), backend.predictor)
     return cls(model_dir, opts)

@@ -3,7 +3,8 @@ segslim.deploy.engine (run, to_labels, labels, precision, engine op summary), CP
 
 OpenVINO reads the Paddle inference program directly; a QAT export's quantize/dequantize
 pairs become FakeQuantize ops, and what runs INT8 is read back from the compiled model's
-runtime graph, never assumed."""
+runtime graph, never assumed. It also reads the OpenVINO IR folders that ptq.py --quantizer
+nncf writes (model.xml/model.bin), FakeQuantize ops as NNCF placed them."""
 import collections
 import os
 import tempfile
@@ -98,6 +99,8 @@ class OpenVINOPredictor(EngineBase):
         with tempfile.TemporaryDirectory(prefix='segslim-ov-') as tmp:
             program = self.deploy['model']
             self.stripped = 0
+            # An IR model's FakeQuantize placement is its quantizer's (NNCF's) choice: kept.
+            keep_all = keep_all or self.format == 'openvino'
             if self.quantized and not keep_all:
                 program = os.path.join(tmp, 'model.pdmodel')
                 self.stripped = strip_observer_quantization(self.deploy['model'], program)

@@ -1,0 +1,106 @@
+"""OpenVINO's own post-training quantizer, NNCF, as a PTQ method (ptq.py --quantizer nncf):
+the FP32 export as OpenVINO reads it, FakeQuantize ops placed where OpenVINO's CPU plugin
+runs INT8, calibrated on the same train images as PaddleSlim's PTQ; written as an OpenVINO
+IR folder (model.xml/model.bin + deploy.yaml) that only the OpenVINO engine runs.
+
+With a mIoU bound, NNCF's accuracy-controlled variant reverts the quantized ops that cost
+the most on the val images, one at a time, until the OpenVINO model is within the bound."""
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from segslim.data.datasets import SegDataset, read_label
+from segslim.deploy.engine import Preprocessor, model_inputs, read_deploy, restore_size
+from segslim.deploy.openvino_engine import import_openvino
+from segslim.engine.metrics import ConfusionMatrix
+from segslim.errors import UserError
+from segslim.export import staged_model_folder, write_deploy
+from segslim.logger import logger
+from segslim.options import MAX_REVERTED
+
+IR_FILES = ('model.xml', 'model.bin')
+
+
+def import_nncf() -> Any:
+    """The nncf module, or a one-line error that says how to install it."""
+    try:
+        import nncf
+    except ImportError:
+        raise UserError('--quantizer nncf needs the nncf package: pip install -e .[openvino] '
+                        '(make install does it), or use --quantizer paddleslim') from None
+    return nncf
+
+
+class ValImages:
+    """The first `limit` val images as the deployed model sees them, with their labels and
+    the transforms' records; miou(compiled) scores an OpenVINO compiled model on them."""
+
+    def __init__(self, deploy: Dict[str, Any], dataset: SegDataset, limit: Optional[int]):
+        pre = Preprocessor(deploy['transforms'])
+        self.num_classes, self.ignore = dataset.num_classes, dataset.ignore_index
+        self.items: List[Tuple[np.ndarray, list, np.ndarray]] = []
+        for img_path, label_path in dataset.file_list[:limit]:
+            if label_path is None:
+                raise UserError(f'val image {img_path} has no label; list a label for it')
+            img, info = pre(img_path)
+            self.items.append((np.ascontiguousarray(img[np.newaxis], np.float32), info,
+                               read_label(label_path)))
+
+    def miou(self, compiled: Any, items: Any = None) -> float:
+        cm = ConfusionMatrix(self.num_classes, self.ignore)
+        for image, info, truth in (self.items if items is None else items):
+            out = compiled(image)[compiled.outputs[0]]
+            if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+                out = out.argmax(axis=1)
+            cm.update(restore_size(out.reshape(out.shape[-2:]).astype(np.int64), info), truth)
+        return float(cm.compute()['miou'])
+
+
+def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
+                  val_dataset: Optional[SegDataset] = None, num_images: Optional[int] = None,
+                  max_drop: Optional[float] = None,
+                  max_reverted: int = MAX_REVERTED) -> Dict[str, Any]:
+    """Quantizes the FP32 export in `fp32_dir` with NNCF into an OpenVINO IR folder
+    `save_dir`; with `max_drop` the accuracy-controlled variant, checked on the first
+    `num_images` images of `val_dataset`. Returns {'save_dir', 'images',
+    'fake_quantize_ops'}."""
+    deploy = read_deploy(fp32_dir)
+    if deploy.get('quantized'):
+        raise UserError(f'{fp32_dir} is already quantized; pass an FP32 export')
+    ov = import_openvino()
+    nncf = import_nncf()
+    model = ov.Core().read_model(deploy['model'], deploy['params'])
+    calibration = nncf.Dataset(model_inputs(deploy, image_paths))
+    if max_drop is None:
+        quantized = nncf.quantize(model, calibration, subset_size=len(image_paths))
+    else:
+        val = ValImages(deploy, val_dataset, num_images) if val_dataset is not None else None
+        if val is None or not val.items:
+            raise UserError('--max_miou_drop with --quantizer nncf needs val images: give the '
+                            'config a val_dataset')
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration, nncf.Dataset(val.items), validation_fn=val.miou,
+            max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
+            subset_size=len(image_paths),
+            advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
+                max_num_iterations=max_reverted))
+        core, props = ov.Core(), {'INFERENCE_PRECISION_HINT': 'f32'}
+        fp32, int8 = (val.miou(core.compile_model(m, 'CPU', props)) for m in (model, quantized))
+        (logger.info if fp32 - int8 <= max_drop else logger.warning)(
+            'NNCF accuracy control: OpenVINO INT8 mIoU %.4f vs FP32 %.4f on %d val images '
+            '(bound %.4f: %s)', int8, fp32, len(val.items), max_drop,
+            'met' if fp32 - int8 <= max_drop else f'NOT met within {max_reverted} reverted '
+            'ops; raise --max_reverted')
+    with staged_model_folder(save_dir) as stage:
+        ov.save_model(quantized, os.path.join(stage, IR_FILES[0]), compress_to_fp16=False)
+        out = {k: v for k, v in deploy.items() if k not in (
+            'dir', 'model', 'params', 'onnx', 'onnx_target')}
+        out.update(model=IR_FILES[0], params=IR_FILES[1], quantized=True, engine='openvino',
+                   calibration={'method': 'nncf', 'images': len(image_paths),
+                                **({'max_miou_drop': max_drop} if max_drop else {})})
+        write_deploy(stage, out)
+    logger.info('PTQ (NNCF%s, %d calibration images) wrote the OpenVINO INT8 model to %s',
+                ', accuracy-controlled' if max_drop else '', len(image_paths), save_dir)
+    return {'save_dir': save_dir, 'images': len(image_paths), 'fake_quantize_ops': sum(
+        op.get_type_name() == 'FakeQuantize' for op in quantized.get_ordered_ops())}
