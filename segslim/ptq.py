@@ -88,6 +88,20 @@ def check_names_in_program(names: Sequence[str], model_file: str) -> None:
                         'FP32 weights instead of --model_dir')
 
 
+def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional[float]) -> None:
+    """Refuses ptq.py flags the chosen quantizer would ignore."""
+    if quantizer == 'nncf':
+        if to_onnx:
+            raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
+                            '--to_onnx/--onnx_target or use --quantizer paddleslim')
+        if max_miou_drop is not None and not 0 < max_miou_drop < 1:
+            raise UserError(f'--max_miou_drop {max_miou_drop} must be between 0 and 1 (0.005 = '
+                            'half a mIoU point)')
+    elif max_miou_drop is not None:
+        raise UserError('--max_miou_drop in ptq.py is NNCF\'s accuracy control: add --quantizer '
+                        'nncf, or find a skip set with slim/quant/analysis.py --max_miou_drop')
+
+
 def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
                            qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'abs_max',
                            batch_size: int = 1, device: str = 'cpu') -> Dict[str, Any]:

@@ -236,7 +236,8 @@ def run_ptq(args: argparse.Namespace) -> int:
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
     nncf = args.quantizer == 'nncf'
-    _check_quantizer_flags(args)
+    ptq.check_quantizer_flags(args.quantizer, bool(args.to_onnx or args.onnx_target),
+                              args.max_miou_drop)
     if args.to_onnx or args.onnx_target:
         require_onnx_export()
     if nncf:
@@ -277,21 +278,6 @@ def run_ptq(args: argparse.Namespace) -> int:
                 check_int8_engine(dataset, args.save_dir, args.verify_images, fp32_dir=fp32_dir,
                                   backend='openvino' if nncf else 'paddle')
     return 0
-
-
-def _check_quantizer_flags(args: argparse.Namespace) -> None:
-    """Refuses ptq.py flags the chosen quantizer would ignore."""
-    if args.quantizer == 'nncf':
-        if args.to_onnx or args.onnx_target:
-            raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
-                            '--to_onnx/--onnx_target or use --quantizer paddleslim')
-        if args.max_miou_drop is not None and not 0 < args.max_miou_drop < 1:
-            raise UserError(f'--max_miou_drop {args.max_miou_drop} must be between 0 and 1 '
-                            '(0.005 = half a mIoU point)')
-    elif args.max_miou_drop is not None:
-        raise UserError('--max_miou_drop in ptq.py is NNCF\'s accuracy control: add '
-                        '--quantizer nncf, or find a skip set with slim/quant/analysis.py '
-                        '--max_miou_drop')
 
 
 def run_analysis(args: argparse.Namespace) -> int:
