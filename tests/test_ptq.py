@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from segslim.analysis import LayerSensitivity, smallest_skip_set
 from segslim.builder import build_dataset
 from segslim.config import load_config
 from segslim.deploy.benchmark import evaluate_engines
-from segslim.deploy.engines import create_predictor
+from segslim.deploy.engines import backend_label, create_predictor
 from segslim.options import EngineOptions
 
 
@@ -106,6 +107,13 @@ def test_ptq_bad_inputs_are_one_line(exported, tmp_path):
 
 # The real search, on the tiny model; the binary search itself is checked on fakes below.
 MAX_DROP = 0.02
+# The engine it checks on: onnxruntime where installed, the backend with the most steps (each
+# model's --to_onnx file); Paddle Inference otherwise.
+try:
+    import onnxruntime  # noqa: F401
+    CHECK_BACKEND = 'onnxruntime'
+except ImportError:
+    CHECK_BACKEND = 'paddle'
 
 
 @pytest.fixture(scope='module')
@@ -114,7 +122,8 @@ def analysed(fp32_run, tmp_path_factory):
     proc = run_cli('slim/quant/analysis.py', '--config', INSTANT, '--model_path',
                    os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                    '--save_dir', out, '--num_images', 4, '--calib_images', 4,
-                   '--max_miou_drop', MAX_DROP, '--opts', *data_opts(fp32_run['data']))
+                   '--max_miou_drop', MAX_DROP, '--backend', CHECK_BACKEND,
+                   '--opts', *data_opts(fp32_run['data']))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {'dir': out, 'log': proc.stdout + proc.stderr, 'data': fp32_run['data'],
             'fp32': fp32_run['dir']}
@@ -144,43 +153,28 @@ def test_max_miou_drop_skip_set_meets_the_target_on_the_engine(analysed, exporte
     result = json.load(open(analysed['dir'] / 'sensitivity.json'))
     assert skip == result['search_order'][:len(skip)] == result['skip']
     assert sorted(result['search_order']) == sorted(r['name'] for r in result['ranking'])
+    assert f'on the {backend_label(CHECK_BACKEND)} engine' in text
+    assert re.search(rf'Engine check \({CHECK_BACKEND}\), \d+ layers kept FP32', analysed['log'])
     out = tmp_path / 'int8'
+    onnx = ['--to_onnx'] if CHECK_BACKEND == 'onnxruntime' else []
     proc = run_cli('slim/quant/ptq.py', '--config', analysed['dir'] / 'skip_layers.yml',
                    '--model_path', os.path.join(analysed['fp32'], 'best_model',
                                                 'model.pdparams'),
-                   '--save_dir', out, '--batch_nums', 4, '--verify_images', 0,
+                   '--save_dir', out, '--batch_nums', 4, '--verify_images', 0, *onnx,
                    '--opts', *data_opts(analysed['data']))  # the analysis' calibration
     assert proc.returncode == 0, proc.stderr[-3000:]
+    fp32_dir = str(tmp_path / 'fp32')
+    shutil.copytree(exported['fp32'], fp32_dir)
+    if onnx:
+        from segslim.onnx_export import export_onnx
+        export_onnx(fp32_dir, 'onnxruntime')
     dataset = val_set(analysed['data'])
-    int8, _ = engine_miou(str(out), dataset)
-    fp32, _ = engine_miou(exported['fp32'], dataset)
+    int8, _ = engine_miou(str(out), dataset, CHECK_BACKEND)
+    fp32, _ = engine_miou(fp32_dir, dataset, CHECK_BACKEND)
     if 'NOT met' in text:
         assert len(skip) == len(result['search_order']) - 1
     else:  # the engine checks it searched with (same images): within the bound
         assert int8 >= fp32 - MAX_DROP - 1e-9, (int8, fp32, len(skip))
-
-
-def test_the_engine_check_runs_on_the_engine_asked_for(fp32_run, exported, tmp_path):
-    # onnxruntime: the engine with an extra step (the --to_onnx file of each model)
-    backend = 'onnxruntime'
-    pytest.importorskip(backend)
-    from segslim import builder
-    from segslim.analysis import PTQEngineCheck
-    from segslim.engine.checkpoint import load_weights
-    from segslim.ptq import calibration_paths
-    from segslim.quant import quant_config_of
-    cfg = load_config(INSTANT, opts=data_opts(fp32_run['data']))
-    model = builder.build_model(cfg)
-    load_weights(model, os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'))
-    train = build_dataset(cfg, 'train_dataset')
-    dataset = val_set(fp32_run['data'])
-    check = PTQEngineCheck(model, cfg, str(tmp_path), calibration_paths(train.file_list, 4),
-                           quant_config_of(cfg), dataset, 4, backend=backend)
-    drop = check([])
-    int8, pred = engine_miou(check.int8_dir, dataset, backend)
-    fp32, _ = engine_miou(check.fp32_dir, dataset, backend)
-    assert pred.backend == backend and pred.precision == 'int8'
-    assert drop == pytest.approx(fp32 - int8, abs=1e-9)
 
 
 class FakeProbe:
