@@ -15,6 +15,9 @@ LAYER_OPS: Dict[str, Tuple[str, ...]] = {
 # Ops whose inputs a QAT/PTQ model really fake-quantizes; other quantize/dequantize pairs
 # only carry scales.
 QUANTIZED_OP_TYPES = tuple(op for ops in LAYER_OPS.values() for op in ops)
+# Their inputs that hold the weight (a matmul's second operand): dequantized when the layer
+# is quantized, the plain parameter when a skip list left it FP32.
+WEIGHT_INPUTS = ('Filter', 'Y', 'W')
 # The ops that mark a program as quantized.
 QUANT_OP_TYPES = ('quantize_linear', 'dequantize_linear', 'fake_quantize_dequantize_abs_max',
                   'fake_channel_wise_quantize_dequantize_abs_max',
@@ -131,18 +134,29 @@ def fold_conv_bias_reshape(model_file: str) -> int:
 
 def strip_observer_quantization(model_file: str, out_file: str) -> int:
     """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
-    that feed no convolution or matrix product; returns how many pairs were removed.
+    that feed no quantized convolution or matrix product; returns how many pairs were
+    removed.
 
     QAT and PTQ exports also carry pairs on layer outputs (PaddleSlim's output-scale
-    observers: on conv outputs before batch norm, on adds, activations, pools). Paddle
-    Inference reads them as scales only, and the QAT model never rounds those tensors; an
-    engine that applies every pair (OpenVINO, onnxruntime) would round them to 8 bits. The
-    variables stay declared, so the unchanged params file still loads with the program.
+    observers: on conv outputs before batch norm, on adds, activations, pools), and PTQ
+    keeps them on the inputs of the layers a skip list leaves in FP32 (their weights are not
+    quantized). Paddle Inference reads them as scales only, and the model never rounds those
+    tensors; an engine that applies every pair (OpenVINO, onnxruntime) would round them to 8
+    bits. The variables stay declared, so the unchanged params file still loads with the
+    program.
     """
     desc = read_program(model_file)
     ops = block_ops(desc)
     consumers = consumers_map(ops)
     producer = producers_map(ops)
+
+    def quantized(op: Any) -> bool:
+        """A conv/matmul that runs INT8: its weight (or second operand) is dequantized."""
+        if op.type() not in QUANTIZED_OP_TYPES:
+            return False
+        operands = [a for n in WEIGHT_INPUTS if n in op.input_names() for a in op.input(n)]
+        return any(a in producer and ops[producer[a]].type() == 'dequantize_linear'
+                   for a in operands)
     remove = []
     for i, op in enumerate(ops):
         if op.type() != 'dequantize_linear':
@@ -153,7 +167,7 @@ def strip_observer_quantization(model_file: str, out_file: str) -> int:
             continue  # weights (stored quantized) or a shared tensor: keep
         out = op.output('Y')[0]
         users = consumers.get(out, [])
-        if any(ops[u].type() in QUANTIZED_OP_TYPES for u in users):
+        if any(quantized(ops[u]) for u in users):
             continue
         original = ops[q].input('X')[0]
         for u in users:
