@@ -9,7 +9,8 @@ step starts, so --resume repeats nothing that finished:
      nncf   where OpenVINO is an engine and nncf is installed, also ptq.py --quantizer nncf
             (OpenVINO's own quantizer; its IR model runs on OpenVINO only)
   3. skip   analysis.py --max_miou_drop --backend (the first engine where PTQ missed), then
-            ptq.py with the skip set it found;
+            ptq.py with the skip set it found (a set that leaves the model under MIN_SPEEDUP
+            of FP32 speed does not end the search);
      nncf_ac and NNCF's accuracy-controlled variant (ptq.py --quantizer nncf
             --max_miou_drop) as the anchor on OpenVINO
   4. qat    qat_train.py --distill in rounds up to --max_qat_iters, qat_export.py after each
@@ -26,11 +27,16 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
+
 from segslim.errors import UserError
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 
 STATE = 'auto_quant.json'
+# A skip set that leaves the model less than this much faster than FP32 on the engines where
+# it meets the bound does not end the search: QAT is tried next.
+MIN_SPEEDUP = 1.1
 
 
 class Steps:
@@ -137,6 +143,17 @@ class Steps:
                                 desc=os.path.basename(model_dir.rstrip('/')))
         return {b: row['metrics']['miou'] for b, row in zip(backends, rows)}
 
+    def speedup(self, fp32_dir: str, model_dir: str, backend: str) -> float:
+        """FP32 time over INT8 time of the two folders on `backend` (timing only, the
+        benchmark's interleaved median at --input_shape)."""
+        from segslim.deploy.benchmark import timing_batch, time_interleaved
+        from segslim.deploy.engines import create_predictor
+        preds = [create_predictor(d, self._opts(backend, p))
+                 for d, p in ((fp32_dir, 'fp32'), (model_dir, 'int8'))]
+        times = time_interleaved(preds, timing_batch(preds[0], self.val_set(), self.shape),
+                                 warmup=2, repeats=5)
+        return float(np.median(times[0]) / np.median(times[1]))
+
     def bench(self, model_dirs: Sequence[str]) -> List[Dict[str, Any]]:
         """benchmark.py's rows for the candidates (first: the FP32 export)."""
         from segslim.deploy.benchmark import benchmark
@@ -226,6 +243,7 @@ class AutoQuant:
             model = self.steps.skip_set(d('skip'), self.max_drop, backend)
             self._record('skip', f'PTQ with a skip set (checked on {backend})', model, t,
                          note='' if model else f'no skip set needed or found on {backend}')
+        self._check_speed('skip')
         if not self._met() and nncf and not self._done('nncf_ac'):
             t = time.time()
             self._record('nncf_ac', 'PTQ by NNCF, accuracy-controlled (OpenVINO)',
@@ -235,7 +253,24 @@ class AutoQuant:
         return self._choose()
 
     def _met(self) -> bool:
-        return any(c.get('meets') for n, c in self.state['candidates'].items() if n != 'fp32')
+        return any(c.get('meets') and not c.get('too_slow')
+                   for n, c in self.state['candidates'].items() if n != 'fp32')
+
+    def _check_speed(self, name: str) -> None:
+        """Marks a candidate that meets the bound but keeps so much in FP32 that it is less
+        than MIN_SPEEDUP faster than FP32 on every engine where it meets (it stays a
+        candidate; the search goes on)."""
+        cand = self.state['candidates'].get(name) or {}
+        if not cand.get('meets') or 'speedup' in cand:
+            return
+        fp32 = self.state['candidates']['fp32']['dir']
+        cand['speedup'] = {b: self.steps.speedup(fp32, cand['dir'], b) for b in cand['meets']}
+        cand['too_slow'] = max(cand['speedup'].values()) < MIN_SPEEDUP
+        if cand['too_slow']:
+            logger.warning('auto-quant: %s meets the bound but runs only %s of FP32 speed: too '
+                           'little INT8 to be worth it; going on', cand['method'], ', '.join(
+                               f'{v:.2f}x on {b}' for b, v in cand['speedup'].items()))
+        self._save()
 
     def _qat(self, out: str) -> None:
         cand = self.state['candidates'].get('qat') or {}

@@ -54,6 +54,10 @@ class FakeSteps:
         self.qat_round += 1
         return self._dir('qat')
 
+    def speedup(self, fp32_dir, model_dir, backend):
+        self.calls.append(f'speed:{os.path.basename(model_dir)}:{backend}')
+        return self.ms['fp32'][backend] / self.ms[os.path.basename(model_dir)][backend]
+
     def checkpoint(self, out, iters):
         return os.path.join(out, f'iter_{iters}')
 
@@ -102,9 +106,21 @@ def test_a_skip_set_is_tried_when_ptq_misses(tmp_path):
         'skip': {'paddle': FP32 - 0.003}},
         {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 25}})
     assert auto(tmp_path, steps).run() == 0
-    assert steps.calls == ['fp32', 'ptq', 'skip', 'bench']
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'speed:skip:paddle', 'bench']
     state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
     assert state['choice']['candidate'] == 'skip'  # the faster PTQ row misses the bound
+
+
+def test_a_skip_set_that_leaves_too_little_int8_does_not_end_the_search(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
+        'skip': {'paddle': FP32 - 0.003}, 'qat': [{'paddle': FP32 - 0.001}]},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 48},
+         'qat': {'paddle': 21}})
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'speed:skip:paddle', 'qat:100:-', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['candidates']['skip']['too_slow'] and state['choice']['candidate'] == 'qat'
 
 
 def test_nncf_is_a_candidate_where_openvino_is_and_the_fastest_row_within_wins(tmp_path):
@@ -179,7 +195,7 @@ def test_resume_repeats_no_finished_step(tmp_path):
     assert killed.calls == ['fp32', 'ptq', 'skip']
     again = FakeSteps(str(tmp_path / 'm'), mious, ms)
     assert auto(tmp_path, again, resume=True).run() == 0
-    assert again.calls == ['skip', 'bench']
+    assert again.calls == ['skip', 'speed:skip:paddle', 'bench']
 
 
 def test_the_bound_must_be_a_fraction(tmp_path):

@@ -167,7 +167,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                     and bf16 and BACKENDS[backend].bf16:
                 runs.append(create_predictor(model_dir,
                                              dataclasses.replace(run_opts, precision='bf16')))
-    batch = _timing_batch(runs[0], dataset, shape)
+    batch = timing_batch(runs[0], dataset, shape)
     times = time_interleaved(runs, batch, warmup, repeats)
     rows = []
     for pred, secs in zip(runs, times):
@@ -203,7 +203,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     return report
 
 
-def _timing_batch(pred: EngineBase, dataset: Optional[SegDataset],
+def timing_batch(pred: EngineBase, dataset: Optional[SegDataset],
                   shape: Sequence[int]) -> np.ndarray:
     """A real val image resized to `shape` (random data if there is no dataset)."""
     n, c, h, w = shape
