@@ -146,7 +146,7 @@ class Steps:
     def speedup(self, fp32_dir: str, model_dir: str, backend: str) -> float:
         """FP32 time over INT8 time of the two folders on `backend` (timing only, the
         benchmark's interleaved median at --input_shape)."""
-        from segslim.deploy.benchmark import timing_batch, time_interleaved
+        from segslim.deploy.benchmark import time_interleaved, timing_batch
         from segslim.deploy.engines import create_predictor
         preds = [create_predictor(d, self._opts(backend, p))
                  for d, p in ((fp32_dir, 'fp32'), (model_dir, 'int8'))]
