@@ -32,6 +32,7 @@ import numpy as np
 from segslim.errors import UserError
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
+from segslim.options import check_max_miou_drop
 
 STATE = 'auto_quant.json'
 # A skip set that leaves the model less than this much faster than FP32 on the engines where
@@ -183,9 +184,7 @@ class AutoQuant:
 
     def __init__(self, steps: Any, save_dir: str, max_drop: float, max_qat_iters: int,
                  resume: bool = False, qat_rounds: int = 4):
-        if not 0 < max_drop < 1:
-            raise UserError(f'--max_miou_drop {max_drop} must be between 0 and 1 (0.005 = half '
-                            'a mIoU point)')
+        check_max_miou_drop(max_drop)
         self.steps, self.save_dir, self.max_drop = steps, save_dir, max_drop
         self.max_qat_iters, self.rounds = max_qat_iters, qat_rounds
         self.path = os.path.join(save_dir, STATE)
@@ -231,7 +230,7 @@ class AutoQuant:
         if not self._done('ptq'):
             t = time.time()
             self._record('ptq', 'PTQ', self.steps.ptq(d('ptq_infer')), t)
-        nncf = getattr(self.steps, 'nncf_ready', False)
+        nncf = self.steps.nncf_ready
         if nncf and not self._done('nncf'):
             t = time.time()
             self._record('nncf', 'PTQ by NNCF (OpenVINO)', self.steps.nncf(d('nncf_infer')), t)

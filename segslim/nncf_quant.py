@@ -11,7 +11,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
-from segslim.deploy.engine import Preprocessor, model_inputs, read_deploy, restore_size
+from segslim.deploy.engine import (
+    Preprocessor,
+    model_inputs,
+    output_labels,
+    read_deploy,
+    restore_size,
+)
 from segslim.deploy.openvino_engine import import_openvino
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
@@ -50,10 +56,8 @@ class ValImages:
     def miou(self, compiled: Any, items: Any = None) -> float:
         cm = ConfusionMatrix(self.num_classes, self.ignore)
         for image, info, truth in (self.items if items is None else items):
-            out = compiled(image)[compiled.outputs[0]]
-            if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
-                out = out.argmax(axis=1)
-            cm.update(restore_size(out.reshape(out.shape[-2:]).astype(np.int64), info), truth)
+            labels = output_labels(compiled(image)[compiled.outputs[0]])[0]
+            cm.update(restore_size(labels, info), truth)
         return float(cm.compute()['miou'])
 
 
@@ -63,8 +67,7 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
                   max_reverted: int = MAX_REVERTED) -> Dict[str, Any]:
     """Quantizes the FP32 export in `fp32_dir` with NNCF into an OpenVINO IR folder
     `save_dir`; with `max_drop` the accuracy-controlled variant, checked on the first
-    `num_images` images of `val_dataset`. Returns {'save_dir', 'images',
-    'fake_quantize_ops'}."""
+    `num_images` images of `val_dataset`. Returns {'save_dir', 'images'}."""
     deploy = read_deploy(fp32_dir)
     if deploy.get('quantized'):
         raise UserError(f'{fp32_dir} is already quantized; pass an FP32 export')
@@ -102,5 +105,4 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
         write_deploy(stage, out)
     logger.info('PTQ (NNCF%s, %d calibration images) wrote the OpenVINO INT8 model to %s',
                 ', accuracy-controlled' if max_drop else '', len(image_paths), save_dir)
-    return {'save_dir': save_dir, 'images': len(image_paths), 'fake_quantize_ops': sum(
-        op.get_type_name() == 'FakeQuantize' for op in quantized.get_ordered_ops())}
+    return {'save_dir': save_dir, 'images': len(image_paths)}

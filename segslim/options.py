@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from segslim.errors import UserError
+
 # Runtimes an INT8 ONNX file is placed for (--onnx_target); the first is the default.
 ONNX_TARGETS = ('onnxruntime', 'tensorrt')
 # PTQ activation-scale methods, the default first (it kept the demo models' mIoU best).
@@ -14,6 +16,13 @@ PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
 PTQ_QUANTIZERS = ('paddleslim', 'nncf')
 # Most ops NNCF's accuracy control reverts to FP32 (each costs a ranking pass over val).
 MAX_REVERTED = 8
+
+
+def check_max_miou_drop(value: float) -> None:
+    """--max_miou_drop is a mIoU fraction: refused outside (0, 1)."""
+    if not 0 < value < 1:
+        raise UserError(f'--max_miou_drop {value} must be between 0 and 1 (0.005 = half a mIoU '
+                        'point)')
 
 
 def _from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:

@@ -12,7 +12,7 @@ from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
 from segslim.export import staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
-from segslim.options import PTQ_ALGOS
+from segslim.options import PTQ_ALGOS, check_max_miou_drop
 from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
 from segslim.quant import log_quant_summary, quant_plan
 
@@ -94,9 +94,8 @@ def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional
         if to_onnx:
             raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
                             '--to_onnx/--onnx_target or use --quantizer paddleslim')
-        if max_miou_drop is not None and not 0 < max_miou_drop < 1:
-            raise UserError(f'--max_miou_drop {max_miou_drop} must be between 0 and 1 (0.005 = '
-                            'half a mIoU point)')
+        if max_miou_drop is not None:
+            check_max_miou_drop(max_miou_drop)
     elif max_miou_drop is not None:
         raise UserError('--max_miou_drop in ptq.py is NNCF\'s accuracy control: add --quantizer '
                         'nncf, or find a skip set with slim/quant/analysis.py --max_miou_drop')

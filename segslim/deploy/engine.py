@@ -127,6 +127,15 @@ def model_inputs(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]
     return batches
 
 
+def output_labels(out: np.ndarray) -> np.ndarray:
+    """Class ids N,H,W of a model output, whatever the exported head: argmax N,H,W
+    (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read from
+    the output itself: upstream exports do not always name their head."""
+    if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
+        return out.argmax(axis=1).astype(np.int64)
+    return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
+
+
 def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
     """Undoes the transforms' resize/padding records on a H,W label map with paddleseg's
     reverse_transform (nearest for labels): the one restore rule for engine outputs and,
@@ -181,12 +190,7 @@ class EngineBase:
         return list(self.opts.input_shape)
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
-        """Class ids N,H,W of a run() output, whatever the exported head: argmax N,H,W
-        (PaddleSeg's contract) or N,1,H,W (older exports), softmax or logits N,C,H,W. Read
-        from the output itself: upstream exports do not always name their head."""
-        if np.issubdtype(out.dtype, np.floating) and out.ndim == 4 and out.shape[1] > 1:
-            return out.argmax(axis=1).astype(np.int64)
-        return out.reshape(out.shape[0], out.shape[-2], out.shape[-1]).astype(np.int64)
+        return output_labels(out)
 
     def labels(self, images: np.ndarray) -> np.ndarray:
         """Class ids N,H,W of a N,C,H,W float32 batch."""
