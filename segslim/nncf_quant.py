@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
+from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import (
     Preprocessor,
     model_inputs,
@@ -75,8 +76,15 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
     nncf = import_nncf()
     model = ov.Core().read_model(deploy['model'], deploy['params'])
     calibration = nncf.Dataset(model_inputs(deploy, image_paths))
+    # Without VNNI, OpenVINO's INT8 kernels saturate on 8-bit weights: NNCF quantizes them
+    # to 7 bits (what the OpenVINO engine does to other exports there), so the accuracy
+    # control below sees what runs.
+    overflow_fix = nncf.OverflowFix.FIRST_LAYER if cpu_features()['vnni'] else \
+        nncf.OverflowFix.ENABLE
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow_fix)
     if max_drop is None:
-        quantized = nncf.quantize(model, calibration, subset_size=len(image_paths))
+        quantized = nncf.quantize(model, calibration, subset_size=len(image_paths),
+                                  advanced_parameters=advanced)
     else:
         val = ValImages(deploy, val_dataset, num_images) if val_dataset is not None else None
         if val is None or not val.items:
@@ -85,7 +93,7 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration, nncf.Dataset(val.items), validation_fn=val.miou,
             max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
-            subset_size=len(image_paths),
+            subset_size=len(image_paths), advanced_quantization_parameters=advanced,
             advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
                 max_num_iterations=max_reverted))
         core, props = ov.Core(), {'INFERENCE_PRECISION_HINT': 'f32'}
@@ -101,6 +109,7 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
             'dir', 'model', 'params', 'onnx', 'onnx_target')}
         out.update(model=IR_FILES[0], params=IR_FILES[1], quantized=True, engine='openvino',
                    calibration={'method': 'nncf', 'images': len(image_paths),
+                                'overflow_fix': overflow_fix.value,
                                 **({'max_miou_drop': max_drop} if max_drop else {})})
         write_deploy(stage, out)
     logger.info('PTQ (NNCF%s, %d calibration images) wrote the OpenVINO INT8 model to %s',

@@ -82,3 +82,51 @@ def test_missing_openvino_is_one_line(exported, tmp_path):
                    '--save_dir', tmp_path / 'out', '--backend', 'openvino',
                    env={'PYTHONPATH': str(tmp_path / 'site')})
     assert_one_line_error(proc, '--backend openvino', 'pip install', code=2)
+
+
+def _conv_weights(model, folded=False):
+    """{conv name: weights} of a converted model: the INT8 constants, or with `folded` the
+    float weights the convolutions see (dequantization folded by OpenVINO's pass)."""
+    if folded:
+        model = model.clone()
+        from openvino import passes
+        manager = passes.Manager()
+        manager.register_pass(passes.ConstantFolding())
+        manager.run_passes(model)
+    out = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in ('Convolution', 'GroupConvolution'):
+            continue
+        node = op.input_value(1).get_node()
+        while node.get_type_name() != 'Constant':
+            node = node.input_value(0).get_node()
+        out[op.get_friendly_name()] = node.get_data().copy()
+    return out
+
+
+def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
+    from segslim.deploy import openvino_engine
+    from segslim.deploy.openvino_engine import SEVEN_BIT_NOTE, seven_bit_weights
+    model = ov.Core().read_model(os.path.join(exported['int8'], 'model.pdmodel'))
+    q8, w8 = _conv_weights(model), _conv_weights(model, folded=True)
+    assert all(q.dtype == np.int8 for q in q8.values())
+    assert max(np.abs(q.astype(int)).max() for q in q8.values()) > 64
+    assert seven_bit_weights(model) == len(q8) > 0
+    q7, w7 = _conv_weights(model), _conv_weights(model, folded=True)
+    for name, q in q8.items():
+        assert np.abs(q7[name].astype(int)).max() <= 64, name
+        assert np.abs(2 * q7[name].astype(int) - q).max() <= 1, name
+        # the scale doubled: each weight moved by at most one 8-bit step
+        step = np.abs(w8[name]).max() / 127
+        assert np.abs(w7[name] - w8[name]).max() <= step * 1.001, name
+    assert seven_bit_weights(model) == 0  # 7 bits already: left as they are
+    shape = (1, 3, 64, 64)
+    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': False})
+    seven = create_predictor(exported['int8'], EngineOptions(backend='openvino',
+                                                             input_shape=shape))
+    assert seven.seven_bit == len(q8) and seven.fallback == SEVEN_BIT_NOTE
+    assert seven.engine['int8_conv_ops'] == seven.engine['conv_ops']
+    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': True})
+    eight = create_predictor(exported['int8'], EngineOptions(backend='openvino',
+                                                             input_shape=shape))
+    assert eight.seven_bit == 0 and eight.fallback is None

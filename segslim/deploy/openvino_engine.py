@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
 from segslim.errors import UserError
 from segslim.options import EngineOptions
@@ -25,6 +26,10 @@ INT8_PRECISIONS = ('i8', 'u8')
 QUANTIZED_CONSUMERS = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropData', 'MatMul')
 # Compiled models kept per input shape (OpenVINO compiles static shapes fastest).
 SHAPE_CACHE = 4
+# Ops between a weighted op and its dequantize Multiply (per-channel scales get reshaped).
+WEIGHT_PATH_OPS = ('Reshape', 'Unsqueeze', 'Squeeze', 'Transpose', 'Convert')
+SEVEN_BIT_NOTE = ('weights requantized to 7 bits: without VNNI the INT8 kernels add u8 x s8 '
+                  'products in 16 bits, which saturates 8-bit weights')
 
 
 def import_openvino() -> Any:
@@ -69,6 +74,56 @@ def drop_observer_quantization(model: Any) -> List[str]:
     return dropped
 
 
+def _through(node: Any, stop: str) -> Any:
+    """The first `stop` op up the data input (input 0) of `node` through WEIGHT_PATH_OPS,
+    or None."""
+    while node.get_type_name() != stop:
+        if node.get_type_name() not in WEIGHT_PATH_OPS or node.get_input_size() == 0:
+            return None
+        node = node.input_value(0).get_node()
+    return node
+
+
+def seven_bit_weights(model: Any) -> int:
+    """Requantizes the INT8 weights of the model's convolutions and matrix products to 7 bits
+    (q -> round(q / 2), scale x 2); returns how many. What oneDNN does inside Paddle
+    Inference on CPUs without VNNI: there the INT8 kernels sum pairs of u8 x s8 products
+    in 16 bits, and full-range weights saturate them. Weights already within 7 bits
+    (NNCF's overflow fix) and asymmetric ones (a non-zero zero point) are left as they are."""
+    import openvino as ov
+    import openvino.opset13 as ops
+    done = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in QUANTIZED_CONSUMERS:
+            continue
+        mul = _through(op.input_value(1).get_node(), 'Multiply')
+        if mul is None:
+            continue
+        src = mul.input_value(0).get_node()
+        if src.get_type_name() == 'Subtract':
+            zero = _through(src.input_value(1).get_node(), 'Constant')
+            if zero is None or zero.get_data().any():
+                continue
+            src = src.input_value(0).get_node()
+        const = _through(src, 'Constant') if src.get_type_name() == 'Convert' else None
+        if const is None or const.get_element_type() != ov.Type.i8 or \
+                len(const.output(0).get_target_inputs()) > 1:
+            continue  # not INT8 weights of this op alone
+        q = const.get_data()
+        if np.abs(q.astype(np.int16)).max() <= 64:
+            continue  # 7 bits already: 2 x 255 x 64 fits in 16 bits
+        half = np.clip(np.round(q.astype(np.float32) / 2), -64, 63).astype(np.int8)
+        const.output(0).replace(ops.constant(half).output(0))
+        scale = mul.input_value(1)  # folded into one constant when compiled
+        mul.input(1).replace_source_output(
+            ops.multiply(scale, ops.constant(np.array(2, scale.get_element_type().to_dtype()))
+                         ).output(0))
+        done += 1
+    if done:
+        model.validate_nodes_and_infer_types()
+    return done
+
+
 def check_openvino_options(opts: EngineOptions, bf16_capable: bool) -> None:
     """Refuses what the OpenVINO CPU backend would run as something else."""
     if opts.device != 'cpu' or opts.use_trt:
@@ -86,6 +141,8 @@ class OpenVINOPredictor(EngineBase):
     FP32 models run with INFERENCE_PRECISION_HINT f32 (OpenVINO would otherwise run them in
     bf16 on bf16-capable CPUs) or bf16 when asked; a QAT model runs its FakeQuantize'd ops in
     INT8 and the rest in f32. `engine` is the runtime op summary of the last compiled shape.
+    On CPUs without VNNI the INT8 weights run in 7 bits (seven_bit_weights; `seven_bit` says
+    how many ops, `fallback` says so).
     """
     backend = 'openvino'
 
@@ -113,6 +170,11 @@ class OpenVINOPredictor(EngineBase):
                     type(e).__name__)) from e
         self.dropped = drop_observer_quantization(self.model) if self.quantized and \
             not keep_all else []
+        self.seven_bit = 0
+        if self.quantized and not cpu_features()['vnni']:
+            self.seven_bit = seven_bit_weights(self.model)
+            if self.seven_bit:
+                self.fallback = SEVEN_BIT_NOTE
         self.precision = 'int8' if self.quantized else (
             'bf16' if opts.precision == 'bf16' else 'fp32')
         self.properties = {
