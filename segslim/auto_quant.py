@@ -13,8 +13,9 @@ step starts, so --resume repeats nothing that finished:
             of FP32 speed does not end the search);
      nncf_ac and NNCF's accuracy-controlled variant (ptq.py --quantizer nncf
             --max_miou_drop) as the anchor on OpenVINO
-  4. qat    qat_train.py --distill in rounds up to --max_qat_iters, qat_export.py after each
-            round, stopping at the first round that meets the bound
+  4. qat    qat_train.py --distill --do_eval in rounds up to --max_qat_iters; after each
+            round qat_export.py of the best checkpoint so far by simulated val mIoU (a longer
+            round can end lower than it was), stopping at the first round that meets the bound
   5. choose benchmark of every candidate on every engine (latency and mIoU, as
             benchmark.py measures them): the fastest INT8 row within the bound is the answer,
             copied to <save_dir>/best/ (deploy.yaml names its engine); report.md lists all.
@@ -25,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -38,6 +39,8 @@ STATE = 'auto_quant.json'
 # A skip set that leaves the model less than this much faster than FP32 on the engines where
 # it meets the bound does not end the search: QAT is tried next.
 MIN_SPEEDUP = 1.1
+# Evaluations (and checkpoints) per QAT round: where the best checkpoint can come from.
+QAT_EVALS_PER_ROUND = 5
 
 
 class Steps:
@@ -105,18 +108,24 @@ class Steps:
                 return None
         return self.ptq(os.path.join(out, 'infer'), os.path.join(analysis, 'skip_layers.yml'))
 
-    def qat(self, out: str, iters: int, resume: Optional[str]) -> str:
-        """QAT with distillation up to `iters` (resuming a round's checkpoint), exported."""
+    def qat(self, out: str, iters: int, resume: Optional[str]) -> Tuple[str, int]:
+        """QAT with distillation up to `iters` (resuming a round's checkpoint), evaluated
+        QAT_EVALS_PER_ROUND times a round; exports the best checkpoint so far by simulated
+        val mIoU. Returns the export and the iteration it comes from."""
+        from segslim.engine.checkpoint import read_state
         train_dir = os.path.join(out, 'train')
+        start = read_state(resume)[0]['iter'] if resume else 0
         self._run('qat_train', '--config', self.config, '--model_path', self.model_path,
-                  '--learning_rate', 0.001, '--iters', iters, '--save_interval', iters,
+                  '--learning_rate', 0.001, '--iters', iters, '--do_eval',
+                  '--save_interval', max(1, (iters - start) // QAT_EVALS_PER_ROUND),
                   '--distill', '--seed', 0, '--save_dir', train_dir, '--log_iters', 50,
                   *(['--resume_model', resume] if resume else []))
+        best_iter = read_state(self.checkpoint(out, iters))[0]['best_iter']
         self._run('qat_export', '--config', self.config, '--model_path',
-                  os.path.join(train_dir, f'iter_{iters}', 'model.pdparams'),
+                  os.path.join(train_dir, 'best_model', 'model.pdparams'),
                   '--save_dir', os.path.join(out, 'infer'), '--verify_images', 0,
                   *self._onnx())
-        return os.path.join(out, 'infer')
+        return os.path.join(out, 'infer'), best_iter
 
     def checkpoint(self, out: str, iters: int) -> str:
         return os.path.join(out, 'train', f'iter_{iters}')
@@ -281,10 +290,11 @@ class AutoQuant:
         while done < self.max_qat_iters:
             iters = min(done + chunk, self.max_qat_iters)
             resume = self.steps.checkpoint(out, done) if done else None
-            model = self.steps.qat(out, iters, resume)
+            model, best_iter = self.steps.qat(out, iters, resume)
             last = iters >= self.max_qat_iters
-            cand = self._record('qat', f'QAT with distillation, {iters} iterations', model, t,
-                                final=False, iters=iters)
+            cand = self._record('qat', f'QAT with distillation, {iters} iterations (best '
+                                f'checkpoint: iteration {best_iter})', model, t, final=False,
+                                iters=iters, best_iter=best_iter)
             if cand['meets'] or last:
                 cand['final'] = True
                 self._save()

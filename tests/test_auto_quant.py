@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
 
-from segslim.auto_quant import AutoQuant
+from segslim.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
 
 FP32 = 0.90
@@ -52,7 +52,7 @@ class FakeSteps:
     def qat(self, out, iters, resume):
         self.calls.append(f'qat:{iters}:{os.path.basename(resume) if resume else "-"}')
         self.qat_round += 1
-        return self._dir('qat')
+        return self._dir('qat'), iters - 10  # the best checkpoint, as Steps.qat reports it
 
     def speedup(self, fp32_dir, model_dir, backend):
         self.calls.append(f'speed:{os.path.basename(model_dir)}:{backend}')
@@ -182,7 +182,8 @@ def test_nothing_meets_the_bound_exit_1_with_the_closest_and_the_work_kept(tmp_p
                                                                     'qat'}
     assert not (tmp_path / 'run' / 'best').exists()
     assert 'Choice: none' in (tmp_path / 'run' / 'report.md').read_text()
-    assert state['closest'] == 'QAT with distillation, 400 iterations on paddle, drop 0.0300'
+    assert state['closest'] == ('QAT with distillation, 400 iterations (best checkpoint: '
+                                'iteration 390) on paddle, drop 0.0300')
 
 
 def test_resume_repeats_no_finished_step(tmp_path):
@@ -244,3 +245,28 @@ def test_auto_quant_bad_inputs_are_one_line(fp32_run, tmp_path):
                        '--config', other, '--save_dir', tmp_path / 'u', '--opts',
                        *data_opts(fp32_run['data']))
     assert_one_line_error(proc, 'model.pdparams')
+
+
+def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, tmp_path):
+    from segslim.engine.checkpoint import read_state
+    steps = Steps(INSTANT, os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
+                  str(tmp_path), ['paddle'], None, 2, 'cpu')
+    ran = []
+
+    def forked(command, *args):  # Steps._run's command, from the suite's preloaded server
+        ran.append(command)
+        proc = run_cli(f'slim/quant/{command}.py', *args, '--opts', *data_opts(fp32_run['data']))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    steps._run = forked
+    out = str(tmp_path / 'qat')
+    first, best = steps.qat(out, 2, None)
+    assert 1 <= best <= 2 and os.path.isfile(os.path.join(first, 'model.pdmodel'))
+    model, best = steps.qat(out, 4, steps.checkpoint(out, 2))
+    state = read_state(steps.checkpoint(out, 4))[0]
+    assert model == first and state['iter'] == 4 and best == state['best_iter']
+    # evaluated at every iteration of the resumed round (4 - 2 < QAT_EVALS_PER_ROUND)
+    assert sorted(os.listdir(os.path.join(out, 'train'))) == [
+        'best_model', 'config.yaml', 'iter_1', 'iter_2', 'iter_3', 'iter_4',
+        'quant_summary.txt']
+    deploy = yaml.safe_load(open(os.path.join(model, 'deploy.yaml')))['Deploy']
+    assert deploy['quantized'] and ran == ['qat_train', 'qat_export'] * 2
