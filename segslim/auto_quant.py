@@ -330,9 +330,9 @@ class AutoQuant:
             os.rename(partial, best)
             self.state['choice'] = {'candidate': choice['candidate'],
                                     'backend': choice['backend'], 'dir': best}
-            logger.info('auto-quant: best: %s on %s, %.1f ms, mIoU %.4f (drop %.4f) -> %s',
+            logger.info('auto-quant: best: %s on %s, %.1f ms, mIoU %.4f (%+.4f vs FP32) -> %s',
                         cands[choice['candidate']]['method'], choice['backend'],
-                        1000 * choice['s_per_img'], choice['miou'], choice['drop'], best)
+                        1000 * choice['s_per_img'], choice['miou'], -choice['drop'], best)
             if fastest_float['s_per_img'] < choice['s_per_img']:
                 logger.warning('auto-quant: the FP32 model runs faster (%s %s, %.1f ms) than '
                                'any INT8 row that keeps the mIoU on this CPU',
@@ -364,14 +364,14 @@ def report_markdown(state: Dict[str, Any]) -> str:
     """report.md: every candidate tried, every engine row, and the choice."""
     lines = ['# auto-quant', '', 'Bound: INT8 mIoU within {:.4f} of the FP32 export on the same '
              'engine.'.format(state['max_miou_drop']), '', '## Candidates', '',
-             '| candidate | method | time s | engine mIoU (drop) |', '|---|---|---|---|']
+             '| candidate | method | time s | engine mIoU (vs FP32) |', '|---|---|---|---|']
     for name, c in state['candidates'].items():
         mious = ', '.join('{} {:.4f} ({:+.4f})'.format(b, m, 0.0 - c['drop'][b])
                           for b, m in (c.get('miou') or {}).items())
         lines.append('| {} | {} | {} | {} |'.format(name, c['method'], c['seconds'],
                                                      mious or c.get('note', '-')))
     lines += ['', '## Engines (latency and mIoU as benchmark.py measures them)', '',
-              '| candidate | engine | precision | ms | mIoU | drop | INT8 convs | within |',
+              '| candidate | engine | precision | ms | mIoU | vs FP32 | INT8 convs | within |',
               '|---|---|---|---|---|---|---|---|']
     for r in state.get('rows', []):
         lines.append('| {} | {} | {} | {:.1f} | {:.4f} | {:+.4f} | {}/{} | {} |'.format(
