@@ -208,3 +208,46 @@ def test_onnx_bad_inputs_are_one_line(fp32_run, exported, tmp_path):
                    env={'PYTHONPATH': str(tmp_path / 'site')})
     assert_one_line_error(proc, '--to_onnx', 'onnx package', 'pip install')
     assert not os.path.exists(tmp_path / 'f' / 'model.pdmodel')  # refused before any work
+
+
+def _qdq_layers(model):
+    """{conv: (int8 weights, weight scale, int32 bias, bias scale)} of a QDQ model."""
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == 'Conv' and node.input[1] in producer:
+            w, b = producer[node.input[1]], producer.get(node.input[2])
+            out[node.name] = (inits[w.input[0]], inits[w.input[1]],
+                              inits[b.input[0]] if b else None, inits[b.input[1]] if b else None)
+    return out
+
+
+def test_int8_weights_run_in_seven_bits_without_vnni(onnx_models, monkeypatch):
+    from segslim.deploy import onnxruntime_engine
+    from segslim.deploy.engine import SEVEN_BIT_NOTE
+    from segslim.deploy.onnxruntime_engine import seven_bit_qdq
+    model = load(onnx_models['ort'])
+    before = _qdq_layers(model)
+    wide = [k for k, (q, _, _, _) in before.items() if np.abs(q.astype(int)).max() > 64]
+    assert wide and seven_bit_qdq(model) == len(wide)
+    after = _qdq_layers(model)
+    for name in wide:
+        (q8, s8, b8, t8), (q7, s7, b7, t7) = before[name], after[name]
+        shape = (-1,) + (1,) * (q8.ndim - 1)
+        assert np.abs(q7.astype(int)).max() <= 64 and np.abs(2 * q7.astype(int) - q8).max() <= 1
+        assert np.allclose(s7, 2 * s8)
+        w8, w7 = q8 * s8.reshape(shape), q7 * s7.reshape(shape)
+        assert np.all(np.abs(w7 - w8) <= s8.reshape(shape) * 1.001), name  # one 8-bit step
+        if b8 is not None:  # the bias step stays input step x weight step
+            assert np.allclose(t7 / s7, t8 / s8) and np.all(np.abs(b7 * t7 - b8 * t8) <= t8)
+    assert seven_bit_qdq(model) == 0  # 7 bits already
+    monkeypatch.setattr(onnxruntime_engine, 'cpu_features', lambda: {'vnni': False})
+    seven = engine(onnx_models['ort'], 'onnxruntime')
+    assert seven.seven_bit == len(wide) and seven.fallback == SEVEN_BIT_NOTE
+    # onnxruntime still fuses every conv into QLinearConv (it needs the bias step to match)
+    assert seven.engine['int8_conv_ops'] == seven.engine['conv_ops'] > 0
+    assert engine(onnx_models['trt'], 'onnxruntime').seven_bit == 0  # run as float Q/DQ
+    monkeypatch.setattr(onnxruntime_engine, 'cpu_features', lambda: {'vnni': True})
+    eight = engine(onnx_models['ort'], 'onnxruntime')
+    assert eight.seven_bit == 0 and eight.fallback is None

@@ -21,6 +21,22 @@ IR_QUANT_OP = 'FakeQuantize'
 NO_INT8 = 'fp32 (QAT model, no INT8 kernels)'
 
 
+# Without VNNI, x86 INT8 kernels add each pair of u8 x s8 products in a 16-bit lane
+# (vpmaddubsw): 8-bit weights can saturate it (2 x 255 x 127 > 32767), 7-bit ones cannot.
+SEVEN_BIT_LIMIT = 64
+SEVEN_BIT_NOTE = ('weights requantized to 7 bits: without VNNI the INT8 kernels add pairs of '
+                  'u8 x s8 products in 16 bits, where 8-bit weights saturate')
+
+
+def seven_bit(q: np.ndarray) -> Optional[np.ndarray]:
+    """Symmetric INT8 weights `q` requantized to 7 bits (round(q / 2); their scale doubles),
+    or None when they already fit."""
+    if np.abs(q.astype(np.int16)).max() <= SEVEN_BIT_LIMIT:
+        return None
+    return np.clip(np.round(q.astype(np.float32) / 2), -SEVEN_BIT_LIMIT,
+                   SEVEN_BIT_LIMIT).astype(np.int8)
+
+
 def read_deploy(model_dir: str) -> Dict[str, Any]:
     """The `Deploy` section of <model_dir>/deploy.yaml with absolute model/params paths."""
     path = os.path.join(model_dir, 'deploy.yaml') if os.path.isdir(model_dir) else model_dir

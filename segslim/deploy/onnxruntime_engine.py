@@ -9,7 +9,8 @@ from typing import Any, Dict
 
 import numpy as np
 
-from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
+from segslim.deploy.cpu import cpu_features
+from segslim.deploy.engine import NO_INT8, SEVEN_BIT_NOTE, EngineBase, seven_bit, summarize_ops
 from segslim.errors import UserError
 from segslim.options import EngineOptions
 
@@ -30,6 +31,56 @@ def import_onnxruntime() -> Any:
     return onnxruntime
 
 
+def seven_bit_qdq(model: Any) -> int:
+    """Requantizes the int8 weights of the QDQ model's Conv/MatMul/Gemm nodes to 7 bits in
+    place (engine.seven_bit; the weight scale doubles, and an int32 bias DequantizeLinear is
+    requantized with it, since onnxruntime fuses a QLinearConv only when the bias step is
+    input step x weight step); returns how many. For CPUs without VNNI, where onnxruntime's
+    u8 x s8 kernels saturate on 8-bit weights. Initializers another node also reads are left
+    as they are."""
+    from onnx import TensorProto, numpy_helper
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    reads: Dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            reads[name] = reads.get(name, 0) + 1
+
+    def own(dq: Any, dtype: Any) -> bool:  # a DQ of initializers only it reads
+        return dq is not None and dq.op_type == 'DequantizeLinear' and \
+            all(n in inits and reads[n] == 1 for n in dq.input[:2]) and \
+            inits[dq.input[0]].data_type == dtype
+
+    def scaled(name: str, values: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(values, name))
+
+    done = 0
+    for node in graph.node:
+        if node.op_type not in ('Conv', 'MatMul', 'Gemm') or len(node.input) < 2:
+            continue
+        weight: Any = producer.get(node.input[1])
+        if not own(weight, TensorProto.INT8):
+            continue
+        zero = numpy_helper.to_array(inits[weight.input[2]]) if len(weight.input) > 2 else None
+        if zero is not None and zero.any():
+            continue
+        half = seven_bit(numpy_helper.to_array(inits[weight.input[0]]))
+        if half is None:
+            continue
+        bias: Any = producer.get(node.input[2]) if len(node.input) > 2 else None
+        if node.op_type == 'Conv' and bias is not None and not own(bias, TensorProto.INT32):
+            continue
+        scaled(weight.input[0], half)
+        scaled(weight.input[1], numpy_helper.to_array(inits[weight.input[1]]) * 2)
+        if node.op_type == 'Conv' and bias is not None:
+            q = numpy_helper.to_array(inits[bias.input[0]]).astype(np.float64)
+            scaled(bias.input[0], np.round(q / 2).astype(np.int32))
+            scaled(bias.input[1], numpy_helper.to_array(inits[bias.input[1]]) * 2)
+        done += 1
+    return done
+
+
 def profiled_summary(nodes: Dict[str, str]) -> Dict[str, Any]:
     """{node name: op kind} of one profiled run -> the op summary (see summarize_ops)."""
     return summarize_ops([(kind, kind in INT8_KINDS, name)
@@ -37,7 +88,9 @@ def profiled_summary(nodes: Dict[str, str]) -> Dict[str, Any]:
 
 
 class OnnxRuntimePredictor(EngineBase):
-    """One onnxruntime CPU session for the folder's model.onnx (deploy.yaml `onnx`)."""
+    """One onnxruntime CPU session for the folder's model.onnx (deploy.yaml `onnx`). On CPUs
+    without VNNI an INT8 file's weights run in 7 bits (seven_bit_qdq; `seven_bit` says how
+    many layers, `fallback` says so)."""
     backend = 'onnxruntime'
 
     def __init__(self, model_dir: str, opts: EngineOptions):
@@ -55,8 +108,17 @@ class OnnxRuntimePredictor(EngineBase):
             raise UserError(f'{model_dir} has no ONNX model; export it with --to_onnx, or use '
                             '--backend paddle')
         self.onnx_path = path
+        self.model: Any = path  # what the sessions load: the file, or its rewritten bytes
+        self.seven_bit = 0
+        if self.quantized and not self.for_tensorrt and not cpu_features()['vnni']:
+            import onnx
+            model = onnx.load(path)
+            self.seven_bit = seven_bit_qdq(model)
+            if self.seven_bit:
+                self.model = model.SerializeToString()
+                self.fallback = SEVEN_BIT_NOTE
         try:
-            self.session = self.ort.InferenceSession(path, self._options(),
+            self.session = self.ort.InferenceSession(self.model, self._options(),
                                                      providers=['CPUExecutionProvider'])
         except Exception as e:  # onnxruntime raises its own generic errors
             raise UserError(f'onnxruntime cannot load {path} '
@@ -95,7 +157,7 @@ class OnnxRuntimePredictor(EngineBase):
     def _profile(self, images: np.ndarray) -> Dict[str, Any]:
         """Op summary of the optimized graph, from one profiled run in a second session."""
         with tempfile.TemporaryDirectory(prefix='segslim-ort-') as tmp:
-            session = self.ort.InferenceSession(self.onnx_path,
+            session = self.ort.InferenceSession(self.model,
                                                 self._options(os.path.join(tmp, 'prof')),
                                                 providers=['CPUExecutionProvider'])
             session.run(None, {self.input_name: images})

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
+from segslim.deploy.engine import NO_INT8, SEVEN_BIT_NOTE, EngineBase, seven_bit, summarize_ops
 from segslim.errors import UserError
 from segslim.options import EngineOptions
 from segslim.program import strip_observer_quantization
@@ -28,8 +28,6 @@ QUANTIZED_CONSUMERS = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropDa
 SHAPE_CACHE = 4
 # Ops between a weighted op and its dequantize Multiply (per-channel scales get reshaped).
 WEIGHT_PATH_OPS = ('Reshape', 'Unsqueeze', 'Squeeze', 'Transpose', 'Convert')
-SEVEN_BIT_NOTE = ('weights requantized to 7 bits: without VNNI the INT8 kernels add u8 x s8 '
-                  'products in 16 bits, which saturates 8-bit weights')
 
 
 def import_openvino() -> Any:
@@ -86,10 +84,10 @@ def _through(node: Any, stop: str) -> Any:
 
 def seven_bit_weights(model: Any) -> int:
     """Requantizes the INT8 weights of the model's convolutions and matrix products to 7 bits
-    (q -> round(q / 2), scale x 2); returns how many. What oneDNN does inside Paddle
-    Inference on CPUs without VNNI: there the INT8 kernels sum pairs of u8 x s8 products
-    in 16 bits, and full-range weights saturate them. Weights already within 7 bits
-    (NNCF's overflow fix) and asymmetric ones (a non-zero zero point) are left as they are."""
+    (q -> round(q / 2), scale x 2); returns how many. For CPUs without VNNI, where OpenVINO's
+    INT8 kernels sum pairs of u8 x s8 products in 16 bits and full-range weights saturate
+    them (OpenVINO leaves the fix to the model). Weights already within 7 bits (NNCF's
+    overflow fix) and asymmetric ones (a non-zero zero point) are left as they are."""
     import openvino as ov
     import openvino.opset13 as ops
     done = 0
@@ -109,10 +107,9 @@ def seven_bit_weights(model: Any) -> int:
         if const is None or const.get_element_type() != ov.Type.i8 or \
                 len(const.output(0).get_target_inputs()) > 1:
             continue  # not INT8 weights of this op alone
-        q = const.get_data()
-        if np.abs(q.astype(np.int16)).max() <= 64:
-            continue  # 7 bits already: 2 x 255 x 64 fits in 16 bits
-        half = np.clip(np.round(q.astype(np.float32) / 2), -64, 63).astype(np.int8)
+        half = seven_bit(const.get_data())
+        if half is None:
+            continue
         const.output(0).replace(ops.constant(half).output(0))
         scale = mul.input_value(1)  # folded into one constant when compiled
         mul.input(1).replace_source_output(
