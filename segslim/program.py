@@ -1,7 +1,7 @@
 """Saved Paddle inference programs: reading them, the op types they hold, and the two
 rewrites the project applies (conv-bias fold for oneDNN, observer strip for engines that
 apply every quantize/dequantize pair). Every list of Paddle op types lives here."""
-from typing import Any, Dict, List, Tuple
+from typing import Any, Collection, Dict, List, Tuple
 
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
@@ -180,3 +180,50 @@ def strip_observer_quantization(model_file: str, out_file: str) -> int:
     desc.flush()
     write_bytes(out_file, desc.serialize_to_string())
     return len(remove) // 2
+
+
+def conv_shape(block: Any, op: Any, producer: Dict[str, int], ops: List[Any]
+               ) -> Tuple[int, int, int, int, int, int, int]:
+    """(groups, in channels, out channels, kernel h, kernel w, stride h, stride w) of a conv
+    op, read through the dequantize op of a quantized filter."""
+    name = op.input('Filter')[0]
+    if name in producer and ops[producer[name]].type() == 'dequantize_linear':
+        name = ops[producer[name]].input('X')[0]
+    oc, icg, kh, kw = block.find_var(name.encode()).shape()
+    groups = max(int(op.attr('groups')), 1)
+    sh, sw = op.attr('strides')
+    return (groups, icg * groups, oc, kh, kw, sh, sw)
+
+
+def run_convs_in_fp32(model_file: str, out_file: str,
+                      shapes: Collection[Tuple[int, ...]]) -> List[str]:
+    """Writes to `out_file` the program of `model_file` with the activation quantization
+    of the convs of these shapes (conv_shape) taken off their inputs, so the oneDNN engine
+    runs them in FP32 (their weights, stored INT8, are dequantized as before); returns the
+    output names of those convs. A quantize/dequantize pair that only such a conv reads is
+    removed; one that others read too stays for them."""
+    desc = read_program(model_file)
+    block = desc.block(0)
+    ops = block_ops(desc)
+    consumers = consumers_map(ops)
+    producer = producers_map(ops)
+    remove, changed = [], []
+    for i, op in enumerate(ops):
+        if op.type() not in ('conv2d', 'depthwise_conv2d') or \
+                conv_shape(block, op, producer, ops) not in shapes:
+            continue
+        x = op.input('Input')[0]
+        dq = producer.get(x)
+        if dq is None or ops[dq].type() != 'dequantize_linear':
+            continue
+        q = producer.get(ops[dq].input('X')[0])
+        if q is None or ops[q].type() != 'quantize_linear':
+            continue
+        op.set_input('Input', [ops[q].input('X')[0]])
+        changed.append(op.output('Output')[0])
+        if consumers.get(x) == [i] and consumers.get(ops[dq].input('X')[0]) == [dq]:
+            remove += [q, dq]
+    _remove_ops(desc, remove)
+    desc.flush()
+    write_bytes(out_file, desc.serialize_to_string())
+    return changed

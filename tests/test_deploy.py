@@ -11,7 +11,8 @@ from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
 from segslim.options import EngineOptions
 
 ROW_FIELDS = ('model_dir', 'precision', 'miou', 'class_iou', 's_per_img', 'p90_s', 'speedup',
-              'params_mb', 'pixel_agreement', 'int8_conv_ops', 'conv_ops', 'fallback')
+              'params_mb', 'pixel_agreement', 'int8_conv_ops', 'conv_ops', 'fallback',
+              'engine_fp32_convs')
 
 
 def test_benchmark_json_has_every_field(exported, tmp_path):
@@ -32,7 +33,8 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
         assert row['s_per_img'] > 0 and row['p90_s'] >= row['s_per_img']
     assert rows[0]['speedup'] == 1.0 and rows[0]['pixel_agreement'] == 1.0
     int8 = rows[-1]
-    assert int8['int8_conv_ops'] == int8['conv_ops'] > 0 and int8['fallback'] is None
+    assert int8['int8_conv_ops'] + int8['engine_fp32_convs'] == int8['conv_ops'] > 0
+    assert (int8['fallback'] is None) == (int8['engine_fp32_convs'] == 0)
     # vs the FP32 engine: QAT fine-tuning changed the weights too, so not near 100 %
     assert int8['pixel_agreement'] > 0.98 and int8['params_mb'] < rows[0]['params_mb']
     assert rows[0]['int8_conv_ops'] == 0
@@ -89,3 +91,68 @@ def test_model_folder_without_deploy_yaml_is_one_line_error(tmp_path):
                        '--repeats', 1)
     assert proc.returncode == 2 and 'has no deploy.yaml' in proc.stderr
     assert 'Traceback' not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# oneDNN verbose lines as Paddle 2.6's oneDNN 3 prints them (AMD EPYC, AVX2): a grouped INT8
+# conv on the reference kernel, a JIT INT8 conv, and an FP32 conv on the reference kernel
+VERBOSE = [
+    'onednn_verbose,exec,cpu,convolution,ref:any,forward_inference,src_u8:a:blocked:acdb::f0 '
+    'wei_s8:a:blocked:abcde::f0 bia_f32::blocked:a::f0 dst_s8:a:blocked:acdb::f0,'
+    'attr-scales:src0:0+dst:0+wei:3 ,alg:convolution_direct,'
+    'g16mb1_ic16oc96_ih128oh64kh3sh2dh0ph0_iw128ow64kw3sw2dw0pw0,41.6189',
+    'onednn_verbose,exec,cpu,convolution,jit_uni_int8:avx2,forward_inference,src_u8:a:blocked:'
+    'acdb::f0 wei_s8:a:blocked:ABcd2b8a4b::f0 bia_f32::blocked:a::f0 dst_f32:a:blocked:acdb::f0,'
+    'attr-scales:src0:0+wei:1 attr-post-ops:eltwise_relu ,alg:convolution_direct,'
+    'mb1_ic8oc16_ih256oh128kh3sh2dh0ph0_iw256ow128kw3sw2dw0pw0,0.116943',
+    'onednn_verbose,exec,cpu,convolution,ref:any,forward_inference,src_f32::blocked:abcd::f0 '
+    'wei_f32::blocked:abcd::f0 bia_f32::blocked:a::f0 dst_f32::blocked:abcd::f0,,'
+    'alg:convolution_direct,mb1_ic3oc8_ih64oh64kh5sh1dh0ph2_iw64ow32kw1sw2dw0pw0,1.5',
+    'onednn_verbose,exec,cpu,reorder,jit:uni,undef,src_f32::blocked:abcd::f0 dst_s8::blocked:'
+    'abcd::f0,attr-scales:src0:0 ,,1x3x512x512,0.233887',
+]
+
+
+def test_reference_int8_convs_are_read_from_the_verbose_log(exported):
+    from segslim.deploy.profile import reference_int8_convs, verbose_lines
+    # (groups, in, out, kernel h, kernel w, stride h, stride w) of INT8 convs on `ref` only
+    assert reference_int8_convs(VERBOSE) == {(16, 16, 96, 3, 3, 2, 2)}
+    pred = Predictor(exported['int8'], EngineOptions(precision='int8',
+                                                     input_shape=(1, 3, 64, 64)))
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    lines = verbose_lines(lambda: pred.run(x))  # this process's own oneDNN, captured
+    convs = [line for line in lines if ',exec,cpu,convolution,' in line]
+    assert convs and all(line.startswith('onednn_verbose') for line in convs)
+
+
+def _grouped_shapes(model_file):
+    """conv_shape of every conv with a channel multiplier in the program."""
+    from segslim.program import block_ops, conv_shape, producers_map, read_program
+    desc = read_program(model_file)
+    ops = block_ops(desc)
+    producer = producers_map(ops)
+    shapes = [conv_shape(desc.block(0), op, producer, ops) for op in ops
+              if op.type() in ('conv2d', 'depthwise_conv2d')]
+    return sorted({s for s in shapes if s[0] > 1 and s[2] != s[1]})
+
+
+def test_convs_on_reference_kernels_run_fp32_and_the_rest_int8(exported, monkeypatch, tmp_path):
+    from segslim.program import program_op_types, run_convs_in_fp32
+    model_file = os.path.join(exported['int8'], 'model.pdmodel')
+    shapes = _grouped_shapes(model_file)
+    assert shapes  # BiSeNetV2's gather-and-expansion convs: 16->96 channels in 16 groups
+    out = str(tmp_path / 'model.pdmodel')
+    changed = run_convs_in_fp32(model_file, out, shapes[:1])
+    assert changed and program_op_types(out).count('quantize_linear') == \
+        program_op_types(model_file).count('quantize_linear') - len(changed)
+    opts = EngineOptions(precision='int8', input_shape=(1, 3, 64, 64))
+    monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set())
+    full = Predictor(exported['int8'], opts)
+    assert full.engine['int8_conv_ops'] == full.engine['conv_ops'] and full.fallback is None
+    monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set(shapes[:1]))
+    part = Predictor(exported['int8'], opts)
+    assert part.precision == 'int8' and part.model_file != model_file
+    assert part.engine['int8_conv_ops'] == full.engine['conv_ops'] - len(changed) > 0
+    assert f'{len(changed)} INT8 convs run FP32' in part.fallback and \
+        'reference INT8 kernel' in part.fallback
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    assert (part.labels(x) == full.labels(x)).mean() >= 0.99

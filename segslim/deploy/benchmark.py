@@ -177,6 +177,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             'p90_s': float(np.percentile(secs, 90)) / shape[0],
             'params_mb': os.path.getsize(pred.deploy['params']) / 2 ** 20,
             'fallback': pred.fallback,
+            'engine_fp32_convs': len(pred.fp32_convs),
             'passes': getattr(pred, 'passes', None),
         }
         row.update({key: pred.engine.get(key) for key in SUMMARY_KEYS})

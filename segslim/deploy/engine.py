@@ -169,7 +169,8 @@ def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
 class EngineBase:
     """What every backend's predictor offers: `deploy` (read_deploy), `model_dir`, `opts`,
     `quantized`, `precision` (what the engine runs), `fallback` (what was changed to make it
-    run, or None), `engine` (op summary: what runs INT8) and run() on a N,C,H,W batch."""
+    run, or None), `fp32_convs`, `engine` (op summary: what runs INT8) and run() on a N,C,H,W
+    batch."""
     backend = ''
     precision: str
 
@@ -185,6 +186,9 @@ class EngineBase:
             self.op_types = program_op_types(self.deploy['model'])
             self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
         self.fallback: Optional[str] = None
+        # convs the model quantizes that the engine runs in FP32 (no fast INT8 kernel for them
+        # on this CPU); `fallback` says why
+        self.fp32_convs: List[str] = []
         self.engine: Dict[str, Any] = {}
         if opts.precision == 'int8' and not self.quantized:
             raise UserError(f'{model_dir} holds no quantization scales, so INT8 would silently '

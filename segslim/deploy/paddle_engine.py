@@ -12,6 +12,7 @@ import numpy as np
 from paddle import inference as pi
 
 from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
+from segslim.deploy.profile import ConvShape, reference_int8_convs, verbose_lines
 from segslim.errors import UserError
 from segslim.logger import quiet_native_output
 from segslim.options import EngineOptions
@@ -22,6 +23,7 @@ from segslim.program import (
     block_ops,
     program_input_names,
     read_program,
+    run_convs_in_fp32,
 )
 
 # INT8 op sets tried in order until the engine runs.
@@ -67,6 +69,14 @@ def check_engine_options(opts: EngineOptions) -> None:
                         '--use_trt True, or use fp32 (or bf16 on CPU)')
 
 
+def describe_conv(shape: ConvShape) -> str:
+    """'16->96 channels, 16 groups, 3x3, stride 2' for a conv shape."""
+    groups, ic, oc, kh, kw, sh, sw = shape
+    return '{}->{} channels{}, {}x{}{}'.format(
+        ic, oc, f', {groups} groups' if groups > 1 else '', kh, kw,
+        '' if (sh, sw) == (1, 1) else f', stride {sh}' if sh == sw else f', stride {sh}x{sw}')
+
+
 class PaddlePredictor(EngineBase):
     """One Paddle Inference predictor for an exported model folder.
 
@@ -101,7 +111,11 @@ class PaddlePredictor(EngineBase):
         probe = self.probe_shape()
         self.trt_max = (max(TRT_MAX_SIDE, probe[2]), max(TRT_MAX_SIDE, probe[3]))
         self.precision = self._precision()
+        self.model_file = self.deploy['model']
         self._create()
+        if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
+                self.opts.enable_mkldnn:
+            self._avoid_reference_convs()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.engine and not self.engine.get('int8_ops'):
             self.precision = NO_INT8
@@ -128,7 +142,7 @@ class PaddlePredictor(EngineBase):
         """The engine config; `native` op types run in Paddle's own CPU kernels instead of
         oneDNN (ops oneDNN rejected for this model)."""
         opts = self.opts
-        config = pi.Config(self.deploy['model'], self.deploy['params'])
+        config = pi.Config(self.model_file, self.deploy['params'])
         if not opts.print_detail:
             config.disable_glog_info()
         if opts.device == 'gpu':
@@ -163,6 +177,31 @@ class PaddlePredictor(EngineBase):
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)
         return config
+
+    def _avoid_reference_convs(self) -> None:
+        """Runs in FP32 the INT8 convs that oneDNN has only its reference kernel for on this
+        CPU (seen in its verbose log of a probe run), from a copy of the program without their
+        input quantization. On AVX2 without VNNI, BiSeNetV2's grouped convs with a channel
+        multiplier (16 -> 96 channels in 16 groups) took 202 of 248 ms that way; in FP32
+        they take 2."""
+        probe = np.zeros(self.probe_shape(), np.float32)
+        shapes = reference_int8_convs(verbose_lines(lambda: self.run(probe)))
+        if not shapes:
+            return
+        tmp = tempfile.mkdtemp(prefix='segslim-fp32-convs-')
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        model_file = os.path.join(tmp, os.path.basename(self.model_file))
+        changed = run_convs_in_fp32(self.model_file, model_file, shapes)
+        if not changed:
+            return
+        before = self.fallback
+        self.model_file = model_file
+        self._create()
+        self.fp32_convs = changed
+        note = '{} INT8 convs run FP32: this CPU has only oneDNN\'s reference INT8 kernel for ' \
+               'their shapes ({})'.format(len(changed), '; '.join(map(describe_conv,
+                                                                      sorted(shapes))))
+        self.fallback = '; '.join(n for n in (self.fallback or before, note) if n)
 
     def _enable_trt(self, config: Any) -> None:
         """TensorRT: dynamic shapes; INT8 QAT models carry their scales (no calibration)."""

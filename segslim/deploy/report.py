@@ -49,9 +49,9 @@ def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
                                                                          report['input_shape'])),
                                          report['repeats'])]
     if report['device'] == 'cpu' and not report['vnni']:
-        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 convolutions gain little here, '
-                     'and oneDNN INT8 can run slower than FP32; compare the rows before '
-                     'shipping INT8.')
+        lines.append('WARNING: this CPU has no VNNI/AMX: INT8 gains less here than on VNNI '
+                     'CPUs (its INT8 kernels take 7-bit weights, and some conv shapes have no '
+                     'fast INT8 kernel); compare the rows before shipping INT8.')
     lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs best bf16 | '
               'params MB | agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for r in report['rows']:
