@@ -6,7 +6,7 @@ from conftest import ROOT
 
 
 def test_parse_verbose_sums_by_kind_and_dtype():
-    from segslim.deploy.profile import parse_verbose
+    from segslim.deploy.onednn import parse_verbose
     lines = [
         'onednn_verbose,info,prim_template:operation,engine,primitive,...,exec_time',
         'onednn_verbose,exec,cpu,convolution,brgconv:avx512_core_vnni,forward_inference,'

@@ -113,7 +113,7 @@ VERBOSE = [
 
 
 def test_reference_int8_convs_are_read_from_the_verbose_log(exported):
-    from segslim.deploy.profile import reference_int8_convs, verbose_lines
+    from segslim.deploy.onednn import reference_int8_convs, verbose_lines
     # (groups, in, out, kernel h, kernel w, stride h, stride w) of INT8 convs on `ref` only
     assert reference_int8_convs(VERBOSE) == {(16, 16, 96, 3, 3, 2, 2)}
     pred = Predictor(exported['int8'], EngineOptions(precision='int8',

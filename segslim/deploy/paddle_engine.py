@@ -12,7 +12,7 @@ import numpy as np
 from paddle import inference as pi
 
 from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
-from segslim.deploy.profile import ConvShape, reference_int8_convs, verbose_lines
+from segslim.deploy.onednn import ConvShape, reference_int8_convs, verbose_lines
 from segslim.errors import UserError
 from segslim.logger import quiet_native_output
 from segslim.options import EngineOptions

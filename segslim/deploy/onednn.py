@@ -1,0 +1,88 @@
+"""oneDNN's verbose log (the library Paddle Inference runs on CPU): turning it on around a
+call in this process, what each primitive ran and for how long, and which INT8 convolutions
+fell back to oneDNN's reference kernel."""
+import ctypes
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+
+# A 2-D convolution's problem in oneDNN's verbose log, e.g.
+# g16mb1_ic16oc96_ih128oh64kh3sh2dh0ph0_iw128ow64kw3sw2dw0pw0
+CONV_PROBLEM = re.compile(r'^(?:g(\d+))?mb\d+_ic(\d+)oc(\d+)_ih\d+oh\d+kh(\d+)sh(\d+)dh\d+ph\d+'
+                          r'_iw\d+ow\d+kw(\d+)sw(\d+)')
+# (groups, in channels, out channels, kernel h, kernel w, stride h, stride w)
+ConvShape = Tuple[int, int, int, int, int, int, int]
+
+
+def onednn() -> Any:
+    """Paddle's oneDNN library (for dnnl_set_verbose)."""
+    import paddle
+    return ctypes.CDLL(os.path.join(os.path.dirname(paddle.__file__), 'libs', 'libdnnl.so.3'))
+
+
+def flush_all() -> None:
+    """oneDNN prints through C stdio, buffered apart from Python's: flush both, so what each
+    prints lands where it was printed."""
+    sys.stdout.flush()
+    ctypes.CDLL(None).fflush(None)
+
+
+def verbose_lines(run: Callable[[], Any]) -> List[str]:
+    """oneDNN's verbose lines while `run()` runs in this process (its C stdout captured at
+    the file descriptor)."""
+    dnnl = onednn()
+    flush_all()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            dnnl.dnnl_set_verbose(1)
+            run()
+        finally:
+            level = os.environ.get('ONEDNN_VERBOSE') or os.environ.get('DNNL_VERBOSE') or '0'
+            dnnl.dnnl_set_verbose(int(level) if level.isdigit() else 0)  # as it was
+            flush_all()
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        return f.read().decode(errors='replace').splitlines()
+
+
+def parse_verbose(lines: Sequence[str]) -> Dict[str, float]:
+    """{kind: total ms} of oneDNN `exec` lines; convolutions and matmuls are split by the
+    data type they read (e.g. 'convolution int8', 'convolution f32')."""
+    totals: Dict[str, float] = {}
+    for line in lines:
+        fields = line.strip().split(',')
+        if len(fields) < 6 or not fields[0].endswith('_verbose') or fields[1] != 'exec':
+            continue
+        kind = fields[3]
+        try:
+            ms = float(fields[-1])
+        except ValueError:
+            continue
+        if kind in ('convolution', 'matmul', 'inner_product', 'deconvolution'):
+            memory = ' '.join(fields[4:])
+            kind += ' int8' if ('src_u8' in memory or 'src_s8' in memory) else \
+                ' bf16' if 'src_bf16' in memory else ' f32'
+        totals[kind] = totals.get(kind, 0.0) + ms
+    return totals
+
+
+def reference_int8_convs(lines: Sequence[str]) -> Set[ConvShape]:
+    """The shapes of the INT8 convolutions oneDNN ran with its reference kernel (`ref:any`,
+    plain C++ loops: tens of times slower than a JIT kernel), from verbose `exec` lines."""
+    shapes = set()
+    for line in lines:
+        fields = line.strip().split(',')
+        if len(fields) < 8 or fields[1] != 'exec' or fields[3] != 'convolution':
+            continue
+        if 'ref' not in fields[4].split(':') or not re.search(r'\bsrc_[us]8', line):
+            continue
+        match = CONV_PROBLEM.match(fields[-2])
+        if match:
+            g, ic, oc, kh, sh, kw, sw = (int(v or 1) for v in match.groups())
+            shapes.add((g, ic, oc, kh, kw, sh, sw))
+    return shapes
