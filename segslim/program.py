@@ -1,7 +1,7 @@
 """Saved Paddle inference programs: reading them, the op types they hold, and the two
 rewrites the project applies (conv-bias fold for oneDNN, observer strip for engines that
 apply every quantize/dequantize pair). Every list of Paddle op types lives here."""
-from typing import Any, Collection, Dict, List, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
@@ -85,6 +85,20 @@ def producers_map(ops: List[Any]) -> Dict[str, int]:
     return producer
 
 
+def quant_pair(ops: List[Any], producer: Dict[str, int], name: str
+               ) -> Optional[Tuple[int, int, str]]:
+    """(quantize index, dequantize index, the tensor they quantize) when `name` is the output
+    of a quantize_linear -> dequantize_linear pair, else None (e.g. weights stored quantized:
+    a dequantize op alone)."""
+    dq = producer.get(name)
+    if dq is None or ops[dq].type() != 'dequantize_linear':
+        return None
+    q = producer.get(ops[dq].input('X')[0])
+    if q is None or ops[q].type() != 'quantize_linear':
+        return None
+    return q, dq, ops[q].input('X')[0]
+
+
 def _remove_ops(desc: Any, indices: List[int], drop_vars: bool = False) -> None:
     block = desc.block(0)
     for i in sorted(indices, reverse=True):
@@ -161,15 +175,14 @@ def strip_observer_quantization(model_file: str, out_file: str) -> int:
     for i, op in enumerate(ops):
         if op.type() != 'dequantize_linear':
             continue
-        src = op.input('X')[0]
-        q = producer.get(src)
-        if q is None or ops[q].type() != 'quantize_linear' or consumers.get(src, []) != [i]:
-            continue  # weights (stored quantized) or a shared tensor: keep
         out = op.output('Y')[0]
+        pair = quant_pair(ops, producer, out)
+        if pair is None or consumers.get(op.input('X')[0], []) != [i]:
+            continue  # weights (stored quantized) or a shared tensor: keep
+        q, _, original = pair
         users = consumers.get(out, [])
         if any(quantized(ops[u]) for u in users):
             continue
-        original = ops[q].input('X')[0]
         for u in users:
             for name in ops[u].input_names():
                 args = ops[u].input(name)
@@ -213,13 +226,11 @@ def run_convs_in_fp32(model_file: str, out_file: str,
                 conv_shape(block, op, producer, ops) not in shapes:
             continue
         x = op.input('Input')[0]
-        dq = producer.get(x)
-        if dq is None or ops[dq].type() != 'dequantize_linear':
+        pair = quant_pair(ops, producer, x)
+        if pair is None:
             continue
-        q = producer.get(ops[dq].input('X')[0])
-        if q is None or ops[q].type() != 'quantize_linear':
-            continue
-        op.set_input('Input', [ops[q].input('X')[0]])
+        q, dq, original = pair
+        op.set_input('Input', [original])
         changed.append(op.output('Output')[0])
         if consumers.get(x) == [i] and consumers.get(ops[dq].input('X')[0]) == [dq]:
             remove += [q, dq]

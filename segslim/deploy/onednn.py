@@ -6,7 +6,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Callable, Dict, List, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
 # A 2-D convolution's problem in oneDNN's verbose log, e.g.
 # g16mb1_ic16oc96_ih128oh64kh3sh2dh0ph0_iw128ow64kw3sw2dw0pw0
@@ -50,23 +50,30 @@ def verbose_lines(run: Callable[[], Any]) -> List[str]:
         return f.read().decode(errors='replace').splitlines()
 
 
-def parse_verbose(lines: Sequence[str]) -> Dict[str, float]:
-    """{kind: total ms} of oneDNN `exec` lines; convolutions and matmuls are split by the
-    data type they read (e.g. 'convolution int8', 'convolution f32')."""
-    totals: Dict[str, float] = {}
+def exec_records(lines: Sequence[str]) -> Iterator[Tuple[str, str, str, str, float]]:
+    """(primitive kind, implementation, the data type it reads: int8, bf16 or f32, problem,
+    ms) of each `exec` line."""
     for line in lines:
         fields = line.strip().split(',')
         if len(fields) < 6 or not fields[0].endswith('_verbose') or fields[1] != 'exec':
             continue
-        kind = fields[3]
         try:
             ms = float(fields[-1])
         except ValueError:
             continue
+        memory = ' '.join(fields[4:])
+        dtype = 'int8' if re.search(r'\bsrc_[us]8', memory) else \
+            'bf16' if 'src_bf16' in memory else 'f32'
+        yield fields[3], fields[4], dtype, fields[-2], ms
+
+
+def parse_verbose(lines: Sequence[str]) -> Dict[str, float]:
+    """{kind: total ms} of oneDNN `exec` lines; convolutions and matmuls are split by the
+    data type they read (e.g. 'convolution int8', 'convolution f32')."""
+    totals: Dict[str, float] = {}
+    for kind, _, dtype, _, ms in exec_records(lines):
         if kind in ('convolution', 'matmul', 'inner_product', 'deconvolution'):
-            memory = ' '.join(fields[4:])
-            kind += ' int8' if ('src_u8' in memory or 'src_s8' in memory) else \
-                ' bf16' if 'src_bf16' in memory else ' f32'
+            kind += ' ' + dtype
         totals[kind] = totals.get(kind, 0.0) + ms
     return totals
 
@@ -75,14 +82,9 @@ def reference_int8_convs(lines: Sequence[str]) -> Set[ConvShape]:
     """The shapes of the INT8 convolutions oneDNN ran with its reference kernel (`ref:any`,
     plain C++ loops: tens of times slower than a JIT kernel), from verbose `exec` lines."""
     shapes = set()
-    for line in lines:
-        fields = line.strip().split(',')
-        if len(fields) < 8 or fields[1] != 'exec' or fields[3] != 'convolution':
-            continue
-        if 'ref' not in fields[4].split(':') or not re.search(r'\bsrc_[us]8', line):
-            continue
-        match = CONV_PROBLEM.match(fields[-2])
-        if match:
+    for kind, impl, dtype, problem, _ in exec_records(lines):
+        match = CONV_PROBLEM.match(problem)
+        if kind == 'convolution' and dtype == 'int8' and 'ref' in impl.split(':') and match:
             g, ic, oc, kh, sh, kw, sw = (int(v or 1) for v in match.groups())
             shapes.add((g, ic, oc, kh, kw, sh, sw))
     return shapes

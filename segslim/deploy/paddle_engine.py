@@ -194,14 +194,13 @@ class PaddlePredictor(EngineBase):
         changed = run_convs_in_fp32(self.model_file, model_file, shapes)
         if not changed:
             return
-        before = self.fallback
         self.model_file = model_file
-        self._create()
+        self._create()  # keeps `fallback` unless the engine needed another change
         self.fp32_convs = changed
         note = '{} INT8 convs run FP32: this CPU has only oneDNN\'s reference INT8 kernel for ' \
                'their shapes ({})'.format(len(changed), '; '.join(map(describe_conv,
                                                                       sorted(shapes))))
-        self.fallback = '; '.join(n for n in (self.fallback or before, note) if n)
+        self.fallback = '; '.join(n for n in (self.fallback, note) if n)
 
     def _enable_trt(self, config: Any) -> None:
         """TensorRT: dynamic shapes; INT8 QAT models carry their scales (no calibration)."""
