@@ -136,6 +136,10 @@ def test_nncf_is_a_candidate_where_openvino_is_and_the_fastest_row_within_wins(t
     assert state['choice'] == {'candidate': 'nncf', 'backend': 'openvino',
                                'dir': str(tmp_path / 'run' / 'best')}
     assert state['candidates']['nncf']['meets'] == ['openvino']
+    # the signed change against FP32, under its name (a loss is negative)
+    report = (tmp_path / 'run' / 'report.md').read_text()
+    assert '| mIoU | vs FP32 |' in report
+    assert '| nncf | openvino | int8 | 15.0 | 0.8960 | -0.0040 |' in report
 
 
 def test_nncf_accuracy_control_is_tried_beside_the_skip_set(tmp_path):
@@ -251,10 +255,12 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
     from segslim.engine.checkpoint import read_state
     steps = Steps(INSTANT, os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                   str(tmp_path), ['paddle'], None, 2, 'cpu')
-    ran = []
+    ran, exported_from = [], []
 
     def forked(command, *args):  # Steps._run's command, from the suite's preloaded server
         ran.append(command)
+        if command == 'qat_export':
+            exported_from.append(str(args[args.index('--model_path') + 1]))
         proc = run_cli(f'slim/quant/{command}.py', *args, '--opts', *data_opts(fp32_run['data']))
         assert proc.returncode == 0, proc.stderr[-3000:]
     steps._run = forked
@@ -270,3 +276,5 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
         'quant_summary.txt']
     deploy = yaml.safe_load(open(os.path.join(model, 'deploy.yaml')))['Deploy']
     assert deploy['quantized'] and ran == ['qat_train', 'qat_export'] * 2
+    best = os.path.join(out, 'train', 'best_model', 'model.pdparams')
+    assert exported_from == [best, best]  # not the round's last checkpoint

@@ -156,3 +156,15 @@ def test_convs_on_reference_kernels_run_fp32_and_the_rest_int8(exported, monkeyp
         'reference INT8 kernel' in part.fallback
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     assert (part.labels(x) == full.labels(x)).mean() >= 0.99
+
+
+def test_without_the_onednn_library_the_probe_is_skipped(exported, monkeypatch):
+    from segslim.deploy import onednn
+
+    def missing():
+        raise OSError('libdnnl.so.3: cannot open shared object file')
+    monkeypatch.setattr(onednn, 'onednn', missing)
+    pred = Predictor(exported['int8'], EngineOptions(precision='int8',
+                                                     input_shape=(1, 3, 64, 64)))
+    assert pred.precision == 'int8' and not pred.fp32_convs
+    assert pred.model_file == os.path.join(exported['int8'], 'model.pdmodel')

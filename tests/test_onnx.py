@@ -251,3 +251,16 @@ def test_int8_weights_run_in_seven_bits_without_vnni(onnx_models, monkeypatch):
     monkeypatch.setattr(onnxruntime_engine, 'cpu_features', lambda: {'vnni': True})
     eight = engine(onnx_models['ort'], 'onnxruntime')
     assert eight.seven_bit == 0 and eight.fallback is None
+
+
+def test_without_onnx_the_weights_stay_8_bit_and_it_says_so(onnx_models, monkeypatch):
+    import sys
+
+    from segslim.deploy import onnxruntime_engine
+    said = []
+    monkeypatch.setattr(onnxruntime_engine.logger, 'warning', lambda msg, *a: said.append(msg % a))
+    monkeypatch.setattr(onnxruntime_engine, 'cpu_features', lambda: {'vnni': False})
+    monkeypatch.setitem(sys.modules, 'onnx', None)  # as if not installed
+    pred = engine(onnx_models['ort'], 'onnxruntime')
+    assert pred.seven_bit == 0 and pred.fallback is None and pred.precision == 'int8'
+    assert len(said) == 1 and 'onnx is not installed' in said[0] and '8-bit weights' in said[0]

@@ -12,6 +12,7 @@ import numpy as np
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import NO_INT8, SEVEN_BIT_NOTE, EngineBase, seven_bit, summarize_ops
 from segslim.errors import UserError
+from segslim.logger import logger
 from segslim.options import EngineOptions
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
@@ -111,12 +112,17 @@ class OnnxRuntimePredictor(EngineBase):
         self.model: Any = path  # what the sessions load: the file, or its rewritten bytes
         self.seven_bit = 0
         if self.quantized and not self.for_tensorrt and not cpu_features()['vnni']:
-            import onnx
-            model = onnx.load(path)
-            self.seven_bit = seven_bit_qdq(model)
-            if self.seven_bit:
-                self.model = model.SerializeToString()
-                self.fallback = SEVEN_BIT_NOTE
+            try:
+                import onnx
+            except ImportError:
+                logger.warning('onnx is not installed, so %s runs its 8-bit weights, which '
+                               'saturate on this CPU: pip install -e .[onnx]', path)
+            else:
+                model = onnx.load(path)
+                self.seven_bit = seven_bit_qdq(model)
+                if self.seven_bit:
+                    self.model = model.SerializeToString()
+                    self.fallback = SEVEN_BIT_NOTE
         try:
             self.session = self.ort.InferenceSession(self.model, self._options(),
                                                      providers=['CPUExecutionProvider'])
