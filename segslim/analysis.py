@@ -196,7 +196,7 @@ class PTQEngineCheck:
         engine = create_predictor(model_dir, EngineOptions(backend=self.backend,
                                                            precision=precision))
         return evaluate_engines([engine], self.dataset, self.n,
-                                desc=f'{precision.upper()} engine')[0]['metrics']['miou']
+                                desc=f'{precision.upper()} engine')[0].miou
 
     def __call__(self, skip: List[str]) -> float:
         from segslim import ptq

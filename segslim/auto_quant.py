@@ -26,14 +26,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from segslim.deploy.results import BenchRow, Precision, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
-from segslim.options import check_max_miou_drop
+from segslim.options import CALIBRATION_IMAGES, TIMING_SHAPE, check_max_miou_drop
 
 STATE = 'auto_quant.json'
 # A skip set that leaves the model less than this much faster than FP32 on the engines where
@@ -47,8 +49,9 @@ class Steps:
     """The real steps: the project's commands in child processes, engines in this one."""
 
     def __init__(self, config: str, model_path: str, save_dir: str, backends: Sequence[str],
-                 num_images: Optional[int], threads: int, device: str, calib_images: int = 32,
-                 opts: Sequence[str] = (), shape: Sequence[int] = (1, 3, 512, 512)):
+                 num_images: Optional[int], threads: int, device: str,
+                 calib_images: int = CALIBRATION_IMAGES, opts: Sequence[str] = (),
+                 shape: Sequence[int] = TIMING_SHAPE):
         self.config, self.model_path, self.save_dir = config, model_path, save_dir
         self.backends, self.num_images, self.threads = list(backends), num_images, threads
         self.device, self.calib_images, self.opts = device, calib_images, list(opts)
@@ -151,7 +154,7 @@ class Steps:
                  for b in backends]
         rows = evaluate_engines(preds, self.val_set(), self.num_images,
                                 desc=os.path.basename(model_dir.rstrip('/')))
-        return {b: row['metrics']['miou'] for b, row in zip(backends, rows)}
+        return {b: row.miou for b, row in zip(backends, rows)}
 
     def speedup(self, fp32_dir: str, model_dir: str, backend: str) -> float:
         """FP32 time over INT8 time of the two folders on `backend` (timing only, the
@@ -164,12 +167,12 @@ class Steps:
                                  warmup=2, repeats=5)
         return float(np.median(times[0]) / np.median(times[1]))
 
-    def bench(self, model_dirs: Sequence[str]) -> List[Dict[str, Any]]:
+    def bench(self, model_dirs: Sequence[str]) -> List[BenchRow]:
         """benchmark.py's rows for the candidates (first: the FP32 export)."""
         from segslim.deploy.benchmark import benchmark
         return benchmark(model_dirs, self.val_set(), self._opts(self.backends[0], 'fp32'),
                          shape=self.shape, backends=self.backends, repeats=10,
-                         warmup=3)['rows']
+                         warmup=3).rows
 
 
 def importable(*modules: str) -> bool:
@@ -186,6 +189,22 @@ def available_backends() -> List[str]:
     return ['paddle'] + [backend for backend, modules in (
         ('openvino', ('openvino',)), ('onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx')))
         if importable(*modules)]
+
+
+@dataclass
+class Candidate:
+    """One benchmark row of a candidate, judged against the FP32 export on its engine."""
+    name: str
+    row: BenchRow
+    drop: float
+    meets: bool
+
+    def to_json(self) -> Dict[str, Any]:
+        """The record auto_quant.json keeps of it (and report.md reads)."""
+        return {'candidate': self.name, 'backend': self.row.backend,
+                'precision': self.row.precision.value, 's_per_img': self.row.s_per_img,
+                'miou': self.row.miou, 'drop': self.drop, 'meets': self.meets,
+                'int8_conv_ops': self.row.ops.int8_conv_ops, 'conv_ops': self.row.ops.conv_ops}
 
 
 class AutoQuant:
@@ -219,7 +238,8 @@ class AutoQuant:
             cand['miou'] = self.steps.miou(model_dir, int8)
             ref = self.state['candidates'].get('fp32', {}).get('miou', cand['miou'])
             cand['drop'] = {b: ref[b] - m for b, m in cand['miou'].items()}
-            cand['meets'] = [b for b, d in cand['drop'].items() if d <= self.max_drop]
+            cand['meets'] = [b for b, m in cand['miou'].items()
+                             if within_bound(ref[b], m, self.max_drop)]
             logger.info('auto-quant: %s: mIoU %s; within %.4f on: %s', method,
                         ', '.join(f'{b} {m:.4f}' for b, m in cand['miou'].items()),
                         self.max_drop, ', '.join(cand['meets']) or 'no engine')
@@ -306,44 +326,45 @@ class AutoQuant:
         names = [n for n in cands if n != 'fp32']
         rows = self.steps.bench([cands['fp32']['dir']] + [cands[n]['dir'] for n in names])
         by_dir = {c['dir']: n for n, c in cands.items()}
-        ref = {r['backend']: r['miou'] for r in rows if by_dir.get(r['model_dir']) == 'fp32'
-               and r['precision'] == 'fp32'}
+        ref = {r.backend: r.miou for r in rows if by_dir.get(r.model_dir) == 'fp32'
+               and r.precision is Precision.FP32}
+        table = []
         for r in rows:
-            r['candidate'] = by_dir.get(r['model_dir'], '?')
-            r['drop'] = ref.get(r['backend'], r['miou']) - r['miou']
-            r['meets'] = r['drop'] <= self.max_drop
-        int8 = [r for r in rows if r['precision'] == 'int8']
-        good = sorted((r for r in int8 if r['meets']), key=lambda r: r['s_per_img'])
-        self.state['rows'] = [{k: r.get(k) for k in (
-            'candidate', 'backend', 'precision', 's_per_img', 'miou', 'drop', 'meets',
-            'int8_conv_ops', 'conv_ops')} for r in rows]
+            reference = ref.get(r.backend, r.miou)
+            table.append(Candidate(name=by_dir.get(r.model_dir, '?'), row=r,
+                                   drop=(reference or 0.0) - (r.miou or 0.0),
+                                   meets=within_bound(reference or 0.0, r.miou or 0.0,
+                                                      self.max_drop)))
+        int8 = [c for c in table if c.row.int8]
+        good = sorted((c for c in int8 if c.meets), key=lambda c: c.row.s_per_img)
+        self.state['rows'] = [c.to_json() for c in table]
         choice = good[0] if good else None
-        fastest_float = min((r for r in rows if r['precision'] in ('fp32', 'bf16')),
-                            key=lambda r: r['s_per_img'])
+        fastest_float = min((c.row for c in table if not c.row.quantized),
+                            key=lambda r: r.s_per_img)
         if choice is not None:
             best = os.path.join(self.save_dir, 'best')
             partial = best + '.partial'  # a kill mid-copy leaves no half-written best/
             shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(choice['model_dir'], partial)
-            _name_engine(partial, choice['backend'])
+            shutil.copytree(choice.row.model_dir, partial)
+            _name_engine(partial, choice.row.backend)
             shutil.rmtree(best, ignore_errors=True)
             os.rename(partial, best)
-            self.state['choice'] = {'candidate': choice['candidate'],
-                                    'backend': choice['backend'], 'dir': best}
+            self.state['choice'] = {'candidate': choice.name, 'backend': choice.row.backend,
+                                    'dir': best}
             logger.info('auto-quant: best: %s on %s, %.1f ms, mIoU %.4f (%+.4f vs FP32) -> %s',
-                        cands[choice['candidate']]['method'], choice['backend'],
-                        1000 * choice['s_per_img'], choice['miou'], -choice['drop'], best)
-            if fastest_float['s_per_img'] < choice['s_per_img']:
+                        cands[choice.name]['method'], choice.row.backend,
+                        1000 * choice.row.s_per_img, choice.row.miou, -choice.drop, best)
+            if fastest_float.s_per_img < choice.row.s_per_img:
                 logger.warning('auto-quant: the FP32 model runs faster (%s %s, %.1f ms) than '
                                'any INT8 row that keeps the mIoU on this CPU',
-                               fastest_float['backend'], fastest_float['precision'],
-                               1000 * fastest_float['s_per_img'])
+                               fastest_float.backend, fastest_float.precision,
+                               1000 * fastest_float.s_per_img)
         else:
-            closest = min(int8, key=lambda r: r['drop']) if int8 else None
+            closest = min(int8, key=lambda c: c.drop) if int8 else None
             self.state['choice'] = None
             self.state['closest'] = '{} on {}, drop {:.4f}'.format(
-                cands[closest['candidate']]['method'], closest['backend'],
-                closest['drop']) if closest else 'none'
+                cands[closest.name]['method'], closest.row.backend,
+                closest.drop) if closest else 'none'
             logger.error('auto-quant: no INT8 candidate keeps mIoU within %.4f; closest: %s',
                          self.max_drop, self.state['closest'])
         self._save()

@@ -10,10 +10,9 @@ import sys
 from typing import Callable, List, Optional
 
 from segslim.deploy.engines import BACKEND_NAMES
+from segslim.deploy.results import Precision
 from segslim.errors import UserError
-from segslim.options import ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
-
-DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
+from segslim.options import DEVICES, ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -165,10 +164,10 @@ def add_engine_args(p: argparse.ArgumentParser,
                         'OpenVINO on CPU (pip install -e .[openvino]); onnxruntime: the '
                         'folder\'s model.onnx (export with --to_onnx) on CPU')
     if not any(a.dest == 'device' for a in p._actions):
-        p.add_argument('--device', choices=['cpu', 'gpu', 'xpu', 'npu'], default=None,
+        p.add_argument('--device', choices=DEVICES, default=None,
                        help='default: gpu when paddle is compiled with CUDA, else cpu')
     add_bool(p, '--use_trt', EngineOptions.use_trt, 'TensorRT on GPU')
-    p.add_argument('--precision', choices=['fp32', 'fp16', 'int8', 'bf16'],
+    p.add_argument('--precision', choices=[v.value for v in Precision],
                    default=EngineOptions.precision,
                    help='engine precision; a QAT model always runs INT8')
     p.add_argument('--min_subgraph_size', type=int, default=EngineOptions.min_subgraph_size,

@@ -6,7 +6,15 @@ from typing import List, Optional
 
 from segslim import cli
 from segslim.deploy.engines import BACKEND_NAMES
-from segslim.options import MAX_REVERTED, PTQ_ALGOS, PTQ_QUANTIZERS, EngineOptions, TrainOptions
+from segslim.options import (
+    CALIBRATION_IMAGES,
+    MAX_REVERTED,
+    PTQ_ALGOS,
+    PTQ_QUANTIZERS,
+    TIMING_SHAPE,
+    EngineOptions,
+    TrainOptions,
+)
 
 # val images qat_export and ptq check their INT8 engine on
 VERIFY_IMAGES = 8
@@ -115,7 +123,7 @@ def ptq(argv: Optional[List[str]] = None) -> None:
                      help='FP32 model.pdparams to export and quantize (default: the config\'s '
                           'model.pretrained)')
     p.add_argument('--save_dir', default='quant_model', help='where the INT8 model goes')
-    p.add_argument('--batch_nums', type=cli.positive_int, default=32,
+    p.add_argument('--batch_nums', type=cli.positive_int, default=CALIBRATION_IMAGES,
                    help='calibration batches drawn from the train set (upstream default 10)')
     p.add_argument('--batch_size', type=cli.positive_int, default=1,
                    help='images per calibration batch')
@@ -159,7 +167,7 @@ def analysis(argv: Optional[List[str]] = None) -> None:
                    help='sensitivity.md, sensitivity.png and skip_layers.yml go here')
     p.add_argument('--num_images', type=cli.positive_int, default=8,
                    help='val images each measurement runs on')
-    p.add_argument('--calib_images', type=cli.positive_int, default=32,
+    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate the activation scales')
     p.add_argument('--max_miou_drop', type=float, default=None,
                    help='find the smallest skip set whose PTQ model stays within this mIoU '
@@ -191,9 +199,9 @@ def auto_quant(argv: Optional[List[str]] = None) -> None:
                    help='QAT budget; QAT stops at the first quarter that meets the bound')
     p.add_argument('--num_images', type=cli.positive_int, default=None,
                    help='val images each check runs on (default: all)')
-    p.add_argument('--calib_images', type=cli.positive_int, default=32,
+    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate PTQ')
-    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=[1, 3, 512, 512],
+    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=list(TIMING_SHAPE),
                    metavar=('N', 'C', 'H', 'W'), help='timing input (as benchmark.py)')
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
@@ -234,7 +242,7 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
                 config_required=False)
     p.add_argument('--model_dirs', nargs='+', required=True,
                    help='exported model folders; the first is the baseline')
-    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=[1, 3, 512, 512],
+    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=list(TIMING_SHAPE),
                    metavar=('N', 'C', 'H', 'W'), help='timing input')
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--repeats', type=cli.positive_int, default=20)

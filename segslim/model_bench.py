@@ -9,6 +9,7 @@ import datetime
 import glob
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -21,6 +22,7 @@ from segslim.deploy.benchmark import benchmark
 from segslim.deploy.engine import Preprocessor
 from segslim.deploy.profile import format_profile, profile_engine
 from segslim.deploy.report import format_report
+from segslim.deploy.results import BenchReport
 from segslim.errors import UserError
 from segslim.export import deploy_transforms, export_inference_model
 from segslim.fileio import write_json, write_text
@@ -84,9 +86,20 @@ def bench_shape(cfg: Dict[str, Any], size: int) -> List[int]:
     return [1, 3, size, size]
 
 
+@dataclass
+class ZooResult:
+    """One zoo model's benchmark: its report, the engines that could not run it, and where
+    the Paddle INT8 engine's time goes (deploy.profile)."""
+    model: str
+    config: str
+    report: BenchReport
+    engine_failures: List[str] = field(default_factory=list)
+    int8_profile: Optional[Dict[str, Any]] = None
+
+
 def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                  repeats: int = 20, warmup: int = 3,
-                 backends: Sequence[str] = ('paddle',)) -> List[Dict[str, Any]]:
+                 backends: Sequence[str] = ('paddle',)) -> List[ZooResult]:
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy."""
     reports = []
@@ -118,67 +131,66 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                 report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
                                    warmup=warmup, repeats=repeats, backends=('paddle',))
                 failures.append(str(e))
-            if failures:
-                report['engine_failures'] = failures
-            report['config'] = config
-            report['model'] = name
+            result = ZooResult(model=name, config=config, report=report,
+                               engine_failures=failures)
             try:  # where the INT8 engine's time goes, in a child process
-                report['int8_profile'] = profile_engine(dirs['int8'], 'int8', threads, shape,
-                                                        runs=max(3, repeats // 4))
+                result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape,
+                                                     runs=max(3, repeats // 4))
             except RuntimeError as e:
                 logger.warning('%s', e)
-            reports.append(report)
+            reports.append(result)
     return reports
 
 
-def summary(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summary(results: List[ZooResult]) -> Dict[str, Any]:
     """docs/benchmark.json: one row per model (seconds per image of each engine, speedups,
     INT8 ops over quantizable ops) and the geometric-mean speedups."""
     rows: List[Dict[str, Any]] = []
-    for rep in reports:
-        by = {(r.get('backend', 'paddle'), r['precision']): r for r in rep['rows']}
+    for res in results:
+        rep = res.report
+        by = {(r.backend, r.precision.value): r for r in rep.rows if not r.precision_note}
         fp32 = by[('paddle', 'fp32')]
         bf16, int8 = (by.get(('paddle', p)) for p in ('bf16', 'int8'))
         ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
+        row: Dict[str, Any] = {}
         if any(ov.values()):
-            rows.append({f'openvino_{p}_s': r['s_per_img'] if r else None
-                         for p, r in ov.items()})
-            rows[-1]['openvino_speedup'] = ov['int8']['speedup'] if ov['int8'] else None
-            rows[-1]['openvino_speedup_vs_bf16'] = ov['bf16']['s_per_img'] / \
-                ov['int8']['s_per_img'] if ov['int8'] and ov['bf16'] else None
-            rows[-1]['openvino_int8_ops'] = ov['int8']['int8_ops'] if ov['int8'] else None
-        else:
-            rows.append({})
-        ort = {p: by.get(('onnxruntime', p)) for p in ('fp32', 'int8')}
-        if ort['fp32'] and ort['int8']:
-            rows[-1].update(
-                onnxruntime_fp32_s=ort['fp32']['s_per_img'],
-                onnxruntime_int8_s=ort['int8']['s_per_img'],
-                onnxruntime_speedup=ort['fp32']['s_per_img'] / ort['int8']['s_per_img'],
-                onnxruntime_int8_conv_ops=ort['int8']['int8_conv_ops'],
-                onnxruntime_conv_ops=ort['int8']['conv_ops'])
-        rows[-1].update({
-            'model': rep['model'], 'config': rep['config'], 'input_shape': rep['input_shape'],
-            'fp32_s': fp32['s_per_img'], 'bf16_s': bf16['s_per_img'] if bf16 else None,
-            'int8_s': int8['s_per_img'] if int8 else None,
-            'speedup': int8['speedup'] if int8 else None,
+            row.update({f'openvino_{p}_s': r.s_per_img if r else None for p, r in ov.items()})
+            ov_int8, ov_bf16 = ov['int8'], ov['bf16']
+            row['openvino_speedup'] = ov_int8.speedup if ov_int8 else None
+            row['openvino_speedup_vs_bf16'] = ov_bf16.s_per_img / ov_int8.s_per_img \
+                if ov_int8 and ov_bf16 else None
+            row['openvino_int8_ops'] = ov_int8.ops.int8_ops if ov_int8 else None
+        ort_fp32, ort_int8 = by.get(('onnxruntime', 'fp32')), by.get(('onnxruntime', 'int8'))
+        if ort_fp32 and ort_int8:
+            row.update(
+                onnxruntime_fp32_s=ort_fp32.s_per_img, onnxruntime_int8_s=ort_int8.s_per_img,
+                onnxruntime_speedup=ort_fp32.s_per_img / ort_int8.s_per_img,
+                onnxruntime_int8_conv_ops=ort_int8.ops.int8_conv_ops,
+                onnxruntime_conv_ops=ort_int8.ops.conv_ops)
+        ops = int8.ops if int8 else None
+        row.update({
+            'model': res.model, 'config': res.config, 'input_shape': rep.input_shape,
+            'fp32_s': fp32.s_per_img, 'bf16_s': bf16.s_per_img if bf16 else None,
+            'int8_s': int8.s_per_img if int8 else None,
+            'speedup': int8.speedup if int8 else None,
             # against the same engine's bf16 (the rows' own column is against the best bf16)
-            'speedup_vs_bf16': bf16['s_per_img'] / int8['s_per_img'] if int8 and bf16 else None,
-            'int8_ops': int8['int8_ops'] if int8 else None,
-            'quantizable_ops': int8['quantizable_ops'] if int8 else None,
-            'int8_conv_ops': int8['int8_conv_ops'] if int8 else None,
-            'conv_ops': int8['conv_ops'] if int8 else None,
-            'int8_matmul_ops': int8['int8_matmul_ops'] if int8 else None,
-            'matmul_ops': int8['matmul_ops'] if int8 else None,
-            'int8_profile_ms': rep.get('int8_profile')})
+            'speedup_vs_bf16': bf16.s_per_img / int8.s_per_img if int8 and bf16 else None,
+            'int8_ops': ops.int8_ops if ops else None,
+            'quantizable_ops': ops.quantizable_ops if ops else None,
+            'int8_conv_ops': ops.int8_conv_ops if ops else None,
+            'conv_ops': ops.conv_ops if ops else None,
+            'int8_matmul_ops': ops.int8_matmul_ops if ops else None,
+            'matmul_ops': ops.matmul_ops if ops else None,
+            'int8_profile_ms': res.int8_profile})
+        rows.append(row)
 
     def geomean(key):
         values = [r[key] for r in rows if r.get(key)]
         return float(np.exp(np.mean(np.log(values)))) if values else None
-    first = reports[0]
+    first = results[0].report
     return {'date': datetime.date.today().isoformat(),
-            'isa': first['isa'], 'cpu': first['cpu'], 'threads': first['threads'],
-            'repeats': first['repeats'], 'warmup': first['warmup'], 'rows': rows,
+            'isa': first.isa, 'cpu': first.cpu, 'threads': first.threads,
+            'repeats': first.repeats, 'warmup': first.warmup, 'rows': rows,
             'geomean_speedup': geomean('speedup'),
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
             'geomean_openvino_speedup': geomean('openvino_speedup'),
@@ -247,39 +259,40 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def format_markdown(reports: List[Dict[str, Any]]) -> str:
+def format_markdown(results: List[ZooResult]) -> str:
     """docs/benchmark.md: summary_markdown, where the INT8 time goes, then each model's
     report (fallbacks and FP32 ops named)."""
-    lines = [summary_markdown(summary(reports))]
-    for rep in reports:
-        for failure in rep.get('engine_failures', []):
-            lines.append('{}: an engine could not run it: {}.'.format(rep['model'], failure))
-    profiled = [rep for rep in reports if rep.get('int8_profile')]
+    lines = [summary_markdown(summary(results))]
+    for res in results:
+        for failure in res.engine_failures:
+            lines.append(f'{res.model}: an engine could not run it: {failure}.')
+    profiled = [res for res in results if res.int8_profile]
     if profiled:
-        slowest = max(profiled, key=lambda rep: rep['int8_profile']['wall_ms'])
+        slowest = max(profiled, key=lambda res: res.int8_profile['wall_ms']
+                      if res.int8_profile else 0.0)
         lines += ['', '## Where the INT8 time goes', '',
                   'oneDNN\'s own per-primitive times (verbose mode, in a separate run), and '
                   'the rest of the wall time: Paddle\'s native CPU kernels (bilinear resize, '
                   'arg_max, ...) and framework overhead. The slowest INT8 model in full:', '',
-                  format_profile('{} INT8 {}x{}'.format(
-                      slowest['model'], slowest['input_shape'][3], slowest['input_shape'][2]),
-                      slowest['int8_profile']), '',
+                  format_profile('{} INT8 {}x{}'.format(  # noqa: UP032
+                      slowest.model, slowest.report.input_shape[3],
+                      slowest.report.input_shape[2]), slowest.int8_profile or {}), '',
                   '| Model (INT8) | int8 convolutions | reorders | native kernels | other '
                   'oneDNN |', '|---|---|---|---|---|']
-        for rep in profiled:
-            prof = rep['int8_profile']
+        for res in profiled:
+            prof = res.int8_profile or {}
             conv = prof['by_kind'].get('convolution int8', 0.0)
             reorder = prof['by_kind'].get('reorder', 0.0)
             other = sum(prof['by_kind'].values()) - conv - reorder
             lines.append('| {} | {:.0%} | {:.0%} | {:.0%} | {:.0%} |'.format(
-                rep['model'], *(v / prof['total_ms'] for v in
+                res.model, *(v / prof['total_ms'] for v in
                                 (conv, reorder, prof['native_ms'], other))))
-    for rep in reports:
-        lines += ['', '## ' + rep['model'], '', format_report(rep, name=rep['model'])]
+    for res in results:
+        lines += ['', '## ' + res.model, '', format_report(res.report, name=res.model)]
     return '\n'.join(lines) + '\n'
 
 
-def write_report(reports: List[Dict[str, Any]], out: str) -> None:
+def write_report(reports: List[ZooResult], out: str) -> None:
     """Prints the markdown and writes it to `out`, with the summary beside it as JSON."""
     text = format_markdown(reports)
     print(text, flush=True)

@@ -16,6 +16,13 @@ PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
 PTQ_QUANTIZERS = ('paddleslim', 'nncf')
 # Most ops NNCF's accuracy control reverts to FP32 (each costs a ranking pass over val).
 MAX_REVERTED = 8
+# The input every timing uses unless told otherwise (benchmark.py, auto_quant.py, engines).
+TIMING_SHAPE = (1, 3, 512, 512)
+# Images that calibrate activation scales (ptq.py --batch_nums, analysis.py and
+# auto_quant.py --calib_images).
+CALIBRATION_IMAGES = 32
+# Devices the scripts accept (--device); a build without one says so at set-up.
+DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
 
 def check_max_miou_drop(value: float) -> None:
@@ -106,7 +113,7 @@ class EngineOptions:
     gpu_mem_mb: int = 500
     gpu_id: int = 0
     trt_shape_file: Optional[str] = None
-    input_shape: Sequence[int] = (1, 3, 512, 512)
+    input_shape: Sequence[int] = TIMING_SHAPE
     print_detail: bool = False       # the engine's own (glog) output
 
     @classmethod

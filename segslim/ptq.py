@@ -12,14 +12,13 @@ from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
 from segslim.export import staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
-from segslim.options import PTQ_ALGOS, check_max_miou_drop
+from segslim.options import CALIBRATION_IMAGES, PTQ_ALGOS, check_max_miou_drop
 from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
 from segslim.quant import log_quant_summary, quant_plan
 
-# Below this many images the activation scales (a max, a mean of maxima, a histogram
+# Below CALIBRATION_IMAGES images the activation scales (a max, a mean of maxima, a histogram
 # percentile or a KL threshold over what was seen) follow a few images' extremes: a class or
 # lighting missing from them gets its activations clipped on other images.
-MIN_CALIBRATION_IMAGES = 32
 
 
 class CalibrationImages(paddle.io.Dataset):
@@ -53,11 +52,11 @@ def warn_if_too_few(images: int, asked: int, available: int) -> None:
     if asked > available:
         logger.warning('PTQ: --batch_nums x --batch_size asks for %d calibration images but the '
                        'train set has %d; calibrating on all of them', asked, available)
-    if images < MIN_CALIBRATION_IMAGES:
+    if images < CALIBRATION_IMAGES:
         logger.warning('PTQ: %d calibration images is too few to trust (under %d): activation '
                        'scales are statistics of the images seen, so they follow those images\' '
                        'extremes and may clip activations on others; raise --batch_nums (and '
-                       'check the INT8 mIoU on val)', images, MIN_CALIBRATION_IMAGES)
+                       'check the INT8 mIoU on val)', images, CALIBRATION_IMAGES)
 
 
 def skipped_weights(model: paddle.nn.Layer, qcfg: Dict[str, Any], what: str,

@@ -338,7 +338,7 @@ def run_infer(args: argparse.Namespace) -> int:
     if predictor.precision != 'int8' and predictor.quantized:
         logger.warning('%s is quantized but this engine has no INT8 kernels for it: it runs '
                        '%s (use oneDNN on CPU, or TensorRT on GPU)', args.config,
-                       predictor.precision)
+                       predictor.precision.label)
     timings: Optional[Dict[str, list]] = None
     if args.benchmark:  # warm up on the first batch, as PaddleSeg's infer.py does
         predict_images(predictor, images[:args.batch_size], args.save_dir, args.batch_size)
@@ -383,5 +383,5 @@ def run_benchmark(args: argparse.Namespace) -> int:
         path = write_report_dir(report, args.report_dir, dataset, pick)
         logger.info('Report with charts and the INT8-vs-FP32 gallery: %s', path)
     if args.json:
-        write_json(args.json, report)
+        write_json(args.json, report.to_json())
     return 0

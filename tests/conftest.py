@@ -137,6 +137,44 @@ def assert_one_line_error(proc, *words, code=2):
     return errors[0]
 
 
+def table_rows(text):
+    """The cells of every markdown table row in `text` (separator rows left out), stripped:
+    what a reader sees, whatever the column padding."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith('|') and line.endswith('|'):
+            cells = [c.strip() for c in line[1:-1].split('|')]
+            if not all(set(c) <= set(':-') for c in cells):
+                rows.append(cells)
+    return rows
+
+
+def has_row(text, *cells):
+    """Whether a markdown table row in `text` starts with these cells."""
+    return any(row[:len(cells)] == [str(c) for c in cells] for row in table_rows(text))
+
+
+def make_row(model_dir, precision, s, backend='paddle', speedup=1.0, miou=None,
+             class_iou=None, int8_convs=0, convs=4, note=None):
+    """A typed benchmark row for tests that need one without running an engine."""
+    from segslim.deploy.results import Accuracy, BenchRow, OpSummary, Precision
+    ops = OpSummary(int8_ops=int8_convs, quantizable_ops=convs, conv_ops=convs,
+                    int8_conv_ops=int8_convs)
+    accuracy = Accuracy(miou=miou, class_iou=class_iou or [miou, miou], acc=miou,
+                        pixel_agreement=1.0) if miou is not None else None
+    return BenchRow(model_dir=model_dir, backend=backend, precision=Precision(precision),
+                    s_per_img=s, p90_s=s, params_mb=1.0, ops=ops, accuracy=accuracy,
+                    speedup=speedup, precision_note=note)
+
+
+def make_report(rows, threads=2, vnni=True):
+    from segslim.deploy.results import BenchReport
+    return BenchReport(isa='AVX-512 VNNI' if vnni else 'AVX2', cpu='test CPU', vnni=vnni,
+                       threads=threads, device='cpu', input_shape=[1, 3, 64, 64], warmup=1,
+                       repeats=5, rows=list(rows))
+
+
 def data_opts(root):
     return [f'{key}.dataset_root={root}' for key in ('train_dataset', 'val_dataset')]
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import yaml
-from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
+from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cli, run_command
 
 from segslim.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
@@ -74,10 +74,9 @@ class FakeSteps:
             name = os.path.basename(d)
             mious = self.mious['qat'][-1] if name == 'qat' else self.mious[name]
             for backend, miou in mious.items():
-                rows.append({'model_dir': d, 'backend': backend, 's_per_img':
-                             self.ms[name][backend] / 1000, 'miou': miou,
-                             'precision': 'fp32' if name == 'fp32' else 'int8',
-                             'int8_conv_ops': 0 if name == 'fp32' else 5, 'conv_ops': 5})
+                rows.append(make_row(d, 'fp32' if name == 'fp32' else 'int8',
+                                     self.ms[name][backend] / 1000, backend=backend, miou=miou,
+                                     int8_convs=0 if name == 'fp32' else 5, convs=5))
         return rows
 
 

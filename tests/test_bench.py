@@ -2,7 +2,7 @@
 import os
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, has_row, make_report, make_row
 
 
 def test_parse_verbose_sums_by_kind_and_dtype():
@@ -33,20 +33,14 @@ def test_bench_shape_and_zoo_list():
 
 
 def test_summary_rows_and_geomean():
-    from segslim.model_bench import format_markdown, summary
+    from segslim.model_bench import ZooResult, format_markdown, summary
 
     def report(name, fp32, bf16, int8):
         def row(precision, s):
-            return {'model_dir': name, 'precision': precision, 's_per_img': s, 'p90_s': s,
-                    'speedup': fp32 / s, 'speedup_vs_bf16': bf16 / s, 'params_mb': 1.0,
-                    'fallback': None, 'int8_ops': 4 if precision == 'int8' else 0,
-                    'quantizable_ops': 4, 'fp32_ops': [], 'by_type': {}, 'conv_ops': 4,
-                    'int8_conv_ops': 4 if precision == 'int8' else 0, 'matmul_ops': 0,
-                    'int8_matmul_ops': 0}
-        return {'model': name, 'config': name + '.yml', 'input_shape': [1, 3, 64, 64],
-                'isa': 'AVX-512 VNNI', 'cpu': 'test', 'vnni': True, 'threads': 2,
-                'device': 'cpu', 'repeats': 5, 'warmup': 1,
-                'rows': [row('fp32', fp32), row('bf16', bf16), row('int8', int8)]}
+            return make_row(name, precision, s, speedup=fp32 / s,
+                            int8_convs=4 if precision == 'int8' else 0)
+        return ZooResult(model=name, config=name + '.yml', report=make_report(
+            [row('fp32', fp32), row('bf16', bf16), row('int8', int8)]))
     reports = [report('a', 4.0, 2.0, 1.0), report('b', 9.0, 6.0, 1.0)]
     summ = summary(reports)
     assert [r['speedup'] for r in summ['rows']] == [4.0, 9.0]
@@ -56,5 +50,6 @@ def test_summary_rows_and_geomean():
                                     'int8_s', 'speedup', 'speedup_vs_bf16', 'int8_ops',
                                     'quantizable_ops'}
     text = format_markdown(reports)
-    assert '| a | 64x64 | 4000.0 | 2000.0 | 1000.0 | 4.00x | 2.00x | 4/4 | - |' in text
+    assert has_row(text, 'a', '64x64', '4000.0', '2000.0', '1000.0', '4.00x', '2.00x', '4/4',
+                   '-')
     assert 'Geometric mean: INT8 6.00x over FP32' in text

@@ -3,7 +3,7 @@ import json
 import os
 
 import numpy as np
-from conftest import INSTANT, data_opts, run_cli, run_command
+from conftest import INSTANT, data_opts, run_cli, run_command, table_rows
 from PIL import Image
 
 from segslim.deploy import paddle_engine as predictor_mod
@@ -38,7 +38,8 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     # vs the FP32 engine: QAT fine-tuning changed the weights too, so not near 100 %
     assert int8['pixel_agreement'] > 0.98 and int8['params_mb'] < rows[0]['params_mb']
     assert rows[0]['int8_conv_ops'] == 0
-    assert '| Model | Engine | Type | mIoU | s/img |' in proc.stdout and 'ISA:' in proc.stdout
+    assert table_rows(proc.stdout)[0][:5] == ['Model', 'Engine', 'Type', 'mIoU', 's/img']
+    assert 'ISA:' in proc.stdout
     # the FP32 baseline gets every pass the INT8 row gets, and the report says which
     extra = list(predictor_mod.ONEDNN_EXTRA_PASSES)
     assert rows[0]['passes'] == {'appended': extra, 'deleted': []}
@@ -53,9 +54,9 @@ def test_extra_onednn_passes_keep_the_masks(exported):
         opts = EngineOptions(precision=precision, input_shape=(1, 3, 96, 80))
         plain = Predictor(exported[kind], opts, extra_passes=())
         fast = Predictor(exported[kind], opts)
-        assert plain.passes['appended'] == [] and fast.passes['appended']
+        assert plain.passes.appended == () and fast.passes.appended
         np.testing.assert_array_equal(plain.labels(x), fast.labels(x))
-        assert plain.engine['int8_conv_ops'] == fast.engine['int8_conv_ops']
+        assert plain.ops.int8_conv_ops == fast.ops.int8_conv_ops
 
 
 def test_infer_writes_masks_of_input_size(exported, tmp_path):
@@ -81,7 +82,7 @@ def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
                          predictor_mod.DEFAULT_INT8_OPS))
     pred = Predictor(exported['int8'], EngineOptions(precision='int8'))
     assert pred.fallback and 'narrowed' in pred.fallback and 'concat' in pred.fallback
-    assert pred.engine['int8_conv_ops'] > 0
+    assert pred.ops.int8_conv_ops > 0
     x = np.zeros((1, 3, 64, 64), np.float32)
     assert pred.labels(x).shape == (1, 64, 64)
 
@@ -147,11 +148,11 @@ def test_convs_on_reference_kernels_run_fp32_and_the_rest_int8(exported, monkeyp
     opts = EngineOptions(precision='int8', input_shape=(1, 3, 64, 64))
     monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set())
     full = Predictor(exported['int8'], opts)
-    assert full.engine['int8_conv_ops'] == full.engine['conv_ops'] and full.fallback is None
+    assert full.ops.int8_conv_ops == full.ops.conv_ops and full.fallback is None
     monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set(shapes[:1]))
     part = Predictor(exported['int8'], opts)
     assert part.precision == 'int8' and part.model_file != model_file
-    assert part.engine['int8_conv_ops'] == full.engine['conv_ops'] - len(changed) > 0
+    assert part.ops.int8_conv_ops == full.ops.conv_ops - len(changed) > 0
     assert f'{len(changed)} INT8 convs run FP32' in part.fallback and \
         'reference INT8 kernel' in part.fallback
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)

@@ -70,8 +70,8 @@ def test_qat_export_program_and_int8_engine(exported):
     # every conv INT8, but those this CPU has only a reference INT8 kernel for (the engine
     # runs them FP32 and says so)
     assert pred.quantized and (pred.fallback is None) == (not pred.fp32_convs)
-    assert pred.engine['conv_ops'] > 0 and \
-        pred.engine['int8_conv_ops'] + len(pred.fp32_convs) == pred.engine['conv_ops']
+    assert pred.ops.conv_ops > 0 and \
+        pred.ops.int8_conv_ops + len(pred.fp32_convs) == pred.ops.conv_ops
 
 
 def test_fp32_model_refuses_int8(exported):

@@ -6,7 +6,15 @@ import os
 import numpy as np
 import pytest
 import yaml
-from conftest import INSTANT, ROOT, assert_one_line_error, data_opts, run_cli, run_command
+from conftest import (
+    INSTANT,
+    ROOT,
+    assert_one_line_error,
+    data_opts,
+    run_cli,
+    run_command,
+    table_rows,
+)
 
 from segslim.deploy import paddle_engine as predictor_mod
 from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
@@ -19,7 +27,7 @@ PPLITE = os.path.join(ROOT, 'configs', 'quick_start', 'pp_liteseg_optic_disc_512
 # What ran ---------------------------------------------------------------------------------
 def test_qat_model_without_int8_kernels_is_labelled_so(exported, tmp_path):
     pred = Predictor(exported['int8'], EngineOptions(enable_mkldnn=False))
-    assert pred.precision == 'fp32 (QAT model, no INT8 kernels)'
+    assert pred.precision == 'fp32' and pred.precision_note == 'QAT model, no INT8 kernels'
     assert Predictor(exported['int8'], EngineOptions()).precision == 'int8'
     out = tmp_path / 'r.json'
     proc = run_cli('deploy/python/benchmark.py', '--model_dirs', exported['fp32'],
@@ -27,8 +35,10 @@ def test_qat_model_without_int8_kernels_is_labelled_so(exported, tmp_path):
                    '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--repeats', 2, '--json', out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.load(open(out))['rows']
-    assert [r['precision'] for r in rows] == ['fp32', 'fp32 (QAT model, no INT8 kernels)']
-    assert '| INT8 |' not in proc.stdout
+    assert [(r['precision'], r['precision_note']) for r in rows] == [
+        ('fp32', None), ('fp32', 'QAT model, no INT8 kernels')]
+    types = [row[2] for row in table_rows(proc.stdout)[1:3]]
+    assert types == ['FP32', 'FP32 (QAT model, no INT8 kernels)'], types
 
 
 @pytest.mark.parametrize('args,words', [
@@ -61,7 +71,7 @@ def test_agreement_uses_one_restore_rule(fp32_run, tmp_path):
     export_inference_model(model, cfg, str(tmp_path / 'm'))
     dataset = builder.build_dataset(cfg, 'val_dataset')
     pred = Predictor(str(tmp_path / 'm'), EngineOptions(enable_mkldnn=False))
-    assert evaluate_engines([pred], dataset, 4, model)[0]['model_agreement'] >= 0.99999
+    assert evaluate_engines([pred], dataset, 4, model)[0].model_agreement >= 0.99999
 
 
 def test_engine_miou_equals_val_py(exported, fp32_run, tmp_path):
@@ -80,7 +90,7 @@ def test_engine_miou_equals_val_py(exported, fp32_run, tmp_path):
     assert len(rows) == 1  # --no_bf16: no bf16 row even on a bf16 CPU
     assert abs(rows[0]['miou'] - json.load(open(out))['miou']) < 1e-3
     text = (tmp_path / 'bench.md').read_text()
-    assert '| Model | Engine | Type | mIoU |' in text and 'ISA:' in text
+    assert table_rows(text)[0][:4] == ['Model', 'Engine', 'Type', 'mIoU'] and 'ISA:' in text
 
 
 def test_op_summary_counts_matmuls(tmp_path):
@@ -102,9 +112,9 @@ def test_op_summary_counts_matmuls(tmp_path):
     paddle.jit.save(paddle.jit.to_static(net, input_spec=[paddle.static.InputSpec(
         [1, 3, 8, 8], 'float32', 'x')]), str(tmp_path / 'model'))
     summary = op_summary(str(tmp_path / 'model.pdmodel'))
-    assert summary['conv_ops'] == 1 and summary['matmul_ops'] == 1
-    assert summary['quantizable_ops'] == 2 and summary['int8_ops'] == 0
-    assert summary['by_type']['conv2d'] == [0, 1] and len(summary['fp32_ops']) == 2
+    assert summary.conv_ops == 1 and summary.matmul_ops == 1
+    assert summary.quantizable_ops == 2 and summary.int8_ops == 0
+    assert summary.by_type['conv2d'] == (0, 1) and len(summary.fp32_ops) == 2
 
 
 def test_cpu_features_parsing(tmp_path):
@@ -322,6 +332,7 @@ def gpu(**kw):
 
 
 def test_trt_int8_for_qat_model(exported, fake_pi):
+    from segslim.deploy.results import PassChange
     pred = Predictor(exported['int8'], gpu(precision='fp32'))
     assert pred.precision == 'int8'
     names = fake_pi.names()
@@ -334,7 +345,7 @@ def test_trt_int8_for_qat_model(exported, fake_pi):
     assert list(lo) == ['img'] and opt['img'] == [1, 3, 512, 1024]
     assert hi['img'][2:] == [2048, 2048] and lo['img'][2:] == [32, 32]
     assert 'enable_mkldnn_int8' not in names and 'disable_gpu' not in names
-    assert 'append_pass' not in names and pred.passes == {'appended': [], 'deleted': []}
+    assert 'append_pass' not in names and pred.passes == PassChange()
     with pytest.raises(UserError, match='beyond the TensorRT shape range'):
         pred.run(np.zeros((1, 3, 4096, 512), np.float32))
 
@@ -380,7 +391,7 @@ def test_trt_failure_hint_names_tensorrt(exported, monkeypatch):
 
 def test_gpu_without_trt_runs_qat_model_in_fp32(exported, fake_pi):
     pred = Predictor(exported['int8'], EngineOptions(device='gpu', precision='int8'))
-    assert pred.precision == 'fp32 (QAT model, no INT8 kernels)'
+    assert pred.precision == 'fp32' and pred.precision_note == 'QAT model, no INT8 kernels'
     assert 'enable_tensorrt_engine' not in fake_pi.names()
 
 

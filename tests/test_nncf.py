@@ -52,13 +52,13 @@ def test_nncf_writes_an_openvino_ir_that_runs_int8_on_openvino(nncf_model, expor
     assert widest <= 64 if OVERFLOW_FIX == 'enable' else widest > 64, widest
     assert 'onnx' not in deploy
     int8 = ov_engine(nncf_model['dir'], 'int8')
-    assert int8.precision == 'int8' and int8.engine['int8_conv_ops'] > 0
+    assert int8.precision == 'int8' and int8.ops.int8_conv_ops > 0
     dataset = build_dataset(load_config(INSTANT, opts=data_opts(exported['data'])),
                             'val_dataset')
     rows = evaluate_engines([ov_engine(exported['fp32']), int8], dataset)
     # a 20-iteration model with near-tied logits: NNCF's ranges cost it more than PTQ's, so
     # the bound only catches a broken model (the demo model's figures: docs/measurements.md)
-    assert rows[1]['metrics']['miou'] >= rows[0]['metrics']['miou'] - 0.1, rows
+    assert rows[1].miou >= rows[0].miou - 0.1, rows
     # the check ptq.py ran was on OpenVINO, against the FP32 export
     assert re.search(r'INT8 engine \(OpenVINO, \d+/\d+ convs INT8\): mIoU', nncf_model['log'])
 
@@ -70,8 +70,7 @@ def test_other_engines_refuse_an_ir_folder_and_benchmark_gives_it_openvino_rows(
     report = benchmark([exported['fp32'], nncf_model['dir']], None, EngineOptions(),
                        shape=(1, 3, 64, 64), warmup=1, repeats=2, with_bf16=False,
                        backends=('paddle', 'openvino'))
-    rows = [(os.path.basename(r['model_dir']), r['backend'], r['precision'])
-            for r in report['rows']]
+    rows = [(os.path.basename(r.model_dir), r.backend, r.precision) for r in report.rows]
     assert rows == [('fp32', 'paddle', 'fp32'), ('fp32', 'openvino', 'fp32'),
                     ('int8', 'openvino', 'int8')], rows
 

@@ -73,11 +73,11 @@ def test_qat_export_to_onnx_runs_every_conv_int8_in_onnxruntime(qat_run, exporte
     pred = engine(str(out), 'onnxruntime')
     # paddle2onnx's own quantized export left a third of the convs in float (36/56)
     assert pred.precision == 'int8'
-    assert pred.engine['int8_conv_ops'] == pred.engine['conv_ops'] > 0
+    assert pred.ops.int8_conv_ops == pred.ops.conv_ops > 0
     rows = evaluate_engines([engine(str(out), 'paddle'), pred], val_set(qat_run['data']),
                             model=qat_model(qat_run))
     # near-tied logits of a 20-iteration model make two INT8 engines differ on a few pixels
-    assert rows[1]['agreement'] >= 0.995 and rows[1]['model_agreement'] >= 0.995, rows[1]
+    assert rows[1].pixel_agreement >= 0.995 and rows[1].model_agreement >= 0.995, rows[1]
     # int8 weights: paddle2onnx wrote them as float, a file as large as the FP32 one
     size = os.path.getsize(out / 'model.onnx')
     assert size <= 0.3 * os.path.getsize(os.path.join(onnx_models['fp32'], 'model.onnx'))
@@ -133,8 +133,8 @@ def test_tensorrt_target_runs_in_onnxruntime_like_the_int8_engine(onnx_models, e
     assert 'TensorRT' in pred.fallback
     rows = evaluate_engines([engine(onnx_models['trt'], 'paddle'), pred],
                             val_set(exported['data']))
-    assert rows[1]['agreement'] >= 0.995
-    assert abs(rows[1]['metrics']['miou'] - rows[0]['metrics']['miou']) <= 0.01
+    assert rows[1].pixel_agreement >= 0.995
+    assert abs(rows[1].miou - rows[0].miou) <= 0.01
 
 
 def test_openvino_runs_both_onnx_files_int8(onnx_models):
@@ -145,7 +145,7 @@ def test_openvino_runs_both_onnx_files_int8(onnx_models):
         model = core.read_model(os.path.join(onnx_models[name], 'model.onnx'))
         model.reshape({model.inputs[0].get_any_name(): [1, 3, 64, 64]})
         summary = runtime_summary(core.compile_model(model, 'CPU').get_runtime_model())
-        assert summary['int8_conv_ops'] == summary['conv_ops'] > 0, (name, summary)
+        assert summary.int8_conv_ops == summary.conv_ops > 0, (name, summary)
 
 
 def conv_bn_model(gamma):
@@ -246,7 +246,7 @@ def test_int8_weights_run_in_seven_bits_without_vnni(onnx_models, monkeypatch):
     seven = engine(onnx_models['ort'], 'onnxruntime')
     assert seven.seven_bit == len(wide) and seven.fallback == SEVEN_BIT_NOTE
     # onnxruntime still fuses every conv into QLinearConv (it needs the bias step to match)
-    assert seven.engine['int8_conv_ops'] == seven.engine['conv_ops'] > 0
+    assert seven.ops.int8_conv_ops == seven.ops.conv_ops > 0
     assert engine(onnx_models['trt'], 'onnxruntime').seven_bit == 0  # run as float Q/DQ
     monkeypatch.setattr(onnxruntime_engine, 'cpu_features', lambda: {'vnni': True})
     eight = engine(onnx_models['ort'], 'onnxruntime')

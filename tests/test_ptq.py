@@ -27,13 +27,13 @@ def engine(model_dir, backend='paddle'):
 
 def engine_miou(model_dir, dataset, backend='paddle'):
     pred = engine(model_dir, backend)
-    return evaluate_engines([pred], dataset)[0]['metrics']['miou'], pred
+    return evaluate_engines([pred], dataset)[0].miou, pred
 
 
 def agreement(model_dir, dataset, backend, reference='paddle'):
     """Share of val pixels where `backend` and `reference` predict the same class."""
     rows = evaluate_engines([engine(model_dir, reference), engine(model_dir, backend)], dataset)
-    return rows[1]['agreement']
+    return rows[1].pixel_agreement
 
 
 @pytest.fixture(scope='module')
@@ -54,8 +54,8 @@ def test_ptq_model_runs_int8_within_a_point_of_fp32(ptq_model, exported):
     dataset = val_set(ptq_model['data'])
     int8, pred = engine_miou(ptq_model['dir'], dataset)
     fp32, _ = engine_miou(exported['fp32'], dataset)
-    assert pred.precision == 'int8' and pred.engine['int8_conv_ops'] + \
-        len(pred.fp32_convs) == pred.engine['conv_ops'] > 0
+    assert pred.precision == 'int8' and pred.ops.int8_conv_ops + \
+        len(pred.fp32_convs) == pred.ops.conv_ops > 0
     assert int8 >= fp32 - 0.01, (int8, fp32)
     # the whole train set, 8 images: said to be too few, with the reason
     assert 'too few to trust' in ptq_model['log'] and 'quantizing 64 of 64 layers' in \
@@ -71,7 +71,7 @@ def test_ptq_onnx_runs_in_onnxruntime_like_the_int8_engine(ptq_model):
     # differently disagree on more of them than on the demo model (docs/measurements.md)
     assert agreement(ptq_model['dir'], dataset, 'onnxruntime') >= 0.995
     # counted from the profiled graph: every conv in an INT8 kernel
-    assert pred.engine['int8_conv_ops'] == pred.engine['conv_ops'] > 0
+    assert pred.ops.int8_conv_ops == pred.ops.conv_ops > 0
 
 
 def test_ptq_from_an_fp32_export_and_skip_list_in_the_summary(exported, tmp_path):
@@ -87,7 +87,7 @@ def test_ptq_from_an_fp32_export_and_skip_list_in_the_summary(exported, tmp_path
     assert re.search(r"sb\.\S+ +Conv2D +skipped: quant_config.skip 'sb\.\*'", summary)
     assert not re.search(r"Conv2D +skipped", log)
     pred = create_predictor(str(out), EngineOptions(input_shape=(1, 3, 64, 64)))
-    assert 0 < pred.engine['int8_conv_ops'] < pred.engine['conv_ops']
+    assert 0 < pred.ops.int8_conv_ops < pred.ops.conv_ops
     try:
         import openvino  # noqa: F401
     except ImportError:
@@ -97,7 +97,7 @@ def test_ptq_from_an_fp32_export_and_skip_list_in_the_summary(exported, tmp_path
     ov = create_predictor(str(out), EngineOptions(backend='openvino',
                                                   input_shape=(1, 3, 64, 64)))
     assert ov.precision == 'int8'
-    assert 0 < ov.engine['int8_conv_ops'] < ov.engine['conv_ops']
+    assert 0 < ov.ops.int8_conv_ops < ov.ops.conv_ops
 
 
 def test_ptq_bad_inputs_are_one_line(exported, tmp_path):

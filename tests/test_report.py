@@ -4,22 +4,19 @@ import json
 import re
 
 import numpy as np
-from conftest import INSTANT, data_opts, run_cli
+from conftest import INSTANT, data_opts, make_report, make_row, run_cli
 from PIL import Image
 
 from segslim.deploy import report as rep
 
 
 def fake_report(n_rows, classes=2):
-    rows = []
-    for i in range(n_rows):
-        rows.append({'model_dir': f'/runs/a_rather_long_model_folder_name_{i}_infer',
-                     'precision': ('fp32', 'bf16', 'int8')[i % 3],
-                     'backend': ('paddle', 'openvino')[i % 2], 's_per_img': 0.02 + 0.003 * i,
-                     'speedup': 1.0 + 0.1 * i, 'miou': 0.9 - 0.001 * i,
-                     'class_iou': [0.99, 0.8 - 0.001 * i][:classes] + [0.5] * (classes - 2)})
-    return {'rows': rows, 'repeats': 20, 'input_shape': [1, 3, 512, 512], 'cpu': 'CPU',
-            'isa': 'AVX-512 VNNI', 'threads': 2}
+    return make_report([make_row(
+        f'/runs/a_rather_long_model_folder_name_{i}_infer', ('fp32', 'bf16', 'int8')[i % 3],
+        0.02 + 0.003 * i, backend=('paddle', 'openvino')[i % 2], speedup=1.0 + 0.1 * i,
+        miou=0.9 - 0.001 * i,
+        class_iou=[0.99, 0.8 - 0.001 * i][:classes] + [0.5] * (classes - 2))
+        for i in range(n_rows)])
 
 
 def label_boxes(fig, ax):
@@ -37,7 +34,7 @@ def test_twelve_row_charts_have_no_overlapping_labels():
         for a, b in itertools.combinations(boxes, 2):
             assert not a.overlaps(b), (make.__name__, a, b)
         rep.pyplot().close(fig)
-    assert rep.row_labels(report['rows'])[0].endswith('FP32 Paddle Inference')
+    assert rep.row_labels(report.rows)[0].endswith('FP32 Paddle Inference')
 
 
 def test_miou_axis_starts_at_zero():

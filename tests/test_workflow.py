@@ -130,7 +130,7 @@ def test_qat_export_heads(qat_run, tmp_path):
         pred = Predictor(str(out), EngineOptions(precision='int8', input_shape=(1, 3, 64, 64)))
         y = pred.run(np.zeros((1, 3, 64, 64), np.float32))
         assert str(y.dtype) == dtype and y.shape == (1, channels, 64, 64)
-        assert pred.engine['int8_conv_ops'] > 0
+        assert pred.ops.int8_conv_ops > 0
 
 
 def test_val_with_worker_processes_matches(fp32_run, tmp_path):

@@ -115,11 +115,11 @@ def test_config_quantizes_exports_and_runs_int8(path, tmp_path):
     out = pred.run(np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE))
                    .astype(np.float32))
     assert out.shape == (1, SIZE, SIZE) and out.dtype == np.int32
-    engine = pred.engine
+    ops = pred.ops
     promise = qcfg['int8_share']
-    assert engine['conv_ops'] > 0
+    assert ops.conv_ops > 0
     # convs the engine runs FP32 for want of a fast INT8 kernel on this CPU are quantized
-    quantized = engine['int8_conv_ops'] + len(pred.fp32_convs)
-    assert quantized / engine['conv_ops'] >= promise.get('conv', 0.0), engine
-    if engine['matmul_ops']:
-        assert engine['int8_matmul_ops'] / engine['matmul_ops'] >= promise.get('matmul', 0.0)
+    quantized = ops.int8_conv_ops + len(pred.fp32_convs)
+    assert quantized / ops.conv_ops >= promise.get('conv', 0.0), ops
+    if ops.matmul_ops:
+        assert ops.int8_matmul_ops / ops.matmul_ops >= promise.get('matmul', 0.0)

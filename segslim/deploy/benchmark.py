@@ -4,6 +4,7 @@ over a dataset goes image by image: memory does not grow with the val set."""
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -14,22 +15,23 @@ from segslim.deploy.engine import EngineBase, Preprocessor, resize_chw, restore_
 from segslim.deploy.engines import BACKENDS, create_predictor, runs_model
 from segslim.deploy.paddle_engine import check_engine_options
 from segslim.deploy.report import GalleryPick
+from segslim.deploy.results import Accuracy, BenchReport, BenchRow, Precision, within_bound
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
 from segslim.logger import logger, progress
-from segslim.options import EngineOptions
+from segslim.options import TIMING_SHAPE, EngineOptions
 
 
 def evaluate_engines(predictors: Sequence[EngineBase], dataset: SegDataset,
                      limit: Optional[int] = None, model: Any = None,
                      gallery: Optional[GalleryPick] = None,
-                     desc: str = 'Evaluating') -> List[Dict[str, Any]]:
+                     desc: str = 'Evaluating') -> List[Accuracy]:
     """Runs every predictor on the first `limit` val images, one image at a time; per
-    predictor: {'metrics' (ConfusionMatrix.compute), 'agreement' with the first predictor,
-    and with `model` (a dygraph model, e.g. the QAT model with its fake-quant ops)
-    'model_agreement'}. Label maps go back to the label size by one rule (restore_size),
-    so a Resize in the deploy transforms does not bias a count. `gallery` is offered each
-    image's labels of its two rows."""
+    predictor its Accuracy: pixel agreement with the first predictor and, with `model` (a
+    dygraph model, e.g. the QAT model with its fake-quant ops), `model_agreement`. Label
+    maps go back to the label size by one rule (restore_size), so a Resize in the deploy
+    transforms does not bias a count. `gallery` is offered each image's labels of its two
+    rows."""
     files = dataset.file_list[:limit]
     cms = [ConfusionMatrix(dataset.num_classes, dataset.ignore_index) for _ in predictors]
     same = np.zeros(len(predictors), np.int64)
@@ -63,10 +65,13 @@ def evaluate_engines(predictors: Sequence[EngineBase], dataset: SegDataset,
             gallery.offer(i, labels[gallery.rows[0]], labels[gallery.rows[1]])
     out = []
     for j, cm in enumerate(cms):
-        row = {'metrics': cm.compute(), 'agreement': same[j] / max(pixels, 1)}
-        if model is not None:
-            row['model_agreement'] = same_model[j] / max(pixels, 1)
-        out.append(row)
+        metrics = cm.compute()
+        out.append(Accuracy(miou=float(metrics['miou']),
+                            class_iou=[float(v) for v in metrics['class_iou']],
+                            acc=float(metrics['acc']),
+                            pixel_agreement=float(same[j] / max(pixels, 1)),
+                            model_agreement=float(same_model[j] / max(pixels, 1))
+                            if model is not None else None))
     return out
 
 
@@ -82,14 +87,24 @@ def model_labels(model: Any, dataset: SegDataset, index: int) -> np.ndarray:
     return restore_size(logit.argmax(axis=1).numpy()[0], sample['trans_info'])
 
 
+@dataclass
+class Int8Check:
+    """What qat_export and ptq check on their output: the INT8 engine's mIoU, and the FP32
+    engine's and the pixel agreement with it (when given an FP32 folder), and the agreement
+    with the dygraph model (when given one)."""
+    miou: float
+    fp32_miou: Optional[float] = None
+    agreement: Optional[float] = None
+    model_agreement: Optional[float] = None
+
+
 def check_int8_engine(dataset: SegDataset, int8_dir: str, limit: int, model: Any = None,
-                      fp32_dir: Optional[str] = None, backend: str = 'paddle') -> Dict[str, Any]:
+                      fp32_dir: Optional[str] = None, backend: str = 'paddle') -> Int8Check:
     """The check qat_export and ptq run on their output: the INT8 engine (CPU; Paddle
     Inference's oneDNN unless `backend` says otherwise) on the first `limit` val images, its
     mIoU and pixel agreement with the FP32 engine of `fp32_dir` and/or the dygraph `model`
     (the QAT model). Logged, and a warning when INT8 agrees with the model on less than
-    99.9 % of pixels or loses more than 1 mIoU point against FP32. Returns {'miou',
-    'fp32_miou', 'agreement', 'model_agreement'}."""
+    99.9 % of pixels or loses more than 1 mIoU point against FP32."""
     int8 = create_predictor(int8_dir, EngineOptions(backend=backend, precision='int8'))
     predictors: List[EngineBase] = [int8]
     if fp32_dir:
@@ -98,18 +113,17 @@ def check_int8_engine(dataset: SegDataset, int8_dir: str, limit: int, model: Any
     n = min(limit, len(dataset))
     if int8.fallback:
         logger.warning('INT8 engine: %s', int8.fallback)
-    result: Dict[str, Any] = {'miou': rows[-1]['metrics']['miou']}
-    ops = '{}, {}/{} convs INT8'.format(BACKENDS[backend].label, int8.engine.get('int8_conv_ops'),
-                                        int8.engine.get('conv_ops'))
+    result = Int8Check(miou=rows[-1].miou)
+    ops = f'{BACKENDS[backend].label}, {int8.ops.int8_conv_ops}/{int8.ops.conv_ops} convs INT8'
     if fp32_dir:
-        result.update(fp32_miou=rows[0]['metrics']['miou'], agreement=rows[-1]['agreement'])
-        ok = result['miou'] >= result['fp32_miou'] - 0.01
+        result.fp32_miou, result.agreement = rows[0].miou, rows[-1].pixel_agreement
+        ok = within_bound(rows[0].miou, result.miou, 0.01)
         (logger.info if ok else logger.warning)(
             'INT8 engine (%s): mIoU %.4f vs FP32 engine %.4f on %d val images, '
-            '%.4f%% of pixels agree', ops, result['miou'], result['fp32_miou'], n,
-            100 * result['agreement'])
+            '%.4f%% of pixels agree', ops, result.miou, rows[0].miou, n,
+            100 * rows[-1].pixel_agreement)
     if model is not None:
-        share = result['model_agreement'] = rows[-1]['model_agreement']
+        share = result.model_agreement = rows[-1].model_agreement or 0.0
         (logger.info if share >= 0.999 else logger.warning)(
             'INT8 engine (%s) agrees with the QAT model on %.4f%% of pixels (%d val '
             'images)', ops, 100 * share, n)
@@ -135,20 +149,15 @@ def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup
     return times
 
 
-SUMMARY_KEYS = ('int8_ops', 'quantizable_ops', 'fp32_ops', 'by_type', 'conv_ops',
-                'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops')
-
-
 def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: EngineOptions,
-              shape: Sequence[int] = (1, 3, 512, 512), warmup: int = 5, repeats: int = 20,
+              shape: Sequence[int] = TIMING_SHAPE, warmup: int = 5, repeats: int = 20,
               with_bf16: Optional[bool] = None,
               backends: Sequence[str] = ('paddle',),
-              gallery: Optional[GalleryPick] = None) -> Dict[str, Any]:
-    """The report dict: {'isa', 'threads', 'cpu', 'input_shape', 'rows': [...]}; every model
-    dir runs on every backend; the first model dir on the first backend (in FP32) is the
-    baseline for speedup and pixel agreement, and FP32 models also get a bf16 row where the
-    CPU has bf16. With a dataset, `gallery` collects the val images where the first INT8 row
-    agrees least with the first row."""
+              gallery: Optional[GalleryPick] = None) -> BenchReport:
+    """Every model dir on every backend; the first model dir on the first backend (in FP32)
+    is the baseline for speedup and pixel agreement, and FP32 models also get a bf16 row
+    where the CPU has bf16. With a dataset, every row gets its Accuracy and `gallery`
+    collects the val images where the first INT8 row agrees least with the first row."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # each row is labelled with what its engine ran
@@ -169,38 +178,30 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                                              dataclasses.replace(run_opts, precision='bf16')))
     batch = timing_batch(runs[0], dataset, shape)
     times = time_interleaved(runs, batch, warmup, repeats)
-    rows = []
-    for pred, secs in zip(runs, times):
-        row: Dict[str, Any] = {
-            'model_dir': pred.model_dir, 'precision': pred.precision, 'backend': pred.backend,
-            's_per_img': float(np.median(secs)) / shape[0],
-            'p90_s': float(np.percentile(secs, 90)) / shape[0],
-            'params_mb': os.path.getsize(pred.deploy['params']) / 2 ** 20,
-            'fallback': pred.fallback,
-            'engine_fp32_convs': len(pred.fp32_convs),
-            'passes': getattr(pred, 'passes', None),
-        }
-        row.update({key: pred.engine.get(key) for key in SUMMARY_KEYS})
-        rows.append(row)
-    report: Dict[str, Any] = {
-        'isa': cpu['isa'] if opts.device == 'cpu' else 'gpu', 'cpu': cpu['model'],
-        'vnni': cpu['vnni'], 'threads': opts.cpu_threads, 'device': opts.device,
-        'input_shape': list(shape), 'warmup': warmup, 'repeats': repeats, 'rows': rows}
+    rows = [BenchRow(model_dir=pred.model_dir, backend=pred.backend, precision=pred.precision,
+                     precision_note=pred.precision_note,
+                     s_per_img=float(np.median(secs)) / shape[0],
+                     p90_s=float(np.percentile(secs, 90)) / shape[0],
+                     params_mb=os.path.getsize(pred.deploy['params']) / 2 ** 20,
+                     ops=pred.ops, fallback=pred.fallback,
+                     engine_fp32_convs=len(pred.fp32_convs), passes=pred.passes)
+            for pred, secs in zip(runs, times)]
+    report = BenchReport(isa=cpu['isa'] if opts.device == 'cpu' else 'gpu', cpu=cpu['model'],
+                         vnni=bool(cpu['vnni']), threads=opts.cpu_threads, device=opts.device,
+                         input_shape=list(shape), warmup=warmup, repeats=repeats, rows=rows)
     if dataset is not None:
-        int8 = next((i for i, r in enumerate(rows) if r['precision'] == 'int8'), None)
+        int8 = report.first_int8()
         pick = gallery if int8 is not None else None
         if pick is not None and int8 is not None:
             pick.rows = (0, int8)
         logger.info('Evaluating %d rows on %d val images', len(runs), len(dataset))
-        for row, result in zip(rows, evaluate_engines(runs, dataset, gallery=pick)):
-            metrics = result['metrics']
-            row.update(miou=metrics['miou'], class_iou=metrics['class_iou'],
-                       acc=metrics['acc'], pixel_agreement=result['agreement'])
-    base = rows[0]['s_per_img']
-    bf16_s = min((r['s_per_img'] for r in rows if r['precision'] == 'bf16'), default=None)
+        for row, accuracy in zip(rows, evaluate_engines(runs, dataset, gallery=pick)):
+            row.accuracy = accuracy
+    base = rows[0].s_per_img
+    bf16_s = min((r.s_per_img for r in rows if r.precision is Precision.BF16), default=None)
     for row in rows:
-        row['speedup'] = base / row['s_per_img']
-        row['speedup_vs_bf16'] = bf16_s / row['s_per_img'] if bf16_s else None
+        row.speedup = base / row.s_per_img
+        row.speedup_vs_bf16 = bf16_s / row.s_per_img if bf16_s else None
     return report
 
 

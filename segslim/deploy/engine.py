@@ -2,13 +2,14 @@
 folder's deploy.yaml, the deploy transforms, restoring label maps to the image size and
 the op summary that says what ran INT8."""
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import yaml
 
 from segslim import builder
 from segslim.data.datasets import read_image
+from segslim.deploy.results import NO_INT8_NOTE, OpSummary, PassChange, Precision
 from segslim.errors import UserError
 from segslim.options import EngineOptions
 from segslim.program import QUANT_OP_TYPES, program_op_types
@@ -16,9 +17,6 @@ from segslim.program import QUANT_OP_TYPES, program_op_types
 # OpenVINO IR (model.xml/model.bin, written by ptq.py --quantizer nncf): only OpenVINO runs it.
 IR_SUFFIX = '.xml'
 IR_QUANT_OP = 'FakeQuantize'
-
-# What a quantized model's row says when the engine ran none of it in INT8.
-NO_INT8 = 'fp32 (QAT model, no INT8 kernels)'
 
 
 # Without VNNI, x86 INT8 kernels add each pair of u8 x s8 products in a 16-bit lane
@@ -77,32 +75,6 @@ def ir_op_types(model_file: str) -> List[str]:
     except ET.ParseError as e:
         raise UserError(f'{model_file} is not a valid OpenVINO IR file ({e}); re-export the '
                         'model') from e
-
-
-def summarize_ops(ops: Iterable[Tuple[str, bool, str]], conv_kinds: Sequence[str],
-                  matmul_kinds: Sequence[str]) -> Dict[str, Any]:
-    """The op summary every backend reports, from (kind, runs INT8, name) of the engine's
-    ops: {'int8_ops', 'quantizable_ops', 'fp32_ops': [names], 'by_type': {kind: [int8,
-    total]}, 'conv_ops', 'int8_conv_ops', 'matmul_ops', 'int8_matmul_ops'}; only conv and
-    matmul kinds count."""
-    by_type: Dict[str, List[int]] = {}
-    fp32 = []
-    for kind, int8, name in ops:
-        if kind not in tuple(conv_kinds) + tuple(matmul_kinds):
-            continue
-        counts = by_type.setdefault(kind, [0, 0])
-        counts[1] += 1
-        if int8:
-            counts[0] += 1
-        else:
-            fp32.append(name)
-
-    def total(kinds: Iterable[str], idx: int) -> int:
-        return sum(by_type[k][idx] for k in kinds if k in by_type)
-    return {'int8_ops': total(by_type, 0), 'quantizable_ops': total(by_type, 1),
-            'fp32_ops': fp32, 'by_type': by_type,
-            'conv_ops': total(conv_kinds, 1), 'int8_conv_ops': total(conv_kinds, 0),
-            'matmul_ops': total(matmul_kinds, 1), 'int8_matmul_ops': total(matmul_kinds, 0)}
 
 
 class Preprocessor:
@@ -168,11 +140,12 @@ def restore_size(labels: np.ndarray, trans_info: list) -> np.ndarray:
 
 class EngineBase:
     """What every backend's predictor offers: `deploy` (read_deploy), `model_dir`, `opts`,
-    `quantized`, `precision` (what the engine runs), `fallback` (what was changed to make it
-    run, or None), `fp32_convs`, `engine` (op summary: what runs INT8) and run() on a N,C,H,W
-    batch."""
+    `quantized`, `precision` (what the engine runs) with `precision_note` (NO_INT8_NOTE for
+    a quantized model it runs in FP32), `fallback` (what was changed to make it run, or
+    None), `fp32_convs`, `ops` (what runs INT8) and run() on a N,C,H,W batch."""
     backend = ''
-    precision: str
+    precision: Precision
+    precision_note: Optional[str] = None
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.deploy = read_deploy(model_dir)
@@ -189,7 +162,7 @@ class EngineBase:
         # convs the model quantizes that the engine runs in FP32 (no fast INT8 kernel for them
         # on this CPU); `fallback` says why
         self.fp32_convs: List[str] = []
-        self.engine: Dict[str, Any] = {}
+        self.ops = OpSummary()
         if opts.precision == 'int8' and not self.quantized:
             raise UserError(f'{model_dir} holds no quantization scales, so INT8 would silently '
                             'run FP32; '
@@ -208,6 +181,16 @@ class EngineBase:
         if self.fixed_shape():
             return list(self.deploy['input_shape'])
         return list(self.opts.input_shape)
+
+    @property
+    def passes(self) -> Optional[PassChange]:
+        """What the engine changes in its optimization pass list (None: nothing to say)."""
+        return None
+
+    def ran_no_int8(self) -> None:
+        """Marks a quantized model whose engine ran none of it in INT8."""
+        self.precision = Precision.FP32
+        self.precision_note = NO_INT8_NOTE
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
         return output_labels(out)

@@ -10,7 +10,8 @@ from typing import Any, Dict
 import numpy as np
 
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import NO_INT8, SEVEN_BIT_NOTE, EngineBase, seven_bit, summarize_ops
+from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
+from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.options import EngineOptions
@@ -82,10 +83,10 @@ def seven_bit_qdq(model: Any) -> int:
     return done
 
 
-def profiled_summary(nodes: Dict[str, str]) -> Dict[str, Any]:
-    """{node name: op kind} of one profiled run -> the op summary (see summarize_ops)."""
-    return summarize_ops([(kind, kind in INT8_KINDS, name)
-                          for name, kind in sorted(nodes.items())], CONV_KINDS, MATMUL_KINDS)
+def profiled_summary(nodes: Dict[str, str]) -> OpSummary:
+    """{node name: op kind} of one profiled run -> the op summary."""
+    return OpSummary.count([(kind, kind in INT8_KINDS, name)
+                            for name, kind in sorted(nodes.items())], CONV_KINDS, MATMUL_KINDS)
 
 
 class OnnxRuntimePredictor(EngineBase):
@@ -131,10 +132,10 @@ class OnnxRuntimePredictor(EngineBase):
                             f'({str(e).strip().splitlines()[-1][:160]}); re-export with '
                             '--to_onnx') from e
         self.input_name = self.session.get_inputs()[0].name
-        self.engine = self._profile(np.zeros(self.probe_shape(), np.float32))
-        self.precision = 'int8' if self.quantized else 'fp32'
-        if self.quantized and not self.engine.get('int8_ops'):
-            self.precision = NO_INT8
+        self.ops = self._profile(np.zeros(self.probe_shape(), np.float32))
+        self.precision = Precision.INT8 if self.quantized else Precision.FP32
+        if self.quantized and not self.ops.int8_ops:
+            self.ran_no_int8()
         if self.for_tensorrt:
             self.fallback = ('the ONNX file is placed for TensorRT; onnxruntime runs its Q/DQ '
                              'in float')
@@ -160,7 +161,7 @@ class OnnxRuntimePredictor(EngineBase):
             so.profile_file_prefix = profile_prefix
         return so
 
-    def _profile(self, images: np.ndarray) -> Dict[str, Any]:
+    def _profile(self, images: np.ndarray) -> OpSummary:
         """Op summary of the optimized graph, from one profiled run in a second session."""
         with tempfile.TemporaryDirectory(prefix='segslim-ort-') as tmp:
             session = self.ort.InferenceSession(self.model,

@@ -8,12 +8,13 @@ nncf writes (model.xml/model.bin), FakeQuantize ops as NNCF placed them."""
 import collections
 import os
 import tempfile
-from typing import Any, Dict, List, Tuple
+from typing import Any, List, Tuple
 
 import numpy as np
 
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import NO_INT8, SEVEN_BIT_NOTE, EngineBase, seven_bit, summarize_ops
+from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
+from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError
 from segslim.options import EngineOptions
 from segslim.program import strip_observer_quantization
@@ -40,7 +41,7 @@ def import_openvino() -> Any:
     return openvino
 
 
-def runtime_summary(runtime_model: Any) -> Dict[str, Any]:
+def runtime_summary(runtime_model: Any) -> OpSummary:
     """What a compiled model executes in INT8, from its runtime graph (layerType,
     runtimePrecision), counted as op_summary() counts the oneDNN program."""
     ops = []
@@ -50,7 +51,7 @@ def runtime_summary(runtime_model: Any) -> Dict[str, Any]:
                     info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS,
                     info['originalLayersNames'].astype(str).split(',')[0] or
                     op.get_friendly_name()))
-    return summarize_ops(ops, CONV_LAYERS, MATMUL_LAYERS)
+    return OpSummary.count(ops, CONV_LAYERS, MATMUL_LAYERS)
 
 
 def drop_observer_quantization(model: Any) -> List[str]:
@@ -172,8 +173,8 @@ class OpenVINOPredictor(EngineBase):
             self.seven_bit = seven_bit_weights(self.model)
             if self.seven_bit:
                 self.fallback = SEVEN_BIT_NOTE
-        self.precision = 'int8' if self.quantized else (
-            'bf16' if opts.precision == 'bf16' else 'fp32')
+        self.precision = Precision.INT8 if self.quantized else (
+            Precision.BF16 if opts.precision == 'bf16' else Precision.FP32)
         self.properties = {
             'INFERENCE_PRECISION_HINT': 'bf16' if self.precision == 'bf16' else 'f32',
             'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
@@ -181,8 +182,8 @@ class OpenVINOPredictor(EngineBase):
         self._compiled: collections.OrderedDict[Tuple[int, ...], Any] = \
             collections.OrderedDict()
         self.run(np.zeros(self.probe_shape(), np.float32))
-        if self.quantized and not self.engine.get('int8_ops'):
-            self.precision = NO_INT8
+        if self.quantized and not self.ops.int8_ops:
+            self.ran_no_int8()
 
     def _request(self, shape: Tuple[int, ...]) -> Any:
         """An infer request of the model compiled for this static input shape."""
@@ -197,7 +198,7 @@ class OpenVINOPredictor(EngineBase):
             raise UserError('OpenVINO cannot compile {} for input {} ({}); use --backend '
                             'paddle'.format(self.model_dir, 'x'.join(map(str, shape)),
                                             str(e).strip().splitlines()[-1][:160])) from e
-        self.engine = runtime_summary(compiled.get_runtime_model())
+        self.ops = runtime_summary(compiled.get_runtime_model())
         self._compiled[shape] = compiled.create_infer_request()
         if len(self._compiled) > SHAPE_CACHE:
             self._compiled.popitem(last=False)

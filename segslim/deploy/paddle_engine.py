@@ -6,13 +6,14 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 from paddle import inference as pi
 
-from segslim.deploy.engine import NO_INT8, EngineBase, summarize_ops
+from segslim.deploy.engine import EngineBase
 from segslim.deploy.onednn import ConvShape, reference_int8_convs, verbose_lines
+from segslim.deploy.results import OpSummary, PassChange, Precision
 from segslim.errors import UserError
 from segslim.logger import quiet_native_output
 from segslim.options import EngineOptions
@@ -36,17 +37,17 @@ INT8_DELETE_PASSES = ('conv_elementwise_add_mkldnn_fuse_pass',)
 ONEDNN_EXTRA_PASSES = ('interpolate_mkldnn_pass',)
 
 
-def op_summary(model_file: str) -> Dict[str, Any]:
+def op_summary(model_file: str) -> OpSummary:
     """What runs INT8 in an optimized (oneDNN) program, counted over the quantizable ops:
     convolutions and matrix products (matmul, matmul_v2, fc, mul: most of a transformer's
-    compute); see summarize_ops."""
+    compute)."""
     desc = read_program(model_file)
     ops = []
     for op in block_ops(desc):
         dtype = op.attr('mkldnn_data_type') if op.has_attr('mkldnn_data_type') else ''
         outs = [op.output(n)[0] for n in op.output_names() if op.output(n)]
         ops.append((op.type(), dtype == 'int8', outs[0] if outs else op.type()))
-    return summarize_ops(ops, CONV_TYPES, MATMUL_TYPES)
+    return OpSummary.count(ops, CONV_TYPES, MATMUL_TYPES)
 
 
 
@@ -80,11 +81,10 @@ def describe_conv(shape: ConvShape) -> str:
 class PaddlePredictor(EngineBase):
     """One Paddle Inference predictor for an exported model folder.
 
-    `precision` says what the engine runs: 'fp32', 'bf16', 'fp16', 'int8', or
-    'fp32 (QAT model, no INT8 kernels)' for a quantized model on a path that simulates its
-    fake-quant ops in FP32 (no oneDNN, or GPU without TensorRT). `fallback` says what was
-    changed to make the engine run (None if nothing); `engine` holds the op summary of the
-    optimized program on CPU.
+    `precision` says what the engine runs; a quantized model on a path that simulates its
+    fake-quant ops in FP32 (no oneDNN, or GPU without TensorRT) runs FP32 with
+    NO_INT8_NOTE. `fallback` says what was changed to make the engine run (None if
+    nothing); `ops` holds the op summary of the optimized program on CPU.
     """
     backend = 'paddle'
 
@@ -110,32 +110,33 @@ class PaddlePredictor(EngineBase):
                 self.shape_file = os.path.join(tmp, 'shape_range_info.pbtxt')
         probe = self.probe_shape()
         self.trt_max = (max(TRT_MAX_SIDE, probe[2]), max(TRT_MAX_SIDE, probe[3]))
-        self.precision = self._precision()
+        self._set_precision()
         self.model_file = self.deploy['model']
         self._create()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.opts.enable_mkldnn:
             self._avoid_reference_convs()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
-                self.engine and not self.engine.get('int8_ops'):
-            self.precision = NO_INT8
+                self.ops.quantizable_ops and not self.ops.int8_ops:
+            self.ran_no_int8()
 
     @property
-    def passes(self) -> Dict[str, List[str]]:
+    def passes(self) -> PassChange:
         """What this engine changes in Paddle's pass list, for the report: passes only apply
         on CPU with oneDNN."""
         if self.opts.device != 'cpu' or not self.opts.enable_mkldnn:
-            return {'appended': [], 'deleted': []}
-        return {'appended': list(self.extra_passes),
-                'deleted': list(self.delete_passes) if self.quantized else []}
+            return PassChange()
+        return PassChange(appended=self.extra_passes,
+                          deleted=self.delete_passes if self.quantized else ())
 
-    def _precision(self) -> str:
+    def _set_precision(self) -> None:
         opts = self.opts
-        if self.quantized:
-            if (opts.device == 'cpu' and opts.enable_mkldnn) or self.trt:
-                return 'int8'
-            return NO_INT8
-        return opts.precision
+        if not self.quantized:
+            self.precision = Precision(opts.precision)
+        elif (opts.device == 'cpu' and opts.enable_mkldnn) or self.trt:
+            self.precision = Precision.INT8
+        else:
+            self.ran_no_int8()
 
     def _config(self, int8_ops: Sequence[str], cache: Optional[str],
                 native: Sequence[str] = ()) -> Any:
@@ -274,7 +275,7 @@ class PaddlePredictor(EngineBase):
                     self.fallback = '{} after: {}'.format('; '.join(changes), errors[-1])
                 optimized = os.path.join(cache, '_optimized.pdmodel') if cache else None
                 if optimized and os.path.exists(optimized):
-                    self.engine = op_summary(optimized)
+                    self.ops = op_summary(optimized)
                 return
             except UserError:
                 raise

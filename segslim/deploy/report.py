@@ -3,15 +3,17 @@ chart, an mIoU chart on a zero-based axis, and a gallery of the val images where
 differs most from FP32 (input, ground truth, both masks and a map of the changed pixels)."""
 import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
+from prettytable import PrettyTable, TableStyle
 
 from segslim.data.datasets import SegDataset, read_image, read_label
 from segslim.deploy.engines import backend_label
+from segslim.deploy.results import BenchReport, BenchRow, Precision
 from segslim.engine.metrics import ConfusionMatrix
-from segslim.fileio import atomic_write, write_bytes, write_text
+from segslim.fileio import atomic_write, write_bytes, write_json, write_text
 
 # Difference-map colours (RGB): changed pixels, split by what they do to the ground truth.
 CHANGED = (255, 200, 0)     # INT8 != FP32, neither matches the ground truth (or it is ignored)
@@ -21,77 +23,68 @@ PANEL_MIN_SIDE = 256        # small images are enlarged (nearest) up to this wid
 HEADER = 24                 # pixels above each panel for its title
 
 
-def engine_name(row: Dict[str, Any]) -> str:
-    return backend_label(row.get('backend', 'paddle'))
+def engine_name(row: BenchRow) -> str:
+    return backend_label(row.backend)
 
 
-def precision_label(precision: str) -> str:
-    """'INT8', 'BF16', ...; a sentence such as 'fp32 (QAT model, no INT8 kernels)' stays."""
-    return precision if ' ' in precision else precision.upper()
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    """A GitHub markdown table (prettytable's MARKDOWN style)."""
+    table = PrettyTable(list(header))
+    table.set_style(TableStyle.MARKDOWN)
+    table.align = 'l'
+    for row in rows:
+        table.add_row([str(v) for v in row])
+    return table.get_string()
 
 
-def _ops_cell(row: Dict[str, Any]) -> str:
-    """'47/47' INT8 over quantizable ops, split by kind where matmuls are present."""
-    if row.get('quantizable_ops') is None:
-        return '-'
-    if not row.get('matmul_ops'):
-        return '{}/{}'.format(row['int8_ops'], row['quantizable_ops'])
-    return 'conv {}/{}, matmul {}/{}'.format(row['int8_conv_ops'], row['conv_ops'],
-                                              row['int8_matmul_ops'], row['matmul_ops'])
-
-
-def format_report(report: Dict[str, Any], name: Optional[str] = None) -> str:
+def format_report(report: BenchReport, name: Optional[str] = None) -> str:
     """The markdown report: header line, the main table (rows named by `name` when given,
     else by model folder), per-class IoU, notes on fallbacks and FP32 ops."""
     lines = ['Device: {} | CPU: {} | ISA: {} | threads: {} | input {} | median of {} runs, '
-             'models interleaved'.format(report['device'], report['cpu'], report['isa'],
-                                         report['threads'], 'x'.join(map(str,
-                                                                         report['input_shape'])),
-                                         report['repeats'])]
-    if report['device'] == 'cpu' and not report['vnni']:
+             'models interleaved'.format(report.device, report.cpu, report.isa,
+                                         report.threads, 'x'.join(map(str, report.input_shape)),
+                                         report.repeats)]
+    if report.device == 'cpu' and not report.vnni:
         lines.append('WARNING: this CPU has no VNNI/AMX: INT8 gains less here than on VNNI '
                      'CPUs (its INT8 kernels take 7-bit weights, and some conv shapes have no '
                      'fast INT8 kernel); compare the rows before shipping INT8.')
-    lines += ['', '| Model | Engine | Type | mIoU | s/img | p90 s | speedup | vs best bf16 | '
-              'params MB | agreement | INT8 ops |', '|---|---|---|---|---|---|---|---|---|---|---|']
-    for r in report['rows']:
-        lines.append('| {} | {} | {} | {} | {:.4f} | {:.4f} | {:.2f}x | {} | {:.1f} | {} | {} '
-                     '|'.format(
-            name or r['model_dir'], engine_name(r), precision_label(r['precision']),
-            '{:.4f}'.format(r['miou']) if 'miou' in r else '-', r['s_per_img'], r['p90_s'],
-            r['speedup'], '{:.2f}x'.format(r['speedup_vs_bf16']) if r['speedup_vs_bf16'] else '-',
-            r['params_mb'],
-            '{:.4%}'.format(r['pixel_agreement']) if 'pixel_agreement' in r else '-',
-            _ops_cell(r)))
-    if any('class_iou' in r for r in report['rows']):
-        lines += ['', '| Model | Engine | Type | per-class IoU |', '|---|---|---|---|']
-        for r in report['rows']:
-            lines.append('| {} | {} | {} | {} |'.format(name or r['model_dir'], engine_name(r),
-                                                       precision_label(r['precision']),
-                                                  ', '.join(f'{v:.4f}'
-                                                            for v in r.get('class_iou', []))))
-    for r in report['rows']:
-        if r['fallback']:
-            lines.append('Note: {} ({}, {}): {}'.format(name or r['model_dir'], engine_name(r),
-                                                       r['precision'], r['fallback']))
-        if r['precision'] == 'int8' and r.get('fp32_ops'):
+
+    def f4(v: Optional[float]) -> str:
+        return '-' if v is None else f'{v:.4f}'
+    lines += ['', markdown_table(
+        ('Model', 'Engine', 'Type', 'mIoU', 's/img', 'p90 s', 'speedup', 'vs best bf16',
+         'params MB', 'agreement', 'INT8 ops'),
+        ((name or r.model_dir, engine_name(r), r.type_label, f4(r.miou), f'{r.s_per_img:.4f}',
+          f'{r.p90_s:.4f}', f'{r.speedup:.2f}x',
+          f'{r.speedup_vs_bf16:.2f}x' if r.speedup_vs_bf16 else '-', f'{r.params_mb:.1f}',
+          f'{r.accuracy.pixel_agreement:.4%}' if r.accuracy else '-', r.ops.cell())
+         for r in report.rows))]
+    if any(r.accuracy for r in report.rows):
+        lines += ['', markdown_table(
+            ('Model', 'Engine', 'Type', 'per-class IoU'),
+            ((name or r.model_dir, engine_name(r), r.type_label,
+              ', '.join(f'{v:.4f}' for v in r.accuracy.class_iou) if r.accuracy else '-')
+             for r in report.rows))]
+    for r in report.rows:
+        if r.fallback:
+            lines.append(f'Note: {name or r.model_dir} ({engine_name(r)}, {r.type_label}): '
+                         f'{r.fallback}')
+        if r.int8 and r.ops.fp32_ops:
             lines.append('Note: {} on {} runs {} quantizable ops in FP32: {}'.format(
-                name or r['model_dir'], engine_name(r), len(r['fp32_ops']),
-                ', '.join(r['fp32_ops'][:6])))
-    lines += passes_notes(report['rows'])
+                name or r.model_dir, engine_name(r), len(r.ops.fp32_ops),
+                ', '.join(r.ops.fp32_ops[:6])))
+    lines += passes_notes(report.rows)
     return '\n'.join(lines)
 
 
-def passes_notes(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def passes_notes(rows: Sequence[BenchRow]) -> List[str]:
     """'Passes: <engine> <types>: +appended, -deleted' for each distinct change of the
     engine's pass list, naming the rows (by engine and type) that ran with it."""
     groups: Dict[str, List[str]] = {}
     for r in rows:
-        passes = r.get('passes') or {}
-        change = ', '.join(['+' + p for p in passes.get('appended', [])] +
-                           ['-' + p for p in passes.get('deleted', [])])
+        change = r.passes.describe() if r.passes else ''
         if change:
-            label = f"{engine_name(r)} {precision_label(r['precision'])}"
+            label = f'{engine_name(r)} {r.type_label}'
             if label not in groups.setdefault(change, []):
                 groups[change].append(label)
     return [f"Passes: {', '.join(labels)}: {change}" for change, labels in groups.items()]
@@ -101,11 +94,11 @@ def short_name(model_dir: str) -> str:
     return os.path.basename(os.path.normpath(model_dir))
 
 
-def row_labels(rows: Sequence[Dict[str, Any]]) -> List[str]:
+def row_labels(rows: Sequence[BenchRow]) -> List[str]:
     """'<model short name>\\n<precision>[ <engine>]': the engine is named when the report
     has more than one."""
-    several = len({r.get('backend', 'paddle') for r in rows}) > 1
-    return ['{}\n{}{}'.format(short_name(r['model_dir']), precision_label(r['precision']),
+    several = len({r.backend for r in rows}) > 1
+    return ['{}\n{}{}'.format(short_name(r.model_dir), r.type_label,
                               ' ' + engine_name(r) if several else '') for r in rows]
 
 
@@ -121,49 +114,50 @@ def save_figure(fig: Any, path: str) -> None:
     pyplot().close(fig)
 
 
-def latency_figure(report: Dict[str, Any]) -> Any:
+def latency_figure(report: BenchReport) -> Any:
     """One horizontal bar per row (first row on top), each annotated with ms and speedup;
     the figure grows with the row count so two-line labels never overlap."""
     plt = pyplot()
-    rows = report['rows']
-    ms = [r['s_per_img'] * 1000 for r in rows]
+    rows = report.rows
+    ms = [r.s_per_img * 1000 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.62 * len(rows)))
     y = np.arange(len(rows))[::-1]
-    colors = ['#c0504d' if r['precision'] == 'int8' else
-              '#4f81bd' if r['precision'] == 'fp32' else '#9bbb59' for r in rows]
+    colors = ['#c0504d' if r.int8 else
+              '#4f81bd' if r.precision is Precision.FP32 else '#9bbb59' for r in rows]
     ax.barh(y, ms, color=colors, height=0.6)
     ax.set_yticks(y)
     ax.set_yticklabels(row_labels(rows), fontsize=8)
     for yi, v, r in zip(y, ms, rows):
-        ax.text(v, yi, ' {:.1f} ms  {:.2f}x'.format(v, r['speedup']), va='center', fontsize=8)
+        ax.text(v, yi, f' {v:.1f} ms  {r.speedup:.2f}x', va='center', fontsize=8)
     ax.set_xlim(0, max(ms) * 1.35)
-    ax.set_xlabel('ms per image (median of {} runs), speedup over the first row'.format(
-        report['repeats']))
+    ax.set_xlabel(f'ms per image (median of {report.repeats} runs), speedup over the first row')
     ax.set_title('Latency, input {}, {} ({}), {} threads'.format(
-        'x'.join(map(str, report['input_shape'])), report['cpu'], report['isa'],
-        report['threads']), fontsize=9)
+        'x'.join(map(str, report.input_shape)), report.cpu, report.isa,
+        report.threads), fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def miou_figure(report: Dict[str, Any]) -> Any:
-    """mIoU per row on a 0..1 axis, beside per-class IoU as an annotated heat map."""
+def miou_figure(report: BenchReport) -> Any:
+    """mIoU per row on a 0..1 axis, beside per-class IoU as an annotated heat map (every row
+    has its accuracy)."""
     plt = pyplot()
-    rows = report['rows']
-    classes = len(rows[0]['class_iou'])
+    rows = report.rows
+    accs = [r.accuracy for r in rows if r.accuracy is not None]
+    classes = len(accs[0].class_iou)
     fig, (ax, heat) = plt.subplots(
         1, 2, figsize=(8 + 0.35 * max(classes - 4, 0), 1.2 + 0.62 * len(rows)),
         gridspec_kw={'width_ratios': [1, max(1.0, classes / 4)]})
     y = np.arange(len(rows))[::-1]
-    ax.barh(y, [r['miou'] for r in rows], color='#6a9f58', height=0.6)
+    ax.barh(y, [a.miou for a in accs], color='#6a9f58', height=0.6)
     ax.set_yticks(y)
     ax.set_yticklabels(row_labels(rows), fontsize=8)
     ax.set_xlim(0, 1.18)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
-    for yi, r in zip(y, rows):
-        ax.text(r['miou'], yi, ' {:.4f}'.format(r['miou']), va='center', fontsize=8)
+    for yi, a in zip(y, accs):
+        ax.text(a.miou, yi, f' {a.miou:.4f}', va='center', fontsize=8)
     ax.set_xlabel('mIoU on the deployed engine (axis from 0)')
-    values = np.array([r['class_iou'] for r in rows], dtype=np.float64)
+    values = np.array([a.class_iou for a in accs], dtype=np.float64)
     heat.imshow(values, vmin=0, vmax=1, cmap='viridis', aspect='auto')
     heat.set_yticks(np.arange(len(rows)))
     heat.set_yticklabels([])
@@ -310,31 +304,30 @@ def gallery_markdown(records: List[Dict[str, Any]], engine: str, prefix: str) ->
     return '\n'.join(lines).rstrip()
 
 
-def write_report_dir(report: Dict[str, Any], report_dir: str,
+def write_report_dir(report: BenchReport, report_dir: str,
                      dataset: Optional[SegDataset] = None,
                      pick: Optional[GalleryPick] = None) -> str:
     """report.md, latency.png, miou.png (with a dataset) and gallery/ (first INT8 row against
-    the first row); returns the path of report.md."""
-    from segslim.fileio import write_json
+    the first row), and report.json; returns the path of report.md."""
     os.makedirs(report_dir, exist_ok=True)
-    rows = report['rows']
+    rows = report.rows
     save_figure(latency_figure(report), os.path.join(report_dir, 'latency.png'))
     lines = ['# FP32 vs INT8 report', '', format_report(report), '',
              '## Latency', '', '![latency](latency.png)']
-    if all('miou' in r for r in rows):
+    if report.has_accuracy:
         save_figure(miou_figure(report), os.path.join(report_dir, 'miou.png'))
         lines += ['', '## Accuracy', '', '![mIoU and per-class IoU](miou.png)']
-    int8 = next((i for i, r in enumerate(rows) if r['precision'] == 'int8'), None)
+    int8 = report.first_int8()
     if dataset is not None and pick is not None and int8 is not None and pick.count > 0:
         records = write_gallery(os.path.join(report_dir, 'gallery'), dataset, pick,
                                 engine_name(rows[int8]))
-        report['gallery'] = records
+        report.gallery = records
         lines += ['', '## Where INT8 differs from FP32', '',
-                  'INT8 row: {} on {}; FP32 row: {} on {} ([index](gallery/index.md)).'.format(
-                      short_name(rows[int8]['model_dir']), engine_name(rows[int8]),
-                      short_name(rows[0]['model_dir']), engine_name(rows[0])), '',
+                  'INT8 row: {} on {}; FP32 row: {} on {} ([index](gallery/index.md)).'.format(  # noqa: UP032
+                      short_name(rows[int8].model_dir), engine_name(rows[int8]),
+                      short_name(rows[0].model_dir), engine_name(rows[0])), '',
                   gallery_markdown(records, engine_name(rows[int8]), 'gallery/')]
     path = os.path.join(report_dir, 'report.md')
     write_text(path, '\n'.join(lines) + '\n')
-    write_json(os.path.join(report_dir, 'report.json'), report)
+    write_json(os.path.join(report_dir, 'report.json'), report.to_json())
     return path

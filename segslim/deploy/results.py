@@ -1,0 +1,203 @@
+"""What a deployed engine measured, as values with a type: the op summary (what ran INT8),
+one benchmark row, the benchmark report, and the precision as an enum with its note apart.
+
+Everything that reads a result reads attributes; JSON is written from these types here and
+nowhere else (`to_json`), with the keys report.json has always had."""
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+JsonValue = object
+
+
+class Precision(str, enum.Enum):
+    """What an engine runs. A str, so 'int8' == Precision.INT8 where flags hold strings."""
+    FP32 = 'fp32'
+    FP16 = 'fp16'
+    BF16 = 'bf16'
+    INT8 = 'int8'
+
+    @property
+    def label(self) -> str:
+        return self.value.upper()
+
+    @property
+    def quantized(self) -> bool:
+        return self is Precision.INT8
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The note of a quantized model that the engine ran with no INT8 kernel (its fake-quant ops
+# simulated in FP32).
+NO_INT8_NOTE = 'QAT model, no INT8 kernels'
+
+
+@dataclass(frozen=True)
+class OpSummary:
+    """What an engine ran INT8, counted over the quantizable ops (convolutions and matrix
+    products) of its optimized graph. `by_type` maps an op kind to (INT8, total)."""
+    int8_ops: int = 0
+    quantizable_ops: int = 0
+    fp32_ops: Tuple[str, ...] = ()
+    by_type: Dict[str, Tuple[int, int]] = field(default_factory=dict)
+    conv_ops: int = 0
+    int8_conv_ops: int = 0
+    matmul_ops: int = 0
+    int8_matmul_ops: int = 0
+
+    @classmethod
+    def count(cls, ops: Iterable[Tuple[str, bool, str]], conv_kinds: Sequence[str],
+              matmul_kinds: Sequence[str]) -> 'OpSummary':
+        """From (kind, runs INT8, name) of the engine's ops; only conv and matmul kinds
+        count."""
+        counts: Dict[str, List[int]] = {}
+        fp32: List[str] = []
+        for kind, int8, name in ops:
+            if kind not in tuple(conv_kinds) + tuple(matmul_kinds):
+                continue
+            c = counts.setdefault(kind, [0, 0])
+            c[1] += 1
+            if int8:
+                c[0] += 1
+            else:
+                fp32.append(name)
+
+        def total(kinds: Iterable[str], idx: int) -> int:
+            return sum(counts[k][idx] for k in kinds if k in counts)
+        return cls(int8_ops=total(counts, 0), quantizable_ops=total(counts, 1),
+                   fp32_ops=tuple(fp32), by_type={k: (v[0], v[1]) for k, v in counts.items()},
+                   conv_ops=total(conv_kinds, 1), int8_conv_ops=total(conv_kinds, 0),
+                   matmul_ops=total(matmul_kinds, 1), int8_matmul_ops=total(matmul_kinds, 0))
+
+    def cell(self) -> str:
+        """'47/47' INT8 over quantizable ops, split by kind where matmuls are present."""
+        if not self.matmul_ops:
+            return f'{self.int8_ops}/{self.quantizable_ops}'
+        return (f'conv {self.int8_conv_ops}/{self.conv_ops}, '
+                f'matmul {self.int8_matmul_ops}/{self.matmul_ops}')
+
+    def to_json(self) -> Dict[str, JsonValue]:
+        return {'int8_ops': self.int8_ops, 'quantizable_ops': self.quantizable_ops,
+                'fp32_ops': list(self.fp32_ops),
+                'by_type': {k: list(v) for k, v in self.by_type.items()},
+                'conv_ops': self.conv_ops, 'int8_conv_ops': self.int8_conv_ops,
+                'matmul_ops': self.matmul_ops, 'int8_matmul_ops': self.int8_matmul_ops}
+
+
+@dataclass(frozen=True)
+class PassChange:
+    """What an engine changed in its optimization pass list."""
+    appended: Tuple[str, ...] = ()
+    deleted: Tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        return ', '.join(['+' + p for p in self.appended] + ['-' + p for p in self.deleted])
+
+
+@dataclass
+class Accuracy:
+    """An engine's accuracy on the val set: the training metric code's numbers, and the
+    share of pixels labelled as the baseline row labels them."""
+    miou: float
+    class_iou: List[float]
+    acc: float
+    pixel_agreement: float
+    # with the dygraph model (e.g. the QAT model with its fake-quant ops), where one was given
+    model_agreement: Optional[float] = None
+
+
+@dataclass
+class BenchRow:
+    """One model folder on one engine at one precision."""
+    model_dir: str
+    backend: str
+    precision: Precision
+    s_per_img: float
+    p90_s: float
+    params_mb: float
+    ops: OpSummary
+    # what the precision does not say: e.g. NO_INT8_NOTE for a quantized model run in FP32
+    precision_note: Optional[str] = None
+    fallback: Optional[str] = None
+    engine_fp32_convs: int = 0
+    passes: Optional[PassChange] = None
+    accuracy: Optional[Accuracy] = None
+    speedup: float = 1.0
+    speedup_vs_bf16: Optional[float] = None
+
+    @property
+    def int8(self) -> bool:
+        return self.precision is Precision.INT8
+
+    @property
+    def quantized(self) -> bool:
+        """Not a float baseline: INT8, or a quantized model the engine ran in FP32."""
+        return self.int8 or self.precision_note is not None
+
+    @property
+    def miou(self) -> Optional[float]:
+        return self.accuracy.miou if self.accuracy else None
+
+    @property
+    def type_label(self) -> str:
+        """'INT8', 'BF16', 'FP32 (QAT model, no INT8 kernels)'."""
+        label = self.precision.label
+        return f'{label} ({self.precision_note})' if self.precision_note else label
+
+    def to_json(self) -> Dict[str, JsonValue]:
+        out: Dict[str, JsonValue] = {
+            'model_dir': self.model_dir, 'precision': self.precision.value,
+            'precision_note': self.precision_note, 'backend': self.backend,
+            's_per_img': self.s_per_img, 'p90_s': self.p90_s, 'params_mb': self.params_mb,
+            'fallback': self.fallback, 'engine_fp32_convs': self.engine_fp32_convs,
+            'passes': {'appended': list(self.passes.appended),
+                       'deleted': list(self.passes.deleted)} if self.passes else None}
+        out.update(self.ops.to_json())
+        if self.accuracy is not None:
+            out.update(dataclasses.asdict(self.accuracy))
+            if self.accuracy.model_agreement is None:
+                del out['model_agreement']
+        out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16)
+        return out
+
+
+@dataclass
+class BenchReport:
+    """Every row of one benchmark run, with what it ran on: the first row (FP32 on the
+    first engine) is the baseline of `speedup` and pixel agreement."""
+    isa: str
+    cpu: str
+    vnni: bool
+    threads: int
+    device: str
+    input_shape: List[int]
+    warmup: int
+    repeats: int
+    rows: List[BenchRow]
+    gallery: Optional[List[Dict[str, JsonValue]]] = None
+
+    @property
+    def has_accuracy(self) -> bool:
+        return bool(self.rows) and all(r.accuracy is not None for r in self.rows)
+
+    def first_int8(self) -> Optional[int]:
+        return next((i for i, r in enumerate(self.rows) if r.int8), None)
+
+    def to_json(self) -> Dict[str, JsonValue]:
+        out: Dict[str, JsonValue] = {
+            'isa': self.isa, 'cpu': self.cpu, 'vnni': self.vnni, 'threads': self.threads,
+            'device': self.device, 'input_shape': list(self.input_shape),
+            'warmup': self.warmup, 'repeats': self.repeats,
+            'rows': [r.to_json() for r in self.rows]}
+        if self.gallery is not None:
+            out['gallery'] = self.gallery
+        return out
+
+
+def within_bound(reference: float, miou: float, max_drop: float) -> bool:
+    """The one rule for 'INT8 keeps the mIoU': it loses at most `max_drop` against the FP32
+    reference on the same engine."""
+    return reference - miou <= max_drop
