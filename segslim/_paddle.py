@@ -2,6 +2,7 @@
 paddle's logging and warnings are set once (the zlib fix runs earlier, in segslim/__init__)."""
 import os
 import warnings
+from typing import Optional
 
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', message='Setuptools is replacing distutils')
@@ -52,4 +53,28 @@ def set_device(device: str) -> str:
     return device
 
 
-__all__ = ['paddle', 'check_versions', 'device_available', 'set_device']
+def default_cpu_threads() -> int:
+    """The cores this process may use (its CPU affinity), shared among the processes of a
+    `paddle.distributed.launch` run on this machine; OMP_NUM_THREADS, where set, wins."""
+    given = os.environ.get('OMP_NUM_THREADS', '')
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    local = os.environ.get('PADDLE_LOCAL_SIZE') or os.environ.get('PADDLE_TRAINERS_NUM') or '1'
+    return max(1, cores // max(1, int(local) if local.isdigit() else 1))
+
+
+def set_cpu_threads(threads: Optional[int] = None) -> int:
+    """Sets the threads of Paddle's CPU kernels (its OpenMP pool and the BLAS behind conv and
+    matmul; Paddle starts with one) for dygraph work in this process; returns the count."""
+    from paddle.base import core
+    n = int(threads) if threads else default_cpu_threads()
+    core.set_num_threads(n)
+    return n
+
+
+__all__ = ['paddle', 'check_versions', 'default_cpu_threads', 'device_available',
+           'set_cpu_threads', 'set_device']

@@ -12,7 +12,14 @@ from typing import Callable, List, Optional
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.deploy.results import Precision
 from segslim.errors import UserError
-from segslim.options import DEVICES, ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
+from segslim.options import (
+    DEVICES,
+    ONNX_TARGETS,
+    EngineOptions,
+    EvalOptions,
+    TrainOptions,
+    check_max_miou_drop,
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,6 +59,18 @@ def non_negative_float(value: str) -> float:
     number = float(value)
     if not number >= 0:
         raise argparse.ArgumentTypeError(f'must be zero or more, got {value}')
+    return number
+
+
+def miou_drop(value: str) -> float:
+    """--max_miou_drop: a mIoU fraction in (0, 1), refused at parse time, before any work."""
+    try:
+        number = float(value)
+        check_max_miou_drop(number)
+    except (ValueError, UserError) as e:
+        raise argparse.ArgumentTypeError(
+            f'must be a mIoU fraction between 0 and 1 (0.005 = half a point), got {value}') \
+            from e
     return number
 
 
@@ -99,6 +118,15 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=None,
                    help='seeds weight init, data order and augmentation (default: drawn at '
                         'random, logged and kept in the checkpoints)')
+    return add_cpu_threads(p)
+
+
+def add_cpu_threads(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--cpu_threads of the commands that train or run the model in dygraph."""
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=positive_int,
+                   default=None,
+                   help='threads of Paddle\'s CPU kernels (default: every core this process '
+                        'may use, or OMP_NUM_THREADS; results depend on the count)')
     return p
 
 

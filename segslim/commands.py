@@ -134,7 +134,7 @@ def ptq(argv: Optional[List[str]] = None) -> None:
                    help='paddleslim: quant_post_static, a Paddle INT8 model every engine runs; '
                         'nncf: OpenVINO\'s own quantizer, an OpenVINO IR model only --backend '
                         'openvino runs (pip install -e .[openvino])')
-    p.add_argument('--max_miou_drop', type=float, default=None,
+    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=None,
                    help='with --quantizer nncf: its accuracy-controlled variant reverts the '
                         'costliest ops to FP32 until the OpenVINO mIoU on --num_images val '
                         'images is within this of FP32, e.g. 0.005')
@@ -151,6 +151,7 @@ def ptq(argv: Optional[List[str]] = None) -> None:
                    help='compare the INT8 engine with the FP32 engine on this many val images '
                         '(0: skip)')
     cli.add_to_onnx(p)
+    cli.add_cpu_threads(p)
 
     def main(args):
         from segslim.workflows import run_ptq
@@ -169,7 +170,7 @@ def analysis(argv: Optional[List[str]] = None) -> None:
                    help='val images each measurement runs on')
     p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate the activation scales')
-    p.add_argument('--max_miou_drop', type=float, default=None,
+    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=None,
                    help='find the smallest skip set whose PTQ model stays within this mIoU '
                         'of FP32 on the engine, e.g. 0.005')
     p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
@@ -177,6 +178,7 @@ def analysis(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--backend', choices=BACKEND_NAMES, default='paddle',
                    help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
+    cli.add_cpu_threads(p)
 
     def main(args):
         from segslim.workflows import run_analysis
@@ -191,7 +193,7 @@ def auto_quant(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--model_path', required=True, help='FP32 model.pdparams')
     p.add_argument('--save_dir', default='output/auto_quant',
                    help='every candidate, report.md, and best/ (the chosen model)')
-    p.add_argument('--max_miou_drop', type=float, default=0.005,
+    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=0.005,
                    help='largest mIoU loss against the FP32 export on the same engine')
     p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=None,
                    help='engines to consider (default: every installed one)')

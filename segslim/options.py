@@ -26,7 +26,8 @@ DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
 
 def check_max_miou_drop(value: float) -> None:
-    """--max_miou_drop is a mIoU fraction: refused outside (0, 1)."""
+    """--max_miou_drop is a mIoU fraction: refused outside (0, 1). The one range check: the
+    parsers' type (cli.miou_drop) and AutoQuant both call it."""
     if not 0 < value < 1:
         raise UserError(f'--max_miou_drop {value} must be between 0 and 1 (0.005 = half a mIoU '
                         'point)')

@@ -12,7 +12,7 @@ from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
 from segslim.export import staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
-from segslim.options import CALIBRATION_IMAGES, PTQ_ALGOS, check_max_miou_drop
+from segslim.options import CALIBRATION_IMAGES, PTQ_ALGOS
 from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
 from segslim.quant import log_quant_summary, quant_plan
 
@@ -89,13 +89,10 @@ def check_names_in_program(names: Sequence[str], model_file: str) -> None:
 
 def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional[float]) -> None:
     """Refuses ptq.py flags the chosen quantizer would ignore."""
-    if quantizer == 'nncf':
-        if to_onnx:
-            raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
-                            '--to_onnx/--onnx_target or use --quantizer paddleslim')
-        if max_miou_drop is not None:
-            check_max_miou_drop(max_miou_drop)
-    elif max_miou_drop is not None:
+    if quantizer == 'nncf' and to_onnx:
+        raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
+                        '--to_onnx/--onnx_target or use --quantizer paddleslim')
+    if quantizer != 'nncf' and max_miou_drop is not None:
         raise UserError('--max_miou_drop in ptq.py is NNCF\'s accuracy control: add --quantizer '
                         'nncf, or find a skip set with slim/quant/analysis.py --max_miou_drop')
 

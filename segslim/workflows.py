@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from segslim import builder
-from segslim._paddle import check_versions, paddle, set_device
+from segslim._paddle import check_versions, paddle, set_cpu_threads, set_device
 from segslim.builder import build_dataset
 from segslim.config import (
     EVAL_KEYS,
@@ -46,6 +46,8 @@ def _setup(args: argparse.Namespace, required: Sequence[str],
         cfg = load_config(args.config, opts=args.opts, required=required)
     apply_data_format(cfg, getattr(args, 'data_format', 'NCHW'))
     args.device = set_device(args.device)
+    if args.device == 'cpu':
+        args.cpu_threads = set_cpu_threads(getattr(args, 'cpu_threads', None))
     return cfg
 
 
@@ -116,6 +118,8 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
             logger.setLevel(logging.WARNING)
         logger.info('data parallel: %d processes, --batch_size %d per process (%d per step)',
                     processes, cfg['batch_size'], cfg['batch_size'] * processes)
+    if args.device == 'cpu':  # results depend on it: a resumed run should keep the count
+        logger.info('Training on CPU with %d threads (--cpu_threads)', args.cpu_threads)
     resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
     seed = choose_seed(args, resume)
     _seed_everything(seed)
@@ -235,6 +239,9 @@ def run_ptq(args: argparse.Namespace) -> int:
     from segslim import ptq
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
+    if args.model_dir:  # a folder export.py wrote, checked before any work
+        from segslim.deploy.engine import read_deploy
+        read_deploy(args.model_dir)
     nncf = args.quantizer == 'nncf'
     ptq.check_quantizer_flags(args.quantizer, bool(args.to_onnx or args.onnx_target),
                               args.max_miou_drop)

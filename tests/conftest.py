@@ -9,6 +9,10 @@ import tempfile
 
 import pytest
 
+# Two pytest workers share the machine's cores: each one's dygraph work runs on one thread
+# (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
+os.environ.setdefault('OMP_NUM_THREADS', '1')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 INSTANT = os.path.join(ROOT, 'tests', 'configs', 'instant.yml')

@@ -386,3 +386,44 @@ def test_ctrl_c_stops_cleanly_with_resume_hint(tmp_path, instant_data):
     assert 'Traceback' not in stderr and 'interrupted' in stderr
     assert 'Resume with --resume_model' in stdout
     assert (out / 'iter_4' / 'train_state.json').exists()
+
+
+# Every script, each bad path or value flag: exit 2 and one line within seconds, before any
+# work, and nothing new in --save_dir.
+BAD_FLAGS = [
+    ('slim/quant/ptq.py', ['--model_dir', '{empty}'], ['deploy.yaml']),
+    ('slim/quant/ptq.py', ['--model_path', '{missing}'], ['nope.pdparams']),
+    ('slim/quant/ptq.py', ['--quantizer', 'nncf', '--max_miou_drop', '5'], ['--max_miou_drop']),
+    ('slim/quant/analysis.py', ['--max_miou_drop', '5'], ['--max_miou_drop', 'between 0 and 1']),
+    ('slim/quant/analysis.py', ['--max_miou_drop', '0'], ['--max_miou_drop']),
+    ('slim/quant/analysis.py', ['--model_path', '{missing}'], ['nope.pdparams']),
+    ('slim/quant/auto_quant.py', ['--model_path', '{missing}', '--max_miou_drop', '-1'],
+     ['--max_miou_drop']),
+    ('slim/quant/qat_train.py', ['--model_path', '{missing}'], ['nope.pdparams']),
+    ('train.py', ['--cpu_threads', '0'], ['--cpu_threads', 'positive']),
+    ('slim/quant/qat_export.py', ['--model_path', '{missing}'], ['nope.pdparams']),
+    ('deploy/python/benchmark.py', ['--model_dirs', '{empty}'], ['deploy.yaml']),
+]
+
+
+@pytest.mark.parametrize('script,flags,words', BAD_FLAGS,
+                         ids=[f'{s.split("/")[-1]}{"".join(f[:1])}{i}'
+                              for i, (s, f, _) in enumerate(BAD_FLAGS)])
+def test_bad_flag_refused_before_any_work(instant_data, tmp_path, script, flags, words):
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'kept.txt').write_text('a user file')
+    names = {'{empty}': str(empty), '{missing}': str(tmp_path / 'nope.pdparams')}
+    argv = [names.get(f, f) for f in flags]
+    if script == 'slim/quant/auto_quant.py':
+        argv = argv[:2] + ['--max_miou_drop', argv[3]]
+    save = ['--save_dir', str(out)] if 'benchmark' not in script else ['--json',
+                                                                       str(out / 'r.json')]
+    started = time.time()
+    proc = run_command(script, '--config', INSTANT, *save, *argv, '--opts',
+                       *data_opts(instant_data))
+    assert_one_line_error(proc, *words)
+    assert time.time() - started < 30
+    assert sorted(os.listdir(out)) == ['kept.txt'] and os.listdir(empty) == []

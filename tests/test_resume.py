@@ -46,11 +46,14 @@ def test_qat_resume_restores_iteration_lr_and_weights(qat_run, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
+    # two threads: the same seed and thread count give the same weights, resumed or not
     common = ['--config', INSTANT, '--iters', 30, '--save_interval', 5, '--log_iters', 5,
-              '--seed', 0, '--keep_checkpoint_max', 2, '--opts'] + data_opts(instant_data)
+              '--seed', 0, '--keep_checkpoint_max', 2, '--cpu_threads', 2,
+              '--opts'] + data_opts(instant_data)
     straight = str(tmp_path / 'straight')
     proc = run_cli('train.py', '--save_dir', straight, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'Training on CPU with 2 threads' in proc.stdout + proc.stderr
 
     killed = str(tmp_path / 'killed')
     env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore')
@@ -141,3 +144,17 @@ def test_older_pickled_state_resumes_only_as_plain_data(tmp_path):
         pickle.dump({'iter': 3, 'when': datetime.date(2020, 1, 1)}, f)
     with pytest.raises(UserError, match='train_state.pkl holds more than plain data'):
         ckpt.load_checkpoint(str(tmp_path / 'iter_3'))
+
+
+def test_cpu_threads_default_is_the_cores_shared_by_the_local_processes(monkeypatch):
+    from segslim._paddle import default_cpu_threads
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    for name in ('OMP_NUM_THREADS', 'PADDLE_LOCAL_SIZE', 'PADDLE_TRAINERS_NUM'):
+        monkeypatch.delenv(name, raising=False)
+    assert default_cpu_threads() == 8
+    monkeypatch.setenv('PADDLE_TRAINERS_NUM', '2')
+    assert default_cpu_threads() == 4
+    monkeypatch.setenv('PADDLE_LOCAL_SIZE', '3')
+    assert default_cpu_threads() == 2
+    monkeypatch.setenv('OMP_NUM_THREADS', '5')
+    assert default_cpu_threads() == 5

@@ -29,13 +29,20 @@ STATE = 'train_state.json'
 LEGACY_STATE = 'train_state.pkl'  # older runs: read as plain data only
 
 
-def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
-    """The state dict stored in a .pdparams file, or a one-line error naming the file."""
+def params_file(path: str, flag: str = '--model_path') -> str:
+    """The .pdparams file `path` names (a file, or a folder holding model.pdparams), or a
+    one-line error naming it."""
     if os.path.isdir(path):
         path = os.path.join(path, PARAMS)
     if not os.path.isfile(path):
         raise UserError(f'{flag} {path} does not exist; pass a model.pdparams written by train.py '
                         'or qat_train.py')
+    return path
+
+
+def read_params(path: str, flag: str = '--model_path') -> Dict[str, np.ndarray]:
+    """The state dict stored in a .pdparams file, or a one-line error naming the file."""
+    path = params_file(path, flag)
     try:
         state = paddle.load(path, return_numpy=True)
     except Exception as e:  # paddle raises many types for a bad file
@@ -233,8 +240,10 @@ def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
 
 
 def weights_path(model_path: Optional[str], cfg: Dict[str, Any], config: str) -> str:
-    """--model_path, else the config's `model.pretrained` (PaddleSeg's fallback)."""
+    """--model_path (checked to exist, before any work), else the config's
+    `model.pretrained` (PaddleSeg's fallback)."""
     if model_path:
+        params_file(model_path)
         return model_path
     pretrained = cfg['model'].get('pretrained')
     if pretrained:
