@@ -249,6 +249,9 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--repeats', type=cli.positive_int, default=20)
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
+    p.add_argument('--no_ceiling', action='store_true',
+                   help='skip the CPU ceiling probe (compute-bound convolutions FP32 vs INT8 '
+                        'on each engine, a few seconds) that every INT8 row is measured against')
     p.add_argument('--json', default=None, help='write the report as JSON')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
     p.add_argument('--report_dir', default=None,

@@ -381,7 +381,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     report = bench.benchmark(args.model_dirs, dataset, EngineOptions.from_args(
         args, device=set_device(args.device)), shape=args.input_shape, warmup=args.warmup,
         repeats=args.repeats, with_bf16=False if args.no_bf16 else None,
-        backends=list(dict.fromkeys(args.backend)), gallery=pick)
+        backends=list(dict.fromkeys(args.backend)), gallery=pick,
+        ceiling=not args.no_ceiling)
     text = format_report(report)
     print(text, flush=True)
     if args.markdown:

@@ -46,6 +46,18 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     assert int8['passes'] == {'appended': extra,
                               'deleted': list(predictor_mod.INT8_DELETE_PASSES)}
     assert 'Passes: Paddle Inference FP32: +interpolate_mkldnn_pass' in proc.stdout
+    # the CPU's ceiling on the engine, and every INT8 row against it
+    ceiling = report['ceiling']
+    assert set(ceiling) == {'paddle', 'int8_vs_best_unquantized'}
+    assert ceiling['paddle']['int8_x'] > 0 and ceiling['paddle']['fp32_s'] > 0
+    assert int8['speedup_vs_engine_fp32'] == rows[0]['s_per_img'] / int8['s_per_img']
+    assert int8['of_ceiling'] == int8['speedup_vs_engine_fp32'] / ceiling['paddle']['int8_x']
+    assert report['best_int8_engine'] == 'paddle' and report['best_unquantized_engine'] == \
+        'paddle'
+    assert report['gain'] == min(r['s_per_img'] for r in rows if r['precision'] != 'int8') / \
+        int8['s_per_img']
+    assert report['gain_of_ceiling'] == report['gain'] / ceiling['int8_vs_best_unquantized']
+    assert 'CPU ceiling (deploy.ceiling' in proc.stdout and 'Gain: best INT8' in proc.stdout
 
 
 def test_extra_onednn_passes_keep_the_masks(exported):

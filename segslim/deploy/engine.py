@@ -187,6 +187,11 @@ class EngineBase:
         """What the engine changes in its optimization pass list (None: nothing to say)."""
         return None
 
+    @property
+    def int8_ran(self) -> bool:
+        """Whether the engine runs any quantizable op of this model in INT8."""
+        return self.precision is Precision.INT8 and self.ops.int8_ops > 0
+
     def ran_no_int8(self) -> None:
         """Marks a quantized model whose engine ran none of it in INT8."""
         self.precision = Precision.FP32

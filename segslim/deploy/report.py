@@ -53,12 +53,14 @@ def format_report(report: BenchReport, name: Optional[str] = None) -> str:
         return '-' if v is None else f'{v:.4f}'
     lines += ['', markdown_table(
         ('Model', 'Engine', 'Type', 'mIoU', 's/img', 'p90 s', 'speedup', 'vs best bf16',
-         'params MB', 'agreement', 'INT8 ops'),
+         'vs its FP32 (of ceiling)', 'params MB', 'agreement', 'INT8 ops'),
         ((name or r.model_dir, engine_name(r), r.type_label, f4(r.miou), f'{r.s_per_img:.4f}',
           f'{r.p90_s:.4f}', f'{r.speedup:.2f}x',
-          f'{r.speedup_vs_bf16:.2f}x' if r.speedup_vs_bf16 else '-', f'{r.params_mb:.1f}',
+          f'{r.speedup_vs_bf16:.2f}x' if r.speedup_vs_bf16 else '-', own_fp32_cell(r),
+          f'{r.params_mb:.1f}',
           f'{r.accuracy.pixel_agreement:.4%}' if r.accuracy else '-', r.ops.cell())
          for r in report.rows))]
+    lines += ceiling_lines(report)
     if any(r.accuracy for r in report.rows):
         lines += ['', markdown_table(
             ('Model', 'Engine', 'Type', 'per-class IoU'),
@@ -75,6 +77,43 @@ def format_report(report: BenchReport, name: Optional[str] = None) -> str:
                 ', '.join(r.ops.fp32_ops[:6])))
     lines += passes_notes(report.rows)
     return '\n'.join(lines)
+
+
+def own_fp32_cell(row: BenchRow) -> str:
+    """'1.69x (84 %)': an INT8 row over its engine's FP32, and that as a share of the
+    engine's INT8 ceiling on this CPU."""
+    if row.speedup_vs_engine_fp32 is None:
+        return '-'
+    share = f' ({row.of_ceiling:.0%})' if row.of_ceiling is not None else ''
+    return f'{row.speedup_vs_engine_fp32:.2f}x{share}'
+
+
+def ceiling_lines(report: BenchReport) -> List[str]:
+    """What the CPU allows (the compute-bound probe per engine) and INT8 as a user sees it:
+    the best INT8 row against the best unquantized row, as a share of the same ratio on the
+    probe."""
+    lines = []
+    if report.ceiling:
+        lines.append('CPU ceiling (deploy.ceiling: compute-bound 3x3 convs, 256 channels, same '
+                     'threads): ' + '; '.join(
+                         '{} INT8 {} of FP32{} ({})'.format(
+                             backend_label(c.backend),
+                             f'{c.int8_x:.2f}x' if c.int8_x else 'not run',
+                             f', bf16 {c.bf16_x:.2f}x' if c.bf16_x else '', c.ran)
+                         for c in report.ceiling.values()) +
+                     (f'; best INT8 over best unquantized {report.ceiling_gain:.2f}x.'
+                      if report.ceiling_gain else '.'))
+    gain = report.gain()
+    if gain is not None:
+        lines.append('Gain: best INT8 ({}, {} on {}, {:.1f} ms) over best unquantized ({} on '
+                     '{}, {:.1f} ms): {:.2f}x{}.'.format(
+                         short_name(gain.best_int8.model_dir), gain.best_int8.type_label,
+                         engine_name(gain.best_int8), 1000 * gain.best_int8.s_per_img,
+                         gain.best_unquantized.type_label, engine_name(gain.best_unquantized),
+                         1000 * gain.best_unquantized.s_per_img, gain.gain,
+                         f' = {gain.of_ceiling:.0%} of this CPU\'s {report.ceiling_gain:.2f}x'
+                         if gain.of_ceiling is not None and report.ceiling_gain else ''))
+    return lines
 
 
 def passes_notes(rows: Sequence[BenchRow]) -> List[str]:

@@ -6,7 +6,10 @@ nowhere else (`to_json`), with the keys report.json has always had."""
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from segslim.deploy.ceiling import Ceiling
 
 JsonValue = object
 
@@ -127,6 +130,10 @@ class BenchRow:
     accuracy: Optional[Accuracy] = None
     speedup: float = 1.0
     speedup_vs_bf16: Optional[float] = None
+    # INT8 rows: the same engine's FP32 time of the first model over this row's, and that as
+    # a share of the engine's INT8 ceiling on this CPU (deploy.ceiling)
+    speedup_vs_engine_fp32: Optional[float] = None
+    of_ceiling: Optional[float] = None
 
     @property
     def int8(self) -> bool:
@@ -160,8 +167,32 @@ class BenchRow:
             out.update(dataclasses.asdict(self.accuracy))
             if self.accuracy.model_agreement is None:
                 del out['model_agreement']
-        out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16)
+        out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16,
+                   speedup_vs_engine_fp32=self.speedup_vs_engine_fp32,
+                   of_ceiling=self.of_ceiling)
         return out
+
+
+@dataclass(frozen=True)
+class Gain:
+    """INT8 as a user sees it: the fastest INT8 row (any engine) against the fastest
+    unquantized row (FP32 or bf16, any engine), and that as a share of the same ratio on
+    the CPU's compute-bound probe."""
+    best_int8: BenchRow
+    best_unquantized: BenchRow
+    of_ceiling: Optional[float]
+
+    @property
+    def gain(self) -> float:
+        return self.best_unquantized.s_per_img / self.best_int8.s_per_img
+
+    def to_json(self) -> Dict[str, JsonValue]:
+        return {'best_int8_s': self.best_int8.s_per_img,
+                'best_int8_engine': self.best_int8.backend,
+                'best_unquantized_s': self.best_unquantized.s_per_img,
+                'best_unquantized_engine': self.best_unquantized.backend,
+                'best_unquantized_precision': self.best_unquantized.precision.value,
+                'gain': self.gain, 'gain_of_ceiling': self.of_ceiling}
 
 
 @dataclass
@@ -178,6 +209,21 @@ class BenchReport:
     repeats: int
     rows: List[BenchRow]
     gallery: Optional[List[Dict[str, JsonValue]]] = None
+    # deploy.ceiling's probe per engine, and its best INT8 over best unquantized
+    ceiling: Optional[Dict[str, 'Ceiling']] = None
+    ceiling_gain: Optional[float] = None
+
+    def gain(self, rows: Optional[Sequence[BenchRow]] = None) -> Optional[Gain]:
+        """The Gain of `rows` (default: all), None without an INT8 row that ran INT8."""
+        rows = self.rows if rows is None else rows
+        int8 = [r for r in rows if r.int8]
+        float_rows = [r for r in rows if not r.quantized]
+        if not int8 or not float_rows:
+            return None
+        best = min(int8, key=lambda r: r.s_per_img)
+        base = min(float_rows, key=lambda r: r.s_per_img)
+        ratio = base.s_per_img / best.s_per_img
+        return Gain(best, base, ratio / self.ceiling_gain if self.ceiling_gain else None)
 
     @property
     def has_accuracy(self) -> bool:
@@ -194,6 +240,13 @@ class BenchReport:
             'rows': [r.to_json() for r in self.rows]}
         if self.gallery is not None:
             out['gallery'] = self.gallery
+        if self.ceiling is not None:
+            ceiling: Dict[str, JsonValue] = {b: c.to_json() for b, c in self.ceiling.items()}
+            ceiling['int8_vs_best_unquantized'] = self.ceiling_gain
+            out['ceiling'] = ceiling
+        gain = self.gain()
+        if gain is not None:
+            out.update(gain.to_json())
         return out
 
 
