@@ -53,3 +53,38 @@ def test_summary_rows_and_geomean():
     assert has_row(text, 'a', '64x64', '4000.0', '2000.0', '1000.0', '4.00x', '2.00x', '4/4',
                    '-')
     assert 'Geometric mean: INT8 6.00x over FP32' in text
+
+
+def test_summary_puts_each_model_against_the_ceiling():
+    from segslim.deploy.benchmark import apply_ceiling
+    from segslim.deploy.ceiling import Ceiling
+    from segslim.model_bench import ZooResult, format_markdown, summary
+    ceilings = {'paddle': Ceiling('paddle', 2.0, 1.0, None, '5/5 convs INT8'),
+                'openvino': Ceiling('openvino', 1.6, 0.5, None, '5/5 convs INT8')}
+    results = []
+    for name, (pd_int8, ov_int8) in (('a', (2.0, 1.0)), ('b', (3.0, 2.5))):
+        rows = [make_row(name, 'fp32', 4.0), make_row(name, 'int8', pd_int8, int8_convs=4),
+                make_row(name, 'fp32', 3.0, backend='openvino'),
+                make_row(name, 'int8', ov_int8, backend='openvino', int8_convs=4)]
+        for r in rows:
+            if r.int8:
+                r.speedup_vs_engine_fp32 = (4.0 if r.backend == 'paddle' else 3.0) / r.s_per_img
+        report = make_report(rows)
+        apply_ceiling(report, ceilings)
+        results.append(ZooResult(model=name, config=name + '.yml', report=report))
+    summ = summary(results)
+    # the probe: best unquantized 1.6 (OpenVINO FP32) over best INT8 0.5 (OpenVINO)
+    assert summ['ceiling']['int8_vs_best_unquantized'] == pytest.approx(3.2)
+    assert summ['ceiling']['paddle']['int8_x'] == 2.0
+    a, b = summ['rows']
+    assert (a['best_int8_engine'], a['best_int8_s'], a['best_unquantized_s']) == \
+        ('openvino', 1.0, 3.0)
+    assert a['gain'] == 3.0 and a['gain_of_ceiling'] == pytest.approx(3.0 / 3.2)
+    assert (b['best_int8_engine'], b['gain']) == ('openvino', 3.0 / 2.5)
+    assert summ['worst_gain_of_ceiling'] == pytest.approx(1.2 / 3.2)
+    assert summ['geomean_gain'] == pytest.approx((3.0 * 1.2) ** 0.5)
+    # each INT8 row against its own engine's ceiling
+    assert results[0].report.rows[1].of_ceiling == pytest.approx(2.0 / 2.0)
+    assert results[0].report.rows[3].of_ceiling == pytest.approx(3.0 / 3.2)
+    text = format_markdown(results)
+    assert has_row(text, 'a', 'OpenVINO 1000.0', 'OpenVINO 3000.0', '3.00x', '94%')
