@@ -103,7 +103,7 @@ def test_nncf_bad_inputs_are_one_line(exported, tmp_path, monkeypatch):
     proc = run_command('slim/quant/ptq.py', '--max_miou_drop', 0.01, *args)
     assert_one_line_error(proc, '--max_miou_drop', '--quantizer nncf')
     proc = run_command('slim/quant/ptq.py', '--quantizer', 'nncf', '--max_miou_drop', 2, *args)
-    assert_one_line_error(proc, '--max_miou_drop 2', 'between 0 and 1')
+    assert_one_line_error(proc, '--max_miou_drop', 'between 0 and 1', 'got 2')
     monkeypatch.setitem(sys.modules, 'nncf', None)  # as if not installed
     proc = run_command('slim/quant/ptq.py', '--quantizer', 'nncf', *args)
     assert_one_line_error(proc, '--quantizer nncf', 'pip install')

@@ -394,9 +394,13 @@ def test_mixed_loss_config_trains(instant_data, tmp_path):
                                              {'type': 'DiceLoss'}], 'coef': [0.8, 0.2]}
     cfg['loss'] = {'types': [mixed], 'coef': [1, 1, 1, 1, 1]}
     path = write_cfg(tmp_path, 'mixed.yml', cfg)
-    proc = run_cli('train.py', '--config', path, '--iters', 2, '--seed', 0, '--save_dir',
-                   tmp_path / 'o', '--opts', *data_opts(instant_data))
+    proc = run_cli('train.py', '--config', path, '--iters', 2, '--log_iters', 1, '--seed', 0,
+                   '--save_dir', tmp_path / 'o', '--opts', *data_opts(instant_data))
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # both inner losses contribute: a finite loss is logged each iteration, weights are saved
+    losses = [float(v) for v in re.findall(r'iter: \d+/2, loss: ([0-9.]+)', proc.stdout)]
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses), proc.stdout[-2000:]
+    assert (tmp_path / 'o' / 'iter_2' / 'model.pdparams').is_file()
 
 
 def test_nested_components_are_built_anywhere():
