@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from segslim.deploy.engines import importable
 from segslim.deploy.results import BenchRow, Precision, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json, write_text
@@ -175,29 +176,22 @@ class Steps:
                          warmup=3).rows
 
 
-def importable(*modules: str) -> bool:
-    try:
-        for module in modules:
-            __import__(module)
-    except ImportError:
-        return False
-    return True
-
-
-def available_backends() -> List[str]:
-    """Paddle Inference, and each optional engine whose packages import."""
-    return ['paddle'] + [backend for backend, modules in (
-        ('openvino', ('openvino',)), ('onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx')))
-        if importable(*modules)]
-
-
 @dataclass
 class Candidate:
-    """One benchmark row of a candidate, judged against the FP32 export on its engine."""
+    """One benchmark row of a candidate, judged against the FP32 export's mIoU on its
+    engine (`reference`) with the bound `max_drop`."""
     name: str
     row: BenchRow
-    drop: float
-    meets: bool
+    reference: float
+    max_drop: float
+
+    @property
+    def drop(self) -> float:
+        return self.reference - (self.row.miou or 0.0)
+
+    @property
+    def meets(self) -> bool:
+        return within_bound(self.reference, self.row.miou or 0.0, self.max_drop)
 
     def to_json(self) -> Dict[str, Any]:
         """The record auto_quant.json keeps of it (and report.md reads)."""
@@ -328,13 +322,8 @@ class AutoQuant:
         by_dir = {c['dir']: n for n, c in cands.items()}
         ref = {r.backend: r.miou for r in rows if by_dir.get(r.model_dir) == 'fp32'
                and r.precision is Precision.FP32}
-        table = []
-        for r in rows:
-            reference = ref.get(r.backend, r.miou)
-            table.append(Candidate(name=by_dir.get(r.model_dir, '?'), row=r,
-                                   drop=(reference or 0.0) - (r.miou or 0.0),
-                                   meets=within_bound(reference or 0.0, r.miou or 0.0,
-                                                      self.max_drop)))
+        table = [Candidate(by_dir.get(r.model_dir, '?'), r, ref.get(r.backend, r.miou) or 0.0,
+                           self.max_drop) for r in rows]
         int8 = [c for c in table if c.row.int8]
         good = sorted((c for c in int8 if c.meets), key=lambda c: c.row.s_per_img)
         self.state['rows'] = [c.to_json() for c in table]

@@ -16,16 +16,16 @@ import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
+from segslim.ceiling import apply_ceilings, measure_ceilings
 from segslim.config import load_config
 from segslim.data.demo import make_sample
-from segslim.deploy.benchmark import apply_ceiling, benchmark
-from segslim.deploy.ceiling import int8_vs_best_unquantized, measure_ceilings
+from segslim.deploy.benchmark import benchmark
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import Preprocessor
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile, profile_engine
 from segslim.deploy.report import format_report, markdown_table
-from segslim.deploy.results import BenchReport
+from segslim.deploy.results import BenchReport, Gain
 from segslim.errors import UserError
 from segslim.export import deploy_transforms, export_inference_model
 from segslim.fileio import write_json, write_text
@@ -105,7 +105,7 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                  backends: Sequence[str] = ('paddle',)) -> List[ZooResult]:
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy, and each measured against
-    this CPU's ceiling (deploy.ceiling, probed once per run)."""
+    this CPU's ceiling (segslim.ceiling, probed once per run)."""
     reports = []
     ceilings = measure_ceilings(backends, EngineOptions(device='cpu', cpu_threads=threads),
                                 bf16=bool(cpu_features()['bf16']))
@@ -137,7 +137,7 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                 report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
                                    warmup=warmup, repeats=repeats, backends=('paddle',))
                 failures.append(str(e))
-            apply_ceiling(report, ceilings)
+            apply_ceilings(report, ceilings)
             result = ZooResult(model=name, config=config, report=report,
                                engine_failures=failures)
             try:  # where the INT8 engine's time goes, in a child process
@@ -190,21 +190,16 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'matmul_ops': ops.matmul_ops if ops else None,
             'int8_profile_ms': res.int8_profile})
         gain = rep.gain()
-        row.update(gain.to_json() if gain else {
-            'best_int8_s': None, 'best_int8_engine': None, 'best_unquantized_s': None,
-            'best_unquantized_engine': None, 'gain': None, 'gain_of_ceiling': None})
+        row.update(gain.to_json() if gain else dict.fromkeys(Gain.KEYS))
         rows.append(row)
 
     def geomean(key):
         values = [r[key] for r in rows if r.get(key)]
         return float(np.exp(np.mean(np.log(values)))) if values else None
     first = results[0].report
-    ceilings = first.ceiling or {}
-    ceiling: Dict[str, Any] = {b: c.to_json() for b, c in ceilings.items()}
-    ceiling['int8_vs_best_unquantized'] = int8_vs_best_unquantized(ceilings)
     return {'date': datetime.date.today().isoformat(),
             'isa': first.isa, 'cpu': first.cpu, 'threads': first.threads,
-            'repeats': first.repeats, 'warmup': first.warmup, 'ceiling': ceiling,
+            'repeats': first.repeats, 'warmup': first.warmup, 'ceiling': first.ceiling_json(),
             'geomean_gain': geomean('gain'), 'geomean_gain_of_ceiling':
             geomean('gain_of_ceiling'), 'worst_gain_of_ceiling': min(
                 (r['gain_of_ceiling'] for r in rows if r.get('gain_of_ceiling')), default=None),
@@ -254,7 +249,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     ceiling = summ.get('ceiling') or {}
     if ceiling.get('int8_vs_best_unquantized'):
         lines += ['', '### Gain against this CPU\'s ceiling', '',
-                  'Ceiling (deploy.ceiling, compute-bound 3x3 convs, 256 channels): ' + ', '.join(
+                  'Ceiling (segslim.ceiling, compute-bound 3x3 convs, 256 channels): ' + ', '.join(
                       f"{backend_label(b)} INT8 {ratio(c['int8_x'])}"
                       for b, c in ceiling.items() if isinstance(c, dict)) +
                   '; best INT8 over best unquantized {}.'.format(

@@ -318,7 +318,8 @@ def run_auto_quant(args: argparse.Namespace) -> int:
         raise UserError(f'--model_path {args.model_path} does not exist; pass the FP32 '
                         'model.pdparams (train.py writes best_model/model.pdparams)')
     ckpt.load_weights(builder.build_model(cfg), args.model_path)  # fit the config: now
-    installed = aq.available_backends()
+    from segslim.deploy.engines import available_backends
+    installed = available_backends()
     backends = args.backend or installed
     missing = [b for b in backends if b not in installed]
     if missing:
@@ -378,11 +379,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, opts=args.opts, required=('val_dataset',))
         dataset = build_dataset(cfg, 'val_dataset')
     pick = GalleryPick(args.gallery) if args.report_dir else None
-    report = bench.benchmark(args.model_dirs, dataset, EngineOptions.from_args(
-        args, device=set_device(args.device)), shape=args.input_shape, warmup=args.warmup,
-        repeats=args.repeats, with_bf16=False if args.no_bf16 else None,
-        backends=list(dict.fromkeys(args.backend)), gallery=pick,
-        ceiling=not args.no_ceiling)
+    opts = EngineOptions.from_args(args, device=set_device(args.device))
+    report = bench.benchmark(args.model_dirs, dataset, opts, shape=args.input_shape,
+                             warmup=args.warmup, repeats=args.repeats,
+                             with_bf16=False if args.no_bf16 else None,
+                             backends=list(dict.fromkeys(args.backend)), gallery=pick)
+    if not args.no_ceiling and opts.device == 'cpu':
+        from segslim.ceiling import add_ceilings
+        add_ceilings(report, opts)
     text = format_report(report)
     print(text, flush=True)
     if args.markdown:

@@ -56,8 +56,8 @@ def test_summary_rows_and_geomean():
 
 
 def test_summary_puts_each_model_against_the_ceiling():
-    from segslim.deploy.benchmark import apply_ceiling
-    from segslim.deploy.ceiling import Ceiling
+    from segslim.ceiling import apply_ceilings
+    from segslim.deploy.results import Ceiling
     from segslim.model_bench import ZooResult, format_markdown, summary
     ceilings = {'paddle': Ceiling('paddle', 2.0, 1.0, None, '5/5 convs INT8'),
                 'openvino': Ceiling('openvino', 1.6, 0.5, None, '5/5 convs INT8')}
@@ -70,7 +70,7 @@ def test_summary_puts_each_model_against_the_ceiling():
             if r.int8:
                 r.speedup_vs_engine_fp32 = (4.0 if r.backend == 'paddle' else 3.0) / r.s_per_img
         report = make_report(rows)
-        apply_ceiling(report, ceilings)
+        apply_ceilings(report, ceilings)
         results.append(ZooResult(model=name, config=name + '.yml', report=report))
     summ = summary(results)
     # the probe: best unquantized 1.6 (OpenVINO FP32) over best INT8 0.5 (OpenVINO)

@@ -153,13 +153,13 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
               shape: Sequence[int] = TIMING_SHAPE, warmup: int = 5, repeats: int = 20,
               with_bf16: Optional[bool] = None,
               backends: Sequence[str] = ('paddle',),
-              gallery: Optional[GalleryPick] = None, ceiling: bool = False) -> BenchReport:
+              gallery: Optional[GalleryPick] = None) -> BenchReport:
     """Every model dir on every backend; the first model dir on the first backend (in FP32)
     is the baseline for speedup and pixel agreement, and FP32 models also get a bf16 row
     where the CPU has bf16. With a dataset, every row gets its Accuracy and `gallery`
     collects the val images where the first INT8 row agrees least with the first row.
-    `ceiling` also measures this CPU's compute-bound INT8 ceiling on each engine
-    (deploy.ceiling) and puts every INT8 row's gain over its engine's FP32 against it."""
+    Every INT8 row gets its gain over its engine's FP32 (segslim.ceiling puts it against
+    what the CPU allows)."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # each row is labelled with what its engine ran
@@ -210,23 +210,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
         row.speedup_vs_bf16 = bf16_s / row.s_per_img if bf16_s else None
         if row.int8 and row.backend in engine_fp32:
             row.speedup_vs_engine_fp32 = engine_fp32[row.backend] / row.s_per_img
-    if ceiling and opts.device == 'cpu':
-        from segslim.deploy.ceiling import measure_ceilings
-        apply_ceiling(report, measure_ceilings(list(dict.fromkeys(r.backend for r in rows)),
-                                               opts, bf16=bool(bf16)))
     return report
-
-
-def apply_ceiling(report: BenchReport, ceilings: Dict[str, Any]) -> None:
-    """Puts the CPU's probe (deploy.ceiling, per engine) into the report: every INT8 row's
-    gain over its engine's FP32 as a share of that engine's INT8 ceiling."""
-    from segslim.deploy.ceiling import int8_vs_best_unquantized
-    report.ceiling = ceilings
-    report.ceiling_gain = int8_vs_best_unquantized(ceilings)
-    for row in report.rows:
-        probe = ceilings.get(row.backend)
-        if row.speedup_vs_engine_fp32 and probe is not None and probe.int8_x:
-            row.of_ceiling = row.speedup_vs_engine_fp32 / probe.int8_x
 
 
 def timing_batch(pred: EngineBase, dataset: Optional[SegDataset],

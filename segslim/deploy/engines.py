@@ -3,7 +3,7 @@ has a bf16 CPU path, and the factory that builds a predictor for a model folder.
 this module imports no engine."""
 import importlib
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 from segslim.errors import UserError
 from segslim.options import EngineOptions
@@ -17,17 +17,32 @@ class Backend:
     predictor: str      # the predictor class
     bf16: bool          # has a bf16 CPU path worth a baseline row
     formats: Tuple[str, ...] = ('paddle',)  # model folders it runs (engine.model_format)
+    requires: Tuple[str, ...] = ()          # optional packages it needs
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend('paddle', 'Paddle Inference', 'segslim.deploy.paddle_engine', 'PaddlePredictor',
             True),
     Backend('openvino', 'OpenVINO', 'segslim.deploy.openvino_engine', 'OpenVINOPredictor',
-            True, ('paddle', 'openvino')),
+            True, ('paddle', 'openvino'), ('openvino',)),
     Backend('onnxruntime', 'onnxruntime', 'segslim.deploy.onnxruntime_engine',
-            'OnnxRuntimePredictor', False),
+            'OnnxRuntimePredictor', False, requires=('onnxruntime', 'onnx', 'paddle2onnx')),
 )}
 BACKEND_NAMES: Tuple[str, ...] = tuple(BACKENDS)
+
+
+def importable(*modules: str) -> bool:
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends() -> List[str]:
+    """The engines whose packages import (Paddle Inference always)."""
+    return [b.name for b in BACKENDS.values() if importable(*b.requires)]
 
 
 def backend_label(name: str) -> str:

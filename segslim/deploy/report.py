@@ -94,7 +94,7 @@ def ceiling_lines(report: BenchReport) -> List[str]:
     probe."""
     lines = []
     if report.ceiling:
-        lines.append('CPU ceiling (deploy.ceiling: compute-bound 3x3 convs, 256 channels, same '
+        lines.append('CPU ceiling (segslim.ceiling: compute-bound 3x3 convs, 256 channels, same '
                      'threads): ' + '; '.join(
                          '{} INT8 {} of FP32{} ({})'.format(
                              backend_label(c.backend),

@@ -6,10 +6,7 @@ nowhere else (`to_json`), with the keys report.json has always had."""
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
-
-if TYPE_CHECKING:
-    from segslim.deploy.ceiling import Ceiling
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 JsonValue = object
 
@@ -131,7 +128,7 @@ class BenchRow:
     speedup: float = 1.0
     speedup_vs_bf16: Optional[float] = None
     # INT8 rows: the same engine's FP32 time of the first model over this row's, and that as
-    # a share of the engine's INT8 ceiling on this CPU (deploy.ceiling)
+    # a share of the engine's INT8 ceiling on this CPU (segslim.ceiling)
     speedup_vs_engine_fp32: Optional[float] = None
     of_ceiling: Optional[float] = None
 
@@ -186,6 +183,9 @@ class Gain:
     def gain(self) -> float:
         return self.best_unquantized.s_per_img / self.best_int8.s_per_img
 
+    KEYS = ('best_int8_s', 'best_int8_engine', 'best_unquantized_s', 'best_unquantized_engine',
+            'best_unquantized_precision', 'gain', 'gain_of_ceiling')
+
     def to_json(self) -> Dict[str, JsonValue]:
         return {'best_int8_s': self.best_int8.s_per_img,
                 'best_int8_engine': self.best_int8.backend,
@@ -193,6 +193,40 @@ class Gain:
                 'best_unquantized_engine': self.best_unquantized.backend,
                 'best_unquantized_precision': self.best_unquantized.precision.value,
                 'gain': self.gain, 'gain_of_ceiling': self.of_ceiling}
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """One engine's probe: seconds per run in FP32, INT8 (None: the engine ran no conv
+    INT8) and bf16 (None: not run), and what ran (convs INT8 over convs)."""
+    backend: str
+    fp32_s: float
+    int8_s: Optional[float]
+    bf16_s: Optional[float]
+    ran: str
+
+    @property
+    def int8_x(self) -> Optional[float]:
+        return self.fp32_s / self.int8_s if self.int8_s else None
+
+    @property
+    def bf16_x(self) -> Optional[float]:
+        return self.fp32_s / self.bf16_s if self.bf16_s else None
+
+    def to_json(self) -> Dict[str, JsonValue]:
+        return {'int8_x': self.int8_x, 'bf16_x': self.bf16_x, 'fp32_s': self.fp32_s,
+                'int8_s': self.int8_s, 'bf16_s': self.bf16_s, 'ran': self.ran}
+
+
+def int8_vs_best_unquantized(ceilings: Dict[str, Ceiling]) -> Optional[float]:
+    """The probe's fastest unquantized time (FP32 or bf16, any engine) over its fastest INT8
+    time (any engine): the most a model's best INT8 row can gain over its best unquantized
+    row on this CPU."""
+    int8 = [c.int8_s for c in ceilings.values() if c.int8_s]
+    if not int8:
+        return None
+    unquantized = [t for c in ceilings.values() for t in (c.fp32_s, c.bf16_s) if t]
+    return min(unquantized) / min(int8)
 
 
 @dataclass
@@ -209,15 +243,23 @@ class BenchReport:
     repeats: int
     rows: List[BenchRow]
     gallery: Optional[List[Dict[str, JsonValue]]] = None
-    # deploy.ceiling's probe per engine, and its best INT8 over best unquantized
-    ceiling: Optional[Dict[str, 'Ceiling']] = None
-    ceiling_gain: Optional[float] = None
+    ceiling: Optional[Dict[str, Ceiling]] = None  # segslim.ceiling's probe per engine
 
-    def gain(self, rows: Optional[Sequence[BenchRow]] = None) -> Optional[Gain]:
-        """The Gain of `rows` (default: all), None without an INT8 row that ran INT8."""
-        rows = self.rows if rows is None else rows
-        int8 = [r for r in rows if r.int8]
-        float_rows = [r for r in rows if not r.quantized]
+    @property
+    def ceiling_gain(self) -> Optional[float]:
+        """The probe's best INT8 over its best unquantized time (int8_vs_best_unquantized)."""
+        return int8_vs_best_unquantized(self.ceiling) if self.ceiling else None
+
+    def ceiling_json(self) -> Dict[str, JsonValue]:
+        """The probe per engine and int8_vs_best_unquantized, as report.json keeps them."""
+        out: Dict[str, JsonValue] = {b: c.to_json() for b, c in (self.ceiling or {}).items()}
+        out['int8_vs_best_unquantized'] = self.ceiling_gain
+        return out
+
+    def gain(self) -> Optional[Gain]:
+        """The Gain of the rows, None without an INT8 row or an unquantized one."""
+        int8 = [r for r in self.rows if r.int8]
+        float_rows = [r for r in self.rows if not r.quantized]
         if not int8 or not float_rows:
             return None
         best = min(int8, key=lambda r: r.s_per_img)
@@ -241,9 +283,7 @@ class BenchReport:
         if self.gallery is not None:
             out['gallery'] = self.gallery
         if self.ceiling is not None:
-            ceiling: Dict[str, JsonValue] = {b: c.to_json() for b, c in self.ceiling.items()}
-            ceiling['int8_vs_best_unquantized'] = self.ceiling_gain
-            out['ceiling'] = ceiling
+            out['ceiling'] = self.ceiling_json()
         gain = self.gain()
         if gain is not None:
             out.update(gain.to_json())

@@ -6,51 +6,17 @@ engine here; a model row's gain over its own FP32 is reported as a share of it."
 import dataclasses
 import os
 import tempfile
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from segslim.deploy.results import BenchReport, Ceiling
 from segslim.logger import logger
 from segslim.options import EngineOptions
 
 # the probe: a 3->CHANNELS stem, then CONVS CHANNELSxCHANNELS 3x3 convolutions with ReLU, at
 # SIDE x SIDE (compute-bound: ~0.9 GMAC per conv)
 CHANNELS, SIDE, CONVS = 256, 56, 4
-
-
-@dataclass(frozen=True)
-class Ceiling:
-    """One engine's probe: seconds per run in FP32, INT8 (None: the engine ran no conv
-    INT8) and bf16 (None: not run), and what ran (convs INT8 over convs)."""
-    backend: str
-    fp32_s: float
-    int8_s: Optional[float]
-    bf16_s: Optional[float]
-    ran: str
-
-    @property
-    def int8_x(self) -> Optional[float]:
-        return self.fp32_s / self.int8_s if self.int8_s else None
-
-    @property
-    def bf16_x(self) -> Optional[float]:
-        return self.fp32_s / self.bf16_s if self.bf16_s else None
-
-    def to_json(self) -> Dict[str, object]:
-        return {'int8_x': self.int8_x, 'bf16_x': self.bf16_x, 'fp32_s': self.fp32_s,
-                'int8_s': self.int8_s, 'bf16_s': self.bf16_s, 'ran': self.ran}
-
-
-def int8_vs_best_unquantized(ceilings: Dict[str, Ceiling]) -> Optional[float]:
-    """The probe's fastest unquantized time (FP32 or bf16, any engine) over its fastest INT8
-    time (any engine): the most a model's best INT8 row can gain over its best unquantized
-    row on this CPU."""
-    int8 = [c.int8_s for c in ceilings.values() if c.int8_s]
-    if not int8:
-        return None
-    unquantized = [t for c in ceilings.values() for t in (c.fp32_s, c.bf16_s) if t]
-    return min(unquantized) / min(int8)
 
 
 def _probe_model() -> Any:
@@ -125,6 +91,24 @@ def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
                         CHANNELS, SIDE, SIDE, opts.cpu_threads, _x(out[backend].int8_x),
                         _x(out[backend].bf16_x), ran)
     return out
+
+
+def add_ceilings(report: BenchReport, opts: EngineOptions, repeats: int = 10) -> None:
+    """Measures the probe on the report's engines (bf16 too where the report has bf16 rows)
+    and puts it into the report (apply_ceilings)."""
+    bf16 = any(r.precision == 'bf16' for r in report.rows)
+    backends = list(dict.fromkeys(r.backend for r in report.rows))
+    apply_ceilings(report, measure_ceilings(backends, opts, bf16, repeats))
+
+
+def apply_ceilings(report: BenchReport, ceilings: Dict[str, Ceiling]) -> None:
+    """The probe per engine into the report: every INT8 row's gain over its engine's FP32 as
+    a share of that engine's INT8 ceiling."""
+    report.ceiling = ceilings
+    for row in report.rows:
+        probe = ceilings.get(row.backend)
+        if row.speedup_vs_engine_fp32 and probe is not None and probe.int8_x:
+            row.of_ceiling = row.speedup_vs_engine_fp32 / probe.int8_x
 
 
 def _x(value: Optional[float]) -> str:
