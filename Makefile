@@ -47,7 +47,7 @@ demo: install
 		--to_onnx
 	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
 		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer $(DEMO_OUT)/ptq_infer \
-		--backend paddle openvino onnxruntime \
+		--backend paddle openvino onnxruntime --peers \
 		--report_dir $(DEMO_OUT)/report
 	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 

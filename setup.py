@@ -5,11 +5,9 @@ from setuptools import find_packages, setup
 with open('segslim/__init__.py') as f:  # the version is written there, once
     VERSION = re.search(r"__version__ = '([^']+)'", f.read()).group(1)
 
-# Optional engines, pinned to releases that install beside paddlepaddle 2.6 and numpy<2.
-# Measured here: openvino 2026.4.1 with nncf 3.4.0 (OpenVINO's quantizer, ptq.py --quantizer
-# nncf; it needs Python 3.10+), paddle2onnx 1.2.11, onnxruntime 1.32.0, onnx 1.19.1 on
-# Python 3.11; the older pins are the last wheels published for those Pythons. Newer onnx
-# (1.23) and ml-dtypes (0.6) require numpy 2, which breaks opencv-python 4.6.
+# Optional engines, pinned to releases that install beside paddlepaddle 2.6 and numpy<2 (nncf
+# needs Python 3.10+); the older pins are the last wheels published for those Pythons. Newer
+# onnx and ml-dtypes require numpy 2, which opencv-python 4.6 does not run on.
 EXTRAS = {
     'openvino': ['openvino==2026.4.1; python_version>="3.10"',
                  'openvino==2025.3.0; python_version=="3.9"',
@@ -18,6 +16,8 @@ EXTRAS = {
     'onnx': ['paddle2onnx==1.2.11',
              'onnx==1.19.1; python_version>="3.9"', 'onnx==1.17.0; python_version<"3.9"',
              'ml-dtypes==0.5.3; python_version>="3.9"',
+             # onnxruntime's quant_pre_process (the onnxruntime peer, segslim.peers)
+             'sympy==1.14.0; python_version>="3.9"', 'sympy==1.12.1; python_version<"3.9"',
              'onnxruntime==1.32.0; python_version>="3.11"',
              'onnxruntime==1.20.1; python_version=="3.10"',
              'onnxruntime==1.19.2; python_version<"3.10"'],

@@ -14,6 +14,7 @@ from segslim.deploy.results import Precision
 from segslim.errors import UserError
 from segslim.options import (
     DEVICES,
+    INT8_LAYERS,
     ONNX_TARGETS,
     EngineOptions,
     EvalOptions,
@@ -208,6 +209,11 @@ def add_engine_args(p: argparse.ArgumentParser,
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=positive_int,
                    default=EngineOptions.cpu_threads, help='CPU math threads (every backend)')
     add_bool(p, '--enable_mkldnn', EngineOptions.enable_mkldnn, 'oneDNN on CPU')
+    p.add_argument('--int8_layers', choices=INT8_LAYERS, default=EngineOptions.int8_layers,
+                   help='auto: a quantized model runs INT8 only for the kinds of layer '
+                        '(depthwise, grouped, 1x1, larger convs, matmuls) that this CPU runs '
+                        'faster in INT8, timed when the engine loads (OpenVINO, onnxruntime); '
+                        'all: every quantized layer INT8')
     add_bool(p, '--benchmark', False, 'print preprocess / inference / postprocess times')
     add_bool(p, '--print_detail', EngineOptions.print_detail,
              'show Paddle Inference\'s own (glog) output')

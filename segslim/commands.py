@@ -234,7 +234,7 @@ def infer(argv: Optional[List[str]] = None) -> None:
     cli.add_engine_args(p)
 
     def main(args):
-        from segslim.workflows import run_infer
+        from segslim.deploy_workflows import run_infer
         return run_infer(args)
     cli.entry(p, main, argv)
 
@@ -252,6 +252,14 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--no_ceiling', action='store_true',
                    help='skip the CPU ceiling probe (compute-bound convolutions FP32 vs INT8 '
                         'on each engine, a few seconds) that every INT8 row is measured against')
+    p.add_argument('--peers', action='store_true',
+                   help='also time the engines\' own quantizers on the first (FP32) folder, '
+                        'each as its documentation shows it (NNCF on OpenVINO, onnxruntime '
+                        'quantize_static, PaddleSlim quant_post_static on Paddle Inference), '
+                        'calibrated on the train images our PTQ uses; written to '
+                        '<report_dir>/peers')
+    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
+                   help='train images that calibrate the peers (--peers)')
     p.add_argument('--json', default=None, help='write the report as JSON')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
     p.add_argument('--report_dir', default=None,
@@ -262,7 +270,7 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
     cli.add_engine_args(p, many_backends=True)
 
     def main(args):
-        from segslim.workflows import run_benchmark
+        from segslim.deploy_workflows import run_benchmark
         return run_benchmark(args)
     cli.entry(p, main, argv)
 
@@ -301,6 +309,9 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--out', default='docs/benchmark.md')
     p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=['paddle'],
                    help='engines to time (openvino: pip install -e .[openvino])')
+    p.add_argument('--no_peers', action='store_true',
+                   help='skip the engines\' own quantizers (NNCF, onnxruntime quantize_static, '
+                        'PaddleSlim quant_post_static) timed beside ours')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
@@ -308,5 +319,6 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
         from segslim.model_bench import write_report, zoo_configs
         configs = args.configs or zoo_configs()
         write_report(run(configs, args.cpu_threads, args.size, args.repeats,
-                         backends=list(dict.fromkeys(args.backend))), args.out)
+                         backends=list(dict.fromkeys(args.backend)),
+                         peers=not args.no_peers), args.out)
     cli.entry(p, main, argv)

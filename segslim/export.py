@@ -19,7 +19,7 @@ from segslim.program import fold_conv_bias_reshape
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
 STAGE_PREFIX = '.export-'
 MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'model.xml',
-               'model.bin', 'deploy.yaml')
+               'model.bin', 'model.onnx', 'deploy.yaml')
 
 
 class InferenceModel(paddle.nn.Layer):

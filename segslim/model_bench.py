@@ -21,17 +21,18 @@ from segslim.config import load_config
 from segslim.data.demo import make_sample
 from segslim.deploy.benchmark import benchmark
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import Preprocessor
+from segslim.deploy.engine import Preprocessor, model_inputs, read_deploy
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile, profile_engine
 from segslim.deploy.report import format_report, markdown_table
-from segslim.deploy.results import BenchReport, Gain
+from segslim.deploy.results import PEER_LABELS, BenchReport, Gain
 from segslim.errors import UserError
 from segslim.export import deploy_transforms, export_inference_model
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger, progress
 from segslim.onnx_export import export_onnx
 from segslim.options import EngineOptions
+from segslim.peers import PEERS, make_peers
 from segslim.quant import calibrate, quant_config_of, quantize_model
 
 
@@ -70,6 +71,11 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
     return dirs
 
 
+# Generated images that calibrate every INT8 model of `make bench` (ours and the peers'), and
+# those its rows' agreement with FP32 is measured on (random weights: no val set to score).
+CALIB_IMAGES = 4
+AGREEMENT_IMAGES = 4
+
 # PaddleSeg's published QAT table: ResNet50_vd OS8 models timed on Cityscapes 1024x512 crops.
 CITYSCAPES_SEVEN = ('ANN', 'DANet', 'DeepLabV3P', 'DNLNet', 'EMANet', 'GCNet', 'PSPNet')
 
@@ -102,10 +108,13 @@ class ZooResult:
 
 def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                  repeats: int = 20, warmup: int = 3,
-                 backends: Sequence[str] = ('paddle',)) -> List[ZooResult]:
+                 backends: Sequence[str] = ('paddle',), peers: bool = True) -> List[ZooResult]:
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy, and each measured against
-    this CPU's ceiling (segslim.ceiling, probed once per run)."""
+    this CPU's ceiling (segslim.ceiling, probed once per run). With `peers`, the engines'
+    own quantizers (segslim.peers) quantize the same FP32 export on the same generated
+    calibration images and are timed in the same run; every row's agreement with the FP32
+    row is measured on other generated images."""
     reports = []
     ceilings = measure_ceilings(backends, EngineOptions(device='cpu', cpu_threads=threads),
                                 bf16=bool(cpu_features()['bf16']))
@@ -116,7 +125,8 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
             logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2],
                         threads)
             # at the timed size: paddle2onnx converts adaptive pooling only at a known size
-            dirs = export_pair(config, work, shape[2], layers=None, input_shape=shape)
+            dirs = export_pair(config, work, shape[2], calib=CALIB_IMAGES, layers=None,
+                               input_shape=shape)
             model_backends, failures = list(backends), []
             if 'onnxruntime' in backends:
                 try:
@@ -127,15 +137,21 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                     model_backends.remove('onnxruntime')
                     failures.append(str(e))
             opts = EngineOptions(device='cpu', cpu_threads=threads, input_shape=tuple(shape))
+            deploy = read_deploy(dirs['fp32'])
+            peer_dirs = make_peers(dirs['fp32'], os.path.join(work, 'peers'), model_inputs(
+                deploy, sample_images(shape[2], CALIB_IMAGES)), model_backends) if peers else []
+            samples = model_inputs(deploy, sample_images(shape[2], AGREEMENT_IMAGES, seed=1))
             try:
-                report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
-                                   warmup=warmup, repeats=repeats, backends=model_backends)
+                report = benchmark([dirs['fp32'], dirs['int8'], *peer_dirs], None, opts,
+                                   shape=shape, warmup=warmup, repeats=repeats,
+                                   backends=model_backends, sample_batches=samples)
             except UserError as e:  # one engine cannot run this model: time the others
                 if len(model_backends) == 1:
                     raise
                 logger.warning('%s: %s; timing Paddle Inference only', name, e)
-                report = benchmark([dirs['fp32'], dirs['int8']], None, opts, shape=shape,
-                                   warmup=warmup, repeats=repeats, backends=('paddle',))
+                report = benchmark([dirs['fp32'], dirs['int8'], *peer_dirs], None, opts,
+                                   shape=shape, warmup=warmup, repeats=repeats,
+                                   backends=('paddle',), sample_batches=samples)
                 failures.append(str(e))
             apply_ceilings(report, ceilings)
             result = ZooResult(model=name, config=config, report=report,
@@ -155,7 +171,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     for res in results:
         rep = res.report
-        by = {(r.backend, r.precision.value): r for r in rep.rows if not r.precision_note}
+        by = {(r.backend, r.precision.value): r for r in rep.ours if not r.precision_note}
         fp32 = by[('paddle', 'fp32')]
         bf16, int8 = (by.get(('paddle', p)) for p in ('bf16', 'int8'))
         ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
@@ -191,10 +207,17 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'int8_profile_ms': res.int8_profile})
         gain = rep.gain()
         row.update(gain.to_json() if gain else dict.fromkeys(Gain.KEYS))
+        row.update(rep.peers_json())
+        row['agreement'] = {f'{r.backend}_{r.precision.value}': r.agreement
+                            for r in rep.ours if r.agreement is not None}
         rows.append(row)
 
     def geomean(key):
         values = [r[key] for r in rows if r.get(key)]
+        return float(np.exp(np.mean(np.log(values)))) if values else None
+    def geomean_vs(peer):
+        values = [r['ours_vs_peers'][peer] for r in rows
+                  if (r.get('ours_vs_peers') or {}).get(peer)]
         return float(np.exp(np.mean(np.log(values)))) if values else None
     first = results[0].report
     return {'date': datetime.date.today().isoformat(),
@@ -208,7 +231,11 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
             'geomean_openvino_speedup': geomean('openvino_speedup'),
             'geomean_openvino_speedup_vs_bf16': geomean('openvino_speedup_vs_bf16'),
-            'geomean_onnxruntime_speedup': geomean('onnxruntime_speedup')}
+            'geomean_onnxruntime_speedup': geomean('onnxruntime_speedup'),
+            'geomean_ours_vs_peers': {name: geomean_vs(name) for name in PEERS},
+            'worst_ours_vs_peers': {name: min(
+                (r['ours_vs_peers'][name] for r in rows
+                 if (r.get('ours_vs_peers') or {}).get(name)), default=None) for name in PEERS}}
 
 
 def summary_markdown(summ: Dict[str, Any]) -> str:
@@ -271,6 +298,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
                       if summ['geomean_gain_of_ceiling'] else '-',
                       f"{summ['worst_gain_of_ceiling']:.0%}"
                       if summ['worst_gain_of_ceiling'] else '-')]
+    lines += peers_markdown(summ)
     if summ['geomean_openvino_speedup']:
         lines += ['', '### OpenVINO (same exports, same process)', '',
                   '| Model | FP32 ms | bf16 ms | INT8 ms | INT8 vs Paddle FP32 | INT8 vs OpenVINO '
@@ -295,6 +323,33 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
         lines += ['', 'Geometric mean: onnxruntime INT8 {} over onnxruntime FP32.'.format(
             ratio(summ['geomean_onnxruntime_speedup']))]
     return '\n'.join(lines)
+
+
+def peers_markdown(summ: Dict[str, Any]) -> List[str]:
+    """The table of ours against the engines' own quantizers (segslim.peers): per model and
+    peer, the peer's ms and ours as a multiple of its speed on its engine."""
+    names = [n for n in PEERS if any((r.get('peers') or {}).get(f'{n}_s') for r in summ['rows'])]
+    if not names:
+        return []
+
+    def cell(r: Dict[str, Any], name: str) -> str:
+        secs = (r.get('peers') or {}).get(f'{name}_s')
+        vs = (r.get('ours_vs_peers') or {}).get(name)
+        if not secs:
+            return '-'
+        return f'{secs * 1000:.1f} ms, ours {vs:.2f}x' if vs else f'{secs * 1000:.1f} ms'
+    table = markdown_table(['Model'] + [f'{PEER_LABELS[n]} ({backend_label(PEERS[n].engine)})'
+                                        for n in names],
+                           ([r['model']] + [cell(r, n) for n in names] for r in summ['rows']))
+    geo, worst = summ.get('geomean_ours_vs_peers') or {}, summ.get('worst_ours_vs_peers') or {}
+    return ['', '### Against the engines\' own quantizers (same FP32 export, same calibration '
+            'images, same run)', '',
+            'Each peer as its documentation shows it (segslim.peers); "ours Nx" is the peer\'s '
+            'time over our fastest INT8 row on the same engine (above 1: ours is faster).', '',
+            table, '', 'Geometric mean of ours over each peer: ' + ', '.join(
+                '{} {} (worst model {})'.format(
+                    PEER_LABELS[n], f'{geo[n]:.2f}x' if geo.get(n) else '-',
+                    f'{worst[n]:.2f}x' if worst.get(n) else '-') for n in names) + '.']
 
 
 def format_markdown(results: List[ZooResult]) -> str:

@@ -21,6 +21,8 @@ TIMING_SHAPE = (1, 3, 512, 512)
 # Images that calibrate activation scales (ptq.py --batch_nums, analysis.py and
 # auto_quant.py --calib_images).
 CALIBRATION_IMAGES = 32
+# --int8_layers values, the default first.
+INT8_LAYERS = ('auto', 'all')
 # Devices the scripts accept (--device); a build without one says so at set-up.
 DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
@@ -116,6 +118,9 @@ class EngineOptions:
     trt_shape_file: Optional[str] = None
     input_shape: Sequence[int] = TIMING_SHAPE
     print_detail: bool = False       # the engine's own (glog) output
+    # auto: a quantized model runs INT8 only for the kinds of layer where it is faster on
+    # this CPU (segslim.deploy.int8_kinds; OpenVINO and onnxruntime); all: every one
+    int8_layers: str = 'auto'
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **given: Any) -> 'EngineOptions':

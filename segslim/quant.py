@@ -5,6 +5,8 @@ import fnmatch
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from segslim import builder
 from segslim._paddle import paddle
 from segslim.engine.checkpoint import load_weights
@@ -168,11 +170,18 @@ def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool =
 def calibrate(model: paddle.nn.Layer, batches: Sequence[Any]) -> None:
     """Moving-average activation scales of a fake-quant model from N,C,H,W float32 arrays:
     the fake-quant layers record them in train mode, batch norm keeps its statistics frozen
-    so the quantized model matches the FP32 one. Leaves the model in eval mode."""
+    so the quantized model matches the FP32 one. Each average starts from the first batch:
+    the observers' initial state (an absolute maximum of 1) would otherwise set the scale of
+    activations far below 1, whose values then all round to zero. Leaves the model in eval
+    mode."""
     model.train()
     for layer in model.sublayers():
         if isinstance(layer, paddle.nn.layer.norm._BatchNormBase):
             layer.eval()
+        for name in ('_state', '_accum'):  # moving-average observers (PaddleSlim's QAT)
+            value = getattr(layer, name, None)
+            if isinstance(value, paddle.Tensor) and tuple(value.shape) == (1,):
+                value.set_value(np.zeros([1], dtype=value.numpy().dtype))
     with paddle.no_grad():
         for x in batches:
             model(paddle.to_tensor(x))

@@ -29,10 +29,10 @@ from segslim.engine.metrics import format_metrics
 from segslim.engine.train import restore_training, train
 from segslim.errors import UserError
 from segslim.export import export_inference_model, output_op_of
-from segslim.fileio import check_output_file, check_writable, write_json, write_text
+from segslim.fileio import check_output_file, check_writable, write_json
 from segslim.logger import logger
 from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
-from segslim.options import ONNX_TARGETS, EngineOptions, EvalOptions, TrainOptions
+from segslim.options import ONNX_TARGETS, EvalOptions, TrainOptions
 from segslim.quant import build_quant_model, quant_config_of, quantize_model
 
 
@@ -332,68 +332,3 @@ def run_auto_quant(args: argparse.Namespace) -> int:
                      args.input_shape)
     return aq.AutoQuant(steps, args.save_dir, args.max_miou_drop, args.max_qat_iters,
                         resume=args.resume).run()
-
-
-def run_infer(args: argparse.Namespace) -> int:
-    """deploy/python/infer.py: masks for image files."""
-    from segslim.deploy.engines import create_predictor
-    from segslim.deploy.infer import STAGES, list_images, predict_images
-    images = list_images(args.image_path)
-    predictor = create_predictor(args.config, EngineOptions.from_args(
-        args, device=set_device(args.device)))
-    if predictor.fallback:
-        logger.warning(predictor.fallback)
-    if predictor.precision != 'int8' and predictor.quantized:
-        logger.warning('%s is quantized but this engine has no INT8 kernels for it: it runs '
-                       '%s (use oneDNN on CPU, or TensorRT on GPU)', args.config,
-                       predictor.precision.label)
-    timings: Optional[Dict[str, list]] = None
-    if args.benchmark:  # warm up on the first batch, as PaddleSeg's infer.py does
-        predict_images(predictor, images[:args.batch_size], args.save_dir, args.batch_size)
-        timings = {}
-    written = predict_images(predictor, images, args.save_dir, args.batch_size, args.overlay,
-                             timings)
-    if timings:
-        n = len(images)
-        logger.info('[benchmark] model: %s, engine: %s, precision: %s, device: %s, '
-                    'batch_size: %d, images: %d', args.model_name or predictor.model_dir,
-                    predictor.backend, predictor.precision, predictor.opts.device,
-                    args.batch_size, n)
-        logger.info('[benchmark] per image: %s, total %.2f ms', ', '.join(
-            f'{stage} {1000 * sum(timings[stage]) / n:.2f} ms' for stage in STAGES),
-            1000 * sum(sum(timings[stage]) for stage in STAGES) / n)
-    logger.info('Wrote %d masks to %s', len(written), args.save_dir)
-    return 0
-
-
-def run_benchmark(args: argparse.Namespace) -> int:
-    """deploy/python/benchmark.py: the FP32-vs-INT8 report (table, JSON, pictures)."""
-    from segslim.deploy import benchmark as bench
-    from segslim.deploy.report import GalleryPick, format_report, write_report_dir
-    check_output_file(args.json, '--json')
-    check_output_file(args.markdown, '--markdown')
-    if args.report_dir:
-        check_writable(args.report_dir, '--report_dir')
-    dataset = None
-    if args.config:
-        cfg = load_config(args.config, opts=args.opts, required=('val_dataset',))
-        dataset = build_dataset(cfg, 'val_dataset')
-    pick = GalleryPick(args.gallery) if args.report_dir else None
-    opts = EngineOptions.from_args(args, device=set_device(args.device))
-    report = bench.benchmark(args.model_dirs, dataset, opts, shape=args.input_shape,
-                             warmup=args.warmup, repeats=args.repeats,
-                             with_bf16=False if args.no_bf16 else None,
-                             backends=list(dict.fromkeys(args.backend)), gallery=pick)
-    if not args.no_ceiling and opts.device == 'cpu':
-        from segslim.ceiling import add_ceilings
-        add_ceilings(report, opts)
-    text = format_report(report)
-    print(text, flush=True)
-    if args.markdown:
-        write_text(args.markdown, text + '\n')
-    if args.report_dir:
-        path = write_report_dir(report, args.report_dir, dataset, pick)
-        logger.info('Report with charts and the INT8-vs-FP32 gallery: %s', path)
-    if args.json:
-        write_json(args.json, report.to_json())
-    return 0

@@ -1,5 +1,4 @@
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -8,6 +7,7 @@ import sys
 import tempfile
 
 import pytest
+from filelock import FileLock
 
 # Two pytest workers share the machine's cores: each one's dygraph work runs on one thread
 # (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
@@ -198,8 +198,7 @@ def once_per_run(tmp_path_factory, name, make):
     if not os.environ.get('PYTEST_XDIST_WORKER'):
         return make()
     shared = tmp_path_factory.getbasetemp().parent / f'{name}.json'
-    with open(f'{shared}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with FileLock(f'{shared}.lock'):
         if shared.is_file():
             return json.loads(shared.read_text())
         value = make()

@@ -24,8 +24,10 @@ from segslim.onnx_qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
 
 
 def engine(model_dir, backend):
+    # every quantized layer INT8: these tests check what the export gives the engine
     return create_predictor(model_dir, EngineOptions(backend=backend, precision='int8',
-                                                     input_shape=(1, 3, 64, 64)))
+                                                     input_shape=(1, 3, 64, 64),
+                                                     int8_layers='all'))
 
 
 def val_set(data):

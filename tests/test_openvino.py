@@ -46,7 +46,8 @@ def test_observer_quantization_is_dropped_and_convs_stay_int8(exported):
         users = {t.get_node().get_type_name() for t in op.output(0).get_target_inputs()}
         assert users & set(QUANTIZED_CONSUMERS), users
     pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
-                                                            input_shape=(1, 3, 64, 64)))
+                                                            input_shape=(1, 3, 64, 64),
+                                                            int8_layers='all'))
     assert pred.precision == 'int8' and pred.ops.int8_conv_ops == \
         pred.ops.conv_ops > 0
     assert pred.stripped > 0 and not pred.dropped  # the program-level strip did it all
@@ -123,10 +124,12 @@ def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
     shape = (1, 3, 64, 64)
     monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': False})
     seven = create_predictor(exported['int8'], EngineOptions(backend='openvino',
-                                                             input_shape=shape))
+                                                             input_shape=shape,
+                                                             int8_layers='all'))
     assert seven.seven_bit == len(q8) and seven.fallback == SEVEN_BIT_NOTE
     assert seven.ops.int8_conv_ops == seven.ops.conv_ops
     monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': True})
     eight = create_predictor(exported['int8'], EngineOptions(backend='openvino',
-                                                             input_shape=shape))
+                                                             input_shape=shape,
+                                                             int8_layers='all'))
     assert eight.seven_bit == 0 and eight.fallback is None

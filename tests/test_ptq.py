@@ -22,7 +22,9 @@ def val_set(data, config=INSTANT):
 
 
 def engine(model_dir, backend='paddle'):
-    return create_predictor(model_dir, EngineOptions(backend=backend, input_shape=(1, 3, 64, 64)))
+    # every quantized layer INT8: these tests check what the export gives the engine
+    return create_predictor(model_dir, EngineOptions(backend=backend, input_shape=(1, 3, 64, 64),
+                                                     int8_layers='all'))
 
 
 def engine_miou(model_dir, dataset, backend='paddle'):

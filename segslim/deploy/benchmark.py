@@ -153,13 +153,16 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
               shape: Sequence[int] = TIMING_SHAPE, warmup: int = 5, repeats: int = 20,
               with_bf16: Optional[bool] = None,
               backends: Sequence[str] = ('paddle',),
-              gallery: Optional[GalleryPick] = None) -> BenchReport:
+              gallery: Optional[GalleryPick] = None,
+              sample_batches: Sequence[np.ndarray] = ()) -> BenchReport:
     """Every model dir on every backend; the first model dir on the first backend (in FP32)
     is the baseline for speedup and pixel agreement, and FP32 models also get a bf16 row
     where the CPU has bf16. With a dataset, every row gets its Accuracy and `gallery`
-    collects the val images where the first INT8 row agrees least with the first row.
-    Every INT8 row gets its gain over its engine's FP32 (segslim.ceiling puts it against
-    what the CPU allows)."""
+    collects the val images where the first INT8 row agrees least with the first row;
+    without one, `sample_batches` (preprocessed N,C,H,W images) give each row its pixel
+    agreement with the first. A peer quantizer's folder (segslim.peers) runs only on the
+    engine it was made for. Every INT8 row gets its gain over its engine's FP32
+    (segslim.ceiling puts it against what the CPU allows)."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # each row is labelled with what its engine ran
@@ -167,9 +170,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     bf16 = with_bf16 if with_bf16 is not None else cpu['bf16']
     for backend in backends:
         for i, model_dir in enumerate(model_dirs):
-            if i and not runs_model(backend, model_dir):  # an OpenVINO IR folder on another engine
-                logger.info('%s: %s cannot run an OpenVINO IR folder; no row', model_dir,
-                            BACKENDS[backend].label)
+            if i and not runs_model(backend, model_dir):  # IR, ONNX-only or a peer's folder
+                logger.info('%s is not for %s; no row', model_dir, BACKENDS[backend].label)
                 continue
             run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend)
             pred = create_predictor(model_dir, run_opts)
@@ -186,7 +188,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                      p90_s=float(np.percentile(secs, 90)) / shape[0],
                      params_mb=os.path.getsize(pred.deploy['params']) / 2 ** 20,
                      ops=pred.ops, fallback=pred.fallback,
-                     engine_fp32_convs=len(pred.fp32_convs), passes=pred.passes)
+                     engine_fp32_convs=len(pred.fp32_convs), passes=pred.passes,
+                     peer=pred.peer)
             for pred, secs in zip(runs, times)]
     report = BenchReport(isa=cpu['isa'] if opts.device == 'cpu' else 'gpu', cpu=cpu['model'],
                          vnni=bool(cpu['vnni']), threads=opts.cpu_threads, device=opts.device,
@@ -199,6 +202,9 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
         logger.info('Evaluating %d rows on %d val images', len(runs), len(dataset))
         for row, accuracy in zip(rows, evaluate_engines(runs, dataset, gallery=pick)):
             row.accuracy = accuracy
+    elif sample_batches:
+        for row, share in zip(rows, sample_agreement(runs, sample_batches)):
+            row.sample_agreement = share
     base = rows[0].s_per_img
     bf16_s = min((r.s_per_img for r in rows if r.precision is Precision.BF16), default=None)
     engine_fp32: Dict[str, float] = {}
@@ -211,6 +217,19 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
         if row.int8 and row.backend in engine_fp32:
             row.speedup_vs_engine_fp32 = engine_fp32[row.backend] / row.s_per_img
     return report
+
+
+def sample_agreement(predictors: Sequence[EngineBase],
+                     batches: Sequence[np.ndarray]) -> List[float]:
+    """Per predictor, the share of pixels it labels as the first predictor does on the
+    batches (images already through the deploy transforms, at the export's input size)."""
+    same = np.zeros(len(predictors), np.int64)
+    pixels = 0
+    for batch in batches:
+        labels = [p.labels(batch) for p in predictors]
+        same += [int((lab == labels[0]).sum()) for lab in labels]
+        pixels += labels[0].size
+    return [float(n / max(pixels, 1)) for n in same]
 
 
 def timing_batch(pred: EngineBase, dataset: Optional[SegDataset],

@@ -17,6 +17,10 @@ from segslim.program import QUANT_OP_TYPES, program_op_types
 # OpenVINO IR (model.xml/model.bin, written by ptq.py --quantizer nncf): only OpenVINO runs it.
 IR_SUFFIX = '.xml'
 IR_QUANT_OP = 'FakeQuantize'
+# A folder whose model is an ONNX file (its weights inside, no Paddle program beside it): the
+# peers' onnxruntime quantize_static output. Only onnxruntime runs it.
+ONNX_SUFFIX = '.onnx'
+ONNX_QUANT_OPS = ('QuantizeLinear', 'QLinearConv', 'DequantizeLinear')
 
 
 # Without VNNI, x86 INT8 kernels add each pair of u8 x s8 products in a 16-bit lane
@@ -47,6 +51,8 @@ def read_deploy(model_dir: str) -> Dict[str, Any]:
     except (yaml.YAMLError, AttributeError) as e:
         raise UserError(f'{path} is not a valid deploy.yaml ({type(e).__name__}); re-export the '
                         'model') from e
+    if isinstance(deploy, dict) and str(deploy.get('model', '')).endswith(ONNX_SUFFIX):
+        deploy = dict(deploy, params=deploy['model'], onnx=deploy['model'])  # weights inside
     if not isinstance(deploy, dict) or 'model' not in deploy or 'params' not in deploy:
         raise UserError(f'{path} lacks Deploy.model/Deploy.params; re-export the model')
     base = os.path.dirname(os.path.abspath(path))
@@ -62,9 +68,22 @@ def read_deploy(model_dir: str) -> Dict[str, Any]:
 
 
 def model_format(deploy: Dict[str, Any]) -> str:
-    """'openvino' for an OpenVINO IR model folder, else 'paddle' (a Paddle inference
-    program, with its model.onnx beside it when exported --to_onnx)."""
-    return 'openvino' if deploy['model'].endswith(IR_SUFFIX) else 'paddle'
+    """'openvino' for an OpenVINO IR model folder, 'onnx' for a folder holding an ONNX model
+    alone, else 'paddle' (a Paddle inference program, with its model.onnx beside it when
+    exported --to_onnx)."""
+    if deploy['model'].endswith(IR_SUFFIX):
+        return 'openvino'
+    return 'onnx' if deploy['model'].endswith(ONNX_SUFFIX) else 'paddle'
+
+
+def onnx_op_types(model_file: str) -> List[str]:
+    """The node types of an ONNX model's main graph."""
+    import onnx
+    try:
+        return [node.op_type for node in onnx.load(model_file, load_external_data=False).graph.node]
+    except Exception as e:  # onnx raises DecodeError and others on a damaged file
+        raise UserError(f'{model_file} is not a valid ONNX file ({type(e).__name__}); '
+                        're-export the model') from e
 
 
 def ir_op_types(model_file: str) -> List[str]:
@@ -152,9 +171,14 @@ class EngineBase:
         self.opts = opts
         self.model_dir = model_dir
         self.format = model_format(self.deploy)
+        # a peer quantizer's model (segslim.peers) runs as its maker wrote it
+        self.peer: Optional[str] = (self.deploy.get('peer') or {}).get('quantizer')
         if self.format == 'openvino':
             self.op_types = ir_op_types(self.deploy['model'])
             self.quantized = IR_QUANT_OP in self.op_types
+        elif self.format == 'onnx':
+            self.op_types = onnx_op_types(self.deploy['model'])
+            self.quantized = any(t in ONNX_QUANT_OPS for t in self.op_types)
         else:
             self.op_types = program_op_types(self.deploy['model'])
             self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
@@ -192,10 +216,10 @@ class EngineBase:
         """Whether the engine runs any quantizable op of this model in INT8."""
         return self.precision is Precision.INT8 and self.ops.int8_ops > 0
 
-    def ran_no_int8(self) -> None:
-        """Marks a quantized model whose engine ran none of it in INT8."""
+    def ran_no_int8(self, note: str = NO_INT8_NOTE) -> None:
+        """Marks a quantized model whose engine ran none of it in INT8 (`note`: why)."""
         self.precision = Precision.FP32
-        self.precision_note = NO_INT8_NOTE
+        self.precision_note = note
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
         return output_labels(out)

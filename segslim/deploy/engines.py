@@ -3,7 +3,7 @@ has a bf16 CPU path, and the factory that builds a predictor for a model folder.
 this module imports no engine."""
 import importlib
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from segslim.errors import UserError
 from segslim.options import EngineOptions
@@ -26,9 +26,12 @@ BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend('openvino', 'OpenVINO', 'segslim.deploy.openvino_engine', 'OpenVINOPredictor',
             True, ('paddle', 'openvino'), ('openvino',)),
     Backend('onnxruntime', 'onnxruntime', 'segslim.deploy.onnxruntime_engine',
-            'OnnxRuntimePredictor', False, requires=('onnxruntime', 'onnx', 'paddle2onnx')),
+            'OnnxRuntimePredictor', False, ('paddle', 'onnx'),
+            ('onnxruntime', 'onnx', 'paddle2onnx')),
 )}
 BACKEND_NAMES: Tuple[str, ...] = tuple(BACKENDS)
+FORMAT_NAMES = {'paddle': 'a Paddle inference program', 'onnx': 'an ONNX model (model.onnx)',
+                'openvino': 'an OpenVINO IR model (model.xml)'}
 
 
 def importable(*modules: str) -> bool:
@@ -54,10 +57,19 @@ def model_format_of(model_dir: str) -> str:
     return model_format(read_deploy(model_dir))
 
 
+def made_for(model_dir: str) -> Optional[str]:
+    """The one engine a peer quantizer's model folder is made for (deploy.yaml `peer`), else
+    None."""
+    from segslim.deploy.engine import read_deploy
+    return (read_deploy(model_dir).get('peer') or {}).get('engine')
+
+
 def runs_model(backend: str, model_dir: str) -> bool:
     """Whether the backend runs the model folder's format (an OpenVINO IR folder runs on
-    OpenVINO only)."""
-    return model_format_of(model_dir) in BACKENDS[backend].formats
+    OpenVINO only, an ONNX-only folder on onnxruntime only) and, for a peer quantizer's
+    model, whether it is the engine the model was made for."""
+    engine = made_for(model_dir)
+    return model_format_of(model_dir) in BACKENDS[backend].formats and engine in (None, backend)
 
 
 def create_predictor(model_dir: str, opts: EngineOptions):
@@ -68,8 +80,8 @@ def create_predictor(model_dir: str, opts: EngineOptions):
             opts.backend, ', '.join(BACKEND_NAMES)))
     fmt = model_format_of(model_dir)
     if fmt not in backend.formats:
-        raise UserError('{} holds an OpenVINO IR model (model.xml), which --backend {} cannot '
-                        'run; use --backend {}'.format(model_dir, opts.backend, ' or '.join(
+        raise UserError('{} holds {}, which --backend {} cannot run; use --backend {}'.format(
+                            model_dir, FORMAT_NAMES[fmt], opts.backend, ' or '.join(
                             b.name for b in BACKENDS.values() if fmt in b.formats)))
     cls = getattr(importlib.import_module(backend.module), backend.predictor)
     return cls(model_dir, opts)

@@ -5,13 +5,14 @@ import glob
 import json
 import os
 import tempfile
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
-from segslim.deploy.results import OpSummary, Precision
+from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds, conv_kind
+from segslim.deploy.results import NO_INT8_NOTE, NOT_FASTER_NOTE, OpSummary, Precision
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.options import EngineOptions
@@ -83,6 +84,91 @@ def seven_bit_qdq(model: Any) -> int:
     return done
 
 
+def _dequantized(dq: Any, inits: Dict[str, Any]) -> Any:
+    """The float values of a DequantizeLinear of initializers (per-tensor or per-axis),
+    or None when its inputs are not all initializers."""
+    from onnx import numpy_helper
+    if dq is None or dq.op_type != 'DequantizeLinear' or \
+            not all(n in inits for n in dq.input if n):
+        return None
+    q = numpy_helper.to_array(inits[dq.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(inits[dq.input[2]]).astype(np.float64) \
+        if len(dq.input) > 2 and dq.input[2] else np.zeros_like(scale)
+    if scale.ndim:
+        axis = next((a.i for a in dq.attribute if a.name == 'axis'), 1) % q.ndim
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape)
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
+    """(node, kind) of every Conv / MatMul whose data input is a Q/DQ pair and whose
+    weight a DequantizeLinear of initializers gives (int8_kinds)."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    out = []
+    for node in graph.node:
+        if node.op_type not in ('Conv', 'MatMul') or len(node.input) < 2:
+            continue
+        dq = producer.get(node.input[0])
+        weight = producer.get(node.input[1])
+        if dq is None or dq.op_type != 'DequantizeLinear' or weight is None or \
+                weight.op_type != 'DequantizeLinear' or weight.input[0] not in inits:
+            continue
+        if node.op_type == 'MatMul':
+            out.append((node, 'matmul'))
+            continue
+        dims = list(inits[weight.input[0]].dims)  # O, I/G, kh, kw
+        groups = next((a.i for a in node.attribute if a.name == 'group'), 1)
+        out.append((node, conv_kind(groups, dims[1], dims[0] // groups, dims[2:])))
+    return out
+
+
+def with_float_kinds(model: Any, kinds: Any) -> Any:
+    """A copy of the QDQ `model` whose Conv / MatMul nodes of `kinds` read their input
+    before its Q/DQ pair and float weights and bias: onnxruntime runs them in float. Nodes
+    and initializers nothing reads any more are removed."""
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    for node, kind in quantized_kinds(model):
+        if kind not in kinds:
+            continue
+        dq = producer[node.input[0]]
+        q = producer.get(dq.input[0])
+        if q is not None and q.op_type == 'QuantizeLinear':
+            node.input[0] = q.input[0]
+        for i in range(1, len(node.input)):
+            values = _dequantized(producer.get(node.input[i]), inits)
+            if values is not None:
+                name = f'{node.name or node.output[0]}_float_{i}'
+                graph.initializer.append(numpy_helper.from_array(values, name))
+                node.input[i] = name
+    _prune(graph)
+    return model
+
+
+def _prune(graph: Any) -> None:
+    """Removes nodes whose outputs nothing reads (repeatedly), then unread initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        reads = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in reads for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    reads = {name for node in graph.node for name in node.input} | outputs
+    for init in [t for t in graph.initializer if t.name not in reads]:
+        graph.initializer.remove(init)
+
+
 def profiled_summary(nodes: Dict[str, str]) -> OpSummary:
     """{node name: op kind} of one profiled run -> the op summary."""
     return OpSummary.count([(kind, kind in INT8_KINDS, name)
@@ -112,7 +198,8 @@ class OnnxRuntimePredictor(EngineBase):
         self.onnx_path = path
         self.model: Any = path  # what the sessions load: the file, or its rewritten bytes
         self.seven_bit = 0
-        if self.quantized and not self.for_tensorrt and not cpu_features()['vnni']:
+        if self.quantized and not self.for_tensorrt and not cpu_features()['vnni'] and \
+                self.peer is None:
             try:
                 import onnx
             except ImportError:
@@ -124,6 +211,10 @@ class OnnxRuntimePredictor(EngineBase):
                 if self.seven_bit:
                     self.model = model.SerializeToString()
                     self.fallback = SEVEN_BIT_NOTE
+        self.kinds = KindChoice()
+        if self.quantized and opts.int8_layers == 'auto' and self.peer is None and \
+                not self.for_tensorrt:
+            self._choose_kinds()
         try:
             self.session = self.ort.InferenceSession(self.model, self._options(),
                                                      providers=['CPUExecutionProvider'])
@@ -135,10 +226,42 @@ class OnnxRuntimePredictor(EngineBase):
         self.ops = self._profile(np.zeros(self.probe_shape(), np.float32))
         self.precision = Precision.INT8 if self.quantized else Precision.FP32
         if self.quantized and not self.ops.int8_ops:
-            self.ran_no_int8()
+            self.ran_no_int8(NOT_FASTER_NOTE if self.kinds.float_kinds else NO_INT8_NOTE)
         if self.for_tensorrt:
             self.fallback = ('the ONNX file is placed for TensorRT; onnxruntime runs its Q/DQ '
                              'in float')
+
+    def _choose_kinds(self) -> None:
+        """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds),
+        timed at the probe shape."""
+        try:
+            import onnx
+        except ImportError:
+            return
+        model = self.model if not isinstance(self.model, (str, bytes)) else (
+            onnx.load(self.model) if isinstance(self.model, str) else
+            onnx.ModelProto.FromString(self.model))
+        present = {kind for _, kind in quantized_kinds(model)}
+        if not present:
+            return
+        images = np.random.default_rng(0).standard_normal(self.probe_shape()).astype(np.float32)
+
+        def build(kinds: Any) -> Any:
+            session = self.ort.InferenceSession(
+                with_float_kinds(model, kinds).SerializeToString(), self._options(),
+                providers=['CPUExecutionProvider'])
+            name = session.get_inputs()[0].name
+            return lambda: session.run(None, {name: images})
+        try:
+            self.kinds = choose_float_kinds(sorted(present), build)
+        except Exception as e:  # onnxruntime raises its own generic errors
+            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
+                           'layer runs INT8', self.onnx_path, str(e).strip()[:160])
+            return
+        if self.kinds.float_kinds:
+            self.model = with_float_kinds(model, self.kinds.float_kinds).SerializeToString()
+            note = self.kinds.describe()
+            self.fallback = f'{self.fallback}; {note}' if self.fallback else note
 
     @property
     def for_tensorrt(self) -> bool:

@@ -14,8 +14,10 @@ import numpy as np
 
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
-from segslim.deploy.results import OpSummary, Precision
+from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds, conv_kind
+from segslim.deploy.results import NO_INT8_NOTE, NOT_FASTER_NOTE, OpSummary, Precision
 from segslim.errors import UserError
+from segslim.logger import logger
 from segslim.options import EngineOptions
 from segslim.program import strip_observer_quantization
 
@@ -71,6 +73,42 @@ def drop_observer_quantization(model: Any) -> List[str]:
     if dropped:
         model.validate_nodes_and_infer_types()
     return dropped
+
+
+def layer_kind(op: Any) -> str:
+    """The int8_kinds kind of a convolution or matrix product of a converted model ('' for
+    other ops)."""
+    kind = op.get_type_name()
+    if kind == 'MatMul':
+        return 'matmul'
+    if kind not in ('Convolution', 'GroupConvolution'):
+        return ''
+    shape = [int(d) for d in op.input_value(1).get_shape()]
+    if kind == 'Convolution':  # O, I, kh, kw
+        return conv_kind(1, shape[1], shape[0], shape[2:])
+    return conv_kind(shape[0], shape[2], shape[1], shape[3:])  # G, O/G, I/G, kh, kw
+
+
+def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
+    """(op, kind) of every conv / matrix product whose data input a FakeQuantize feeds."""
+    out = []
+    for op in model.get_ordered_ops():
+        kind = layer_kind(op)
+        if kind and op.input_value(0).get_node().get_type_name() == 'FakeQuantize':
+            out.append((op, kind))
+    return out
+
+
+def with_float_kinds(model: Any, kinds: Any) -> Any:
+    """A copy of `model` whose layers of `kinds` take their input unquantized (the
+    FakeQuantize stays for its other consumers): the plugin runs them in float."""
+    model = model.clone()
+    if kinds:
+        for op, kind in quantized_kinds(model):
+            if kind in kinds:
+                op.input(0).replace_source_output(op.input_value(0).get_node().input_value(0))
+        model.validate_nodes_and_infer_types()
+    return model
 
 
 def _through(node: Any, stop: str) -> Any:
@@ -154,8 +192,9 @@ class OpenVINOPredictor(EngineBase):
         with tempfile.TemporaryDirectory(prefix='segslim-ov-') as tmp:
             program = self.deploy['model']
             self.stripped = 0
-            # An IR model's FakeQuantize placement is its quantizer's (NNCF's) choice: kept.
-            keep_all = keep_all or self.format == 'openvino'
+            # An IR model's FakeQuantize placement is its quantizer's (NNCF's) choice: kept;
+            # so is a peer quantizer's.
+            keep_all = keep_all or self.format == 'openvino' or self.peer is not None
             if self.quantized and not keep_all:
                 program = os.path.join(tmp, 'model.pdmodel')
                 self.stripped = strip_observer_quantization(self.deploy['model'], program)
@@ -169,7 +208,7 @@ class OpenVINOPredictor(EngineBase):
         self.dropped = drop_observer_quantization(self.model) if self.quantized and \
             not keep_all else []
         self.seven_bit = 0
-        if self.quantized and not cpu_features()['vnni']:
+        if self.quantized and not cpu_features()['vnni'] and self.peer is None:
             self.seven_bit = seven_bit_weights(self.model)
             if self.seven_bit:
                 self.fallback = SEVEN_BIT_NOTE
@@ -179,11 +218,40 @@ class OpenVINOPredictor(EngineBase):
             'INFERENCE_PRECISION_HINT': 'bf16' if self.precision == 'bf16' else 'f32',
             'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
             'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1}
+        self.kinds = KindChoice()
+        if self.quantized and opts.int8_layers == 'auto' and self.peer is None:
+            self._choose_kinds()
         self._compiled: collections.OrderedDict[Tuple[int, ...], Any] = \
             collections.OrderedDict()
         self.run(np.zeros(self.probe_shape(), np.float32))
         if self.quantized and not self.ops.int8_ops:
-            self.ran_no_int8()
+            self.ran_no_int8(NOT_FASTER_NOTE if self.kinds.float_kinds else NO_INT8_NOTE)
+
+    def _choose_kinds(self) -> None:
+        """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds),
+        timed at the probe shape."""
+        present = {kind for _, kind in quantized_kinds(self.model)}
+        if not present:
+            return
+        shape = self.probe_shape()
+        images = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+
+        def build(kinds: Any) -> Any:
+            model = with_float_kinds(self.model, kinds)
+            model.reshape({model.inputs[0].get_any_name(): shape})
+            request = self.core.compile_model(model, 'CPU', self.properties) \
+                .create_infer_request()
+            return lambda: request.infer({0: images})
+        try:
+            self.kinds = choose_float_kinds(sorted(present), build)
+        except Exception as e:  # a variant that does not compile: keep the model as it is
+            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
+                           'layer runs INT8', self.model_dir, str(e).strip()[:160])
+            return
+        if self.kinds.float_kinds:
+            self.model = with_float_kinds(self.model, self.kinds.float_kinds)
+            note = self.kinds.describe()
+            self.fallback = f'{self.fallback}; {note}' if self.fallback else note
 
     def _request(self, shape: Tuple[int, ...]) -> Any:
         """An infer request of the model compiled for this static input shape."""

@@ -11,7 +11,7 @@ from prettytable import PrettyTable, TableStyle
 
 from segslim.data.datasets import SegDataset, read_image, read_label
 from segslim.deploy.engines import backend_label
-from segslim.deploy.results import BenchReport, BenchRow, Precision
+from segslim.deploy.results import PEER_LABELS, BenchReport, BenchRow, Precision
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write, write_bytes, write_json, write_text
 
@@ -58,9 +58,10 @@ def format_report(report: BenchReport, name: Optional[str] = None) -> str:
           f'{r.p90_s:.4f}', f'{r.speedup:.2f}x',
           f'{r.speedup_vs_bf16:.2f}x' if r.speedup_vs_bf16 else '-', own_fp32_cell(r),
           f'{r.params_mb:.1f}',
-          f'{r.accuracy.pixel_agreement:.4%}' if r.accuracy else '-', r.ops.cell())
+          f'{r.agreement:.4%}' if r.agreement is not None else '-', r.ops.cell())
          for r in report.rows))]
     lines += ceiling_lines(report)
+    lines += peer_lines(report)
     if any(r.accuracy for r in report.rows):
         lines += ['', markdown_table(
             ('Model', 'Engine', 'Type', 'per-class IoU'),
@@ -114,6 +115,27 @@ def ceiling_lines(report: BenchReport) -> List[str]:
                          f' = {gain.of_ceiling:.0%} of this CPU\'s {report.ceiling_gain:.2f}x'
                          if gain.of_ceiling is not None and report.ceiling_gain else ''))
     return lines
+
+
+def peer_lines(report: BenchReport) -> List[str]:
+    """Each engine's own quantizer (segslim.peers) against our fastest INT8 row on its
+    engine: both times, ours as a multiple of its speed, both agreements with the first row."""
+    parts = []
+    for peer in report.peers():
+        label = PEER_LABELS.get(peer.name, peer.name)
+        agree = '' if peer.row.agreement is None else ', agreement {:.2%}{}'.format(
+            peer.row.agreement, '' if peer.ours is None or peer.ours.agreement is None
+            else f' vs ours {peer.ours.agreement:.2%}')
+        head = f'{label} on {engine_name(peer.row)} {1000 * peer.row.s_per_img:.1f} ms'
+        if peer.ours is None:
+            parts.append(f'{head} (no INT8 row of ours there){agree}')
+        else:
+            parts.append(f'{head}, ours {1000 * peer.ours.s_per_img:.1f} ms: ours '
+                         f'{peer.vs_ours or 0.0:.2f}x as fast{agree}')
+    if not parts:
+        return []
+    return ['Peers (the engines\' own quantizers on the same FP32 export and calibration '
+            'images): ' + '; '.join(parts) + '.']
 
 
 def passes_notes(rows: Sequence[BenchRow]) -> List[str]:

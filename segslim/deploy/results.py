@@ -33,6 +33,8 @@ class Precision(str, enum.Enum):
 # The note of a quantized model that the engine ran with no INT8 kernel (its fake-quant ops
 # simulated in FP32).
 NO_INT8_NOTE = 'QAT model, no INT8 kernels'
+# --int8_layers auto found INT8 slower than float for every kind of layer the model quantizes
+NOT_FASTER_NOTE = 'quantized model, INT8 not faster here'
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,11 @@ class BenchRow:
     # a share of the engine's INT8 ceiling on this CPU (segslim.ceiling)
     speedup_vs_engine_fp32: Optional[float] = None
     of_ceiling: Optional[float] = None
+    # a peer quantizer's model (segslim.peers: its name, e.g. 'nncf_openvino'), not ours
+    peer: Optional[str] = None
+    # without a val set: the share of pixels labelled as the first row labels them on the
+    # generated timing images
+    sample_agreement: Optional[float] = None
 
     @property
     def int8(self) -> bool:
@@ -166,8 +173,38 @@ class BenchRow:
                 del out['model_agreement']
         out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16,
                    speedup_vs_engine_fp32=self.speedup_vs_engine_fp32,
-                   of_ceiling=self.of_ceiling)
+                   of_ceiling=self.of_ceiling, peer=self.peer,
+                   sample_agreement=self.sample_agreement)
         return out
+
+    @property
+    def agreement(self) -> Optional[float]:
+        """Pixel agreement with the first row: on the val set, else on generated images."""
+        return self.accuracy.pixel_agreement if self.accuracy else self.sample_agreement
+
+
+# The engines' own quantizers a benchmark times beside ours (segslim.peers), by the name
+# their keys in benchmark.json carry.
+PEER_LABELS = {'nncf_openvino': 'NNCF nncf.quantize',
+               'onnxruntime_quantize_static': 'onnxruntime quantize_static',
+               'paddleslim_ptq_paddle': 'PaddleSlim quant_post_static'}
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    """A peer quantizer's model against ours on the engine it was made for: `ours` is our
+    fastest INT8 row there (None: we have none), `vs_ours` the peer's time over ours (>= 1:
+    ours is at least as fast)."""
+    row: BenchRow
+    ours: Optional[BenchRow]
+
+    @property
+    def name(self) -> str:
+        return self.row.peer or ''
+
+    @property
+    def vs_ours(self) -> Optional[float]:
+        return self.row.s_per_img / self.ours.s_per_img if self.ours else None
 
 
 @dataclass(frozen=True)
@@ -256,10 +293,33 @@ class BenchReport:
         out['int8_vs_best_unquantized'] = self.ceiling_gain
         return out
 
+    @property
+    def ours(self) -> List[BenchRow]:
+        """The rows of our models (not a peer quantizer's)."""
+        return [r for r in self.rows if r.peer is None]
+
+    def peers(self) -> List[PeerResult]:
+        """Each peer quantizer's row against our fastest INT8 row on its engine."""
+        out = []
+        for row in self.rows:
+            if row.peer is not None:
+                ours = [r for r in self.ours if r.int8 and r.backend == row.backend]
+                out.append(PeerResult(row, min(ours, key=lambda r: r.s_per_img)
+                                      if ours else None))
+        return out
+
+    def peers_json(self) -> Dict[str, JsonValue]:
+        """'peers': {<peer>_s: seconds per image}, 'ours_vs_peers': {<peer>: the peer's time
+        over ours}, 'peer_agreement': {<peer>: pixel agreement with the first row}."""
+        results = self.peers()
+        return {'peers': {f'{p.name}_s': p.row.s_per_img for p in results},
+                'ours_vs_peers': {p.name: p.vs_ours for p in results},
+                'peer_agreement': {p.name: p.row.agreement for p in results}}
+
     def gain(self) -> Optional[Gain]:
-        """The Gain of the rows, None without an INT8 row or an unquantized one."""
-        int8 = [r for r in self.rows if r.int8]
-        float_rows = [r for r in self.rows if not r.quantized]
+        """The Gain of our rows, None without an INT8 row or an unquantized one."""
+        int8 = [r for r in self.ours if r.int8]
+        float_rows = [r for r in self.ours if not r.quantized]
         if not int8 or not float_rows:
             return None
         best = min(int8, key=lambda r: r.s_per_img)
@@ -272,7 +332,8 @@ class BenchReport:
         return bool(self.rows) and all(r.accuracy is not None for r in self.rows)
 
     def first_int8(self) -> Optional[int]:
-        return next((i for i, r in enumerate(self.rows) if r.int8), None)
+        """The index of our first INT8 row."""
+        return next((i for i, r in enumerate(self.rows) if r.int8 and r.peer is None), None)
 
     def to_json(self) -> Dict[str, JsonValue]:
         out: Dict[str, JsonValue] = {
@@ -287,6 +348,8 @@ class BenchReport:
         gain = self.gain()
         if gain is not None:
             out.update(gain.to_json())
+        if any(r.peer for r in self.rows):
+            out.update(self.peers_json())
         return out
 
 

@@ -1,0 +1,214 @@
+"""The engines' own quantizers timed beside ours (segslim.peers), the ONNX-only model folder
+they need, and INT8 only where it pays (segslim.deploy.int8_kinds)."""
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+from conftest import (
+    INSTANT,
+    assert_one_line_error,
+    data_opts,
+    has_row,
+    make_report,
+    make_row,
+    run_command,
+)
+
+from segslim.builder import build_dataset
+from segslim.config import load_config
+from segslim.deploy.benchmark import benchmark
+from segslim.deploy.engine import model_format, read_deploy
+from segslim.deploy.engines import available_backends, create_predictor, runs_model
+from segslim.deploy.int8_kinds import KINDS, choose_float_kinds, conv_kind
+from segslim.deploy.report import format_report
+from segslim.errors import UserError
+from segslim.options import EngineOptions
+from segslim.peers import PEERS, peers_of
+
+SHAPE = (1, 3, 64, 64)
+BACKENDS = available_backends()
+
+
+def engine(model_dir, backend, precision='fp32', **kw):
+    return create_predictor(model_dir, EngineOptions(backend=backend, precision=precision,
+                                                     input_shape=SHAPE, **kw))
+
+
+@pytest.fixture(scope='module')
+def ours(exported, tmp_path_factory):
+    """The FP32 and QAT exports, with model.onnx where onnxruntime is installed."""
+    base = tmp_path_factory.mktemp('ours')
+    dirs = {name: str(base / name) for name in ('fp32', 'int8')}
+    for name, folder in dirs.items():
+        shutil.copytree(exported[name], folder)
+    if 'onnxruntime' in BACKENDS:
+        from segslim.model_bench import sample_images
+        from segslim.onnx_export import export_onnx
+        export_onnx(dirs['fp32'])
+        export_onnx(dirs['int8'], 'onnxruntime', sample_images(64, 2))
+    return dirs
+
+
+@pytest.fixture(scope='module')
+def peers(ours, exported, tmp_path_factory):
+    cfg = load_config(INSTANT, opts=data_opts(exported['data']))
+    return peers_of(ours['fp32'], cfg, str(tmp_path_factory.mktemp('peers')), BACKENDS, 4)
+
+
+def test_each_peer_writes_a_model_folder_for_its_one_engine(peers):
+    made = {os.path.basename(d): d for d in peers}
+    assert set(made) == {n for n, p in PEERS.items() if p.engine in BACKENDS}
+    for name, folder in made.items():
+        deploy = read_deploy(folder)
+        assert deploy['quantized'] and deploy['peer'] == {'quantizer': name,
+                                                          'engine': PEERS[name].engine}
+        assert deploy['calibration'] == {'method': name, 'images': 4}
+        assert [b for b in BACKENDS if runs_model(b, folder)] == [PEERS[name].engine]
+        pred = engine(folder, PEERS[name].engine, 'int8')
+        assert pred.peer == name and pred.int8_ran, (name, pred.ops)
+        # run as the peer wrote it: no weights rewritten, no layer taken out of INT8
+        assert getattr(pred, 'seven_bit', 0) == 0
+        if hasattr(pred, 'kinds'):
+            assert not pred.kinds.float_kinds and not pred.kinds.seconds
+    if 'onnxruntime_quantize_static' in made:
+        folder = made['onnxruntime_quantize_static']
+        assert sorted(os.listdir(folder)) == ['deploy.yaml', 'model.onnx']
+        deploy = read_deploy(folder)
+        assert model_format(deploy) == 'onnx' and deploy['params'] == deploy['model']
+        with pytest.raises(UserError, match='holds an ONNX model'):
+            engine(folder, 'paddle')
+
+
+def test_benchmark_times_the_peers_beside_ours(peers, ours, exported):
+    dataset = build_dataset(load_config(INSTANT, opts=data_opts(exported['data'])),
+                            'val_dataset')
+    report = benchmark([ours['fp32'], ours['int8'], *peers], dataset,
+                       EngineOptions(input_shape=SHAPE), shape=SHAPE, warmup=1, repeats=3,
+                       with_bf16=False, backends=BACKENDS)
+    peer_rows = [r for r in report.rows if r.peer]
+    assert sorted((r.peer, r.backend) for r in peer_rows) == sorted(
+        (os.path.basename(d), PEERS[os.path.basename(d)].engine) for d in peers)
+    assert all(r.int8 and 0.0 <= r.agreement <= 1.0 for r in peer_rows)
+    out = report.to_json()
+    for row in peer_rows:
+        ours = min(r.s_per_img for r in report.rows
+                   if r.int8 and not r.peer and r.backend == row.backend)
+        assert out['peers'][f'{row.peer}_s'] == row.s_per_img
+        assert out['ours_vs_peers'][row.peer] == pytest.approx(row.s_per_img / ours)
+        assert out['peer_agreement'][row.peer] == row.accuracy.pixel_agreement
+    assert report.gain().best_int8.peer is None  # the gain is ours alone
+    text = format_report(report)
+    assert 'Peers (the engines\' own quantizers' in text
+    for row in peer_rows:
+        assert has_row(text, row.model_dir)
+
+
+def test_peers_json_and_gain_leave_peer_rows_out():
+    rows = [make_row('fp32', 'fp32', 4.0), make_row('ours', 'int8', 2.0, int8_convs=4),
+            make_row('fp32', 'fp32', 3.0, backend='openvino'),
+            make_row('ours', 'int8', 1.5, backend='openvino', int8_convs=4),
+            make_row('nncf', 'int8', 1.0, backend='openvino', int8_convs=4),
+            make_row('slim', 'int8', 2.5, int8_convs=4)]
+    rows[4].peer, rows[5].peer = 'nncf_openvino', 'paddleslim_ptq_paddle'
+    rows[4].sample_agreement = 0.9
+    report = make_report(rows)
+    assert report.first_int8() == 1
+    gain = report.gain()
+    assert gain.best_int8 is rows[3] and gain.gain == 2.0
+    out = report.to_json()
+    assert out['peers'] == {'nncf_openvino_s': 1.0, 'paddleslim_ptq_paddle_s': 2.5}
+    assert out['ours_vs_peers'] == {'nncf_openvino': pytest.approx(1.0 / 1.5),
+                                    'paddleslim_ptq_paddle': 1.25}
+    assert out['peer_agreement'] == {'nncf_openvino': 0.9, 'paddleslim_ptq_paddle': None}
+    assert 'ours 0.67x as fast' in format_report(report)
+
+
+def test_benchmark_py_peers_flag(exported, tmp_path):
+    out = tmp_path / 'report.json'
+    proc = run_command('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
+                       exported['fp32'], exported['int8'], '--peers', '--calib_images', 4,
+                       '--input_shape', *SHAPE, '--repeats', 2, '--warmup', 1, '--no_ceiling',
+                       '--json', out, '--opts', *data_opts(exported['data']))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert list(data['peers']) == ['paddleslim_ptq_paddle_s']  # --backend paddle only
+    assert data['ours_vs_peers']['paddleslim_ptq_paddle'] > 0
+    proc = run_command('deploy/python/benchmark.py', '--model_dirs', exported['fp32'],
+                       '--peers', '--no_ceiling')
+    assert_one_line_error(proc, '--peers needs --config')
+
+
+def test_conv_kinds():
+    assert conv_kind(1, 16, 32, [3, 3]) == 'spatial'
+    assert conv_kind(1, 16, 32, [1, 1]) == 'pointwise'
+    assert conv_kind(16, 1, 1, [3, 3]) == 'depthwise'
+    assert conv_kind(16, 1, 6, [3, 3]) == 'grouped'  # a channel multiplier of 6
+    assert conv_kind(4, 8, 8, [3, 3]) == 'grouped'
+
+
+def test_choose_float_kinds_keeps_int8_where_it_is_faster():
+    # a model whose grouped convs are slower in INT8 and whose spatial convs are faster
+    def build(kinds):
+        secs = 0.02 - 0.008 * ('grouped' in kinds) + 0.008 * ('spatial' in kinds)
+        return lambda: time.sleep(secs)
+    choice = choose_float_kinds(['spatial', 'grouped', 'pointwise'], build)
+    assert choice.float_kinds == {'grouped'}
+    assert set(choice.seconds) == {'none', 'grouped', 'grouped+pointwise', 'grouped+spatial'}
+    assert choice.seconds['grouped'] < choice.seconds['none']
+    # a kind whose float variant is no faster than the model as quantized is not chosen
+    flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: lambda: time.sleep(0.01))
+    assert flat.float_kinds == frozenset() and not flat.describe()
+    assert 'grouped layers run in float' in choice.describe()
+    assert list(KINDS).index('grouped') < list(KINDS).index('spatial')
+
+
+@pytest.mark.skipif('openvino' not in BACKENDS, reason='openvino is not installed')
+def test_openvino_runs_the_float_kinds_in_float(exported):
+    from segslim.deploy.openvino_engine import quantized_kinds, with_float_kinds
+    pred = engine(exported['int8'], 'openvino', 'int8', int8_layers='all')
+    assert not pred.kinds.float_kinds and pred.int8_ran
+    kinds = [k for _, k in quantized_kinds(pred.model)]
+    assert {'grouped', 'depthwise'} & set(kinds) and 'spatial' in kinds
+    float_kinds = {'grouped', 'depthwise'}
+    model = with_float_kinds(pred.model, float_kinds)
+    left = [k for _, k in quantized_kinds(model)]
+    assert sorted(left) == sorted(k for k in kinds if k not in float_kinds)
+    from segslim.deploy.openvino_engine import runtime_summary
+    model.reshape({model.inputs[0].get_any_name(): list(SHAPE)})
+    compiled = pred.core.compile_model(model, 'CPU', pred.properties)
+    ops = runtime_summary(compiled.get_runtime_model())
+    assert ops.int8_conv_ops == pred.ops.int8_conv_ops - (len(kinds) - len(left))
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    same = (compiled({0: x})[compiled.outputs[0]] == pred.run(x)).mean()
+    assert same > 0.9, same
+    auto = engine(exported['int8'], 'openvino', 'int8')  # the default: timed per kind
+    assert set(auto.kinds.seconds) >= {'none'} and auto.int8_ran
+
+
+@pytest.mark.skipif('onnxruntime' not in BACKENDS, reason='onnxruntime is not installed')
+def test_onnxruntime_runs_the_float_kinds_in_float(ours):
+    import onnx
+
+    from segslim.deploy.onnxruntime_engine import quantized_kinds, with_float_kinds
+    folder = ours['int8']
+    pred = engine(folder, 'onnxruntime', 'int8', int8_layers='all')
+    assert not pred.kinds.float_kinds and pred.int8_ran
+    model = onnx.load(pred.onnx_path)
+    kinds = [k for _, k in quantized_kinds(model)]
+    assert {'grouped', 'depthwise'} & set(kinds) and 'spatial' in kinds
+    floated = with_float_kinds(model, {'grouped', 'depthwise', 'pointwise'})
+    assert sorted(k for _, k in quantized_kinds(floated)) == sorted(
+        k for k in kinds if k == 'spatial')
+    onnx.checker.check_model(floated)
+    assert len(floated.graph.node) < len(model.graph.node)  # the float layers' Q/DQ pruned
+    import onnxruntime as ort
+    session = ort.InferenceSession(floated.SerializeToString(),
+                                   providers=['CPUExecutionProvider'])
+    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    same = (session.run(None, {session.get_inputs()[0].name: x})[0] == pred.run(x)).mean()
+    assert same > 0.9, same
+    auto = engine(folder, 'onnxruntime', 'int8')
+    assert 'none' in auto.kinds.seconds and auto.int8_ran
