@@ -73,11 +73,16 @@ def _onnxruntime(deploy: Dict[str, Any], stage: str,
         fp32 = os.path.join(deploy['dir'], deploy['onnx']) if deploy.get('onnx') else \
             _fp32_onnx(deploy, tmp)
         pre = os.path.join(tmp, 'pre.onnx')
-        with quiet_native_output():
-            try:
-                quant_pre_process(fp32, pre)
-            except Exception:  # its documented way out when symbolic shapes do not resolve
-                quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+        fp32, cwd = os.path.abspath(fp32), os.getcwd()
+        os.chdir(tmp)  # a failed symbolic shape inference leaves its model in the cwd
+        try:
+            with quiet_native_output():
+                try:
+                    quant_pre_process(fp32, pre)
+                except Exception:  # its documented way out when symbolic shapes fail
+                    quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+        finally:
+            os.chdir(cwd)
         name = onnx.load(pre, load_external_data=False).graph.input[0].name
 
         class Reader(CalibrationDataReader):
