@@ -85,6 +85,17 @@ def write_deploy(folder: str, section: Dict[str, Any]) -> None:
         yaml.safe_dump({'Deploy': section}, f, sort_keys=False, default_flow_style=None)
 
 
+def quantized_deploy(deploy: Dict[str, Any], model: str, params: str,
+                     **extra: Any) -> Dict[str, Any]:
+    """The deploy section of a quantized model made from the FP32 export's `deploy`
+    (read_deploy's): its transforms, shape and head kept, its files and ONNX entries
+    replaced by `model`, `params` and `extra`."""
+    out = {k: v for k, v in deploy.items()
+           if k not in ('dir', 'model', 'params', 'onnx', 'onnx_target')}
+    out.update(model=model, params=params, quantized=True, **extra)
+    return out
+
+
 def deploy_transforms(cfg: Dict[str, Any]) -> list:
     export_cfg = cfg.get('export') or {}
     if export_cfg.get('transforms') is not None:

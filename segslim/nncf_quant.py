@@ -22,7 +22,7 @@ from segslim.deploy.engine import (
 from segslim.deploy.openvino_engine import import_openvino
 from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
-from segslim.export import staged_model_folder, write_deploy
+from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger
 from segslim.options import MAX_REVERTED
 
@@ -105,13 +105,11 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
             'ops; raise --max_reverted')
     with staged_model_folder(save_dir) as stage:
         ov.save_model(quantized, os.path.join(stage, IR_FILES[0]), compress_to_fp16=False)
-        out = {k: v for k, v in deploy.items() if k not in (
-            'dir', 'model', 'params', 'onnx', 'onnx_target')}
-        out.update(model=IR_FILES[0], params=IR_FILES[1], quantized=True, engine='openvino',
-                   calibration={'method': 'nncf', 'images': len(image_paths),
-                                'overflow_fix': overflow_fix.value,
-                                **({'max_miou_drop': max_drop} if max_drop else {})})
-        write_deploy(stage, out)
+        write_deploy(stage, quantized_deploy(
+            deploy, IR_FILES[0], IR_FILES[1], engine='openvino',
+            calibration={'method': 'nncf', 'images': len(image_paths),
+                         'overflow_fix': overflow_fix.value,
+                         **({'max_miou_drop': max_drop} if max_drop else {})}))
     logger.info('PTQ (NNCF%s, %d calibration images) wrote the OpenVINO INT8 model to %s',
                 ', accuracy-controlled' if max_drop else '', len(image_paths), save_dir)
     return {'save_dir': save_dir, 'images': len(image_paths)}

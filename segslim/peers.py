@@ -24,7 +24,7 @@ from segslim.deploy.engine import read_deploy
 from segslim.deploy.engines import BACKENDS, importable
 from segslim.deploy.results import PEER_LABELS
 from segslim.errors import UserError
-from segslim.export import staged_model_folder, write_deploy
+from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger, quiet_native_output
 
 
@@ -42,12 +42,9 @@ class Peer:
 
 def _deploy_of(deploy: Dict[str, Any], peer: 'Peer', model: str, params: str,
                images: int) -> Dict[str, Any]:
-    out = {k: v for k, v in deploy.items()
-           if k not in ('dir', 'model', 'params', 'onnx', 'onnx_target', 'calibration')}
-    out.update(model=model, params=params, quantized=True,
-               peer={'quantizer': peer.name, 'engine': peer.engine},
-               calibration={'method': peer.name, 'images': images})
-    return out
+    return quantized_deploy(deploy, model, params,
+                            peer={'quantizer': peer.name, 'engine': peer.engine},
+                            calibration={'method': peer.name, 'images': images})
 
 
 def _nncf(deploy: Dict[str, Any], stage: str, batches: Sequence[np.ndarray]) -> Dict[str, Any]:

@@ -10,7 +10,7 @@ import numpy as np
 from segslim._paddle import paddle
 from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
-from segslim.export import staged_model_folder, write_deploy
+from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
 from segslim.options import CALIBRATION_IMAGES, PTQ_ALGOS
 from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
@@ -149,13 +149,9 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
             paddle.disable_static()
             if bar is not None:
                 bar.close()
-        out = {k: v for k, v in deploy.items() if k not in ('dir', 'model', 'params')}
-        out.update(model='model.pdmodel', params='model.pdiparams', quantized=True,
-                   int8_ops=list(qcfg['int8_ops']),
-                   calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)})
-        out.pop('onnx', None)
-        out.pop('onnx_target', None)
-        write_deploy(stage, out)
+        write_deploy(stage, quantized_deploy(
+            deploy, 'model.pdmodel', 'model.pdiparams', int8_ops=list(qcfg['int8_ops']),
+            calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)}))
         shutil.rmtree(src)
     logger.info('PTQ (%s, %d calibration images) wrote the INT8 inference model to %s', algo,
                 len(dataset), save_dir)

@@ -9,8 +9,16 @@ import yaml
 
 from segslim import builder
 from segslim.data.datasets import read_image
-from segslim.deploy.results import NO_INT8_NOTE, OpSummary, PassChange, Precision
+from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds
+from segslim.deploy.results import (
+    NO_INT8_NOTE,
+    NOT_FASTER_NOTE,
+    OpSummary,
+    PassChange,
+    Precision,
+)
 from segslim.errors import UserError
+from segslim.logger import logger
 from segslim.options import EngineOptions
 from segslim.program import QUANT_OP_TYPES, program_op_types
 
@@ -183,6 +191,8 @@ class EngineBase:
             self.op_types = program_op_types(self.deploy['model'])
             self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
         self.fallback: Optional[str] = None
+        # the kinds of quantized layer --int8_layers auto leaves in float (int8_kinds)
+        self.kinds = KindChoice()
         # convs the model quantizes that the engine runs in FP32 (no fast INT8 kernel for them
         # on this CPU); `fallback` says why
         self.fp32_convs: List[str] = []
@@ -216,10 +226,34 @@ class EngineBase:
         """Whether the engine runs any quantizable op of this model in INT8."""
         return self.precision is Precision.INT8 and self.ops.int8_ops > 0
 
-    def ran_no_int8(self, note: str = NO_INT8_NOTE) -> None:
-        """Marks a quantized model whose engine ran none of it in INT8 (`note`: why)."""
+    def ran_no_int8(self) -> None:
+        """Marks a quantized model whose engine ran none of it in INT8: it has no INT8
+        kernels for it, or INT8 was not faster for any kind of its layers (int8_kinds)."""
         self.precision = Precision.FP32
-        self.precision_note = note
+        self.precision_note = NOT_FASTER_NOTE if self.kinds.float_kinds else NO_INT8_NOTE
+
+    def add_fallback(self, note: str) -> None:
+        """Adds `note` to what was changed to make or keep the engine fast."""
+        self.fallback = f'{self.fallback}; {note}' if self.fallback else note
+
+    def choose_kinds(self, present: Any, build: Any) -> KindChoice:
+        """--int8_layers auto for a quantized model with layers of the kinds `present`:
+        `build(kinds, images)` returns a callable that runs the engine's model once with
+        those kinds in float on `images` (random, at the probe shape). Sets and returns
+        `kinds` (nothing in float when the opts say all, for a peer's model, or when a
+        variant fails to build) and names the float kinds in `fallback`."""
+        if not present or self.opts.int8_layers != 'auto' or self.peer is not None:
+            return self.kinds
+        images = np.random.default_rng(0).standard_normal(self.probe_shape()).astype(np.float32)
+        try:
+            self.kinds = choose_float_kinds(sorted(present),
+                                            lambda kinds: build(kinds, images))
+        except Exception as e:  # the engines raise their own generic errors
+            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
+                           'layer runs INT8', self.model_dir, str(e).strip()[:160])
+        if self.kinds.float_kinds:
+            self.add_fallback(self.kinds.describe())
+        return self.kinds
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
         return output_labels(out)

@@ -53,23 +53,23 @@ def backend_label(name: str) -> str:
 
 
 def model_format_of(model_dir: str) -> str:
+    return format_and_engine(model_dir)[0]
+
+
+def format_and_engine(model_dir: str) -> Tuple[str, Optional[str]]:
+    """The model folder's format (engine.model_format) and the one engine a peer
+    quantizer's folder is made for (deploy.yaml `peer`; None for ours)."""
     from segslim.deploy.engine import model_format, read_deploy
-    return model_format(read_deploy(model_dir))
-
-
-def made_for(model_dir: str) -> Optional[str]:
-    """The one engine a peer quantizer's model folder is made for (deploy.yaml `peer`), else
-    None."""
-    from segslim.deploy.engine import read_deploy
-    return (read_deploy(model_dir).get('peer') or {}).get('engine')
+    deploy = read_deploy(model_dir)
+    return model_format(deploy), (deploy.get('peer') or {}).get('engine')
 
 
 def runs_model(backend: str, model_dir: str) -> bool:
     """Whether the backend runs the model folder's format (an OpenVINO IR folder runs on
     OpenVINO only, an ONNX-only folder on onnxruntime only) and, for a peer quantizer's
     model, whether it is the engine the model was made for."""
-    engine = made_for(model_dir)
-    return model_format_of(model_dir) in BACKENDS[backend].formats and engine in (None, backend)
+    fmt, engine = format_and_engine(model_dir)
+    return fmt in BACKENDS[backend].formats and engine in (None, backend)
 
 
 def create_predictor(model_dir: str, opts: EngineOptions):

@@ -11,8 +11,8 @@ import numpy as np
 
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
-from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds, conv_kind
-from segslim.deploy.results import NO_INT8_NOTE, NOT_FASTER_NOTE, OpSummary, Precision
+from segslim.deploy.int8_kinds import conv_kind
+from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.options import EngineOptions
@@ -211,9 +211,7 @@ class OnnxRuntimePredictor(EngineBase):
                 if self.seven_bit:
                     self.model = model.SerializeToString()
                     self.fallback = SEVEN_BIT_NOTE
-        self.kinds = KindChoice()
-        if self.quantized and opts.int8_layers == 'auto' and self.peer is None and \
-                not self.for_tensorrt:
+        if self.quantized and not self.for_tensorrt:
             self._choose_kinds()
         try:
             self.session = self.ort.InferenceSession(self.model, self._options(),
@@ -226,7 +224,7 @@ class OnnxRuntimePredictor(EngineBase):
         self.ops = self._profile(np.zeros(self.probe_shape(), np.float32))
         self.precision = Precision.INT8 if self.quantized else Precision.FP32
         if self.quantized and not self.ops.int8_ops:
-            self.ran_no_int8(NOT_FASTER_NOTE if self.kinds.float_kinds else NO_INT8_NOTE)
+            self.ran_no_int8()
         if self.for_tensorrt:
             self.fallback = ('the ONNX file is placed for TensorRT; onnxruntime runs its Q/DQ '
                              'in float')
@@ -241,27 +239,15 @@ class OnnxRuntimePredictor(EngineBase):
         model = self.model if not isinstance(self.model, (str, bytes)) else (
             onnx.load(self.model) if isinstance(self.model, str) else
             onnx.ModelProto.FromString(self.model))
-        present = {kind for _, kind in quantized_kinds(model)}
-        if not present:
-            return
-        images = np.random.default_rng(0).standard_normal(self.probe_shape()).astype(np.float32)
-
-        def build(kinds: Any) -> Any:
+        def build(kinds: Any, images: np.ndarray) -> Any:
             session = self.ort.InferenceSession(
                 with_float_kinds(model, kinds).SerializeToString(), self._options(),
                 providers=['CPUExecutionProvider'])
             name = session.get_inputs()[0].name
             return lambda: session.run(None, {name: images})
-        try:
-            self.kinds = choose_float_kinds(sorted(present), build)
-        except Exception as e:  # onnxruntime raises its own generic errors
-            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
-                           'layer runs INT8', self.onnx_path, str(e).strip()[:160])
-            return
-        if self.kinds.float_kinds:
-            self.model = with_float_kinds(model, self.kinds.float_kinds).SerializeToString()
-            note = self.kinds.describe()
-            self.fallback = f'{self.fallback}; {note}' if self.fallback else note
+        chosen = self.choose_kinds({kind for _, kind in quantized_kinds(model)}, build)
+        if chosen.float_kinds:
+            self.model = with_float_kinds(model, chosen.float_kinds).SerializeToString()
 
     @property
     def for_tensorrt(self) -> bool:

@@ -14,10 +14,9 @@ import numpy as np
 
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
-from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds, conv_kind
-from segslim.deploy.results import NO_INT8_NOTE, NOT_FASTER_NOTE, OpSummary, Precision
+from segslim.deploy.int8_kinds import conv_kind
+from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError
-from segslim.logger import logger
 from segslim.options import EngineOptions
 from segslim.program import strip_observer_quantization
 
@@ -218,40 +217,26 @@ class OpenVINOPredictor(EngineBase):
             'INFERENCE_PRECISION_HINT': 'bf16' if self.precision == 'bf16' else 'f32',
             'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
             'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1}
-        self.kinds = KindChoice()
-        if self.quantized and opts.int8_layers == 'auto' and self.peer is None:
+        if self.quantized:
             self._choose_kinds()
         self._compiled: collections.OrderedDict[Tuple[int, ...], Any] = \
             collections.OrderedDict()
         self.run(np.zeros(self.probe_shape(), np.float32))
         if self.quantized and not self.ops.int8_ops:
-            self.ran_no_int8(NOT_FASTER_NOTE if self.kinds.float_kinds else NO_INT8_NOTE)
+            self.ran_no_int8()
 
     def _choose_kinds(self) -> None:
         """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds),
         timed at the probe shape."""
-        present = {kind for _, kind in quantized_kinds(self.model)}
-        if not present:
-            return
-        shape = self.probe_shape()
-        images = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-
-        def build(kinds: Any) -> Any:
+        def build(kinds: Any, images: np.ndarray) -> Any:
             model = with_float_kinds(self.model, kinds)
-            model.reshape({model.inputs[0].get_any_name(): shape})
+            model.reshape({model.inputs[0].get_any_name(): list(images.shape)})
             request = self.core.compile_model(model, 'CPU', self.properties) \
                 .create_infer_request()
             return lambda: request.infer({0: images})
-        try:
-            self.kinds = choose_float_kinds(sorted(present), build)
-        except Exception as e:  # a variant that does not compile: keep the model as it is
-            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
-                           'layer runs INT8', self.model_dir, str(e).strip()[:160])
-            return
-        if self.kinds.float_kinds:
-            self.model = with_float_kinds(self.model, self.kinds.float_kinds)
-            note = self.kinds.describe()
-            self.fallback = f'{self.fallback}; {note}' if self.fallback else note
+        chosen = self.choose_kinds({kind for _, kind in quantized_kinds(self.model)}, build)
+        if chosen.float_kinds:
+            self.model = with_float_kinds(self.model, chosen.float_kinds)
 
     def _request(self, shape: Tuple[int, ...]) -> Any:
         """An infer request of the model compiled for this static input shape."""
