@@ -106,3 +106,21 @@ def test_build_quant_model_loads_fp32_then_qat(tmp_path):
     assert (again.state_dict()['head.conv_1x1._layer.weight'].numpy() == w).all()
     with pytest.raises(UserError, match='FP32 weights'):
         build_quant_model(cfg, qat_weights=path)
+
+
+def test_calibration_scales_follow_small_activations():
+    # a model whose activations stay far below 1 (as at random init): each moving average
+    # starts at the first batch, not at the observers' initial abs max of 1
+    import numpy as np
+
+    from segslim.quant import calibrate
+    paddle.seed(0)
+    model = builder.build_model(load_config(INSTANT))
+    quantize_model(model, quant_config_of({'quant_config': {'layers': 'all'}}), summary=False)
+    images = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) * 1e-3
+              for i in range(2)]
+    calibrate(model, images)
+    scales = [float(layer._scale.numpy()[0]) for layer in model.sublayers()
+              if hasattr(layer, '_accum') and hasattr(layer, '_scale')]
+    # from the observers' initial state the median scale is about 0.30 after two batches
+    assert scales and np.median(scales) < 0.1, np.median(scales)
