@@ -1,7 +1,8 @@
 """slim/quant/auto_quant.py: from FP32 weights to the fastest INT8 model that keeps its mIoU
 on the engine that will run it.
 
-Steps, each the command a user would run (its own process, logged with its command line),
+Steps, each the workflow of the command a user would run (with that command's options,
+logged as its command line, in a child process of its own),
 each result checked on the engines and written to <save_dir>/auto_quant.json before the next
 step starts, so --resume repeats nothing that finished:
   1. fp32   export.py: the reference mIoU of each engine
@@ -23,8 +24,6 @@ The decision logic (AutoQuant) only sees the Steps interface, so tests drive it 
 import json
 import os
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -33,7 +32,6 @@ import numpy as np
 
 from segslim.deploy.engines import importable
 from segslim.deploy.results import BenchRow, Precision, within_bound
-from segslim.errors import UserError
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.options import CALIBRATION_IMAGES, TIMING_SHAPE, check_max_miou_drop
@@ -47,7 +45,7 @@ QAT_EVALS_PER_ROUND = 5
 
 
 class Steps:
-    """The real steps: the project's commands in child processes, engines in this one."""
+    """The real steps: the project's workflows in child processes, engines in this one."""
 
     def __init__(self, config: str, model_path: str, save_dir: str, backends: Sequence[str],
                  num_images: Optional[int], threads: int, device: str,
@@ -60,53 +58,45 @@ class Steps:
         self._val: Any = None
         self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
-    def _run(self, command: str, *args: Any) -> None:
-        argv = [str(a) for a in args] + (['--opts'] + self.opts if self.opts else [])
-        logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'), ' '.join(argv))
-        proc = subprocess.Popen([sys.executable, '-c', 'import sys; from segslim import '
-                                 f'commands; commands.{command}(sys.argv[1:])', *argv],
-                                stderr=subprocess.PIPE, text=True)
-        errors = []
-        for line in proc.stderr or ():  # the step's log shows; its error line becomes ours
-            if line.startswith('error:'):
-                errors.append(line[6:].strip())
-            else:
-                sys.stderr.write(line)
-        if proc.wait() != 0:
-            raise UserError('{} failed: {}'.format(command, errors[-1] if errors else
-                                                   f'exit code {proc.returncode}'))
+    def _run(self, command: str, **flags: Any) -> None:
+        """Runs `command`'s workflow with these flags (its parser's defaults and checks) in a
+        child process of its own: a step's memory is freed when it ends, and a crash in a
+        native library fails the step, not the search."""
+        from segslim import commands
+        args = commands.options(command, **flags, opts=self.opts or None)
+        logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'),
+                    ' '.join(commands.to_argv(**flags)))
+        commands.run_in_child(command, args)
 
-    def _onnx(self) -> List[str]:
-        return ['--to_onnx'] if 'onnxruntime' in self.backends else []
+    def _onnx(self) -> bool:
+        return 'onnxruntime' in self.backends
 
     def export_fp32(self, out: str) -> str:
-        self._run('export', '--config', self.config, '--model_path', self.model_path,
-                  '--save_dir', out, *self._onnx())
+        self._run('export', config=self.config, model_path=self.model_path, save_dir=out,
+                  to_onnx=self._onnx())
         return out
 
     def ptq(self, out: str, config: Optional[str] = None) -> str:
-        self._run('ptq', '--config', config or self.config, '--model_path', self.model_path,
-                  '--save_dir', out, '--batch_nums', self.calib_images, '--batch_size', 1,
-                  '--verify_images', 0, '--device', self.device, *self._onnx())
+        self._run('ptq', config=config or self.config, model_path=self.model_path,
+                  save_dir=out, batch_nums=self.calib_images, batch_size=1, verify_images=0,
+                  device=self.device, to_onnx=self._onnx())
         return out
 
     def nncf(self, out: str, max_drop: Optional[float] = None) -> str:
         """ptq.py --quantizer nncf (accuracy-controlled with `max_drop`): an OpenVINO IR."""
-        bound = ['--max_miou_drop', max_drop] + (
-            ['--num_images', self.num_images] if self.num_images else []) if max_drop else []
-        self._run('ptq', '--config', self.config, '--model_path', self.model_path,
-                  '--save_dir', out, '--quantizer', 'nncf', '--batch_nums', self.calib_images,
-                  '--verify_images', 0, *bound)
+        self._run('ptq', config=self.config, model_path=self.model_path, save_dir=out,
+                  quantizer='nncf', batch_nums=self.calib_images, verify_images=0,
+                  max_miou_drop=max_drop, num_images=self.num_images if max_drop else None)
         return out
 
     def skip_set(self, out: str, max_drop: float, backend: str) -> Optional[str]:
         """A PTQ model with the shortest skip set analysis.py finds for the bound on
         `backend`."""
         analysis = os.path.join(out, 'analysis')
-        self._run('analysis', '--config', self.config, '--model_path', self.model_path,
-                  '--save_dir', analysis, '--max_miou_drop', max_drop, '--backend', backend,
-                  '--num_images', self.num_images or len(self.val_set()),
-                  '--calib_images', self.calib_images)
+        self._run('analysis', config=self.config, model_path=self.model_path,
+                  save_dir=analysis, max_miou_drop=max_drop, backend=backend,
+                  num_images=self.num_images or len(self.val_set()),
+                  calib_images=self.calib_images)
         with open(os.path.join(analysis, 'sensitivity.json')) as f:
             if not json.load(f)['skip']:
                 return None
@@ -119,16 +109,15 @@ class Steps:
         from segslim.engine.checkpoint import read_state
         train_dir = os.path.join(out, 'train')
         start = read_state(resume)[0]['iter'] if resume else 0
-        self._run('qat_train', '--config', self.config, '--model_path', self.model_path,
-                  '--learning_rate', 0.001, '--iters', iters, '--do_eval',
-                  '--save_interval', max(1, (iters - start) // QAT_EVALS_PER_ROUND),
-                  '--distill', '--seed', 0, '--save_dir', train_dir, '--log_iters', 50,
-                  *(['--resume_model', resume] if resume else []))
+        self._run('qat_train', config=self.config, model_path=self.model_path,
+                  learning_rate=0.001, iters=iters, do_eval=True,
+                  save_interval=max(1, (iters - start) // QAT_EVALS_PER_ROUND),
+                  distill=True, seed=0, save_dir=train_dir, log_iters=50,
+                  resume_model=resume)
         best_iter = read_state(self.checkpoint(out, iters))[0]['best_iter']
-        self._run('qat_export', '--config', self.config, '--model_path',
-                  os.path.join(train_dir, 'best_model', 'model.pdparams'),
-                  '--save_dir', os.path.join(out, 'infer'), '--verify_images', 0,
-                  *self._onnx())
+        self._run('qat_export', config=self.config,
+                  model_path=os.path.join(train_dir, 'best_model', 'model.pdparams'),
+                  save_dir=os.path.join(out, 'infer'), verify_images=0, to_onnx=self._onnx())
         return os.path.join(out, 'infer'), best_iter
 
     def checkpoint(self, out: str, iters: int) -> str:

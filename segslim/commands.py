@@ -1,11 +1,16 @@
 """One function per command: its own flags on top of the shared parser, then the workflow.
 The scripts (train.py, slim/quant/qat_*.py, deploy/python/*.py) and the console scripts
-of setup.py all call these."""
+of setup.py all call these; auto-quant builds a step's options with the same parser
+(`options`) and runs its workflow (`workflow`) in a child process."""
 import argparse
-from typing import List, Optional
+import importlib
+import multiprocessing
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from segslim import cli
 from segslim.deploy.engines import BACKEND_NAMES
+from segslim.errors import UserError
 from segslim.options import (
     CALIBRATION_IMAGES,
     MAX_REVERTED,
@@ -20,6 +25,91 @@ from segslim.options import (
 VERIFY_IMAGES = 8
 
 
+Main = Callable[[argparse.Namespace], Optional[int]]
+_COMMANDS: Dict[str, Callable[[], Tuple[argparse.ArgumentParser, Main]]] = {}
+
+
+def _command(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
+             ) -> Callable[..., None]:
+    """Registers a command's (parser, workflow) builder; returns the function that parses
+    argv (default sys.argv) and runs it, exiting with its code."""
+    _COMMANDS[build.__name__] = build
+
+    def command(argv: Optional[List[str]] = None) -> None:
+        cli.entry(*build(), argv)
+    command.__name__ = command.__qualname__ = build.__name__
+    command.__doc__ = build.__doc__
+    return command
+
+
+def to_argv(**flags: Any) -> List[str]:
+    """Keyword flags as the command line they stand for: name=value is '--name value',
+    True is '--name', False and None are left out, a list or tuple gives each item."""
+    argv: List[str] = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv.append('--' + name)
+        if value is True:
+            continue
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return argv
+
+
+def options(command: str, **flags: Any) -> argparse.Namespace:
+    """The options `command` runs with for these flags: its own parser's defaults and checks
+    (a value it refuses raises UserError naming the flag)."""
+    parser = _COMMANDS[command]()[0]
+    argv = to_argv(**flags)
+    try:
+        return parser.parse_args(argv)
+    except SystemExit:
+        raise UserError(f'{command}: invalid options {" ".join(argv)}') from None
+
+
+def workflow(command: str) -> Main:
+    """The function `command` runs on its parsed options."""
+    return _COMMANDS[command]()[1]
+
+
+def _step_child(command: str, args: argparse.Namespace, conn: Connection) -> None:
+    """The child's side of run_in_child: the workflow's exit code, or the user error it raised,
+    sent back to the parent (anything else shows its traceback here and exits 1)."""
+    try:
+        conn.send(('exit', int(workflow(command)(args) or 0)))
+    except UserError as e:
+        conn.send(('error', str(e)))
+    except KeyboardInterrupt:
+        conn.send(('error', 'interrupted'))
+
+
+def run_in_child(command: str, args: argparse.Namespace) -> None:
+    """`command`'s workflow on `args` in a fresh interpreter; its failure becomes a UserError
+    naming the step (its own message, or how the process ended)."""
+    ctx = multiprocessing.get_context('spawn')
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_step_child, args=(command, args, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the child died without a word: a crash or a kill
+        result = None
+    child.join()
+    if result and result[0] == 'error':
+        raise UserError(f'{command} failed: {result[1]}')
+    if result is None or child.exitcode != 0 or result[1] != 0:
+        code = result[1] if result else child.exitcode
+        raise UserError(f'{command} failed (exit code {code}); its log is above')
+
+
+def _lazy(module: str, name: str, **kwargs: Any) -> Main:
+    """The workflow `module.name`, imported when it runs (--help stays fast)."""
+    def main(args: argparse.Namespace) -> Optional[int]:
+        return getattr(importlib.import_module(module), name)(args, **kwargs)
+    return main
+
+
 def _parser(description: str, *adders, config_required: bool = True) -> argparse.ArgumentParser:
     p = cli.base_parser(description, config_required=config_required)
     for add in adders:
@@ -27,7 +117,8 @@ def _parser(description: str, *adders, config_required: bool = True) -> argparse
     return p
 
 
-def train(argv: Optional[List[str]] = None) -> None:
+@_command
+def train() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Train a segmentation model (FP32).', cli.add_train_args)
     p.add_argument('--precision', choices=['fp32', 'fp16'], default=TrainOptions.precision,
                    help='fp16 enables automatic mixed precision (GPU only)')
@@ -42,32 +133,26 @@ def train(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--repeats', type=cli.positive_int, default=TrainOptions.repeats,
                    help='visit each training sample this many times per epoch')
 
-    def main(args):
-        from segslim.workflows import run_train
-        return run_train(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_train')
 
 
-def val(argv: Optional[List[str]] = None) -> None:
+@_command
+def val() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Evaluate a segmentation model (FP32).', cli.add_eval_args)
     cli.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
 
-    def main(args):
-        from segslim.workflows import run_val
-        return run_val(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_val')
 
 
-def export(argv: Optional[List[str]] = None) -> None:
+@_command
+def export() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Export an FP32 inference model.', cli.add_export_args)
 
-    def main(args):
-        from segslim.workflows import run_export
-        return run_export(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_export')
 
 
-def qat_train(argv: Optional[List[str]] = None) -> None:
+@_command
+def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
                 cli.add_train_args)
     p.add_argument('--model_path', default=None,
@@ -86,34 +171,28 @@ def qat_train(argv: Optional[List[str]] = None) -> None:
                    help='temperature of both class distributions (the term is scaled by its '
                         'square)')
 
-    def main(args):
-        from segslim.workflows import run_train
-        return run_train(args, quant=True)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_train', quant=True)
 
 
-def qat_val(argv: Optional[List[str]] = None) -> None:
+@_command
+def qat_val() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Evaluate a quantization-aware trained model.', cli.add_eval_args)
 
-    def main(args):
-        from segslim.workflows import run_val
-        return run_val(args, quant=True)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_val', quant=True)
 
 
-def qat_export(argv: Optional[List[str]] = None) -> None:
+@_command
+def qat_export() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Export a QAT model as an INT8 inference model.', cli.add_export_args)
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the QAT model on this many val images '
                         '(0: skip)')
 
-    def main(args):
-        from segslim.workflows import run_export
-        return run_export(args, quant=True)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_export', quant=True)
 
 
-def ptq(argv: Optional[List[str]] = None) -> None:
+@_command
+def ptq() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Post-training quantization (PaddleSlim quant_post_static) of FP32 weights '
                 'or an FP32 inference model.')
     src = p.add_mutually_exclusive_group()
@@ -153,13 +232,11 @@ def ptq(argv: Optional[List[str]] = None) -> None:
     cli.add_to_onnx(p)
     cli.add_cpu_threads(p)
 
-    def main(args):
-        from segslim.workflows import run_ptq
-        return run_ptq(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_ptq')
 
 
-def analysis(argv: Optional[List[str]] = None) -> None:
+@_command
+def analysis() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Quantization sensitivity of each layer, and a skip list (optionally the '
                 'smallest one meeting a mIoU budget on the engine).')
     p.add_argument('--model_path', default=None,
@@ -180,13 +257,11 @@ def analysis(argv: Optional[List[str]] = None) -> None:
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
     cli.add_cpu_threads(p)
 
-    def main(args):
-        from segslim.workflows import run_analysis
-        return run_analysis(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_analysis')
 
 
-def auto_quant(argv: Optional[List[str]] = None) -> None:
+@_command
+def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('From FP32 weights to the fastest INT8 model whose mIoU on the engine stays '
                 'within a bound: PTQ, then a skip set, then QAT with distillation, each '
                 'checked on every engine.')
@@ -210,13 +285,11 @@ def auto_quant(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run in --save_dir at its last finished step')
 
-    def main(args):
-        from segslim.workflows import run_auto_quant
-        return run_auto_quant(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.workflows', 'run_auto_quant')
 
 
-def infer(argv: Optional[List[str]] = None) -> None:
+@_command
+def infer() -> Tuple[argparse.ArgumentParser, Main]:
     p = cli.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')
     p.add_argument('--image_path', required=True,
@@ -233,13 +306,11 @@ def infer(argv: Optional[List[str]] = None) -> None:
     p.add_argument('--debug', action='store_true', help='show tracebacks')
     cli.add_engine_args(p)
 
-    def main(args):
-        from segslim.deploy_workflows import run_infer
-        return run_infer(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.deploy_workflows', 'run_infer')
 
 
-def benchmark(argv: Optional[List[str]] = None) -> None:
+@_command
+def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('FP32 vs INT8 on the deployed engine: mIoU, latency, agreement, INT8 ops.',
                 config_required=False)
     p.add_argument('--model_dirs', nargs='+', required=True,
@@ -269,13 +340,11 @@ def benchmark(argv: Optional[List[str]] = None) -> None:
                    help='val images in the gallery: those where INT8 agrees least with FP32')
     cli.add_engine_args(p, many_backends=True)
 
-    def main(args):
-        from segslim.deploy_workflows import run_benchmark
-        return run_benchmark(args)
-    cli.entry(p, main, argv)
+    return p, _lazy('segslim.deploy_workflows', 'run_benchmark')
 
 
-def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
+@_command
+def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
     p = cli.ArgumentParser(description='Generate deterministic demo optic-disc data.')
     p.add_argument('--save_dir', default='data/optic_disc_seg')
     p.add_argument('--num_train', type=int, default=60)
@@ -293,10 +362,11 @@ def make_demo_dataset(argv: Optional[List[str]] = None) -> None:
         make(args.save_dir, args.num_train, args.num_val, args.num_test, args.size, args.seed)
         print(f'wrote {args.num_train} train / {args.num_val} val / {args.num_test} test images '
               f'of {args.size}x{args.size} to {args.save_dir}')
-    cli.entry(p, main, argv)
+    return p, main
 
 
-def bench_models(argv: Optional[List[str]] = None) -> None:
+@_command
+def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
     p = cli.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
                                 'random weights; writes a markdown report and its JSON.')
     p.add_argument('--configs', nargs='+', default=None,
@@ -321,4 +391,4 @@ def bench_models(argv: Optional[List[str]] = None) -> None:
         write_report(run(configs, args.cpu_threads, args.size, args.repeats,
                          backends=list(dict.fromkeys(args.backend)),
                          peers=not args.no_peers), args.out)
-    cli.entry(p, main, argv)
+    return p, main

@@ -6,6 +6,7 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cli, run_command
 
+from segslim import commands
 from segslim.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
 
@@ -265,11 +266,12 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
                   str(tmp_path), ['paddle'], None, 2, 'cpu')
     ran, exported_from = [], []
 
-    def forked(command, *args):  # Steps._run's command, from the suite's preloaded server
+    def forked(command, **flags):  # Steps._run's command, from the suite's preloaded server
         ran.append(command)
         if command == 'qat_export':
-            exported_from.append(str(args[args.index('--model_path') + 1]))
-        proc = run_cli(f'slim/quant/{command}.py', *args, '--opts', *data_opts(fp32_run['data']))
+            exported_from.append(str(flags['model_path']))
+        proc = run_cli(f'slim/quant/{command}.py', *commands.to_argv(**flags), '--opts',
+                       *data_opts(fp32_run['data']))
         assert proc.returncode == 0, proc.stderr[-3000:]
     steps._run = forked
     out = str(tmp_path / 'qat')
@@ -286,3 +288,20 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
     assert deploy['quantized'] and ran == ['qat_train', 'qat_export'] * 2
     best = os.path.join(out, 'train', 'best_model', 'model.pdparams')
     assert exported_from == [best, best]  # not the round's last checkpoint
+
+
+def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_path):
+    """The child gets the command's parsed options; its user error, its exit code and its
+    crash each come back as one UserError naming the step."""
+    args = commands.options('make_demo_dataset', save_dir=tmp_path / 'd', num_train=2,
+                            num_val=1, num_test=0, size=16)
+    assert args.num_train == 2 and args.seed == 0  # the parser's default
+    commands.run_in_child('make_demo_dataset', args)
+    assert len(os.listdir(tmp_path / 'd' / 'JPEGImages')) == 3
+    args.size = 0  # refused by the workflow itself
+    with pytest.raises(UserError, match='make_demo_dataset failed: --num_train'):
+        commands.run_in_child('make_demo_dataset', args)
+    with pytest.raises(UserError, match='make_demo_dataset: invalid options'):
+        commands.options('make_demo_dataset', size='big')
+    assert commands.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
+        '--a', '1', '--b', '--e', '1', '2']
