@@ -55,8 +55,9 @@ def set_device(device: str) -> str:
 
 def default_cpu_threads() -> int:
     """The cores this process may use (its CPU affinity), shared among the processes of a
-    `paddle.distributed.launch` run on this machine; OMP_NUM_THREADS, where set, wins."""
-    given = os.environ.get('OMP_NUM_THREADS', '')
+    `paddle.distributed.launch` run on this machine; OMP_NUM_THREADS, where the user set it,
+    wins (paddle's import sets it to 1 when unset: segslim/__init__ keeps the user's value)."""
+    given = os.environ.get('SEGSLIM_USER_OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', ''))
     if given.isdigit() and int(given) > 0:
         return int(given)
     try:

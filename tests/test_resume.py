@@ -147,14 +147,17 @@ def test_older_pickled_state_resumes_only_as_plain_data(tmp_path):
 
 
 def test_cpu_threads_default_is_the_cores_shared_by_the_local_processes(monkeypatch):
+    """Every core by default, although paddle's import sets OMP_NUM_THREADS=1 when unset."""
     from segslim._paddle import default_cpu_threads
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
-    for name in ('OMP_NUM_THREADS', 'PADDLE_LOCAL_SIZE', 'PADDLE_TRAINERS_NUM'):
+    for name in ('PADDLE_LOCAL_SIZE', 'PADDLE_TRAINERS_NUM'):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('SEGSLIM_USER_OMP_NUM_THREADS', '')  # the user set nothing
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')  # what paddle's import sets then
     assert default_cpu_threads() == 8
     monkeypatch.setenv('PADDLE_TRAINERS_NUM', '2')
     assert default_cpu_threads() == 4
     monkeypatch.setenv('PADDLE_LOCAL_SIZE', '3')
     assert default_cpu_threads() == 2
-    monkeypatch.setenv('OMP_NUM_THREADS', '5')
+    monkeypatch.setenv('SEGSLIM_USER_OMP_NUM_THREADS', '5')
     assert default_cpu_threads() == 5
