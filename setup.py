@@ -47,5 +47,6 @@ setup(
         'segslim-infer=segslim.commands:infer',
         'segslim-benchmark=segslim.commands:benchmark',
         'segslim-make-demo-dataset=segslim.commands:make_demo_dataset',
+        'segslim-make-street-dataset=segslim.commands:make_street_dataset',
     ]},
 )

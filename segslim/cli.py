@@ -7,7 +7,7 @@ README.md ("Coming from PaddleSeg") lists where a default differs on purpose.
 import argparse
 import os
 import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.deploy.results import Precision
@@ -183,6 +183,26 @@ def add_to_onnx(p: argparse.ArgumentParser) -> None:
                         '(s8 symmetric, Q/DQ on the inputs of weighted layers)')
 
 
+def add_rounding_args(p: argparse.ArgumentParser) -> None:
+    """ptq.py's weight rounding: AdaRound, bias correction, reconstruction (Rounding)."""
+    from segslim.options import RECON_LEVELS, ROUND_TYPES, Rounding
+    p.add_argument('--round_type', choices=ROUND_TYPES, default=Rounding.round_type,
+                   help='weights rounded to nearest, or by AdaRound (quant_post_static)')
+    p.add_argument('--bias_correction', action='store_true',
+                   help='correct each layer\'s bias for the mean error its INT8 weights add')
+    p.add_argument('--recon', choices=sorted(RECON_LEVELS), default=None,
+                   help='reconstruction PTQ (quant_recon_static): learn the rounding that '
+                        'best reproduces each layer\'s (layer: AdaRound) or each block\'s '
+                        '(region: BRECQ) FP32 output on the calibration images')
+    p.add_argument('--qdrop', action='store_true',
+                   help='with --recon: quantize activations at random (p=0.5) while learning '
+                        '(QDrop)')
+    p.add_argument('--recon_epochs', type=positive_int, default=Rounding.recon_epochs,
+                   help='with --recon: passes over the calibration images per layer/region')
+    p.add_argument('--recon_lr', type=positive_float, default=Rounding.recon_lr,
+                   help='with --recon: learning rate of the rounding')
+
+
 def add_engine_args(p: argparse.ArgumentParser,
                     many_backends: bool = False) -> argparse.ArgumentParser:
     """Engine flags infer.py and benchmark.py share (PaddleSeg deploy names); benchmark.py
@@ -254,6 +274,20 @@ def run(main: Callable[[argparse.Namespace], Optional[int]], args: argparse.Name
         print('error: {}: {} (rerun with --debug for the traceback)'.format(
             type(e).__name__, first[-1] if first else ''), file=sys.stderr)
         return 1
+
+
+def to_argv(**flags: Any) -> List[str]:
+    """Keyword flags as the command line they stand for: name=value is '--name value',
+    True is '--name', False and None are left out, a list or tuple gives each item."""
+    argv: List[str] = []
+    for name, value in flags.items():
+        if value is None or value is False:
+            continue
+        argv.append('--' + name)
+        if value is True:
+            continue
+        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+    return argv
 
 
 def entry(parser: argparse.ArgumentParser,

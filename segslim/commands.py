@@ -42,25 +42,11 @@ def _command(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
     return command
 
 
-def to_argv(**flags: Any) -> List[str]:
-    """Keyword flags as the command line they stand for: name=value is '--name value',
-    True is '--name', False and None are left out, a list or tuple gives each item."""
-    argv: List[str] = []
-    for name, value in flags.items():
-        if value is None or value is False:
-            continue
-        argv.append('--' + name)
-        if value is True:
-            continue
-        argv += [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-    return argv
-
-
 def options(command: str, **flags: Any) -> argparse.Namespace:
     """The options `command` runs with for these flags: its own parser's defaults and checks
     (a value it refuses raises UserError naming the flag)."""
     parser = _COMMANDS[command]()[0]
-    argv = to_argv(**flags)
+    argv = cli.to_argv(**flags)
     try:
         return parser.parse_args(argv)
     except SystemExit:
@@ -132,7 +118,6 @@ def train() -> Tuple[argparse.ArgumentParser, Main]:
     cli.add_data_format(p)
     p.add_argument('--repeats', type=cli.positive_int, default=TrainOptions.repeats,
                    help='visit each training sample this many times per epoch')
-
     return p, _lazy('segslim.workflows', 'run_train')
 
 
@@ -140,14 +125,12 @@ def train() -> Tuple[argparse.ArgumentParser, Main]:
 def val() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Evaluate a segmentation model (FP32).', cli.add_eval_args)
     cli.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
-
     return p, _lazy('segslim.workflows', 'run_val')
 
 
 @_command
 def export() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Export an FP32 inference model.', cli.add_export_args)
-
     return p, _lazy('segslim.workflows', 'run_export')
 
 
@@ -170,14 +153,12 @@ def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
                    default=TrainOptions.distill_temperature,
                    help='temperature of both class distributions (the term is scaled by its '
                         'square)')
-
     return p, _lazy('segslim.workflows', 'run_train', quant=True)
 
 
 @_command
 def qat_val() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Evaluate a quantization-aware trained model.', cli.add_eval_args)
-
     return p, _lazy('segslim.workflows', 'run_val', quant=True)
 
 
@@ -187,7 +168,6 @@ def qat_export() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the QAT model on this many val images '
                         '(0: skip)')
-
     return p, _lazy('segslim.workflows', 'run_export', quant=True)
 
 
@@ -229,9 +209,9 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the FP32 engine on this many val images '
                         '(0: skip)')
+    cli.add_rounding_args(p)
     cli.add_to_onnx(p)
     cli.add_cpu_threads(p)
-
     return p, _lazy('segslim.workflows', 'run_ptq')
 
 
@@ -256,7 +236,6 @@ def analysis() -> Tuple[argparse.ArgumentParser, Main]:
                    help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
     cli.add_cpu_threads(p)
-
     return p, _lazy('segslim.workflows', 'run_analysis')
 
 
@@ -284,7 +263,6 @@ def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run in --save_dir at its last finished step')
-
     return p, _lazy('segslim.workflows', 'run_auto_quant')
 
 
@@ -305,7 +283,6 @@ def infer() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--model_name', default='', help='named in the --benchmark summary')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
     cli.add_engine_args(p)
-
     return p, _lazy('segslim.deploy_workflows', 'run_infer')
 
 
@@ -339,7 +316,6 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--gallery', type=int, default=8,
                    help='val images in the gallery: those where INT8 agrees least with FP32')
     cli.add_engine_args(p, many_backends=True)
-
     return p, _lazy('segslim.deploy_workflows', 'run_benchmark')
 
 
@@ -357,11 +333,30 @@ def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
     def main(args):
         from segslim.data.demo import make_demo_dataset as make
         if min(args.num_train, args.num_val, args.size) <= 0 or args.num_test < 0:
-            from segslim.errors import UserError
             raise UserError('--num_train, --num_val and --size must be positive')
         make(args.save_dir, args.num_train, args.num_val, args.num_test, args.size, args.seed)
         print(f'wrote {args.num_train} train / {args.num_val} val / {args.num_test} test images '
               f'of {args.size}x{args.size} to {args.save_dir}')
+    return p, main
+
+
+@_command
+def make_street_dataset() -> Tuple[argparse.ArgumentParser, Main]:
+    p = cli.ArgumentParser(description='Generate synthetic street scenes with the 19 Cityscapes '
+                           'train classes in the Cityscapes layout (deterministic for a seed).')
+    p.add_argument('--save_dir', default='data/street')
+    p.add_argument('--num_train', type=cli.positive_int, default=400)
+    p.add_argument('--num_val', type=cli.positive_int, default=100)
+    p.add_argument('--width', type=cli.positive_int, default=256)
+    p.add_argument('--height', type=cli.positive_int, default=128)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--debug', action='store_true', help='show tracebacks')
+
+    def main(args):
+        from segslim.data.street import make_street_dataset as make
+        make(args.save_dir, args.num_train, args.num_val, args.width, args.height, args.seed)
+        print(f'wrote {args.num_train} train / {args.num_val} val street scenes of '
+              f'{args.width}x{args.height} (seed {args.seed}) to {args.save_dir}')
     return p, main
 
 
