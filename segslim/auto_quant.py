@@ -62,10 +62,10 @@ class Steps:
         """Runs `command`'s workflow with these flags (its parser's defaults and checks) in a
         child process of its own: a step's memory is freed when it ends, and a crash in a
         native library fails the step, not the search."""
-        from segslim import commands
+        from segslim import cli, commands
         args = commands.options(command, **flags, opts=self.opts or None)
         logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'),
-                    ' '.join(commands.to_argv(**flags)))
+                    ' '.join(cli.to_argv(**flags)))
         commands.run_in_child(command, args)
 
     def _onnx(self) -> bool:

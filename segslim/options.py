@@ -21,6 +21,10 @@ TIMING_SHAPE = (1, 3, 512, 512)
 # Images that calibrate activation scales (ptq.py --batch_nums, analysis.py and
 # auto_quant.py --calib_images).
 CALIBRATION_IMAGES = 32
+# PTQ weight rounding (ptq.py --round_type): to nearest (the default) or AdaRound.
+ROUND_TYPES = ('round', 'adaround')
+# Reconstruction PTQ (ptq.py --recon): PaddleSlim's quant_recon_static at each level.
+RECON_LEVELS = {'layer': 'layer-wise', 'region': 'region-wise'}
 # --int8_layers values, the default first.
 INT8_LAYERS = ('auto', 'all')
 # Devices the scripts accept (--device); a build without one says so at set-up.
@@ -100,6 +104,42 @@ class EvalOptions:
 
     def kwargs(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How PTQ sets the INT8 weights (ptq.py): round to nearest or AdaRound per tensor in
+    quant_post_static, optionally with bias correction; or reconstruction (`recon`: AdaRound
+    learned layer by layer, or BRECQ region by region) in quant_recon_static, optionally with
+    QDrop (activations quantized at random, probability 0.5, while it learns)."""
+    round_type: str = ROUND_TYPES[0]
+    bias_correction: bool = False
+    recon: Optional[str] = None       # a key of RECON_LEVELS
+    qdrop: bool = False
+    recon_epochs: int = 20            # PaddleSlim's defaults
+    recon_lr: float = 0.1
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> 'Rounding':
+        rounding: Rounding = _from_args(cls, args)
+        rounding.check()
+        return rounding
+
+    def check(self) -> None:
+        """Refuses combinations PaddleSlim would ignore, before any work."""
+        if self.qdrop and not self.recon:
+            raise UserError('--qdrop works in reconstruction only: add --recon layer|region')
+        if self.recon and self.round_type != 'round':
+            raise UserError('--recon always learns an AdaRound rounding: drop --round_type')
+
+    @property
+    def name(self) -> str:
+        """A short label: round, adaround, recon-layer, recon-region+qdrop, +bc."""
+        base = f'recon-{self.recon}' if self.recon else self.round_type
+        return base + ('+qdrop' if self.qdrop else '') + ('+bc' if self.bias_correction else '')
+
+
+NEAREST = Rounding()  # PaddleSlim's default: every weight to its nearest INT8 value
 
 
 @dataclass

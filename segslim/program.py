@@ -146,6 +146,31 @@ def fold_conv_bias_reshape(model_file: str) -> int:
     return len(remove)
 
 
+
+def drop_inference_dropout(model_file: str) -> int:
+    """Removes the dropout ops of a saved inference program that are identities there
+    (upscale_in_train, is_test): their consumers read the dropout's input. PaddleSlim's
+    reconstruction copies ops into a training program and refuses a dropout without its Mask
+    output. Returns how many were removed."""
+    desc = read_program(model_file)
+    ops = block_ops(desc)
+    remove = []
+    for i, op in enumerate(ops):
+        if op.type() != 'dropout' or not op.attr('is_test') or \
+                op.attr('dropout_implementation') != 'upscale_in_train':
+            continue
+        src, out = op.input('X')[0], op.output('Out')[0]
+        for user in consumers_map(ops).get(out, []):
+            other = ops[user]
+            for slot in other.input_names():
+                other.set_input(slot, [src if v == out else v for v in other.input(slot)])
+        remove.append(i)
+    if remove:
+        _remove_ops(desc, remove, drop_vars=True)
+        desc.flush()
+        write_bytes(model_file, desc.serialize_to_string())
+    return len(remove)
+
 def strip_observer_quantization(model_file: str, out_file: str) -> int:
     """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
     that feed no quantized convolution or matrix product; returns how many pairs were

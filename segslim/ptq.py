@@ -3,6 +3,7 @@ model, calibrated on train images through the deploy transforms, with the QAT sk
 saved in qat_export's layout (model.pdmodel, model.pdiparams, deploy.yaml)."""
 import os
 import shutil
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -12,9 +13,16 @@ from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
 from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
-from segslim.options import CALIBRATION_IMAGES, PTQ_ALGOS
-from segslim.program import LAYER_OPS, fold_conv_bias_reshape, program_input_names, read_program
+from segslim.options import CALIBRATION_IMAGES, NEAREST, PTQ_ALGOS, Rounding
+from segslim.program import (
+    LAYER_OPS,
+    drop_inference_dropout,
+    fold_conv_bias_reshape,
+    program_input_names,
+    read_program,
+)
 from segslim.quant import log_quant_summary, quant_plan
+from segslim.rounding import learned_rounding
 
 # Below CALIBRATION_IMAGES images the activation scales (a max, a mean of maxima, a histogram
 # percentile or a KL threshold over what was seen) follow a few images' extremes: a class or
@@ -87,8 +95,12 @@ def check_names_in_program(names: Sequence[str], model_file: str) -> None:
                         'FP32 weights instead of --model_dir')
 
 
-def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional[float]) -> None:
+def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional[float],
+                          rounding: Rounding = NEAREST) -> None:
     """Refuses ptq.py flags the chosen quantizer would ignore."""
+    if quantizer == 'nncf' and rounding != NEAREST:
+        raise UserError('--round_type, --bias_correction and --recon are PaddleSlim\'s: drop '
+                        'them or use --quantizer paddleslim')
     if quantizer == 'nncf' and to_onnx:
         raise UserError('--quantizer nncf writes an OpenVINO IR model, not ONNX; drop '
                         '--to_onnx/--onnx_target or use --quantizer paddleslim')
@@ -99,12 +111,15 @@ def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional
 
 def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
                            qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'abs_max',
-                           batch_size: int = 1, device: str = 'cpu') -> Dict[str, Any]:
+                           batch_size: int = 1, device: str = 'cpu',
+                           rounding: Rounding = NEAREST) -> Dict[str, Any]:
     """Quantizes the exported FP32 model in `fp32_dir` into `save_dir` (files staged, then
-    each moved into place); returns {'save_dir', 'images', 'algo'}."""
+    each moved into place), rounding the weights as `rounding` says; returns {'save_dir',
+    'images', 'algo', 'rounding', 'seconds'}."""
     if algo not in PTQ_ALGOS:
         raise UserError('--algo {} is not one of {}'.format(algo, ', '.join(PTQ_ALGOS)))
-    from paddleslim.quant import quant_post_static
+    rounding.check()
+    started = time.time()
     deploy = read_deploy(fp32_dir)
     if deploy.get('quantized'):
         raise UserError(f'{fp32_dir} is already quantized; pass an FP32 export')
@@ -135,24 +150,36 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                                           drop_last=False, collate_fn=collate, num_workers=0)
             weight_type = 'channel_wise_abs_max' \
                 if qcfg['weight_quantize_type'] == 'channel_wise_abs_max' else 'abs_max'
+            common = dict(
+                executor=paddle.static.Executor(place), model_dir=src,
+                quantize_model_path=stage, data_loader=loader, model_filename='model.pdmodel',
+                params_filename='model.pdiparams', save_model_filename='model.pdmodel',
+                save_params_filename='model.pdiparams', batch_size=batch_size,
+                batch_nums=-(-len(dataset) // batch_size), algo=algo,
+                quantizable_op_type=op_types, weight_bits=qcfg['weight_bits'],
+                activation_bits=qcfg['activation_bits'], weight_quantize_type=weight_type,
+                onnx_format=True, skip_tensor_list=list(skip_weights) or None,
+                bias_correction=rounding.bias_correction)
             with quiet_native_output():  # PaddleSlim's progress bars and per-step logs
-                quant_post_static(
-                    executor=paddle.static.Executor(place), model_dir=src,
-                    quantize_model_path=stage, data_loader=loader,
-                    model_filename='model.pdmodel', params_filename='model.pdiparams',
-                    save_model_filename='model.pdmodel', save_params_filename='model.pdiparams',
-                    batch_size=batch_size, batch_nums=-(-len(dataset) // batch_size), algo=algo,
-                    quantizable_op_type=op_types, weight_bits=qcfg['weight_bits'],
-                    activation_bits=qcfg['activation_bits'], weight_quantize_type=weight_type,
-                    onnx_format=True, skip_tensor_list=list(skip_weights) or None)
+                if rounding.recon or rounding.round_type != 'round':
+                    if rounding.recon:
+                        drop_inference_dropout(os.path.join(src, 'model.pdmodel'))
+                    learned_rounding(common, rounding)
+                else:
+                    from paddleslim.quant import quant_post_static
+                    quant_post_static(**common, round_type=rounding.round_type)
         finally:
             paddle.disable_static()
             if bar is not None:
                 bar.close()
         write_deploy(stage, quantized_deploy(
             deploy, 'model.pdmodel', 'model.pdiparams', int8_ops=list(qcfg['int8_ops']),
-            calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset)}))
+            calibration={'method': 'ptq', 'algo': algo, 'images': len(dataset),
+                         'rounding': rounding.name}))
         shutil.rmtree(src)
-    logger.info('PTQ (%s, %d calibration images) wrote the INT8 inference model to %s', algo,
-                len(dataset), save_dir)
-    return {'save_dir': save_dir, 'images': len(dataset), 'algo': algo}
+    seconds = round(time.time() - started, 1)
+    logger.info('PTQ (%s, %s rounding, %d calibration images, %.1f s) wrote the INT8 inference '
+                'model to %s', algo, rounding.name, len(dataset), seconds, save_dir)
+    return {'save_dir': save_dir, 'images': len(dataset), 'algo': algo,
+            'rounding': rounding.name, 'seconds': seconds}
+

@@ -32,7 +32,7 @@ from segslim.export import export_inference_model, output_op_of
 from segslim.fileio import check_output_file, check_writable, write_json
 from segslim.logger import logger
 from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
-from segslim.options import ONNX_TARGETS, EvalOptions, TrainOptions
+from segslim.options import ONNX_TARGETS, EvalOptions, Rounding, TrainOptions
 from segslim.quant import build_quant_model, quant_config_of, quantize_model
 
 
@@ -237,6 +237,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     """slim/quant/ptq.py: post-training quantization of FP32 weights (--model_path) or of an
     FP32 export (--model_dir), calibrated on train images; the same layout as qat_export."""
     from segslim import ptq
+    rounding = Rounding.from_args(args)  # flag combinations first: nothing written yet
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
     if args.model_dir:  # a folder export.py wrote, checked before any work
@@ -244,7 +245,7 @@ def run_ptq(args: argparse.Namespace) -> int:
         read_deploy(args.model_dir)
     nncf = args.quantizer == 'nncf'
     ptq.check_quantizer_flags(args.quantizer, bool(args.to_onnx or args.onnx_target),
-                              args.max_miou_drop)
+                              args.max_miou_drop, rounding)
     if args.to_onnx or args.onnx_target:
         require_onnx_export()
     if nncf:
@@ -275,7 +276,7 @@ def run_ptq(args: argparse.Namespace) -> int:
             skip = ptq.skipped_weights(model, qcfg, 'PTQ ({}, {})'.format(
                 args.algo, '/'.join(qcfg['quantizable_layer_type'])), summary_dir=args.save_dir)
             ptq.post_training_quantize(fp32_dir, args.save_dir, paths, qcfg, skip, args.algo,
-                                       args.batch_size, args.device)
+                                       args.batch_size, args.device, rounding)
         if args.to_onnx or args.onnx_target:
             _export_onnx(args, cfg, paths[:CALIBRATION_IMAGES])
         if args.verify_images > 0:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cli, run_command
 
-from segslim import commands
+from segslim import cli, commands
 from segslim.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
 
@@ -270,7 +270,7 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
         ran.append(command)
         if command == 'qat_export':
             exported_from.append(str(flags['model_path']))
-        proc = run_cli(f'slim/quant/{command}.py', *commands.to_argv(**flags), '--opts',
+        proc = run_cli(f'slim/quant/{command}.py', *cli.to_argv(**flags), '--opts',
                        *data_opts(fp32_run['data']))
         assert proc.returncode == 0, proc.stderr[-3000:]
     steps._run = forked
@@ -303,5 +303,5 @@ def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_p
         commands.run_in_child('make_demo_dataset', args)
     with pytest.raises(UserError, match='make_demo_dataset: invalid options'):
         commands.options('make_demo_dataset', size='big')
-    assert commands.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
+    assert cli.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
         '--a', '1', '--b', '--e', '1', '2']

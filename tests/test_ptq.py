@@ -52,7 +52,8 @@ def ptq_model(fp32_run, tmp_path_factory):
 def test_ptq_model_runs_int8_within_a_point_of_fp32(ptq_model, exported):
     deploy = yaml.safe_load(open(os.path.join(ptq_model['dir'], 'deploy.yaml')))['Deploy']
     assert deploy['quantized'] and deploy['output_op'] == 'argmax'
-    assert deploy['calibration'] == {'method': 'ptq', 'algo': 'abs_max', 'images': 8}
+    assert deploy['calibration'] == {'method': 'ptq', 'algo': 'abs_max', 'images': 8,
+                                     'rounding': 'round'}
     dataset = val_set(ptq_model['data'])
     int8, pred = engine_miou(ptq_model['dir'], dataset)
     fp32, _ = engine_miou(exported['fp32'], dataset)
@@ -116,6 +117,60 @@ def test_ptq_bad_inputs_are_one_line(exported, tmp_path):
                    env={'PYTHONPATH': str(tmp_path / 'site')})
     assert_one_line_error(proc, '--to_onnx', 'pip install')
 
+
+
+def inference_weights(model_dir):
+    """{name: array} of an inference model's persistable variables."""
+    from segslim._paddle import paddle
+    paddle.enable_static()
+    try:
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            program, _, _ = paddle.static.load_inference_model(
+                os.path.join(str(model_dir), 'model'), paddle.static.Executor(paddle.CPUPlace()))
+            return {v.name: np.array(scope.find_var(v.name).get_tensor())
+                    for v in program.list_vars()
+                    if v.persistable and v.name not in ('feed', 'fetch')}
+    finally:
+        paddle.disable_static()
+
+
+# three layers quantized (reconstruction trains each on its own): seconds, not minutes
+FEW_LAYERS = "quant_config.skip=['sb.*','bga.*','aux.*','db.convs.[1-7].*']"
+
+
+def test_reconstruction_ptq_learns_its_own_rounding_of_the_same_int8_grid(exported, tmp_path):
+    common = ['--config', INSTANT, '--model_dir', exported['fp32'], '--batch_nums', 2,
+              '--verify_images', 0]
+    opts = ['--opts', *data_opts(exported['data']), FEW_LAYERS]
+    for name, extra in (('nearest', []), ('recon', ['--recon', 'layer', '--recon_epochs', 3])):
+        proc = run_cli('slim/quant/ptq.py', *common, '--save_dir', tmp_path / name, *extra,
+                       *opts)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    deploy = yaml.safe_load(open(tmp_path / 'recon' / 'deploy.yaml'))['Deploy']
+    assert deploy['calibration']['rounding'] == 'recon-layer'
+    nearest, recon = inference_weights(tmp_path / 'nearest'), inference_weights(tmp_path / 'recon')
+    int8 = [k for k, v in nearest.items() if v.dtype == np.int8]
+    assert len(int8) == 3 and all(recon[k].dtype == np.int8 for k in int8)
+    diff = np.concatenate([np.abs(nearest[k].astype(np.int32) - recon[k]).ravel() for k in int8])
+    # a learned rounding moves some weights to the other neighbour on the same grid, never
+    # further (saved twice-quantized, nearly all of them would sit at -128 or 127)
+    assert 0 < np.count_nonzero(diff) < 0.05 * diff.size and diff.max() == 1
+
+
+@pytest.mark.parametrize('flags, words', [
+    (['--qdrop'], ('--qdrop', '--recon')),
+    (['--recon', 'layer', '--round_type', 'adaround'], ('--round_type',)),
+    (['--recon', 'region', '--quantizer', 'nncf'], ('--recon', '--quantizer paddleslim')),
+    (['--recon', 'layer', '--recon_epochs', 0], ('--recon_epochs',)),
+    (['--recon', 'brick'], ('--recon',)),
+])
+def test_bad_rounding_flags_are_one_line_before_any_work(exported, tmp_path, flags, words):
+    proc = run_command('slim/quant/ptq.py', '--config', INSTANT, '--model_dir', exported['fp32'],
+                       '--save_dir', tmp_path / 'out', *flags,
+                       '--opts', *data_opts(exported['data']))
+    assert_one_line_error(proc, *words)
+    assert not (tmp_path / 'out').exists()
 
 # The real search, on the tiny model; the binary search itself is checked on fakes below.
 MAX_DROP = 0.02

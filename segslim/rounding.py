@@ -1,0 +1,120 @@
+"""Weights rounded by learning on calibration images: AdaRound (quant_post_static's
+round_type='adaround') and reconstruction PTQ (quant_recon_static: AdaRound layer by layer,
+BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with two changes:
+- the learned INT8 weights are saved as learned: the ONNX-format save quantizes weights from
+  float, and would quantize the learned INT8 values a second time (nearly every weight
+  saturated to -128 or 127);
+- reconstruction learns each layer/region on its own copy of the program, in order, instead
+  of adding every region's training ops to one program that then runs all of them at every
+  step (time quadratic in the number of layers)."""
+import sys
+from typing import Any, Dict
+
+import numpy as np
+
+from segslim._paddle import paddle
+from segslim.options import RECON_LEVELS, Rounding
+
+
+def _weights_back_to_float(ptq: Any) -> None:
+    """AdaRound and reconstruction leave each learned weight as its INT8 value in the scope;
+    the ONNX-format save (QuantWeightPass) quantizes weights from float, so it would quantize
+    them a second time and saturate nearly all of them. They go back to float first (value x
+    scale / 127), which that save turns into the learned INT8 values exactly."""
+    from paddle.static.quantization import utils
+    scales = ptq._quantized_var_threshold if ptq._algo in ('KL', 'hist') \
+        else ptq._quantized_threshold
+    bnt = (1 << (ptq._weight_bits - 1)) - 1
+    for name in ptq._quantized_weight_var_name:
+        if name in (ptq._skip_tensor_list or ()) or name not in scales:
+            continue
+        weight = utils.load_variable_data(ptq._scope, name)
+        scale = np.asarray(scales[name], np.float32).reshape(-1)
+        scale = np.where(scale == 0, np.float32(1e-8), scale)
+        if scale.size > 1:  # channel-wise: along the output-channel axis of the op
+            shape = [1] * weight.ndim
+            shape[1 if ptq._weight_op_pairs[name] in utils._channelwise_quant_axis1_ops
+                  else 0] = -1
+            scale = scale.reshape(shape)
+        utils.set_variable_data(ptq._scope, ptq._place, name,
+                                (weight * scale / bnt).astype(np.float32))
+
+
+def learned_rounding(common: Dict[str, Any], rounding: Rounding) -> None:
+    """quant_post_static with round_type='adaround', or quant_recon_static, as PaddleSlim
+    runs them, with the learned weights saved as learned (_weights_back_to_float)."""
+    from paddle.static.quantization import PostTrainingQuantization
+    from paddleslim.quant.reconstruction_quantization import (
+        Collections,
+        ReconstructionQuantization,
+    )
+
+    class Recon(ReconstructionQuantization):
+        def _reconstruction(self) -> None:
+            module: Any = sys.modules[ReconstructionQuantization.__module__]
+            original = module.ReconstructionQuanter
+            module.ReconstructionQuanter = _region_by_region(original)
+            try:
+                super()._reconstruction()
+            finally:
+                module.ReconstructionQuanter = original
+
+        def _update_program(self) -> None:
+            _weights_back_to_float(self)
+            super()._update_program()
+
+    class AdaRound(PostTrainingQuantization):
+        def _update_program(self) -> None:
+            _weights_back_to_float(self)
+            super()._update_program()
+
+    save = {'save_model_path': common.pop('quantize_model_path'),
+            'model_filename': common.pop('save_model_filename'),
+            'params_filename': common.pop('save_params_filename')}
+    if rounding.recon:
+        quantizer = Recon(
+            PTQCollections=Collections(**common, round_type='adaround'),
+            RSQCollections=Collections(
+                recon_level=RECON_LEVELS[rounding.recon],
+                simulate_activation_quant=rounding.qdrop, regions=None,
+                region_weights_names=None, epochs=rounding.recon_epochs, lr=rounding.recon_lr,
+                limit=6))  # PaddleSlim's default region size
+    else:
+        quantizer = AdaRound(**common, round_type='adaround')
+    quantizer.quantize()
+    quantizer.save_quantized_model(**save)
+
+
+def _region_by_region(base: Any) -> Any:
+    """PaddleSlim's ReconstructionQuanter whose _run trains each region on a fresh copy of
+    the student program (the region's loss and its Adam only); the learned roundings live in
+    the scope, so later regions see the earlier ones, as in BRECQ."""
+    from paddleslim.quant.reconstruction_quantization import ReconstructionQuanterLoss
+
+    class RegionByRegion(base):
+        def _run(self) -> Any:
+            self._preprocess()
+            for k, (start, end) in enumerate(self._regions):
+                program, startup = self._student_program.clone(), paddle.static.Program()
+                block = program.global_block()
+                block.var(start).stop_gradient = True
+                names = self._region_weights_names[k]
+                loss = ReconstructionQuanterLoss(program=program, weight_region_names=names)
+                with paddle.static.program_guard(program, startup):
+                    total = loss.get_loss(block.var(end), block.var('teacher_' + end))[0]
+                    paddle.optimizer.Adam(
+                        learning_rate=self._lr,
+                        parameters=[block.var(n + '.alpha') for n in names]).minimize(total)
+                self._exe.run(startup)
+                for _ in range(self._epochs):
+                    for i, data in enumerate(self._data_loader()):
+                        self._exe.run(program, feed=data, fetch_list=[total.name])
+                        if i + 1 == self._num_iterations:
+                            break
+            if self._weight_quantize_type == 'channel_wise_abs_max':
+                self._update_scale()
+            self._update_weights_to_int()
+            if self._bias_correction:
+                self._bias_correction_w()
+            return self._program, self._scale_dict
+    return RegionByRegion
