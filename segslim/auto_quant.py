@@ -14,6 +14,7 @@ step starts, so --resume repeats nothing that finished:
             of FP32 speed does not end the search);
      nncf_ac and NNCF's accuracy-controlled variant (ptq.py --quantizer nncf
             --max_miou_drop) as the anchor on OpenVINO
+     recon  ptq.py --recon region: every layer INT8 with the rounding learned block by block
   4. qat    qat_train.py --distill --do_eval in rounds up to --max_qat_iters; after each
             round qat_export.py of the best checkpoint so far by simulated val mIoU (a longer
             round can end lower than it was), stopping at the first round that meets the bound
@@ -40,6 +41,9 @@ STATE = 'auto_quant.json'
 # A skip set that leaves the model less than this much faster than FP32 on the engines where
 # it meets the bound does not end the search: QAT is tried next.
 MIN_SPEEDUP = 1.1
+# Passes over the calibration images per region of reconstruction PTQ (PaddleSlim's default
+# of 20 is sized for a GPU; each pass runs the FP32 and INT8 model on every image).
+RECON_EPOCHS = 2
 # Evaluations (and checkpoints) per QAT round: where the best checkpoint can come from.
 QAT_EVALS_PER_ROUND = 5
 
@@ -87,6 +91,15 @@ class Steps:
         self._run('ptq', config=self.config, model_path=self.model_path, save_dir=out,
                   quantizer='nncf', batch_nums=self.calib_images, verify_images=0,
                   max_miou_drop=max_drop, num_images=self.num_images if max_drop else None)
+        return out
+
+    def recon(self, out: str) -> str:
+        """ptq.py --recon region: every layer INT8, the rounding learned block by block on
+        the calibration images (RECON_EPOCHS passes)."""
+        self._run('ptq', config=self.config, model_path=self.model_path, save_dir=out,
+                  batch_nums=self.calib_images, batch_size=1, verify_images=0,
+                  device=self.device, to_onnx=self._onnx(), recon='region',
+                  recon_epochs=RECON_EPOCHS)
         return out
 
     def skip_set(self, out: str, max_drop: float, backend: str) -> Optional[str]:
@@ -259,6 +272,10 @@ class AutoQuant:
             t = time.time()
             self._record('nncf_ac', 'PTQ by NNCF, accuracy-controlled (OpenVINO)',
                          self.steps.nncf(d('nncf_ac_infer'), self.max_drop), t)
+        if not self._met() and not self._done('recon'):
+            t = time.time()
+            self._record('recon', 'Reconstruction PTQ (BRECQ, region by region)',
+                         self.steps.recon(d('recon_infer')), t)
         if not self._met():
             self._qat(d('qat'))
         return self._choose()

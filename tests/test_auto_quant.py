@@ -50,6 +50,9 @@ class FakeSteps:
         path = self._step('skip')
         return path if self.skip_found else None
 
+    def recon(self, out):
+        return self._step('recon')
+
     def qat(self, out, iters, resume):
         self.calls.append(f'qat:{iters}:{os.path.basename(resume) if resume else "-"}')
         self.qat_round += 1
@@ -114,11 +117,13 @@ def test_a_skip_set_is_tried_when_ptq_misses(tmp_path):
 def test_a_skip_set_that_leaves_too_little_int8_does_not_end_the_search(tmp_path):
     steps = FakeSteps(str(tmp_path / 'm'), {
         'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
-        'skip': {'paddle': FP32 - 0.003}, 'qat': [{'paddle': FP32 - 0.001}]},
+        'skip': {'paddle': FP32 - 0.003}, 'recon': {'paddle': FP32 - 0.01},
+        'qat': [{'paddle': FP32 - 0.001}]},
         {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 48},
-         'qat': {'paddle': 21}})
+         'recon': {'paddle': 20}, 'qat': {'paddle': 21}})
     assert auto(tmp_path, steps).run() == 0
-    assert steps.calls == ['fp32', 'ptq', 'skip', 'speed:skip:paddle', 'qat:100:-', 'bench']
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'speed:skip:paddle', 'recon', 'qat:100:-',
+                           'bench']
     state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
     assert state['candidates']['skip']['too_slow'] and state['choice']['candidate'] == 'qat'
 
@@ -162,12 +167,13 @@ def test_nncf_accuracy_control_is_tried_beside_the_skip_set(tmp_path):
 def test_qat_runs_in_rounds_and_stops_at_the_first_that_meets_the_bound(tmp_path):
     steps = FakeSteps(str(tmp_path / 'm'), {
         'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
-        'skip': {'paddle': FP32 - 0.01},
+        'skip': {'paddle': FP32 - 0.01}, 'recon': {'paddle': FP32 - 0.009},
         'qat': [{'paddle': FP32 - 0.008}, {'paddle': FP32 - 0.002}, {'paddle': FP32}]},
         {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'skip': {'paddle': 25},
-         'qat': {'paddle': 21}})
+         'recon': {'paddle': 20}, 'qat': {'paddle': 21}})
     assert auto(tmp_path, steps).run() == 0
-    assert steps.calls == ['fp32', 'ptq', 'skip', 'qat:100:-', 'qat:200:iter_100', 'bench']
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'recon', 'qat:100:-', 'qat:200:iter_100',
+                           'bench']
     state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
     assert state['choice']['candidate'] == 'qat'
     assert state['candidates']['qat']['iters'] == 200
@@ -176,18 +182,32 @@ def test_qat_runs_in_rounds_and_stops_at_the_first_that_meets_the_bound(tmp_path
 def test_nothing_meets_the_bound_exit_1_with_the_closest_and_the_work_kept(tmp_path):
     steps = FakeSteps(str(tmp_path / 'm'), {
         'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.05},
-        'qat': [{'paddle': FP32 - 0.03}] * 4},
-        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'qat': {'paddle': 21}},
+        'recon': {'paddle': FP32 - 0.04}, 'qat': [{'paddle': FP32 - 0.03}] * 4},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'recon': {'paddle': 20},
+         'qat': {'paddle': 21}},
         skip_found=False)
     assert auto(tmp_path, steps).run() == 1
     assert steps.calls[-2:] == ['qat:400:iter_300', 'bench']
     state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
     assert state['choice'] is None and set(state['candidates']) == {'fp32', 'ptq', 'skip',
-                                                                    'qat'}
+                                                                    'recon', 'qat'}
     assert not (tmp_path / 'run' / 'best').exists()
     assert 'Choice: none' in (tmp_path / 'run' / 'report.md').read_text()
     assert state['closest'] == ('QAT with distillation, 400 iterations (best checkpoint: '
                                 'iteration 390) on paddle, drop 0.0300')
+
+
+def test_reconstruction_within_the_bound_ends_the_search_before_qat(tmp_path):
+    steps = FakeSteps(str(tmp_path / 'm'), {
+        'fp32': {'paddle': FP32}, 'ptq': {'paddle': FP32 - 0.02},
+        'recon': {'paddle': FP32 - 0.003}},
+        {'fp32': {'paddle': 50}, 'ptq': {'paddle': 20}, 'recon': {'paddle': 20}},
+        skip_found=False)
+    assert auto(tmp_path, steps).run() == 0
+    assert steps.calls == ['fp32', 'ptq', 'skip', 'recon', 'bench']
+    state = json.load(open(tmp_path / 'run' / 'auto_quant.json'))
+    assert state['choice']['candidate'] == 'recon'
+    assert state['candidates']['recon']['seconds'] >= 0
 
 
 def test_resume_repeats_no_finished_step(tmp_path):
