@@ -5,6 +5,9 @@
 # make lint     -> ruff (pyproject.toml rule sets) and mypy over segslim/
 # make bench    -> docs/benchmark.md: latency FP32 vs bf16 vs INT8 of the shipped configs on Paddle
 #                 Inference and OpenVINO
+# make street   -> synthetic 19-class street scenes (data/street) and the four zoo models of
+#                 configs/street trained on them (output/street/<model>; hours on 2 CPU cores,
+#                 docs/accuracy.md); STREET_ITERS=N shortens every schedule
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +17,7 @@ STAMP := $(VENV)/.installed
 DEMO_CFG := configs/quick_start/bisenet_optic_disc_demo.yml
 DEMO_OUT ?= output/demo
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench street clean
 
 install: $(STAMP)
 
@@ -68,5 +71,16 @@ lint: install
 bench: install
 	$(PY) tools/bench_models.py --backend paddle openvino onnxruntime --repeats 5 --out docs/benchmark.md
 
+STREET_MODELS ?= bisenetv2 pp_liteseg_stdc1 segformer_b0 fcn_hrnetw18
+STREET_ITERS ?=
+
+street: install
+	$(PY) tools/make_street_dataset.py --save_dir data/street
+	for m in $(STREET_MODELS); do \
+		$(PY) train.py --config configs/street/$${m}_street_256x128.yml --do_eval --seed 0 \
+			--save_interval 250 --log_iters 50 $(if $(STREET_ITERS),--iters $(STREET_ITERS)) \
+			--save_dir output/street/$$m || exit 1; \
+	done
+
 clean:
-	rm -rf output data/optic_disc_demo .pytest_cache
+	rm -rf output data/optic_disc_demo data/street .pytest_cache
