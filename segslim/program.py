@@ -109,6 +109,16 @@ def _remove_ops(desc: Any, indices: List[int], drop_vars: bool = False) -> None:
             block._remove_var(name.encode())
 
 
+def _save_without(desc: Any, remove: List[int], model_file: str) -> int:
+    """Writes the program without the ops at `remove` (and their outputs) when there are any;
+    returns how many."""
+    if remove:
+        _remove_ops(desc, remove, drop_vars=True)
+        desc.flush()
+        write_bytes(model_file, desc.serialize_to_string())
+    return len(remove)
+
+
 def fold_conv_bias_reshape(model_file: str) -> int:
     """Rewrites `reshape2(bias[C]) -> elementwise_add(x, ., axis=-1)` into
     `elementwise_add(x, bias, axis=1)` in a saved program; returns how many were rewritten.
@@ -139,11 +149,7 @@ def fold_conv_bias_reshape(model_file: str) -> int:
         add.set_input('Y', [src])
         add._set_attr('axis', 1)
         remove.append(i)
-    if remove:
-        _remove_ops(desc, remove, drop_vars=True)
-        desc.flush()
-        write_bytes(model_file, desc.serialize_to_string())
-    return len(remove)
+    return _save_without(desc, remove, model_file)
 
 
 
@@ -165,11 +171,7 @@ def drop_inference_dropout(model_file: str) -> int:
             for slot in other.input_names():
                 other.set_input(slot, [src if v == out else v for v in other.input(slot)])
         remove.append(i)
-    if remove:
-        _remove_ops(desc, remove, drop_vars=True)
-        desc.flush()
-        write_bytes(model_file, desc.serialize_to_string())
-    return len(remove)
+    return _save_without(desc, remove, model_file)
 
 def strip_observer_quantization(model_file: str, out_file: str) -> int:
     """Writes to `out_file` the program of `model_file` without the quantize/dequantize pairs
