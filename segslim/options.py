@@ -133,6 +133,11 @@ class Rounding:
             raise UserError('--recon always learns an AdaRound rounding: drop --round_type')
 
     @property
+    def learned(self) -> bool:
+        """Whether the rounding is learned (AdaRound or reconstruction), not to nearest."""
+        return bool(self.recon) or self.round_type != 'round'
+
+    @property
     def name(self) -> str:
         """A short label: round, adaround, recon-layer, recon-region+qdrop, +bc."""
         base = f'recon-{self.recon}' if self.recon else self.round_type

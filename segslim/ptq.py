@@ -16,7 +16,6 @@ from segslim.logger import logger, progress_bar, quiet_native_output
 from segslim.options import CALIBRATION_IMAGES, NEAREST, PTQ_ALGOS, Rounding
 from segslim.program import (
     LAYER_OPS,
-    drop_inference_dropout,
     fold_conv_bias_reshape,
     program_input_names,
     read_program,
@@ -161,13 +160,11 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                 onnx_format=True, skip_tensor_list=list(skip_weights) or None,
                 bias_correction=rounding.bias_correction)
             with quiet_native_output():  # PaddleSlim's progress bars and per-step logs
-                if rounding.recon or rounding.round_type != 'round':
-                    if rounding.recon:
-                        drop_inference_dropout(os.path.join(src, 'model.pdmodel'))
+                if rounding.learned:
                     learned_rounding(common, rounding)
                 else:
                     from paddleslim.quant import quant_post_static
-                    quant_post_static(**common, round_type=rounding.round_type)
+                    quant_post_static(**common)
         finally:
             paddle.disable_static()
             if bar is not None:

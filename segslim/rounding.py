@@ -7,6 +7,7 @@ BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with tw
 - reconstruction learns each layer/region on its own copy of the program, in order, instead
   of adding every region's training ops to one program that then runs all of them at every
   step (time quadratic in the number of layers)."""
+import os
 import sys
 from typing import Any, Dict
 
@@ -14,6 +15,7 @@ import numpy as np
 
 from segslim._paddle import paddle
 from segslim.options import RECON_LEVELS, Rounding
+from segslim.program import drop_inference_dropout
 
 
 def _weights_back_to_float(ptq: Any) -> None:
@@ -49,7 +51,12 @@ def learned_rounding(common: Dict[str, Any], rounding: Rounding) -> None:
         ReconstructionQuantization,
     )
 
-    class Recon(ReconstructionQuantization):
+    class SaveLearned:
+        def _update_program(self) -> None:
+            _weights_back_to_float(self)
+            super()._update_program()  # type: ignore[misc]
+
+    class Recon(SaveLearned, ReconstructionQuantization):
         def _reconstruction(self) -> None:
             module: Any = sys.modules[ReconstructionQuantization.__module__]
             original = module.ReconstructionQuanter
@@ -59,19 +66,14 @@ def learned_rounding(common: Dict[str, Any], rounding: Rounding) -> None:
             finally:
                 module.ReconstructionQuanter = original
 
-        def _update_program(self) -> None:
-            _weights_back_to_float(self)
-            super()._update_program()
-
-    class AdaRound(PostTrainingQuantization):
-        def _update_program(self) -> None:
-            _weights_back_to_float(self)
-            super()._update_program()
+    class AdaRound(SaveLearned, PostTrainingQuantization):
+        pass
 
     save = {'save_model_path': common.pop('quantize_model_path'),
             'model_filename': common.pop('save_model_filename'),
             'params_filename': common.pop('save_params_filename')}
-    if rounding.recon:
+    if rounding.recon:  # PaddleSlim's program merge refuses a dropout without its Mask
+        drop_inference_dropout(os.path.join(common['model_dir'], common['model_filename']))
         quantizer = Recon(
             PTQCollections=Collections(**common, round_type='adaround'),
             RSQCollections=Collections(

@@ -1,4 +1,5 @@
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -260,3 +261,14 @@ def _exported(fp32_run, qat_run, tmp_path_factory):
     dirs['qat_export_stdout'] = proc.stdout
     dirs['data'] = fp32_run['data']
     return dirs
+
+
+def tree_digest(folder):
+    """{relative path: sha1} of every file below folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, 'rb') as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
+    return out

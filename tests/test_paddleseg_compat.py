@@ -1,6 +1,5 @@
 """PaddleSeg 2.8 drop-in: its client API reads our exports, its command lines run unchanged,
 its configs build (nested components, per-script required keys)."""
-import hashlib
 import json
 import os
 import re
@@ -8,7 +7,15 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import INSTANT, ROOT, assert_one_line_error, data_opts, run_cli, run_command
+from conftest import (
+    INSTANT,
+    ROOT,
+    assert_one_line_error,
+    data_opts,
+    run_cli,
+    run_command,
+    tree_digest,
+)
 from PIL import Image
 
 QUICK = os.path.join(ROOT, 'configs', 'quick_start', 'bisenet_optic_disc_512x512_1k.yml')
@@ -38,17 +45,6 @@ UPSTREAM_FLAGS = {
         '--enable_auto_tune --enable_mkldnn --image_path --min_subgraph_size --model_name '
         '--precision --print_detail --save_dir --use_trt --with_argmax'),
 }
-
-
-def tree_digest(folder):
-    """{relative path: sha1} of every file below folder."""
-    out = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, folder)] = hashlib.sha1(f.read()).hexdigest()
-    return out
 
 
 def write_cfg(tmp_path, name, cfg):

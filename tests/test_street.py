@@ -1,9 +1,9 @@
 """The synthetic street scenes: deterministic, in the layout the zoo's Cityscapes configs
 read, every class of the 19 in a small val set."""
-import hashlib
 import os
 
 import numpy as np
+from conftest import tree_digest
 from PIL import Image
 
 from segslim.builder import build_dataset
@@ -13,20 +13,10 @@ from segslim.data.street import CLASSES, IGNORE, THIN_CLASSES, make_street_datas
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def digests(root):
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            with open(path, 'rb') as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def test_same_seed_same_bytes_another_seed_other_images(tmp_path):
     for name, seed in (('a', 3), ('b', 3), ('c', 4)):
         make_street_dataset(str(tmp_path / name), 2, 2, 96, 48, seed)
-    a, b, c = (digests(tmp_path / n) for n in 'abc')
+    a, b, c = (tree_digest(tmp_path / n) for n in 'abc')
     assert a == b and len(a) == 2 * 4 + 3  # images, labels, two lists, README.txt
     images = [k for k in a if k.endswith('_leftImg8bit.png')]
     assert all(a[k] != c[k] for k in images)
