@@ -1,7 +1,7 @@
 """Builds models, datasets, transforms, losses, optimizers and LR schedules from a config.
 
 `type:` names resolve against paddleseg's component managers and paddle's schedulers.
-Building never loads weights: see segslim.engine.checkpoint for that.
+Building never loads weights: see segslim.train.checkpoint for that.
 """
 import copy
 import difflib

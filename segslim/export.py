@@ -1,25 +1,17 @@
 """Inference-model export: output heads, the staged model folder and deploy.yaml (the ONNX
-file beside the Paddle program: segslim.onnx_export)."""
-import contextlib
+file beside the Paddle program: segslim.onnx.export)."""
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
 from segslim._paddle import paddle
 from segslim.errors import UserError
-from segslim.fileio import move_into_place
 from segslim.logger import logger
+from segslim.modeldir import deploy_transforms, staged_model_folder, write_deploy
 from segslim.program import fold_conv_bias_reshape
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
-STAGE_PREFIX = '.export-'
-MODEL_FILES = ('model.pdmodel', 'model.pdiparams', 'model.pdiparams.info', 'model.xml',
-               'model.bin', 'model.onnx', 'deploy.yaml')
 
 
 class InferenceModel(paddle.nn.Layer):
@@ -50,57 +42,6 @@ def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: b
     if without_argmax:
         return 'none'
     return output_op or 'argmax'
-
-
-@contextlib.contextmanager
-def staged_model_folder(save_dir: str):
-    """Yields a staging folder inside save_dir for model.pdmodel/.pdiparams/deploy.yaml;
-    when the block succeeds each file is moved into save_dir whole (an existing model there is
-    replaced, not mixed; other files stay). The stage is always removed, and a killed run's
-    stages are cleared on the next one."""
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-        for name in os.listdir(save_dir):
-            if name.startswith(STAGE_PREFIX):
-                shutil.rmtree(os.path.join(save_dir, name), ignore_errors=True)
-        stage = tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=save_dir)
-    except OSError as e:
-        raise UserError(f'cannot write --save_dir {save_dir} ({e.strerror}); choose a writable '
-                        'folder') from e
-    try:
-        yield stage
-        for name in MODEL_FILES:
-            if os.path.exists(os.path.join(stage, name)):
-                move_into_place(os.path.join(stage, name), os.path.join(save_dir, name))
-    except OSError as e:
-        raise UserError(f'cannot write the model to {save_dir} ({e.strerror or e}); check space '
-                        'and permissions') from e
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-
-def write_deploy(folder: str, section: Dict[str, Any]) -> None:
-    """<folder>/deploy.yaml holding `Deploy: section` (PaddleSeg's layout)."""
-    with open(os.path.join(folder, 'deploy.yaml'), 'w') as f:
-        yaml.safe_dump({'Deploy': section}, f, sort_keys=False, default_flow_style=None)
-
-
-def quantized_deploy(deploy: Dict[str, Any], model: str, params: str,
-                     **extra: Any) -> Dict[str, Any]:
-    """The deploy section of a quantized model made from the FP32 export's `deploy`
-    (read_deploy's): its transforms, shape and head kept, its files and ONNX entries
-    replaced by `model`, `params` and `extra`."""
-    out = {k: v for k, v in deploy.items()
-           if k not in ('dir', 'model', 'params', 'onnx', 'onnx_target')}
-    out.update(model=model, params=params, quantized=True, **extra)
-    return out
-
-
-def deploy_transforms(cfg: Dict[str, Any]) -> list:
-    export_cfg = cfg.get('export') or {}
-    if export_cfg.get('transforms') is not None:
-        return export_cfg['transforms']
-    return (cfg.get('val_dataset') or {}).get('transforms') or [{'type': 'Normalize'}]
 
 
 def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir: str,

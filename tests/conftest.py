@@ -55,7 +55,7 @@ def _preloaded():
     if not _CONTEXT:
         import multiprocessing
         ctx = multiprocessing.get_context('forkserver')
-        ctx.set_forkserver_preload(['segslim._paddle', 'paddleseg', 'segslim.commands',
+        ctx.set_forkserver_preload(['segslim._paddle', 'paddleseg', 'segslim.cli.commands',
                                     'conftest'])
         _CONTEXT.append(ctx)
     return _CONTEXT[0]
@@ -102,7 +102,7 @@ SCRIPTS = {  # the scripts' entry points, for in-process runs
 def run_command(script, *args, env=None):
     """Runs a repo script's command in this process (for paths that need no process of
     their own: argument and setup errors); returns a CompletedProcess like run_cli's."""
-    from segslim import commands
+    from segslim.cli import commands
     from segslim.logger import logger
     argv = [str(a) for a in args]
     # forked data workers would copy this process's threads' locks (a pytest-xdist worker's

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cli, run_command
 
-from segslim import cli, commands
-from segslim.auto_quant import AutoQuant, Steps
+from segslim.cli import commands, flags
+from segslim.cli.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
 
 FP32 = 0.90
@@ -281,16 +281,16 @@ def test_auto_quant_bad_inputs_are_one_line(fp32_run, tmp_path):
 
 
 def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, tmp_path):
-    from segslim.engine.checkpoint import read_state
+    from segslim.train.checkpoint import read_state
     steps = Steps(INSTANT, os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'),
                   str(tmp_path), ['paddle'], None, 2, 'cpu')
     ran, exported_from = [], []
 
-    def forked(command, **flags):  # Steps._run's command, from the suite's preloaded server
+    def forked(command, **given):  # Steps._run's command, from the suite's preloaded server
         ran.append(command)
         if command == 'qat_export':
-            exported_from.append(str(flags['model_path']))
-        proc = run_cli(f'slim/quant/{command}.py', *cli.to_argv(**flags), '--opts',
+            exported_from.append(str(given['model_path']))
+        proc = run_cli(f'slim/quant/{command}.py', *flags.to_argv(**given), '--opts',
                        *data_opts(fp32_run['data']))
         assert proc.returncode == 0, proc.stderr[-3000:]
     steps._run = forked
@@ -323,5 +323,5 @@ def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_p
         commands.run_in_child('make_demo_dataset', args)
     with pytest.raises(UserError, match='make_demo_dataset: invalid options'):
         commands.options('make_demo_dataset', size='big')
-    assert cli.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
+    assert flags.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
         '--a', '1', '--b', '--e', '1', '2']

@@ -23,8 +23,8 @@ def test_parse_verbose_sums_by_kind_and_dtype():
 
 
 def test_bench_shape_and_zoo_list():
+    from segslim.bench.models import bench_shape, zoo_configs
     from segslim.config import load_config
-    from segslim.model_bench import bench_shape, zoo_configs
     configs = zoo_configs(os.path.join(ROOT, 'configs'))
     assert len(configs) >= 17 and not [c for c in configs if 'quick_start' in c]
     seven = [c for c in configs if bench_shape(load_config(c, required=('model',)), 512) ==
@@ -33,7 +33,7 @@ def test_bench_shape_and_zoo_list():
 
 
 def test_summary_rows_and_geomean():
-    from segslim.model_bench import ZooResult, format_markdown, summary
+    from segslim.bench.models import ZooResult, format_markdown, summary
 
     def report(name, fp32, bf16, int8):
         def row(precision, s):
@@ -56,9 +56,9 @@ def test_summary_rows_and_geomean():
 
 
 def test_summary_puts_each_model_against_the_ceiling():
-    from segslim.ceiling import apply_ceilings
+    from segslim.bench.ceiling import apply_ceilings
+    from segslim.bench.models import ZooResult, format_markdown, summary
     from segslim.deploy.results import Ceiling
-    from segslim.model_bench import ZooResult, format_markdown, summary
     ceilings = {'paddle': Ceiling('paddle', 2.0, 1.0, None, '5/5 convs INT8'),
                 'openvino': Ceiling('openvino', 1.6, 0.5, None, '5/5 convs INT8')}
     results = []

@@ -57,7 +57,7 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     assert report['gain'] == min(r['s_per_img'] for r in rows if r['precision'] != 'int8') / \
         int8['s_per_img']
     assert report['gain_of_ceiling'] == report['gain'] / ceiling['int8_vs_best_unquantized']
-    assert 'CPU ceiling (segslim.ceiling' in proc.stdout and 'Gain: best INT8' in proc.stdout
+    assert 'CPU ceiling (segslim.bench.ceiling' in proc.stdout and 'Gain: best INT8' in proc.stdout
 
 
 def test_extra_onednn_passes_keep_the_masks(exported):

@@ -22,8 +22,8 @@ class TinyNet(paddle.nn.Layer):
 
 
 def loss_and_grads(distill, weight=1.0, temperature=1.0, teacher_seed=1):
-    from segslim.engine.train import Trainer
     from segslim.options import TrainOptions
+    from segslim.train.loop import Trainer
     student = TinyNet(0)
     sched = paddle.optimizer.lr.PolynomialDecay(0.01, 10)
     opt = paddle.optimizer.SGD(sched, parameters=student.parameters())
@@ -41,7 +41,7 @@ def loss_and_grads(distill, weight=1.0, temperature=1.0, teacher_seed=1):
 
 
 def test_distill_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
-    from segslim.engine.losses import distill_loss
+    from segslim.train.losses import distill_loss
     rng = np.random.default_rng(0)
     a = paddle.to_tensor(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))
     b = paddle.to_tensor(rng.standard_normal((2, 3, 4, 4)).astype(np.float32))

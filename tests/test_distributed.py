@@ -25,7 +25,7 @@ class KeyDataset:
 
 
 def test_each_process_gets_its_own_samples():
-    from segslim.engine.train import batches
+    from segslim.train.loop import batches
     ds = KeyDataset(10)
     single = batches(ds, 4, seed=3, start_iter=0)
     ranks = [batches(ds, 2, seed=3, start_iter=0, rank=r, world=2) for r in (0, 1)]

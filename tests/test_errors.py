@@ -254,8 +254,8 @@ def test_18_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
     from segslim._paddle import paddle
-    from segslim.engine import checkpoint as ckpt
     from segslim.errors import UserError
+    from segslim.train import checkpoint as ckpt
     layer = paddle.nn.Linear(2, 2)
     target = str(tmp_path / 'best_model')
     ckpt.save_checkpoint(target, layer)

@@ -62,8 +62,8 @@ def test_agreement_uses_one_restore_rule(fp32_run, tmp_path):
     from segslim import builder
     from segslim.config import load_config
     from segslim.deploy.benchmark import evaluate_engines
-    from segslim.engine.checkpoint import load_weights
     from segslim.export import export_inference_model
+    from segslim.train.checkpoint import load_weights
     cfg = load_config(INSTANT, opts=data_opts(fp32_run['data']))
     cfg['val_dataset']['transforms'] = [{'type': 'Resize', 'target_size': [48, 48]},
                                         {'type': 'Normalize'}]
@@ -203,7 +203,7 @@ def test_allow_partial_from_the_cli(fp32_run, tmp_path):
 def test_pretrained_urls_are_cached_apart(monkeypatch, tmp_path):
     import paddleseg.utils.utils as seg_utils
 
-    from segslim.engine import checkpoint
+    from segslim.train import checkpoint
     calls = []
 
     def fake_download(url, savepath, cover, extrapath, extraname, filename):
@@ -222,8 +222,8 @@ def test_pretrained_urls_are_cached_apart(monkeypatch, tmp_path):
 
 def test_amp_loss_scale_is_checkpointed(tmp_path):
     from segslim._paddle import paddle
-    from segslim.engine.train import Trainer, restore_scaler
     from segslim.options import TrainOptions
+    from segslim.train.loop import Trainer, restore_scaler
 
     class FakeScaler:
         def __init__(self, scale):

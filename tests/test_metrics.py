@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from segslim.engine.metrics import ConfusionMatrix
+from segslim.train.metrics import ConfusionMatrix
 
 
 def test_against_hand_computed_matrix():

@@ -19,8 +19,8 @@ onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
 from onnx import helper, numpy_helper  # noqa: E402
 
-from segslim.onnx_export import export_onnx  # noqa: E402
-from segslim.onnx_qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
+from segslim.onnx.export import export_onnx  # noqa: E402
+from segslim.onnx.qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
 
 
 def engine(model_dir, backend):
@@ -35,7 +35,7 @@ def val_set(data):
 
 
 def qat_model(qat_run):
-    from segslim.quant import build_quant_model
+    from segslim.quant.qat import build_quant_model
     cfg = load_config(INSTANT, opts=data_opts(qat_run['data']))
     model, _ = build_quant_model(cfg, qat_weights=os.path.join(qat_run['dir'], 'best_model',
                                                                'model.pdparams'))

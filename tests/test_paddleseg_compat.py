@@ -134,16 +134,16 @@ def test_paddleseg_client_api_reads_our_exports(exported, tmp_path):
 
 @pytest.mark.parametrize('command', sorted(UPSTREAM_FLAGS))
 def test_every_upstream_flag_is_accepted(command):
-    from segslim import cli, commands
+    from segslim.cli import commands, flags
     parsers = []
 
     def capture(parser, main, argv=None):
         parsers.append(parser)
-    original, cli.entry = cli.entry, capture
+    original, flags.entry = flags.entry, capture
     try:
         getattr(commands, command)([])
     finally:
-        cli.entry = original
+        flags.entry = original
     ours = set(parsers[0]._option_string_actions)
     missing = [flag for flag in UPSTREAM_FLAGS[command].split() if flag not in ours]
     assert not missing, missing
@@ -201,9 +201,9 @@ def test_bool_flag_rejects_non_boolean(exported, flag):
 
 
 def test_bool_flag_value_is_honoured():
-    from segslim import cli
-    p = cli.ArgumentParser()
-    cli.add_engine_args(p)
+    from segslim.cli import flags
+    p = flags.ArgumentParser()
+    flags.add_engine_args(p)
     assert p.parse_args(['--enable_mkldnn', 'False']).enable_mkldnn is False
     assert p.parse_args(['--enable_mkldnn=false']).enable_mkldnn is False
     assert p.parse_args(['--use_trt']).use_trt is True
@@ -307,7 +307,7 @@ def test_val_auc_roc_and_data_format(fp32_run):
 def test_auc_roc_matches_sklearn_on_known_scores():
     from sklearn.metrics import roc_auc_score
 
-    from segslim.engine.evaluate import ScoreCollector
+    from segslim.train.evaluate import ScoreCollector
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((2, 8, 8)).astype(np.float32)
     label = (rng.random((8, 8)) > 0.5).astype(np.int64)

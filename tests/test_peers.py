@@ -1,4 +1,4 @@
-"""The engines' own quantizers timed beside ours (segslim.peers), the ONNX-only model folder
+"""The engines' own quantizers timed beside ours (segslim.bench.peers), the ONNX-only model folder
 they need, and INT8 only where it pays (segslim.deploy.int8_kinds)."""
 import json
 import os
@@ -17,16 +17,16 @@ from conftest import (
     run_command,
 )
 
+from segslim.bench.peers import PEERS, peers_of
 from segslim.builder import build_dataset
 from segslim.config import load_config
 from segslim.deploy.benchmark import benchmark
-from segslim.deploy.engine import model_format, read_deploy
 from segslim.deploy.engines import available_backends, create_predictor, runs_model
 from segslim.deploy.int8_kinds import KINDS, choose_float_kinds, conv_kind
 from segslim.deploy.report import format_report
 from segslim.errors import UserError
+from segslim.modeldir import model_format, read_deploy
 from segslim.options import EngineOptions
-from segslim.peers import PEERS, peers_of
 
 SHAPE = (1, 3, 64, 64)
 BACKENDS = available_backends()
@@ -45,8 +45,8 @@ def ours(exported, tmp_path_factory):
     for name, folder in dirs.items():
         shutil.copytree(exported[name], folder)
     if 'onnxruntime' in BACKENDS:
-        from segslim.model_bench import sample_images
-        from segslim.onnx_export import export_onnx
+        from segslim.bench.models import sample_images
+        from segslim.onnx.export import export_onnx
         export_onnx(dirs['fp32'])
         export_onnx(dirs['int8'], 'onnxruntime', sample_images(64, 2))
     return dirs

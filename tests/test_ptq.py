@@ -9,12 +9,12 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, run_cli, run_command
 
-from segslim.analysis import LayerSensitivity, smallest_skip_set
 from segslim.builder import build_dataset
 from segslim.config import load_config
 from segslim.deploy.benchmark import evaluate_engines
 from segslim.deploy.engines import backend_label, create_predictor
 from segslim.options import EngineOptions
+from segslim.quant.sensitivity import LayerSensitivity, smallest_skip_set
 
 
 def val_set(data, config=INSTANT):
@@ -233,7 +233,7 @@ def test_max_miou_drop_skip_set_meets_the_target_on_the_engine(analysed, exporte
     fp32_dir = str(tmp_path / 'fp32')
     shutil.copytree(exported['fp32'], fp32_dir)
     if onnx:
-        from segslim.onnx_export import export_onnx
+        from segslim.onnx.export import export_onnx
         export_onnx(fp32_dir, 'onnxruntime')
     dataset = val_set(analysed['data'])
     int8, _ = engine_miou(str(out), dataset, CHECK_BACKEND)

@@ -6,9 +6,9 @@ from conftest import INSTANT
 from segslim import builder
 from segslim._paddle import paddle
 from segslim.config import load_config
-from segslim.engine.checkpoint import load_weights
 from segslim.errors import UserError
-from segslim.quant import build_quant_model, mark_skipped, quant_config_of, quantize_model
+from segslim.quant.qat import build_quant_model, mark_skipped, quant_config_of, quantize_model
+from segslim.train.checkpoint import load_weights
 
 
 class WithBackbone(paddle.nn.Layer):
@@ -113,7 +113,7 @@ def test_calibration_scales_follow_small_activations():
     # starts at the first batch, not at the observers' initial abs max of 1
     import numpy as np
 
-    from segslim.quant import calibrate
+    from segslim.quant.qat import calibrate
     paddle.seed(0)
     model = builder.build_model(load_config(INSTANT))
     quantize_model(model, quant_config_of({'quant_config': {'layers': 'all'}}), summary=False)

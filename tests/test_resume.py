@@ -111,7 +111,7 @@ def test_ema_weights_are_saved_and_resumed(instant_data, tmp_path):
 
 def _checkpoint(folder):
     """A resumable checkpoint of a tiny model, as the training loop writes it."""
-    from segslim.engine import checkpoint as ckpt
+    from segslim.train import checkpoint as ckpt
     model = paddle.nn.Conv2D(3, 2, 1)
     sched = paddle.optimizer.lr.PolynomialDecay(0.01, 10)
     opt = paddle.optimizer.SGD(sched, parameters=model.parameters())

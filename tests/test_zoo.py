@@ -67,7 +67,7 @@ def test_every_config_names_its_int8_promise():
 
 def test_every_family_runs_end_to_end_and_shares_its_promise():
     from segslim.config import load_config
-    from segslim.quant import quant_config_of
+    from segslim.quant.qat import quant_config_of
     families = {}
     for path in CONFIGS:
         cfg = load_config(path)
@@ -91,7 +91,7 @@ def test_config_builds_and_quantizes(path):
     quantizes at least one layer."""
     from segslim import builder
     from segslim.config import load_config
-    from segslim.quant import quant_config_of, quant_plan
+    from segslim.quant.qat import quant_config_of, quant_plan
     cfg = load_config(path)
     plan = quant_plan(builder.build_model(cfg), quant_config_of(cfg))
     assert any(rule == 'quantized' for _, _, rule in plan), path
@@ -99,11 +99,11 @@ def test_config_builds_and_quantizes(path):
 
 @pytest.mark.parametrize('path', RUNS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_config_quantizes_exports_and_runs_int8(path, tmp_path):
+    from segslim.bench.models import export_pair
     from segslim.config import load_config
     from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
-    from segslim.model_bench import export_pair
     from segslim.options import EngineOptions
-    from segslim.quant import quant_config_of
+    from segslim.quant.qat import quant_config_of
     cfg = load_config(path)
     qcfg = quant_config_of(cfg)
     dirs = export_pair(path, str(tmp_path), SIZE, calib=1, layers=None, fp32=False)

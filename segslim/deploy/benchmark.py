@@ -11,15 +11,16 @@ import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import EngineBase, Preprocessor, resize_chw, restore_size
+from segslim.deploy.engine import EngineBase, restore_size
 from segslim.deploy.engines import BACKENDS, create_predictor, runs_model
 from segslim.deploy.paddle_engine import check_engine_options
 from segslim.deploy.report import GalleryPick
 from segslim.deploy.results import Accuracy, BenchReport, BenchRow, Precision, within_bound
-from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
 from segslim.logger import logger, progress
+from segslim.modeldir import Preprocessor, resize_chw
 from segslim.options import TIMING_SHAPE, EngineOptions
+from segslim.train.metrics import ConfusionMatrix
 
 
 def evaluate_engines(predictors: Sequence[EngineBase], dataset: SegDataset,
@@ -160,9 +161,9 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     where the CPU has bf16. With a dataset, every row gets its Accuracy and `gallery`
     collects the val images where the first INT8 row agrees least with the first row;
     without one, `sample_batches` (preprocessed N,C,H,W images) give each row its pixel
-    agreement with the first. A peer quantizer's folder (segslim.peers) runs only on the
+    agreement with the first. A peer quantizer's folder (segslim.bench.peers) runs only on the
     engine it was made for. Every INT8 row gets its gain over its engine's FP32
-    (segslim.ceiling puts it against what the CPU allows)."""
+    (segslim.bench.ceiling puts it against what the CPU allows)."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # each row is labelled with what its engine ran

@@ -1,14 +1,10 @@
 """The engine interface every backend implements, and what all of them share: the model
 folder's deploy.yaml, the deploy transforms, restoring label maps to the image size and
 the op summary that says what ran INT8."""
-import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional
 
 import numpy as np
-import yaml
 
-from segslim import builder
-from segslim.data.datasets import read_image
 from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds
 from segslim.deploy.results import (
     NO_INT8_NOTE,
@@ -19,17 +15,9 @@ from segslim.deploy.results import (
 )
 from segslim.errors import UserError
 from segslim.logger import logger
+from segslim.modeldir import IR_QUANT_OP, ONNX_QUANT_OPS, model_format, read_deploy
 from segslim.options import EngineOptions
 from segslim.program import QUANT_OP_TYPES, program_op_types
-
-# OpenVINO IR (model.xml/model.bin, written by ptq.py --quantizer nncf): only OpenVINO runs it.
-IR_SUFFIX = '.xml'
-IR_QUANT_OP = 'FakeQuantize'
-# A folder whose model is an ONNX file (its weights inside, no Paddle program beside it): the
-# peers' onnxruntime quantize_static output. Only onnxruntime runs it.
-ONNX_SUFFIX = '.onnx'
-ONNX_QUANT_OPS = ('QuantizeLinear', 'QLinearConv', 'DequantizeLinear')
-
 
 # Without VNNI, x86 INT8 kernels add each pair of u8 x s8 products in a 16-bit lane
 # (vpmaddubsw): 8-bit weights can saturate it (2 x 255 x 127 > 32767), 7-bit ones cannot.
@@ -45,43 +33,6 @@ def seven_bit(q: np.ndarray) -> Optional[np.ndarray]:
         return None
     return np.clip(np.round(q.astype(np.float32) / 2), -SEVEN_BIT_LIMIT,
                    SEVEN_BIT_LIMIT).astype(np.int8)
-
-
-def read_deploy(model_dir: str) -> Dict[str, Any]:
-    """The `Deploy` section of <model_dir>/deploy.yaml with absolute model/params paths."""
-    path = os.path.join(model_dir, 'deploy.yaml') if os.path.isdir(model_dir) else model_dir
-    if not os.path.isfile(path):
-        raise UserError(f'{model_dir} has no deploy.yaml; pass a folder written by export.py or '
-                        'qat_export.py')
-    try:
-        with open(path) as f:
-            deploy = (yaml.safe_load(f) or {}).get('Deploy')
-    except (yaml.YAMLError, AttributeError) as e:
-        raise UserError(f'{path} is not a valid deploy.yaml ({type(e).__name__}); re-export the '
-                        'model') from e
-    if isinstance(deploy, dict) and str(deploy.get('model', '')).endswith(ONNX_SUFFIX):
-        deploy = dict(deploy, params=deploy['model'], onnx=deploy['model'])  # weights inside
-    if not isinstance(deploy, dict) or 'model' not in deploy or 'params' not in deploy:
-        raise UserError(f'{path} lacks Deploy.model/Deploy.params; re-export the model')
-    base = os.path.dirname(os.path.abspath(path))
-    deploy = dict(deploy)
-    for key in ('model', 'params'):
-        deploy[key] = os.path.join(base, deploy[key])
-        if not os.path.isfile(deploy[key]):
-            raise UserError(f'{path} names {deploy[key]} which does not exist; re-export the model')
-    deploy.setdefault('transforms', [{'type': 'Normalize'}])
-    deploy.setdefault('output_op', 'argmax')
-    deploy['dir'] = base
-    return deploy
-
-
-def model_format(deploy: Dict[str, Any]) -> str:
-    """'openvino' for an OpenVINO IR model folder, 'onnx' for a folder holding an ONNX model
-    alone, else 'paddle' (a Paddle inference program, with its model.onnx beside it when
-    exported --to_onnx)."""
-    if deploy['model'].endswith(IR_SUFFIX):
-        return 'openvino'
-    return 'onnx' if deploy['model'].endswith(ONNX_SUFFIX) else 'paddle'
 
 
 def onnx_op_types(model_file: str) -> List[str]:
@@ -102,44 +53,6 @@ def ir_op_types(model_file: str) -> List[str]:
     except ET.ParseError as e:
         raise UserError(f'{model_file} is not a valid OpenVINO IR file ({e}); re-export the '
                         'model') from e
-
-
-class Preprocessor:
-    """The deploy.yaml transforms applied to an image (a file, or a H,W,3 BGR array as
-    cv2 reads it), as in deployment; returns (C,H,W float32, trans_info)."""
-
-    def __init__(self, transforms: List[Dict[str, Any]]):
-        from paddleseg.transforms import Compose
-        self.compose = Compose(builder.build_transforms(transforms, 'Deploy.transforms'))
-
-    def __call__(self, image: Union[str, np.ndarray]) -> Tuple[np.ndarray, list]:
-        img = read_image(image) if isinstance(image, str) else image.astype(np.float32)
-        data = self.compose({'img': img, 'trans_info': [], 'gt_fields': []})
-        return data['img'], data['trans_info']
-
-
-def resize_chw(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """A preprocessed C,H,W float image resized (bilinear) to C,height,width."""
-    import cv2
-    hwc = cv2.resize(np.transpose(image, (1, 2, 0)), (width, height),
-                     interpolation=cv2.INTER_LINEAR).reshape(height, width, -1)
-    return np.ascontiguousarray(np.transpose(hwc, (2, 0, 1)), dtype=np.float32)
-
-
-def model_inputs(deploy: Dict[str, Any], images: Sequence[Union[str, np.ndarray]]
-                 ) -> List[np.ndarray]:
-    """The images as the deployed model sees them: 1,C,H,W batches after the deploy
-    transforms, resized to the export's input size when it is fixed."""
-    pre = Preprocessor(deploy.get('transforms') or [{'type': 'Normalize'}])
-    shape = deploy.get('input_shape') or []
-    size = tuple(shape[2:]) if len(shape) == 4 and all(d and d > 0 for d in shape[2:]) else None
-    batches = []
-    for image in images:
-        chw = pre(image)[0]
-        if size and chw.shape[1:] != size:
-            chw = resize_chw(chw, *size)
-        batches.append(np.ascontiguousarray(chw[np.newaxis], dtype=np.float32))
-    return batches
 
 
 def output_labels(out: np.ndarray) -> np.ndarray:
@@ -179,7 +92,7 @@ class EngineBase:
         self.opts = opts
         self.model_dir = model_dir
         self.format = model_format(self.deploy)
-        # a peer quantizer's model (segslim.peers) runs as its maker wrote it
+        # a peer quantizer's model (segslim.bench.peers) runs as its maker wrote it
         self.peer: Optional[str] = (self.deploy.get('peer') or {}).get('quantizer')
         if self.format == 'openvino':
             self.op_types = ir_op_types(self.deploy['model'])

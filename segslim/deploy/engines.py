@@ -16,7 +16,7 @@ class Backend:
     module: str         # where its predictor lives
     predictor: str      # the predictor class
     bf16: bool          # has a bf16 CPU path worth a baseline row
-    formats: Tuple[str, ...] = ('paddle',)  # model folders it runs (engine.model_format)
+    formats: Tuple[str, ...] = ('paddle',)  # model folders it runs (modeldir.model_format)
     requires: Tuple[str, ...] = ()          # optional packages it needs
 
 
@@ -57,9 +57,9 @@ def model_format_of(model_dir: str) -> str:
 
 
 def format_and_engine(model_dir: str) -> Tuple[str, Optional[str]]:
-    """The model folder's format (engine.model_format) and the one engine a peer
+    """The model folder's format (modeldir.model_format) and the one engine a peer
     quantizer's folder is made for (deploy.yaml `peer`; None for ours)."""
-    from segslim.deploy.engine import model_format, read_deploy
+    from segslim.modeldir import model_format, read_deploy
     deploy = read_deploy(model_dir)
     return model_format(deploy), (deploy.get('peer') or {}).get('engine')
 

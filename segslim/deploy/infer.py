@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 
 from segslim.data.datasets import read_image
-from segslim.deploy.engine import EngineBase, Preprocessor, restore_size
+from segslim.deploy.engine import EngineBase, restore_size
 from segslim.errors import UserError
 from segslim.fileio import atomic_write, write_bytes
+from segslim.modeldir import Preprocessor
 
 STAGES = ('preprocess', 'inference', 'postprocess')
 

@@ -12,8 +12,8 @@ from prettytable import PrettyTable, TableStyle
 from segslim.data.datasets import SegDataset, read_image, read_label
 from segslim.deploy.engines import backend_label
 from segslim.deploy.results import PEER_LABELS, BenchReport, BenchRow, Precision
-from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import atomic_write, write_bytes, write_json, write_text
+from segslim.train.metrics import ConfusionMatrix
 
 # Difference-map colours (RGB): changed pixels, split by what they do to the ground truth.
 CHANGED = (255, 200, 0)     # INT8 != FP32, neither matches the ground truth (or it is ignored)
@@ -95,8 +95,8 @@ def ceiling_lines(report: BenchReport) -> List[str]:
     probe."""
     lines = []
     if report.ceiling:
-        lines.append('CPU ceiling (segslim.ceiling: compute-bound 3x3 convs, 256 channels, same '
-                     'threads): ' + '; '.join(
+        lines.append('CPU ceiling (segslim.bench.ceiling: compute-bound 3x3 convs, 256 channels, '
+                     'same threads): ' + '; '.join(
                          '{} INT8 {} of FP32{} ({})'.format(
                              backend_label(c.backend),
                              f'{c.int8_x:.2f}x' if c.int8_x else 'not run',
@@ -118,7 +118,7 @@ def ceiling_lines(report: BenchReport) -> List[str]:
 
 
 def peer_lines(report: BenchReport) -> List[str]:
-    """Each engine's own quantizer (segslim.peers) against our fastest INT8 row on its
+    """Each engine's own quantizer (segslim.bench.peers) against our fastest INT8 row on its
     engine: both times, ours as a multiple of its speed, both agreements with the first row."""
     parts = []
     for peer in report.peers():

@@ -130,10 +130,10 @@ class BenchRow:
     speedup: float = 1.0
     speedup_vs_bf16: Optional[float] = None
     # INT8 rows: the same engine's FP32 time of the first model over this row's, and that as
-    # a share of the engine's INT8 ceiling on this CPU (segslim.ceiling)
+    # a share of the engine's INT8 ceiling on this CPU (segslim.bench.ceiling)
     speedup_vs_engine_fp32: Optional[float] = None
     of_ceiling: Optional[float] = None
-    # a peer quantizer's model (segslim.peers: its name, e.g. 'nncf_openvino'), not ours
+    # a peer quantizer's model (segslim.bench.peers: its name, e.g. 'nncf_openvino'), not ours
     peer: Optional[str] = None
     # without a val set: the share of pixels labelled as the first row labels them on the
     # generated timing images
@@ -183,7 +183,7 @@ class BenchRow:
         return self.accuracy.pixel_agreement if self.accuracy else self.sample_agreement
 
 
-# The engines' own quantizers a benchmark times beside ours (segslim.peers), by the name
+# The engines' own quantizers a benchmark times beside ours (segslim.bench.peers), by the name
 # their keys in benchmark.json carry.
 PEER_LABELS = {'nncf_openvino': 'NNCF nncf.quantize',
                'onnxruntime_quantize_static': 'onnxruntime quantize_static',
@@ -280,7 +280,7 @@ class BenchReport:
     repeats: int
     rows: List[BenchRow]
     gallery: Optional[List[Dict[str, JsonValue]]] = None
-    ceiling: Optional[Dict[str, Ceiling]] = None  # segslim.ceiling's probe per engine
+    ceiling: Optional[Dict[str, Ceiling]] = None  # segslim.bench.ceiling's probe per engine
 
     @property
     def ceiling_gain(self) -> Optional[float]:

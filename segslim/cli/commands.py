@@ -8,7 +8,7 @@ import multiprocessing
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from segslim import cli
+from segslim.cli import flags
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.errors import UserError
 from segslim.options import (
@@ -36,17 +36,17 @@ def _command(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
     _COMMANDS[build.__name__] = build
 
     def command(argv: Optional[List[str]] = None) -> None:
-        cli.entry(*build(), argv)
+        flags.entry(*build(), argv)
     command.__name__ = command.__qualname__ = build.__name__
     command.__doc__ = build.__doc__
     return command
 
 
-def options(command: str, **flags: Any) -> argparse.Namespace:
-    """The options `command` runs with for these flags: its own parser's defaults and checks
-    (a value it refuses raises UserError naming the flag)."""
+def options(command: str, **given: Any) -> argparse.Namespace:
+    """The options `command` runs with for the flags `given` as keywords: its own parser's
+    defaults and checks (a value it refuses raises UserError naming the flag)."""
     parser = _COMMANDS[command]()[0]
-    argv = cli.to_argv(**flags)
+    argv = flags.to_argv(**given)
     try:
         return parser.parse_args(argv)
     except SystemExit:
@@ -97,7 +97,7 @@ def _lazy(module: str, name: str, **kwargs: Any) -> Main:
 
 
 def _parser(description: str, *adders, config_required: bool = True) -> argparse.ArgumentParser:
-    p = cli.base_parser(description, config_required=config_required)
+    p = flags.base_parser(description, config_required=config_required)
     for add in adders:
         add(p)
     return p
@@ -105,7 +105,7 @@ def _parser(description: str, *adders, config_required: bool = True) -> argparse
 
 @_command
 def train() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Train a segmentation model (FP32).', cli.add_train_args)
+    p = _parser('Train a segmentation model (FP32).', flags.add_train_args)
     p.add_argument('--precision', choices=['fp32', 'fp16'], default=TrainOptions.precision,
                    help='fp16 enables automatic mixed precision (GPU only)')
     p.add_argument('--amp_level', choices=['O1', 'O2'], default=TrainOptions.amp_level,
@@ -115,29 +115,29 @@ def train() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--profiler_options', default=None,
                    help='paddle profiler, e.g. "batch_range=[10,20];profile_path=prof.log" '
                         '(paddleseg.utils.train_profiler)')
-    cli.add_data_format(p)
-    p.add_argument('--repeats', type=cli.positive_int, default=TrainOptions.repeats,
+    flags.add_data_format(p)
+    p.add_argument('--repeats', type=flags.positive_int, default=TrainOptions.repeats,
                    help='visit each training sample this many times per epoch')
-    return p, _lazy('segslim.workflows', 'run_train')
+    return p, _lazy('segslim.cli.workflows', 'run_train')
 
 
 @_command
 def val() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Evaluate a segmentation model (FP32).', cli.add_eval_args)
-    cli.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
-    return p, _lazy('segslim.workflows', 'run_val')
+    p = _parser('Evaluate a segmentation model (FP32).', flags.add_eval_args)
+    flags.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
+    return p, _lazy('segslim.cli.workflows', 'run_val')
 
 
 @_command
 def export() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Export an FP32 inference model.', cli.add_export_args)
-    return p, _lazy('segslim.workflows', 'run_export')
+    p = _parser('Export an FP32 inference model.', flags.add_export_args)
+    return p, _lazy('segslim.cli.workflows', 'run_export')
 
 
 @_command
 def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
     p = _parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
-                cli.add_train_args)
+                flags.add_train_args)
     p.add_argument('--model_path', default=None,
                    help='FP32 model.pdparams to start from (default: the config\'s '
                         'pretrained weights, else random init)')
@@ -147,28 +147,28 @@ def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
                    help='distil from the FP32 model of --model_path (frozen): adds '
                         '--distill_weight x KL(teacher || student) of the per-pixel class '
                         'distributions to the loss')
-    p.add_argument('--distill_weight', type=cli.non_negative_float,
+    p.add_argument('--distill_weight', type=flags.non_negative_float,
                    default=TrainOptions.distill_weight, help='weight of the distillation term')
-    p.add_argument('--distill_temperature', type=cli.positive_float,
+    p.add_argument('--distill_temperature', type=flags.positive_float,
                    default=TrainOptions.distill_temperature,
                    help='temperature of both class distributions (the term is scaled by its '
                         'square)')
-    return p, _lazy('segslim.workflows', 'run_train', quant=True)
+    return p, _lazy('segslim.cli.workflows', 'run_train', quant=True)
 
 
 @_command
 def qat_val() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Evaluate a quantization-aware trained model.', cli.add_eval_args)
-    return p, _lazy('segslim.workflows', 'run_val', quant=True)
+    p = _parser('Evaluate a quantization-aware trained model.', flags.add_eval_args)
+    return p, _lazy('segslim.cli.workflows', 'run_val', quant=True)
 
 
 @_command
 def qat_export() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Export a QAT model as an INT8 inference model.', cli.add_export_args)
+    p = _parser('Export a QAT model as an INT8 inference model.', flags.add_export_args)
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the QAT model on this many val images '
                         '(0: skip)')
-    return p, _lazy('segslim.workflows', 'run_export', quant=True)
+    return p, _lazy('segslim.cli.workflows', 'run_export', quant=True)
 
 
 @_command
@@ -182,9 +182,9 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
                      help='FP32 model.pdparams to export and quantize (default: the config\'s '
                           'model.pretrained)')
     p.add_argument('--save_dir', default='quant_model', help='where the INT8 model goes')
-    p.add_argument('--batch_nums', type=cli.positive_int, default=CALIBRATION_IMAGES,
+    p.add_argument('--batch_nums', type=flags.positive_int, default=CALIBRATION_IMAGES,
                    help='calibration batches drawn from the train set (upstream default 10)')
-    p.add_argument('--batch_size', type=cli.positive_int, default=1,
+    p.add_argument('--batch_size', type=flags.positive_int, default=1,
                    help='images per calibration batch')
     p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
                    help='activation scale method (upstream\'s ptq.py uses KL; abs_max kept the '
@@ -193,13 +193,13 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
                    help='paddleslim: quant_post_static, a Paddle INT8 model every engine runs; '
                         'nncf: OpenVINO\'s own quantizer, an OpenVINO IR model only --backend '
                         'openvino runs (pip install -e .[openvino])')
-    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=None,
+    p.add_argument('--max_miou_drop', type=flags.miou_drop, default=None,
                    help='with --quantizer nncf: its accuracy-controlled variant reverts the '
                         'costliest ops to FP32 until the OpenVINO mIoU on --num_images val '
                         'images is within this of FP32, e.g. 0.005')
-    p.add_argument('--num_images', type=cli.positive_int, default=None,
+    p.add_argument('--num_images', type=flags.positive_int, default=None,
                    help='val images --max_miou_drop is checked on (default: all)')
-    p.add_argument('--max_reverted', type=cli.positive_int, default=MAX_REVERTED,
+    p.add_argument('--max_reverted', type=flags.positive_int, default=MAX_REVERTED,
                    help='with --max_miou_drop: most ops reverted to FP32 (each one costs a '
                         'ranking pass over the val images)')
     p.add_argument('--output_op', choices=['argmax', 'softmax', 'none'], default=None,
@@ -209,10 +209,10 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the FP32 engine on this many val images '
                         '(0: skip)')
-    cli.add_rounding_args(p)
-    cli.add_to_onnx(p)
-    cli.add_cpu_threads(p)
-    return p, _lazy('segslim.workflows', 'run_ptq')
+    flags.add_rounding_args(p)
+    flags.add_to_onnx(p)
+    flags.add_cpu_threads(p)
+    return p, _lazy('segslim.cli.workflows', 'run_ptq')
 
 
 @_command
@@ -223,11 +223,11 @@ def analysis() -> Tuple[argparse.ArgumentParser, Main]:
                    help='FP32 model.pdparams (default: the config\'s model.pretrained)')
     p.add_argument('--save_dir', default='output/analysis',
                    help='sensitivity.md, sensitivity.png and skip_layers.yml go here')
-    p.add_argument('--num_images', type=cli.positive_int, default=8,
+    p.add_argument('--num_images', type=flags.positive_int, default=8,
                    help='val images each measurement runs on')
-    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
+    p.add_argument('--calib_images', type=flags.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate the activation scales')
-    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=None,
+    p.add_argument('--max_miou_drop', type=flags.miou_drop, default=None,
                    help='find the smallest skip set whose PTQ model stays within this mIoU '
                         'of FP32 on the engine, e.g. 0.005')
     p.add_argument('--algo', choices=PTQ_ALGOS, default=PTQ_ALGOS[0],
@@ -235,8 +235,8 @@ def analysis() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--backend', choices=BACKEND_NAMES, default='paddle',
                    help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
-    cli.add_cpu_threads(p)
-    return p, _lazy('segslim.workflows', 'run_analysis')
+    flags.add_cpu_threads(p)
+    return p, _lazy('segslim.cli.workflows', 'run_analysis')
 
 
 @_command
@@ -247,43 +247,43 @@ def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--model_path', required=True, help='FP32 model.pdparams')
     p.add_argument('--save_dir', default='output/auto_quant',
                    help='every candidate, report.md, and best/ (the chosen model)')
-    p.add_argument('--max_miou_drop', type=cli.miou_drop, default=0.005,
+    p.add_argument('--max_miou_drop', type=flags.miou_drop, default=0.005,
                    help='largest mIoU loss against the FP32 export on the same engine')
     p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=None,
                    help='engines to consider (default: every installed one)')
-    p.add_argument('--max_qat_iters', type=cli.positive_int, default=1000,
+    p.add_argument('--max_qat_iters', type=flags.positive_int, default=1000,
                    help='QAT budget; QAT stops at the first quarter that meets the bound')
-    p.add_argument('--num_images', type=cli.positive_int, default=None,
+    p.add_argument('--num_images', type=flags.positive_int, default=None,
                    help='val images each check runs on (default: all)')
-    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
+    p.add_argument('--calib_images', type=flags.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate PTQ')
-    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=list(TIMING_SHAPE),
+    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=list(TIMING_SHAPE),
                    metavar=('N', 'C', 'H', 'W'), help='timing input (as benchmark.py)')
-    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=flags.positive_int,
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run in --save_dir at its last finished step')
-    return p, _lazy('segslim.workflows', 'run_auto_quant')
+    return p, _lazy('segslim.cli.workflows', 'run_auto_quant')
 
 
 @_command
 def infer() -> Tuple[argparse.ArgumentParser, Main]:
-    p = cli.ArgumentParser(description='Segment images with an exported model.')
+    p = flags.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')
     p.add_argument('--image_path', required=True,
                    help='an image, a folder (searched recursively) or a file list (first '
                         'column of each line, relative to the list\'s folder)')
     p.add_argument('--save_dir', default='./output',
                    help='masks go here, sub-folders of --image_path kept')
-    p.add_argument('--batch_size', type=cli.positive_int, default=1)
+    p.add_argument('--batch_size', type=flags.positive_int, default=1)
     p.add_argument('--overlay', action='store_true', help='also write image+mask overlays')
     p.add_argument('--with_argmax', action='store_true',
                    help='accepted for compatibility: masks are always class ids, whatever '
                         'head the model was exported with')
     p.add_argument('--model_name', default='', help='named in the --benchmark summary')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
-    cli.add_engine_args(p)
-    return p, _lazy('segslim.deploy_workflows', 'run_infer')
+    flags.add_engine_args(p)
+    return p, _lazy('segslim.cli.deploy_workflows', 'run_infer')
 
 
 @_command
@@ -292,10 +292,10 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
                 config_required=False)
     p.add_argument('--model_dirs', nargs='+', required=True,
                    help='exported model folders; the first is the baseline')
-    p.add_argument('--input_shape', nargs=4, type=cli.positive_int, default=list(TIMING_SHAPE),
+    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=list(TIMING_SHAPE),
                    metavar=('N', 'C', 'H', 'W'), help='timing input')
     p.add_argument('--warmup', type=int, default=5)
-    p.add_argument('--repeats', type=cli.positive_int, default=20)
+    p.add_argument('--repeats', type=flags.positive_int, default=20)
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
     p.add_argument('--no_ceiling', action='store_true',
                    help='skip the CPU ceiling probe (compute-bound convolutions FP32 vs INT8 '
@@ -306,7 +306,7 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
                         'quantize_static, PaddleSlim quant_post_static on Paddle Inference), '
                         'calibrated on the train images our PTQ uses; written to '
                         '<report_dir>/peers')
-    p.add_argument('--calib_images', type=cli.positive_int, default=CALIBRATION_IMAGES,
+    p.add_argument('--calib_images', type=flags.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate the peers (--peers)')
     p.add_argument('--json', default=None, help='write the report as JSON')
     p.add_argument('--markdown', default=None, help='write the report to a markdown file')
@@ -315,13 +315,13 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
                         'differs from FP32, in pictures) here')
     p.add_argument('--gallery', type=int, default=8,
                    help='val images in the gallery: those where INT8 agrees least with FP32')
-    cli.add_engine_args(p, many_backends=True)
-    return p, _lazy('segslim.deploy_workflows', 'run_benchmark')
+    flags.add_engine_args(p, many_backends=True)
+    return p, _lazy('segslim.cli.deploy_workflows', 'run_benchmark')
 
 
 @_command
 def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
-    p = cli.ArgumentParser(description='Generate deterministic demo optic-disc data.')
+    p = flags.ArgumentParser(description='Generate deterministic demo optic-disc data.')
     p.add_argument('--save_dir', default='data/optic_disc_seg')
     p.add_argument('--num_train', type=int, default=60)
     p.add_argument('--num_val', type=int, default=20)
@@ -342,13 +342,13 @@ def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
 
 @_command
 def make_street_dataset() -> Tuple[argparse.ArgumentParser, Main]:
-    p = cli.ArgumentParser(description='Generate synthetic street scenes with the 19 Cityscapes '
+    p = flags.ArgumentParser(description='Generate synthetic street scenes with the 19 Cityscapes '
                            'train classes in the Cityscapes layout (deterministic for a seed).')
     p.add_argument('--save_dir', default='data/street')
-    p.add_argument('--num_train', type=cli.positive_int, default=400)
-    p.add_argument('--num_val', type=cli.positive_int, default=100)
-    p.add_argument('--width', type=cli.positive_int, default=256)
-    p.add_argument('--height', type=cli.positive_int, default=128)
+    p.add_argument('--num_train', type=flags.positive_int, default=400)
+    p.add_argument('--num_val', type=flags.positive_int, default=100)
+    p.add_argument('--width', type=flags.positive_int, default=256)
+    p.add_argument('--height', type=flags.positive_int, default=128)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
@@ -362,15 +362,15 @@ def make_street_dataset() -> Tuple[argparse.ArgumentParser, Main]:
 
 @_command
 def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
-    p = cli.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
+    p = flags.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
                                 'random weights; writes a markdown report and its JSON.')
     p.add_argument('--configs', nargs='+', default=None,
                    help='default: every model config under configs/ (the zoo)')
-    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=cli.positive_int,
+    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=flags.positive_int,
                    default=EngineOptions.cpu_threads)
-    p.add_argument('--size', type=cli.positive_int, default=512,
+    p.add_argument('--size', type=flags.positive_int, default=512,
                    help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
-    p.add_argument('--repeats', type=cli.positive_int, default=20)
+    p.add_argument('--repeats', type=flags.positive_int, default=20)
     p.add_argument('--out', default='docs/benchmark.md')
     p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=['paddle'],
                    help='engines to time (openvino: pip install -e .[openvino])')
@@ -380,8 +380,8 @@ def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--debug', action='store_true', help='show tracebacks')
 
     def main(args):
-        from segslim.model_bench import bench_models as run
-        from segslim.model_bench import write_report, zoo_configs
+        from segslim.bench.models import bench_models as run
+        from segslim.bench.models import write_report, zoo_configs
         configs = args.configs or zoo_configs()
         write_report(run(configs, args.cpu_threads, args.size, args.repeats,
                          backends=list(dict.fromkeys(args.backend)),

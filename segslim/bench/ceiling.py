@@ -40,7 +40,7 @@ def export_probe(work_dir: str, onnx: bool) -> Dict[str, str]:
     """FP32 and INT8 model folders of the probe (with model.onnx when `onnx`)."""
     from segslim._paddle import paddle
     from segslim.export import export_inference_model
-    from segslim.quant import DEFAULT_QUANT_CONFIG, calibrate, quantize_model
+    from segslim.quant.qat import DEFAULT_QUANT_CONFIG, calibrate, quantize_model
     shape = (1, 3, SIDE, SIDE)
     cfg = {'val_dataset': {'transforms': [{'type': 'Normalize'}]}}
     dirs = {'fp32': os.path.join(work_dir, 'fp32'), 'int8': os.path.join(work_dir, 'int8')}
@@ -56,7 +56,7 @@ def export_probe(work_dir: str, onnx: bool) -> Dict[str, str]:
         export_inference_model(model, cfg, dirs['int8'], output_op='none', input_shape=shape,
                                quanter=quanter, int8_ops=qcfg['int8_ops'])
     if onnx:
-        from segslim.onnx_export import export_onnx
+        from segslim.onnx.export import export_onnx
         images = [rng.integers(0, 255, (SIDE, SIDE, 3)).astype(np.uint8) for _ in range(2)]
         export_onnx(dirs['fp32'])
         export_onnx(dirs['int8'], 'onnxruntime', images)

@@ -62,14 +62,14 @@ class Steps:
         self._val: Any = None
         self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
-    def _run(self, command: str, **flags: Any) -> None:
+    def _run(self, command: str, **given: Any) -> None:
         """Runs `command`'s workflow with these flags (its parser's defaults and checks) in a
         child process of its own: a step's memory is freed when it ends, and a crash in a
         native library fails the step, not the search."""
-        from segslim import cli, commands
-        args = commands.options(command, **flags, opts=self.opts or None)
+        from segslim.cli import commands, flags
+        args = commands.options(command, **given, opts=self.opts or None)
         logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'),
-                    ' '.join(cli.to_argv(**flags)))
+                    ' '.join(flags.to_argv(**given)))
         commands.run_in_child(command, args)
 
     def _onnx(self) -> bool:
@@ -119,7 +119,7 @@ class Steps:
         """QAT with distillation up to `iters` (resuming a round's checkpoint), evaluated
         QAT_EVALS_PER_ROUND times a round; exports the best checkpoint so far by simulated
         val mIoU. Returns the export and the iteration it comes from."""
-        from segslim.engine.checkpoint import read_state
+        from segslim.train.checkpoint import read_state
         train_dir = os.path.join(out, 'train')
         start = read_state(resume)[0]['iter'] if resume else 0
         self._run('qat_train', config=self.config, model_path=self.model_path,

@@ -12,15 +12,15 @@ from paddleseg.utils.timer import calculate_eta
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset, collate
 from segslim.data.loader import ordered_map
-from segslim.engine import checkpoint as ckpt
-from segslim.engine import distributed
-from segslim.engine.evaluate import evaluate
-from segslim.engine.losses import compute_loss, distill_loss
-from segslim.engine.metrics import format_metrics
 from segslim.errors import UserError
 from segslim.fileio import recover
 from segslim.logger import logger
 from segslim.options import TrainOptions
+from segslim.train import checkpoint as ckpt
+from segslim.train import distributed
+from segslim.train.evaluate import evaluate
+from segslim.train.losses import compute_loss, distill_loss
+from segslim.train.metrics import format_metrics
 
 EMA_PARAMS = 'ema_model.pdparams'
 

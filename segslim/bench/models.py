@@ -16,24 +16,24 @@ import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
-from segslim.ceiling import apply_ceilings, measure_ceilings
+from segslim.bench.ceiling import apply_ceilings, measure_ceilings
+from segslim.bench.peers import PEERS, make_peers
 from segslim.config import load_config
 from segslim.data.demo import make_sample
 from segslim.deploy.benchmark import benchmark
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import Preprocessor, model_inputs, read_deploy
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile, profile_engine
 from segslim.deploy.report import format_report, markdown_table
 from segslim.deploy.results import PEER_LABELS, BenchReport, Gain
 from segslim.errors import UserError
-from segslim.export import deploy_transforms, export_inference_model
+from segslim.export import export_inference_model
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger, progress
-from segslim.onnx_export import export_onnx
+from segslim.modeldir import Preprocessor, deploy_transforms, model_inputs, read_deploy
+from segslim.onnx.export import export_onnx
 from segslim.options import EngineOptions
-from segslim.peers import PEERS, make_peers
-from segslim.quant import calibrate, quant_config_of, quantize_model
+from segslim.quant.qat import calibrate, quant_config_of, quantize_model
 
 
 def sample_images(size: int, count: int, seed: int = 0) -> List[np.ndarray]:
@@ -111,8 +111,8 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                  backends: Sequence[str] = ('paddle',), peers: bool = True) -> List[ZooResult]:
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy, and each measured against
-    this CPU's ceiling (segslim.ceiling, probed once per run). With `peers`, the engines'
-    own quantizers (segslim.peers) quantize the same FP32 export on the same generated
+    this CPU's ceiling (segslim.bench.ceiling, probed once per run). With `peers`, the engines'
+    own quantizers (segslim.bench.peers) quantize the same FP32 export on the same generated
     calibration images and are timed in the same run; every row's agreement with the FP32
     row is measured on other generated images."""
     reports = []
@@ -276,7 +276,8 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     ceiling = summ.get('ceiling') or {}
     if ceiling.get('int8_vs_best_unquantized'):
         lines += ['', '### Gain against this CPU\'s ceiling', '',
-                  'Ceiling (segslim.ceiling, compute-bound 3x3 convs, 256 channels): ' + ', '.join(
+                  'Ceiling (segslim.bench.ceiling: compute-bound 3x3 convs, 256 channels): '
+                  + ', '.join(
                       f"{backend_label(b)} INT8 {ratio(c['int8_x'])}"
                       for b, c in ceiling.items() if isinstance(c, dict)) +
                   '; best INT8 over best unquantized {}.'.format(
@@ -326,7 +327,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
 
 
 def peers_markdown(summ: Dict[str, Any]) -> List[str]:
-    """The table of ours against the engines' own quantizers (segslim.peers): per model and
+    """The table of ours against the engines' own quantizers (segslim.bench.peers): per model and
     peer, the peer's ms and ours as a multiple of its speed on its engine."""
     names = [n for n in PEERS if any((r.get('peers') or {}).get(f'{n}_s') for r in summ['rows'])]
     if not names:
@@ -344,8 +345,9 @@ def peers_markdown(summ: Dict[str, Any]) -> List[str]:
     geo, worst = summ.get('geomean_ours_vs_peers') or {}, summ.get('worst_ours_vs_peers') or {}
     return ['', '### Against the engines\' own quantizers (same FP32 export, same calibration '
             'images, same run)', '',
-            'Each peer as its documentation shows it (segslim.peers); "ours Nx" is the peer\'s '
-            'time over our fastest INT8 row on the same engine (above 1: ours is faster).', '',
+            'Each peer as its documentation shows it (segslim.bench.peers); "ours Nx" is the '
+            'peer\'s time over our fastest INT8 row on the same engine (above 1: ours is '
+            'faster).', '',
             table, '', 'Geometric mean of ours over each peer: ' + ', '.join(
                 '{} {} (worst model {})'.format(
                     PEER_LABELS[n], f'{geo[n]:.2f}x' if geo.get(n) else '-',

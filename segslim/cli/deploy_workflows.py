@@ -1,5 +1,5 @@
 """What the deploy scripts do (deploy/python/infer.py and benchmark.py), behind their
-parsers in segslim.commands: engines on exported model folders, no training."""
+parsers in segslim.cli.commands: engines on exported model folders, no training."""
 import argparse
 import os
 import tempfile
@@ -67,7 +67,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix='segslim-peers-') as tmp:
         model_dirs = list(args.model_dirs)
         if args.peers and cfg is not None:
-            from segslim.peers import peers_of
+            from segslim.bench.peers import peers_of
             model_dirs += peers_of(args.model_dirs[0], cfg, os.path.join(
                 args.report_dir, 'peers') if args.report_dir else tmp, backends,
                 args.calib_images)
@@ -76,7 +76,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
                                  with_bf16=False if args.no_bf16 else None,
                                  backends=backends, gallery=pick)
     if not args.no_ceiling and opts.device == 'cpu':
-        from segslim.ceiling import add_ceilings
+        from segslim.bench.ceiling import add_ceilings
         add_ceilings(report, opts)
     text = format_report(report)
     print(text, flush=True)

@@ -22,18 +22,18 @@ from segslim.config import (
     load_config,
     save_config,
 )
-from segslim.engine import checkpoint as ckpt
-from segslim.engine import distributed
-from segslim.engine.evaluate import evaluate
-from segslim.engine.metrics import format_metrics
-from segslim.engine.train import restore_training, train
 from segslim.errors import UserError
 from segslim.export import export_inference_model, output_op_of
 from segslim.fileio import check_output_file, check_writable, write_json
 from segslim.logger import logger
-from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
+from segslim.onnx.export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
 from segslim.options import ONNX_TARGETS, EvalOptions, Rounding, TrainOptions
-from segslim.quant import build_quant_model, quant_config_of, quantize_model
+from segslim.quant.qat import build_quant_model, quant_config_of, quantize_model
+from segslim.train import checkpoint as ckpt
+from segslim.train import distributed
+from segslim.train.evaluate import evaluate
+from segslim.train.loop import restore_training, train
+from segslim.train.metrics import format_metrics
 
 
 def _setup(args: argparse.Namespace, required: Sequence[str],
@@ -197,7 +197,7 @@ def _val_set_for_check(cfg: Dict[str, Any]) -> Any:
 def _calibration_images(cfg: Dict[str, Any]) -> List[str]:
     """A few train (else val) images for the ranges an INT8 ONNX needs beyond the program's
     scales; none (logged by the ONNX export) when the config's data is not on this machine."""
-    from segslim.ptq import calibration_paths
+    from segslim.quant.ptq import calibration_paths
     for key in ('train_dataset', 'val_dataset'):
         if cfg.get(key):
             try:
@@ -236,12 +236,12 @@ def run_export(args: argparse.Namespace, quant: bool = False) -> int:
 def run_ptq(args: argparse.Namespace) -> int:
     """slim/quant/ptq.py: post-training quantization of FP32 weights (--model_path) or of an
     FP32 export (--model_dir), calibrated on train images; the same layout as qat_export."""
-    from segslim import ptq
+    from segslim.quant import ptq
     rounding = Rounding.from_args(args)  # flag combinations first: nothing written yet
     cfg = _setup(args, ('model', 'train_dataset'))
     check_writable(args.save_dir)
     if args.model_dir:  # a folder export.py wrote, checked before any work
-        from segslim.deploy.engine import read_deploy
+        from segslim.modeldir import read_deploy
         read_deploy(args.model_dir)
     nncf = args.quantizer == 'nncf'
     ptq.check_quantizer_flags(args.quantizer, bool(args.to_onnx or args.onnx_target),
@@ -249,7 +249,7 @@ def run_ptq(args: argparse.Namespace) -> int:
     if args.to_onnx or args.onnx_target:
         require_onnx_export()
     if nncf:
-        from segslim.nncf_quant import import_nncf
+        from segslim.quant.nncf import import_nncf
         import_nncf()
     qcfg = quant_config_of(cfg)
     train_ds = build_dataset(cfg, 'train_dataset')
@@ -268,7 +268,7 @@ def run_ptq(args: argparse.Namespace) -> int:
             export_inference_model(model, cfg, fp32_dir, output_op_of(
                 args.output_op, args.with_softmax, args.without_argmax))
         if nncf:
-            from segslim.nncf_quant import nncf_quantize
+            from segslim.quant.nncf import nncf_quantize
             val = None if args.max_miou_drop is None else build_dataset(cfg, 'val_dataset')
             nncf_quantize(fp32_dir, args.save_dir, paths, val, args.num_images,
                           args.max_miou_drop, args.max_reverted)
@@ -291,7 +291,7 @@ def run_ptq(args: argparse.Namespace) -> int:
 def run_analysis(args: argparse.Namespace) -> int:
     """slim/quant/analysis.py: per-layer sensitivity, and with --max_miou_drop the smallest
     skip set whose PTQ model meets the budget on the engine."""
-    from segslim import analysis
+    from segslim.quant import sensitivity
     cfg = _setup(args, ('model', 'train_dataset', 'val_dataset'))
     check_writable(args.save_dir)
     weights = ckpt.weights_path(args.model_path, cfg, args.config)
@@ -303,7 +303,7 @@ def run_analysis(args: argparse.Namespace) -> int:
         else:
             from segslim.deploy.openvino_engine import import_openvino
             import_openvino()
-    paths = analysis.analyse(cfg, weights, args.config, args.save_dir, args.num_images,
+    paths = sensitivity.analyse(cfg, weights, args.config, args.save_dir, args.num_images,
                              args.calib_images, args.max_miou_drop, args.algo, args.device,
                              args.backend)
     logger.info('Wrote %s, %s and %s', paths['md'], paths['png'], paths['yml'])
@@ -311,8 +311,8 @@ def run_analysis(args: argparse.Namespace) -> int:
 
 
 def run_auto_quant(args: argparse.Namespace) -> int:
-    """slim/quant/auto_quant.py: the steps of segslim.auto_quant on this config and weights."""
-    from segslim import auto_quant as aq
+    """slim/quant/auto_quant.py: the steps of segslim.cli.auto_quant on this config and weights."""
+    from segslim.cli import auto_quant as aq
     cfg = _setup(args, ('model', 'train_dataset', 'val_dataset'))
     check_writable(args.save_dir)
     if not os.path.isfile(args.model_path):

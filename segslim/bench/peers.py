@@ -20,12 +20,11 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
-from segslim.deploy.engine import read_deploy
 from segslim.deploy.engines import BACKENDS, importable
 from segslim.deploy.results import PEER_LABELS
 from segslim.errors import UserError
-from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger, quiet_native_output
+from segslim.modeldir import quantized_deploy, read_deploy, staged_model_folder, write_deploy
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ def _onnxruntime(deploy: Dict[str, Any], stage: str,
 
 def _fp32_onnx(deploy: Dict[str, Any], tmp: str) -> str:
     """The FP32 export as ONNX, converted in a copy (the user's folder stays as it is)."""
-    from segslim.onnx_export import export_onnx
+    from segslim.onnx.export import export_onnx
     copy = os.path.join(tmp, 'fp32')
     shutil.copytree(deploy['dir'], copy)
     return export_onnx(copy)
@@ -192,8 +191,8 @@ def peers_of(fp32_dir: str, cfg: Dict[str, Any], work_dir: str, backends: Sequen
     """make_peers on the `count` train images of the config that our PTQ calibrates on
     (ptq.calibration_paths), as the FP32 export's deploy transforms give them."""
     from segslim.builder import build_dataset
-    from segslim.deploy.engine import model_inputs
-    from segslim.ptq import calibration_paths
+    from segslim.modeldir import model_inputs
+    from segslim.quant.ptq import calibration_paths
     files = build_dataset(cfg, 'train_dataset').file_list
     batches = model_inputs(read_deploy(fp32_dir), calibration_paths(files, count))
     return make_peers(fp32_dir, work_dir, batches, backends)

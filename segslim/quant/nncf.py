@@ -12,19 +12,20 @@ import numpy as np
 
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import (
+from segslim.deploy.engine import output_labels, restore_size
+from segslim.deploy.openvino_engine import import_openvino
+from segslim.errors import UserError
+from segslim.logger import logger
+from segslim.modeldir import (
     Preprocessor,
     model_inputs,
-    output_labels,
+    quantized_deploy,
     read_deploy,
-    restore_size,
+    staged_model_folder,
+    write_deploy,
 )
-from segslim.deploy.openvino_engine import import_openvino
-from segslim.engine.metrics import ConfusionMatrix
-from segslim.errors import UserError
-from segslim.export import quantized_deploy, staged_model_folder, write_deploy
-from segslim.logger import logger
 from segslim.options import MAX_REVERTED
+from segslim.train.metrics import ConfusionMatrix
 
 IR_FILES = ('model.xml', 'model.bin')
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
-from segslim.engine.checkpoint import load_weights
 from segslim.errors import UserError
 from segslim.fileio import write_text
 from segslim.logger import logger
 from segslim.program import DEFAULT_INT8_OPS, ONEDNN_INT8_OPS
+from segslim.train.checkpoint import load_weights
 
 # The reference QAT setup (PaddleSeg deploy/slim/quant); `quant_config:` in the YAML
 # overrides any key.

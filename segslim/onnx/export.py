@@ -2,7 +2,7 @@
 
 paddle2onnx converts the float program; for a quantized folder the float program is the
 quantized one with every quantize/dequantize pair taken out and the INT8 weights dequantized,
-and the scales of those pairs go to segslim.onnx_qdq, which places the QuantizeLinear /
+and the scales of those pairs go to segslim.onnx.qdq, which places the QuantizeLinear /
 DequantizeLinear nodes where the target runs them as INT8 kernels."""
 import contextlib
 import os
@@ -13,11 +13,11 @@ import numpy as np
 import yaml
 
 from segslim._paddle import paddle
-from segslim.deploy.engine import model_inputs
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
-from segslim.onnx_qdq import GraphError, ProgramScales, WeightQuant, quantize_graph
+from segslim.modeldir import model_inputs
+from segslim.onnx.qdq import GraphError, ProgramScales, WeightQuant, quantize_graph
 from segslim.options import ONNX_TARGETS
 from segslim.program import LAYER_OPS
 

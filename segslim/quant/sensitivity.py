@@ -13,11 +13,11 @@ import yaml
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
 from segslim.deploy.engines import backend_label
-from segslim.engine.evaluate import predict_sample
-from segslim.engine.metrics import ConfusionMatrix
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger, progress
-from segslim.quant import calibrate, quant_plan, quantize_model
+from segslim.quant.qat import calibrate, quant_plan, quantize_model
+from segslim.train.evaluate import predict_sample
+from segslim.train.metrics import ConfusionMatrix
 
 # Without --max_miou_drop, layers whose quantization alone costs this much simulated mIoU
 # (half a point) go to skip_layers.yml.
@@ -191,7 +191,7 @@ class PTQEngineCheck:
         from segslim.deploy.engines import create_predictor
         from segslim.options import EngineOptions
         if self.backend == 'onnxruntime':
-            from segslim.onnx_export import CALIBRATION_IMAGES, export_onnx
+            from segslim.onnx.export import CALIBRATION_IMAGES, export_onnx
             export_onnx(model_dir, 'onnxruntime', self.paths[:CALIBRATION_IMAGES])
         engine = create_predictor(model_dir, EngineOptions(backend=self.backend,
                                                            precision=precision))
@@ -199,7 +199,7 @@ class PTQEngineCheck:
                                 desc=f'{precision.upper()} engine')[0].miou
 
     def __call__(self, skip: List[str]) -> float:
-        from segslim import ptq
+        from segslim.quant import ptq
         q = dict(self.qcfg, skip=list(self.qcfg['skip']) + list(skip))
         ptq.post_training_quantize(self.fp32_dir, self.int8_dir, self.paths, q,
                                    ptq.skipped_weights(self.model, q, '', False),
@@ -220,12 +220,12 @@ def analyse(cfg: Dict[str, Any], weights: str, config: str, save_dir: str, num_i
     files of write_sensitivity and returns their paths."""
     import tempfile
 
-    from segslim import builder, ptq
+    from segslim import builder
     from segslim.builder import build_dataset
-    from segslim.deploy.engine import Preprocessor
-    from segslim.engine.checkpoint import load_weights
-    from segslim.export import deploy_transforms
-    from segslim.quant import quant_config_of
+    from segslim.modeldir import Preprocessor, deploy_transforms
+    from segslim.quant import ptq
+    from segslim.quant.qat import quant_config_of
+    from segslim.train.checkpoint import load_weights
     qcfg = quant_config_of(cfg)
 
     def build() -> paddle.nn.Layer:

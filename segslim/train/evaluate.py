@@ -7,10 +7,10 @@ from paddleseg.core import infer
 from segslim._paddle import paddle
 from segslim.data.datasets import SegDataset
 from segslim.data.loader import ordered_map
-from segslim.engine import distributed
-from segslim.engine.metrics import ConfusionMatrix
 from segslim.errors import UserError
 from segslim.logger import logger
+from segslim.train import distributed
+from segslim.train.metrics import ConfusionMatrix
 
 
 def _read_sample(dataset: SegDataset, index: int) -> Dict[str, Any]:

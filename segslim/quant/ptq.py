@@ -9,10 +9,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from segslim._paddle import paddle
-from segslim.deploy.engine import Preprocessor, read_deploy
 from segslim.errors import UserError
-from segslim.export import quantized_deploy, staged_model_folder, write_deploy
 from segslim.logger import logger, progress_bar, quiet_native_output
+from segslim.modeldir import (
+    Preprocessor,
+    quantized_deploy,
+    read_deploy,
+    staged_model_folder,
+    write_deploy,
+)
 from segslim.options import CALIBRATION_IMAGES, NEAREST, PTQ_ALGOS, Rounding
 from segslim.program import (
     LAYER_OPS,
@@ -20,8 +25,8 @@ from segslim.program import (
     program_input_names,
     read_program,
 )
-from segslim.quant import log_quant_summary, quant_plan
-from segslim.rounding import learned_rounding
+from segslim.quant.qat import log_quant_summary, quant_plan
+from segslim.quant.rounding import learned_rounding
 
 # Below CALIBRATION_IMAGES images the activation scales (a max, a mean of maxima, a histogram
 # percentile or a KL threshold over what was seen) follow a few images' extremes: a class or
