@@ -12,6 +12,7 @@ import paddleseg  # noqa: F401  (registers every component with the managers)
 from paddleseg.cvlibs import manager
 
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.data.datasets import SegDataset, check_files, check_root
 from segslim.errors import UserError
 
@@ -46,7 +47,7 @@ def is_component(value: Any) -> bool:
     return isinstance(value, dict) and 'type' in value
 
 
-def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> Any:
+def build_component(kind: str, cfg: Yaml, key: str, **extra: Any) -> Any:
     """Instantiates `{type: Name, **kwargs}`. As in PaddleSeg, every argument that is itself a
     `{type: ...}` mapping, or a list holding such mappings, is built first, wherever it
     stands (a backbone, a head, MixedLoss's `losses`, a loss inside a loss)."""
@@ -73,7 +74,7 @@ def build_component(kind: str, cfg: Dict[str, Any], key: str, **extra: Any) -> A
                         'arguments') from e
 
 
-def _without_pretrained(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _without_pretrained(cfg: Yaml) -> Yaml:
     cfg = copy.deepcopy(cfg)
     cfg.pop('pretrained', None)
     if isinstance(cfg.get('backbone'), dict):
@@ -87,7 +88,7 @@ def _as_int(value: Any, key: str) -> int:
     return value
 
 
-def num_classes_of(cfg: Dict[str, Any]) -> int:
+def num_classes_of(cfg: Yaml) -> int:
     """num_classes from the model, else the train (or val) dataset: its key or its class
     constant."""
     model_cfg = cfg.get('model') or {}
@@ -105,7 +106,7 @@ def num_classes_of(cfg: Dict[str, Any]) -> int:
     raise UserError('config: set `model.num_classes` (no dataset of the config defines it)')
 
 
-def ignore_index_of(cfg: Dict[str, Any], key: str = 'train_dataset') -> int:
+def ignore_index_of(cfg: Yaml, key: str = 'train_dataset') -> int:
     data_cfg = cfg[key]
     if 'ignore_index' in data_cfg:
         return _as_int(data_cfg['ignore_index'], key + '.ignore_index')
@@ -113,14 +114,14 @@ def ignore_index_of(cfg: Dict[str, Any], key: str = 'train_dataset') -> int:
     return int(getattr(cls, 'IGNORE_INDEX', 255))
 
 
-def build_model(cfg: Dict[str, Any]) -> paddle.nn.Layer:
+def build_model(cfg: Yaml) -> paddle.nn.Layer:
     """The segmentation network with random weights (`pretrained` keys are not loaded here)."""
     model_cfg = _without_pretrained(cfg['model'])
     model_cfg['num_classes'] = num_classes_of(cfg)
     return build_component('model', model_cfg, 'model')
 
 
-def pretrained_paths(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
+def pretrained_paths(cfg: Yaml) -> List[Tuple[str, str]]:
     """[(sublayer name or '', path or URL)] from model.pretrained / model.backbone.pretrained."""
     found = []
     model_cfg = cfg['model']
@@ -131,7 +132,7 @@ def pretrained_paths(cfg: Dict[str, Any]) -> List[Tuple[str, str]]:
     return found
 
 
-def build_transforms(items: Optional[List[Dict[str, Any]]], key: str) -> list:
+def build_transforms(items: Optional[List[Yaml]], key: str) -> list:
     if items is None:
         return []
     if not isinstance(items, list):
@@ -144,7 +145,7 @@ def build_transforms(items: Optional[List[Dict[str, Any]]], key: str) -> list:
     return out
 
 
-def _with_ignore_index(item: Dict[str, Any], ignore: int, key: str) -> Dict[str, Any]:
+def _with_ignore_index(item: Yaml, ignore: int, key: str) -> Yaml:
     """The loss config with the dataset's ignore_index filled in where the loss takes one,
     inner losses of MixedLoss included (as PaddleSeg's builder does)."""
     item = dict(item)
@@ -158,7 +159,7 @@ def _with_ignore_index(item: Dict[str, Any], ignore: int, key: str) -> Dict[str,
     return item
 
 
-def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
+def build_loss(cfg: Yaml) -> Dict[str, list]:
     """{'types': [loss objects, one per coef], 'coef': [...]} for multi-output models."""
     loss_cfg = cfg['loss']
     ignore = ignore_index_of(cfg)
@@ -171,7 +172,7 @@ def build_loss(cfg: Dict[str, Any]) -> Dict[str, list]:
     return {'types': types, 'coef': [float(c) for c in loss_cfg['coef']]}
 
 
-def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
+def build_lr_scheduler(cfg: Yaml) -> paddle.optimizer.lr.LRScheduler:
     """The LR schedule; PolynomialDecay decays over `iters` unless decay_steps is set."""
     if not cfg.get('lr_scheduler'):
         legacy = cfg.get('learning_rate')
@@ -202,7 +203,7 @@ def build_lr_scheduler(cfg: Dict[str, Any]) -> paddle.optimizer.lr.LRScheduler:
     return sched
 
 
-def build_optimizer(cfg: Dict[str, Any], model: paddle.nn.Layer,
+def build_optimizer(cfg: Yaml, model: paddle.nn.Layer,
                     lr: paddle.optimizer.lr.LRScheduler) -> paddle.optimizer.Optimizer:
     """PaddleSeg semantics: `SGD` with `momentum` means Momentum."""
     opt_cfg = copy.deepcopy(cfg['optimizer'])
@@ -215,7 +216,7 @@ def build_optimizer(cfg: Dict[str, Any], model: paddle.nn.Layer,
     return factory(model, lr)
 
 
-def build_dataset(cfg: Dict[str, Any], key: str, seed: int = 0) -> SegDataset:
+def build_dataset(cfg: Yaml, key: str, seed: int = 0) -> SegDataset:
     """The checked dataset for config key 'train_dataset' or 'val_dataset'."""
     if not cfg.get(key):
         raise UserError(f'config: required key `{key}` is missing; add it (see '

@@ -13,10 +13,15 @@ import yaml
 from segslim.errors import UserError
 from segslim.fileio import write_text
 
+# A mapping read from a PaddleSeg YAML config or one of its sections (model, datasets and
+# their transforms, loss, optimizer, quant_config, export): its keys are whatever the zoo's
+# components take, so no schema is imposed beyond `validate`.
+Yaml = Dict[str, Any]
+
 BASE_KEY = '_base_'
 INHERIT_KEY = '_inherited_'
 
-DEFAULTS: Dict[str, Any] = {'batch_size': 1, 'iters': 1000}
+DEFAULTS: Yaml = {'batch_size': 1, 'iters': 1000}
 KNOWN_KEYS = ('batch_size', 'iters', 'train_dataset', 'val_dataset', 'test_dataset',
               'optimizer', 'lr_scheduler', 'learning_rate', 'loss', 'model', 'export',
               'test_config', 'quant_config', 'distill_loss')
@@ -28,7 +33,7 @@ EXPORT_KEYS = ('model',)
 REQUIRED_KEYS = TRAIN_KEYS + ('val_dataset',)
 
 
-def load_yaml(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
+def load_yaml(path: str, _chain: Sequence[str] = ()) -> Yaml:
     """Reads one YAML file and everything it inherits through `_base_`."""
     path = os.path.abspath(path)
     if path in _chain:
@@ -63,14 +68,14 @@ def load_yaml(path: str, _chain: Sequence[str] = ()) -> Dict[str, Any]:
         return data
     if isinstance(bases, str):
         bases = [bases]
-    merged: Dict[str, Any] = {}
+    merged: Yaml = {}
     for base in bases:
         base_path = os.path.join(os.path.dirname(path), str(base))
         merged = merge(merged, load_yaml(base_path, list(_chain) + [path]))
     return merge(merged, data)
 
 
-def merge(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
+def merge(base: Yaml, child: Yaml) -> Yaml:
     """Child wins; dicts merge recursively, lists and scalars replace; a child dict with
     `_inherited_: False` replaces the base dict whole."""
     out = copy.deepcopy(base)
@@ -88,9 +93,9 @@ def merge(base: Dict[str, Any], child: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def parse_opts(opts: Optional[List[str]]) -> Dict[str, Any]:
+def parse_opts(opts: Optional[List[str]]) -> Yaml:
     """Turns ['a.b=1', 'c=x'] into {'a.b': 1, 'c': 'x'}; values are Python literals or strings."""
-    parsed: Dict[str, Any] = {}
+    parsed: Yaml = {}
     for item in opts or []:
         if '=' not in item or not item.split('=', 1)[0].strip():
             raise UserError(f'--opts {item!r}: expected key.sub=value')
@@ -106,7 +111,7 @@ def parse_opts(opts: Optional[List[str]]) -> Dict[str, Any]:
     return parsed
 
 
-def set_by_path(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
+def set_by_path(cfg: Yaml, dotted: str, value: Any) -> None:
     """Sets cfg['a']['b'] for 'a.b'; the top-level key must be known and parents must exist."""
     parts = dotted.split('.')
     if parts[0] not in KNOWN_KEYS:
@@ -135,7 +140,7 @@ def set_by_path(cfg: Dict[str, Any], dotted: str, value: Any) -> None:
 
 def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int] = None,
                 learning_rate: Optional[float] = None, opts: Optional[List[str]] = None,
-                required: Sequence[str] = REQUIRED_KEYS) -> Dict[str, Any]:
+                required: Sequence[str] = REQUIRED_KEYS) -> Yaml:
     """The resolved config dict: defaults, YAML, flags and --opts in that order; `required`
     names the top-level keys the calling script uses."""
     cfg = merge(DEFAULTS, load_yaml(path))
@@ -162,7 +167,7 @@ def _check_positive(flag: str, value: Any) -> None:
         raise UserError(f'{flag} must be positive, got {value}')
 
 
-def validate(cfg: Dict[str, Any], path: str = '<config>',
+def validate(cfg: Yaml, path: str = '<config>',
              required: Sequence[str] = REQUIRED_KEYS) -> None:
     """Checks the keys a script relies on (and the form of those present); names the file
     and the key."""
@@ -203,7 +208,7 @@ def validate_loss(loss: Any, name: str) -> None:
                                                       len(loss['coef'])))
 
 
-def save_config(cfg: Dict[str, Any], save_dir: str) -> str:
+def save_config(cfg: Yaml, save_dir: str) -> str:
     """Writes the resolved config as <save_dir>/config.yaml (atomically); returns its path."""
     os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, 'config.yaml')
@@ -211,7 +216,7 @@ def save_config(cfg: Dict[str, Any], save_dir: str) -> str:
     return path
 
 
-def apply_data_format(cfg: Dict[str, Any], data_format: str) -> None:
+def apply_data_format(cfg: Yaml, data_format: str) -> None:
     """--data_format NHWC, as PaddleSeg 2.8 supports it: DeepLabV3P only, set on the model,
     its backbone and the losses; the loops transpose the NCHW batches."""
     if data_format == 'NCHW':

@@ -3,12 +3,13 @@ file beside the Paddle program: segslim.onnx.export)."""
 import logging
 import os
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.errors import UserError
 from segslim.logger import logger
-from segslim.modeldir import deploy_transforms, staged_model_folder, write_deploy
+from segslim.modeldir import Deploy, deploy_transforms, staged_model_folder, write_deploy
 from segslim.program import fold_conv_bias_reshape
 
 OUTPUT_OPS = ('argmax', 'softmax', 'none')
@@ -44,12 +45,13 @@ def output_op_of(output_op: Optional[str], with_softmax: bool, without_argmax: b
     return output_op or 'argmax'
 
 
-def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir: str,
+def export_inference_model(model: paddle.nn.Layer, cfg: Yaml, save_dir: str,
                            output_op: str = 'argmax',
                            input_shape: Optional[Sequence[int]] = None,
                            quanter: Any = None,
-                           int8_ops: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Saves model.pdmodel, model.pdiparams and deploy.yaml into save_dir.
+                           int8_ops: Optional[Sequence[str]] = None) -> int:
+    """Saves model.pdmodel, model.pdiparams and deploy.yaml into save_dir; returns the number
+    of conv biases folded into their convs.
 
     With `quanter` (a PaddleSlim QAT object) the program holds quantize_linear /
     dequantize_linear ops and INT8 weights, and deploy.yaml names the op types the oneDNN
@@ -84,7 +86,7 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
             paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
                             prefix)
         folded = fold_conv_bias_reshape(prefix + '.pdmodel')
-        deploy = {'Deploy': {
+        section: Deploy = {
             'model': 'model.pdmodel',
             'params': 'model.pdiparams',
             'transforms': deploy_transforms(cfg),
@@ -92,10 +94,10 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Dict[str, Any], save_dir
             'output_op': output_op,
             'output_dtype': 'int32' if output_op == 'argmax' else 'float32',
             'quantized': quanter is not None,
-        }}
+        }
         if quanter is not None and int8_ops:
-            deploy['Deploy']['int8_ops'] = list(int8_ops)
-        write_deploy(stage, deploy['Deploy'])
+            section['int8_ops'] = list(int8_ops)
+        write_deploy(stage, section)
     logger.info('Exported %s inference model (%s head, %d conv biases folded) to %s',
                 'INT8' if quanter is not None else 'FP32', output_op, folded, save_dir)
-    return {'save_dir': save_dir, 'output_op': output_op, 'folded_biases': folded}
+    return folded

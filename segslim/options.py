@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
+from segslim.config import Yaml
 from segslim.errors import UserError
 
 # Runtimes an INT8 ONNX file is placed for (--onnx_target); the first is the default.
@@ -90,7 +91,7 @@ class EvalOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace,
-                  cfg: Optional[Dict[str, Any]] = None) -> 'EvalOptions':
+                  cfg: Optional[Yaml] = None) -> 'EvalOptions':
         """The flags, falling back on the config's `test_config` for each one not given."""
         test_cfg = dict((cfg or {}).get('test_config') or {})
         values = {}

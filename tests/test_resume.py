@@ -125,7 +125,7 @@ def test_training_state_is_data_not_code(tmp_path):
     ckpt = _checkpoint(tmp_path / 'iter_3')
     assert sorted(os.listdir(tmp_path / 'iter_3')) == ['model.pdopt', 'model.pdparams',
                                                        'train_state.json']
-    state = ckpt.load_checkpoint(str(tmp_path / 'iter_3'))['state']
+    state = ckpt.load_checkpoint(str(tmp_path / 'iter_3')).state
     assert state['iter'] == 3 and state['seed'] == 7 and state['config'] == {'iters': 10}
     assert state['best_miou'] == 0.5 and state['scaler']['scale'] == [512.0]
 
@@ -139,7 +139,7 @@ def test_older_pickled_state_resumes_only_as_plain_data(tmp_path):
     os.remove(tmp_path / 'iter_3' / 'train_state.json')
     with open(tmp_path / 'iter_3' / 'train_state.pkl', 'wb') as f:
         pickle.dump({'iter': 3, 'best_miou': 0.5, 'seed': 7, 'config': {'iters': 10}}, f)
-    assert ckpt.load_checkpoint(str(tmp_path / 'iter_3'))['state']['seed'] == 7
+    assert ckpt.load_checkpoint(str(tmp_path / 'iter_3')).state['seed'] == 7
     with open(tmp_path / 'iter_3' / 'train_state.pkl', 'wb') as f:  # would import code
         pickle.dump({'iter': 3, 'when': datetime.date(2020, 1, 1)}, f)
     with pytest.raises(UserError, match='train_state.pkl holds more than plain data'):

@@ -18,7 +18,7 @@ from segslim import builder
 from segslim._paddle import paddle
 from segslim.bench.ceiling import apply_ceilings, measure_ceilings
 from segslim.bench.peers import PEERS, make_peers
-from segslim.config import load_config
+from segslim.config import Yaml, load_config
 from segslim.data.demo import make_sample
 from segslim.deploy.benchmark import benchmark
 from segslim.deploy.cpu import cpu_features
@@ -42,7 +42,7 @@ def sample_images(size: int, count: int, seed: int = 0) -> List[np.ndarray]:
     return [make_sample(rng, size)[0] for _ in range(count)]
 
 
-def calibration_batches(cfg: Dict[str, Any], size: int, count: int,
+def calibration_batches(cfg: Yaml, size: int, count: int,
                         seed: int = 0) -> List[np.ndarray]:
     """sample_images through the config's deploy transforms, N=1."""
     pre = Preprocessor(deploy_transforms(cfg))
@@ -86,7 +86,7 @@ def zoo_configs(root: str = 'configs') -> List[str]:
                   if os.path.basename(os.path.dirname(p)) not in ('_base_', 'quick_start'))
 
 
-def bench_shape(cfg: Dict[str, Any], size: int) -> List[int]:
+def bench_shape(cfg: Yaml, size: int) -> List[int]:
     """1x3x512x1024 for the Cityscapes seven (ResNet50_vd OS8), else 1x3xSIZExSIZE."""
     model = cfg['model']
     backbone = (model.get('backbone') or {}).get('type')

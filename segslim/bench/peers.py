@@ -20,11 +20,18 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
+from segslim.config import Yaml
 from segslim.deploy.engines import BACKENDS, importable
 from segslim.deploy.results import PEER_LABELS
 from segslim.errors import UserError
 from segslim.logger import logger, quiet_native_output
-from segslim.modeldir import quantized_deploy, read_deploy, staged_model_folder, write_deploy
+from segslim.modeldir import (
+    Deploy,
+    quantized_deploy,
+    read_deploy,
+    staged_model_folder,
+    write_deploy,
+)
 
 
 @dataclass(frozen=True)
@@ -32,21 +39,21 @@ class Peer:
     name: str       # the key in benchmark.json (<name>_s)
     engine: str     # the one backend its model is made for
     requires: Sequence[str]
-    make: Callable[[Dict[str, Any], str, Sequence[np.ndarray]], Dict[str, Any]]
+    make: Callable[[Deploy, str, Sequence[np.ndarray]], Deploy]
 
     @property
     def label(self) -> str:
         return PEER_LABELS[self.name]
 
 
-def _deploy_of(deploy: Dict[str, Any], peer: 'Peer', model: str, params: str,
-               images: int) -> Dict[str, Any]:
+def _deploy_of(deploy: Deploy, peer: 'Peer', model: str, params: str,
+               images: int) -> Deploy:
     return quantized_deploy(deploy, model, params,
                             peer={'quantizer': peer.name, 'engine': peer.engine},
                             calibration={'method': peer.name, 'images': images})
 
 
-def _nncf(deploy: Dict[str, Any], stage: str, batches: Sequence[np.ndarray]) -> Dict[str, Any]:
+def _nncf(deploy: Deploy, stage: str, batches: Sequence[np.ndarray]) -> Deploy:
     import nncf
     import openvino as ov
     model = ov.Core().read_model(deploy['model'], deploy['params'])
@@ -55,8 +62,8 @@ def _nncf(deploy: Dict[str, Any], stage: str, batches: Sequence[np.ndarray]) -> 
     return _deploy_of(deploy, PEERS['nncf_openvino'], 'model.xml', 'model.bin', len(batches))
 
 
-def _onnxruntime(deploy: Dict[str, Any], stage: str,
-                 batches: Sequence[np.ndarray]) -> Dict[str, Any]:
+def _onnxruntime(deploy: Deploy, stage: str,
+                 batches: Sequence[np.ndarray]) -> Deploy:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -96,7 +103,7 @@ def _onnxruntime(deploy: Dict[str, Any], stage: str,
                       len(batches))
 
 
-def _fp32_onnx(deploy: Dict[str, Any], tmp: str) -> str:
+def _fp32_onnx(deploy: Deploy, tmp: str) -> str:
     """The FP32 export as ONNX, converted in a copy (the user's folder stays as it is)."""
     from segslim.onnx.export import export_onnx
     copy = os.path.join(tmp, 'fp32')
@@ -104,8 +111,8 @@ def _fp32_onnx(deploy: Dict[str, Any], tmp: str) -> str:
     return export_onnx(copy)
 
 
-def _paddleslim(deploy: Dict[str, Any], stage: str,
-                batches: Sequence[np.ndarray]) -> Dict[str, Any]:
+def _paddleslim(deploy: Deploy, stage: str,
+                batches: Sequence[np.ndarray]) -> Deploy:
     from paddleslim.quant import quant_post_static
 
     from segslim._paddle import paddle
@@ -186,7 +193,7 @@ def make_peers(fp32_dir: str, work_dir: str, batches: Sequence[np.ndarray],
 
 
 
-def peers_of(fp32_dir: str, cfg: Dict[str, Any], work_dir: str, backends: Sequence[str],
+def peers_of(fp32_dir: str, cfg: Yaml, work_dir: str, backends: Sequence[str],
              count: int) -> List[str]:
     """make_peers on the `count` train images of the config that our PTQ calibrates on
     (ptq.calibration_paths), as the FP32 export's deploy transforms give them."""

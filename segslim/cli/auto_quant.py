@@ -35,6 +35,7 @@ from segslim.deploy.engines import importable
 from segslim.deploy.results import BenchRow, Precision, within_bound
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
+from segslim.modeldir import update_deploy
 from segslim.options import CALIBRATION_IMAGES, TIMING_SHAPE, check_max_miou_drop
 
 STATE = 'auto_quant.json'
@@ -341,7 +342,7 @@ class AutoQuant:
             partial = best + '.partial'  # a kill mid-copy leaves no half-written best/
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(choice.row.model_dir, partial)
-            _name_engine(partial, choice.row.backend)
+            update_deploy(partial, engine=choice.row.backend)
             shutil.rmtree(best, ignore_errors=True)
             os.rename(partial, best)
             self.state['choice'] = {'candidate': choice.name, 'backend': choice.row.backend,
@@ -365,15 +366,6 @@ class AutoQuant:
         self._save()
         write_text(os.path.join(self.save_dir, 'report.md'), report_markdown(self.state))
         return 0 if choice is not None else 1
-
-
-def _name_engine(model_dir: str, backend: str) -> None:
-    import yaml
-    path = os.path.join(model_dir, 'deploy.yaml')
-    with open(path) as f:
-        deploy = yaml.safe_load(f)
-    deploy['Deploy']['engine'] = backend
-    write_text(path, yaml.safe_dump(deploy, sort_keys=False, default_flow_style=None))
 
 
 def report_markdown(state: Dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from segslim.config import (
     EVAL_KEYS,
     EXPORT_KEYS,
     TRAIN_KEYS,
+    Yaml,
     apply_data_format,
     load_config,
     save_config,
@@ -57,11 +58,11 @@ def _seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def choose_seed(args: argparse.Namespace, resume: Optional[Dict[str, Any]]) -> int:
+def choose_seed(args: argparse.Namespace, resume: Optional[ckpt.Resume]) -> int:
     """The run's seed: a resumed run keeps its checkpoint's; --seed otherwise; with neither
     (PaddleSeg's default) one is drawn and logged, and the checkpoints keep it."""
     if resume is not None:
-        seed = int(resume['state'].get('seed', 0))
+        seed = int(resume.state.get('seed', 0))
         if args.seed is not None and args.seed != seed:
             logger.warning('--seed %d ignored: the resumed run continues with its seed %d',
                            args.seed, seed)
@@ -74,8 +75,8 @@ def choose_seed(args: argparse.Namespace, resume: Optional[Dict[str, Any]]) -> i
     return seed
 
 
-def _build_train_model(args: argparse.Namespace, cfg: Dict[str, Any], quant: bool,
-                       resume: Optional[Dict[str, Any]]) -> paddle.nn.Layer:
+def _build_train_model(args: argparse.Namespace, cfg: Yaml, quant: bool,
+                       resume: Optional[ckpt.Resume]) -> paddle.nn.Layer:
     """The model to train, with its starting weights (none when resuming: the checkpoint
     brings them); for QAT, FP32 weights are loaded before quantizing."""
     model = builder.build_model(cfg)
@@ -94,7 +95,7 @@ def _build_train_model(args: argparse.Namespace, cfg: Dict[str, Any], quant: boo
     return model
 
 
-def _build_teacher(args: argparse.Namespace, cfg: Dict[str, Any]) -> Optional[paddle.nn.Layer]:
+def _build_teacher(args: argparse.Namespace, cfg: Yaml) -> Optional[paddle.nn.Layer]:
     """qat_train --distill: the FP32 model of --model_path, frozen in eval mode."""
     if not getattr(args, 'distill', False):
         return None
@@ -147,16 +148,16 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
                    resume=resume, teacher=teacher)
     best = os.path.join(args.save_dir, 'best_model')
-    if result['best_iter'] > 0:
+    if result.best_iter > 0:
         logger.info('Training done at iter %d; best mIoU %.4f at iter %d, weights in %s',
-                    result['iter'], result['best_miou'], result['best_iter'], best)
+                    result.iter, result.best_miou, result.best_iter, best)
     else:
         logger.info('Training done at iter %d; last weights in %s (add --do_eval to keep the '
-                    'best by mIoU)', result['iter'], best)
+                    'best by mIoU)', result.iter, best)
     return 0
 
 
-def _load_for_inference(args: argparse.Namespace, cfg: Dict[str, Any], quant: bool,
+def _load_for_inference(args: argparse.Namespace, cfg: Yaml, quant: bool,
                         summary_dir: Optional[str] = None):
     weights = ckpt.weights_path(args.model_path, cfg, args.config)
     if quant:
@@ -182,7 +183,7 @@ def run_val(args: argparse.Namespace, quant: bool = False) -> int:
     return 0
 
 
-def _val_set_for_check(cfg: Dict[str, Any]) -> Any:
+def _val_set_for_check(cfg: Yaml) -> Any:
     """The val set the INT8 engine is checked on, or None (logged) when there is none."""
     if not cfg.get('val_dataset'):
         logger.info('Config has no val_dataset: the INT8 engine was not checked')
@@ -194,7 +195,7 @@ def _val_set_for_check(cfg: Dict[str, Any]) -> Any:
         return None
 
 
-def _calibration_images(cfg: Dict[str, Any]) -> List[str]:
+def _calibration_images(cfg: Yaml) -> List[str]:
     """A few train (else val) images for the ranges an INT8 ONNX needs beyond the program's
     scales; none (logged by the ONNX export) when the config's data is not on this machine."""
     from segslim.quant.ptq import calibration_paths
@@ -208,7 +209,7 @@ def _calibration_images(cfg: Dict[str, Any]) -> List[str]:
     return []
 
 
-def _export_onnx(args: argparse.Namespace, cfg: Dict[str, Any], images: List[str]) -> None:
+def _export_onnx(args: argparse.Namespace, cfg: Yaml, images: List[str]) -> None:
     export_onnx(args.save_dir, args.onnx_target or ONNX_TARGETS[0], images)
 
 

@@ -3,7 +3,7 @@ import os
 import random
 import socket
 import threading
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, TypedDict
 
 import cv2
 import numpy as np
@@ -11,9 +11,20 @@ from PIL import Image
 
 from segslim.errors import UserError
 from segslim.logger import logger
+from segslim.config import Yaml
 
 DEMO_HINT = 'python tools/make_demo_dataset.py --save_dir {}'
 DOWNLOAD_HOST = ('paddleseg.bj.bcebos.com', 443)
+
+
+class Sample(TypedDict, total=False):
+    """One sample as paddleseg's transforms pass it along: the image (C,H,W float32 after
+    Normalize), its label (H,W int64, absent without one), the resize/padding records that
+    restore the original size, and the fields the transforms move with the image."""
+    img: np.ndarray
+    label: np.ndarray
+    trans_info: List[Any]
+    gt_fields: List[str]
 
 
 def can_reach(host: Tuple[str, int], timeout: float = 3.0) -> bool:
@@ -35,7 +46,7 @@ def can_reach(host: Tuple[str, int], timeout: float = 3.0) -> bool:
     return bool(result)
 
 
-def check_root(data_cfg: Dict[str, Any], key: str) -> None:
+def check_root(data_cfg: Yaml, key: str) -> None:
     root = data_cfg.get('dataset_root')
     if root is not None and os.path.isdir(root):
         return
@@ -105,14 +116,14 @@ class SegDataset:
     def __len__(self) -> int:
         return len(self.file_list)
 
-    def __getitem__(self, key: int) -> Dict[str, Any]:
+    def __getitem__(self, key: int) -> Sample:
         return self.sample(key)
 
-    def sample(self, key: int) -> Dict[str, Any]:
+    def sample(self, key: int) -> Sample:
         epoch, index = divmod(int(key), len(self.file_list))
         img_path, label_path = self.file_list[index]
         img = read_image(img_path)
-        data: Dict[str, Any] = {'img': img, 'trans_info': [], 'gt_fields': []}
+        data: Sample = {'img': img, 'trans_info': [], 'gt_fields': []}
         if label_path is not None:
             label = read_label(label_path)  # its size was checked by check_files
             self.check_values(label, label_path)
@@ -161,7 +172,7 @@ def check_files(file_list: List[Tuple[str, Optional[str]]], key: str) -> None:
                                                   sizes[0][0], sizes[0][1]))
 
 
-def collate(samples: List[Dict[str, Any]], key: str) -> Tuple[np.ndarray, np.ndarray]:
+def collate(samples: List[Sample], key: str) -> Tuple[np.ndarray, np.ndarray]:
     """Stacks train samples; differing sizes mean the transforms lack a Resize or crop."""
     shapes = {s['img'].shape for s in samples}
     if len(shapes) > 1:

@@ -126,7 +126,7 @@ class EngineBase:
     def probe_shape(self) -> List[int]:
         """The exported fixed input shape, else opts.input_shape: what a first run uses."""
         if self.fixed_shape():
-            return list(self.deploy['input_shape'])
+            return [int(v or 0) for v in self.deploy['input_shape']]
         return list(self.opts.input_shape)
 
     @property

@@ -5,9 +5,12 @@ import glob
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from onnx import TensorProto
 
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
@@ -84,7 +87,7 @@ def seven_bit_qdq(model: Any) -> int:
     return done
 
 
-def _dequantized(dq: Any, inits: Dict[str, Any]) -> Any:
+def _dequantized(dq: Any, inits: Dict[str, 'TensorProto']) -> Any:
     """The float values of a DequantizeLinear of initializers (per-tensor or per-axis),
     or None when its inputs are not all initializers."""
     from onnx import numpy_helper

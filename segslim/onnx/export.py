@@ -10,13 +10,12 @@ import tempfile
 from typing import Any, Dict, Iterator, List, Sequence, Union
 
 import numpy as np
-import yaml
 
 from segslim._paddle import paddle
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
-from segslim.modeldir import model_inputs
+from segslim.modeldir import model_inputs, read_deploy, update_deploy
 from segslim.onnx.qdq import GraphError, ProgramScales, WeightQuant, quantize_graph
 from segslim.options import ONNX_TARGETS
 from segslim.program import LAYER_OPS
@@ -163,16 +162,15 @@ def export_onnx(model_dir: str, target: str = 'onnxruntime',
             not os.path.isfile(deploy_path):
         raise UserError(f'{model_dir} holds no exported Paddle model (model.pdmodel and '
                         'deploy.yaml); export it first')
-    with open(deploy_path) as f:
-        deploy = yaml.safe_load(f)
-    quantized = bool(deploy['Deploy'].get('quantized'))
+    deploy = read_deploy(model_dir)
+    quantized = bool(deploy.get('quantized'))
     if quantized:
         with tempfile.TemporaryDirectory(prefix='segslim-onnx-') as tmp:
             scales = dequantized_program(model_dir, tmp)
             model = paddle_to_onnx(tmp)
         try:
             model, stats = quantize_graph(model, scales, target, model_inputs(
-                deploy['Deploy'], calibration_images))
+                deploy, calibration_images))
         except GraphError as e:
             raise UserError(f'onnxruntime cannot run the ONNX graph paddle2onnx made of '
                             f'{model_dir} ({e}); export with a fixed --input_shape N C H W '
@@ -185,10 +183,7 @@ def export_onnx(model_dir: str, target: str = 'onnxruntime',
         model, stats = paddle_to_onnx(model_dir), {}
     out = os.path.join(model_dir, 'model.onnx')
     write_bytes(out, model.SerializeToString())
-    deploy['Deploy']['onnx'] = 'model.onnx'
-    deploy['Deploy']['onnx_target'] = target
-    write_bytes(deploy_path, yaml.safe_dump(deploy, sort_keys=False,
-                                            default_flow_style=None).encode())
+    update_deploy(model_dir, onnx='model.onnx', onnx_target=target)
     if quantized:
         logger.info('Exported QDQ INT8 ONNX model for %s (opset %d, %d/%d convs and %d/%d '
                     'matmuls with INT8 weights) to %s', target, ONNX_OPSET,

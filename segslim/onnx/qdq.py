@@ -13,9 +13,12 @@ target runs them as INT8 kernels.
   the inputs of a concat.
 The scale of a tensor read by several quantized layers is the largest of theirs."""
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from onnx import NodeProto
 
 LAYER_TYPES = ('Conv', 'MatMul')
 NONNEGATIVE_OPS = ('Relu', 'Sigmoid', 'Softmax')
@@ -73,7 +76,7 @@ class Graph:
                 found.setdefault(name, []).append(node)
         return found
 
-    def producers(self) -> Dict[str, Any]:
+    def producers(self) -> Dict[str, 'NodeProto']:
         """{tensor: the node that writes it} now (a snapshot)."""
         return {name: node for node in self.nodes for name in node.output}
 
@@ -181,7 +184,7 @@ def fold_batch_norms(g: Graph, weights: Dict[str, WeightQuant]) -> None:
             g.nodes.remove(follower)
 
 
-def _nonnegative(g: Graph, producers: Dict[str, Any], name: str, depth: int = 0) -> bool:
+def _nonnegative(g: Graph, producers: Dict[str, 'NodeProto'], name: str, depth: int = 0) -> bool:
     """Whether the tensor cannot be negative, from the ops that make it."""
     if name in g.inits:
         return bool((g.inits[name] >= 0).all())

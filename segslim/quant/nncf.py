@@ -6,7 +6,7 @@ IR folder (model.xml/model.bin + deploy.yaml) that only the OpenVINO engine runs
 With a mIoU bound, NNCF's accuracy-controlled variant reverts the quantized ops that cost
 the most on the val images, one at a time, until the OpenVINO model is within the bound."""
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from segslim.deploy.openvino_engine import import_openvino
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.modeldir import (
+    Deploy,
     Preprocessor,
     model_inputs,
     quantized_deploy,
@@ -44,7 +45,7 @@ class ValImages:
     """The first `limit` val images as the deployed model sees them, with their labels and
     the transforms' records; miou(compiled) scores an OpenVINO compiled model on them."""
 
-    def __init__(self, deploy: Dict[str, Any], dataset: SegDataset, limit: Optional[int]):
+    def __init__(self, deploy: Deploy, dataset: SegDataset, limit: Optional[int]):
         pre = Preprocessor(deploy['transforms'])
         self.num_classes, self.ignore = dataset.num_classes, dataset.ignore_index
         self.items: List[Tuple[np.ndarray, list, np.ndarray]] = []
@@ -66,7 +67,7 @@ class ValImages:
 def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
                   val_dataset: Optional[SegDataset] = None, num_images: Optional[int] = None,
                   max_drop: Optional[float] = None,
-                  max_reverted: int = MAX_REVERTED) -> Dict[str, Any]:
+                  max_reverted: int = MAX_REVERTED) -> None:
     """Quantizes the FP32 export in `fp32_dir` with NNCF into an OpenVINO IR folder
     `save_dir`; with `max_drop` the accuracy-controlled variant, checked on the first
     `num_images` images of `val_dataset`. Returns {'save_dir', 'images'}."""
@@ -113,4 +114,3 @@ def nncf_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
                          **({'max_miou_drop': max_drop} if max_drop else {})}))
     logger.info('PTQ (NNCF%s, %d calibration images) wrote the OpenVINO INT8 model to %s',
                 ', accuracy-controlled' if max_drop else '', len(image_paths), save_dir)
-    return {'save_dir': save_dir, 'images': len(image_paths)}

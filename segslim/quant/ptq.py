@@ -4,11 +4,12 @@ saved in qat_export's layout (model.pdmodel, model.pdiparams, deploy.yaml)."""
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.errors import UserError
 from segslim.logger import logger, progress_bar, quiet_native_output
 from segslim.modeldir import (
@@ -37,7 +38,7 @@ class CalibrationImages(paddle.io.Dataset):
     """Image files through the deploy transforms: CHW float32 arrays. `bar` (a progress bar)
     advances with every image read."""
 
-    def __init__(self, paths: Sequence[str], transforms: List[Dict[str, Any]],
+    def __init__(self, paths: Sequence[str], transforms: List[Yaml],
                  bar: Any = None):
         super().__init__()
         self.paths = list(paths)
@@ -71,7 +72,7 @@ def warn_if_too_few(images: int, asked: int, available: int) -> None:
                        'check the INT8 mIoU on val)', images, CALIBRATION_IMAGES)
 
 
-def skipped_weights(model: paddle.nn.Layer, qcfg: Dict[str, Any], what: str,
+def skipped_weights(model: paddle.nn.Layer, qcfg: Yaml, what: str,
                     summary: bool = True, summary_dir: Optional[str] = None) -> List[str]:
     """Weight names of the layers the QAT policy skips (PTQ's skip_tensor_list), after logging
     the quant summary (its table in `summary_dir`). `model` must be the one the program was
@@ -114,9 +115,9 @@ def check_quantizer_flags(quantizer: str, to_onnx: bool, max_miou_drop: Optional
 
 
 def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[str],
-                           qcfg: Dict[str, Any], skip_weights: Sequence[str], algo: str = 'abs_max',
+                           qcfg: Yaml, skip_weights: Sequence[str], algo: str = 'abs_max',
                            batch_size: int = 1, device: str = 'cpu',
-                           rounding: Rounding = NEAREST) -> Dict[str, Any]:
+                           rounding: Rounding = NEAREST) -> None:
     """Quantizes the exported FP32 model in `fp32_dir` into `save_dir` (files staged, then
     each moved into place), rounding the weights as `rounding` says; returns {'save_dir',
     'images', 'algo', 'rounding', 'seconds'}."""
@@ -182,6 +183,4 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
     seconds = round(time.time() - started, 1)
     logger.info('PTQ (%s, %s rounding, %d calibration images, %.1f s) wrote the INT8 inference '
                 'model to %s', algo, rounding.name, len(dataset), seconds, save_dir)
-    return {'save_dir': save_dir, 'images': len(dataset), 'algo': algo,
-            'rounding': rounding.name, 'seconds': seconds}
 

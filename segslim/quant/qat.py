@@ -9,6 +9,7 @@ import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.errors import UserError
 from segslim.fileio import write_text
 from segslim.logger import logger
@@ -17,7 +18,7 @@ from segslim.train.checkpoint import load_weights
 
 # The reference QAT setup (PaddleSeg deploy/slim/quant); `quant_config:` in the YAML
 # overrides any key.
-DEFAULT_QUANT_CONFIG: Dict[str, Any] = {
+DEFAULT_QUANT_CONFIG: Yaml = {
     'weight_quantize_type': 'channel_wise_abs_max',
     'activation_quantize_type': 'moving_average_abs_max',
     'weight_bits': 8,
@@ -43,7 +44,7 @@ LAYER_TYPES = {'Conv2D': paddle.nn.Conv2D, 'Linear': paddle.nn.Linear,
                'Conv2DTranspose': paddle.nn.Conv2DTranspose}
 
 
-def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def quant_config_of(cfg: Yaml) -> Yaml:
     """The checked QAT settings: defaults overridden by the config's `quant_config`."""
     user = cfg.get('quant_config') or {}
     if not isinstance(user, dict):
@@ -84,7 +85,7 @@ def quant_config_of(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return qcfg
 
 
-def quant_plan(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+def quant_plan(model: paddle.nn.Layer, qcfg: Yaml) -> List[Tuple[str, str, str]]:
     """[(layer name, layer type, rule)] for every quantizable layer, in model order; rule is
     'quantized' or what skips it: the `layers: backbone` policy or the first matching
     `skip` pattern."""
@@ -135,7 +136,7 @@ def log_quant_summary(plan: List[Tuple[str, str, str]], what: str,
     return path
 
 
-def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str], List[str]]:
+def mark_skipped(model: paddle.nn.Layer, qcfg: Yaml) -> Tuple[List[str], List[str]]:
     """Sets `skip_quant` on quantizable layers the policy leaves out; returns
     (names to quantize, names skipped)."""
     layers = dict(model.named_sublayers())
@@ -147,7 +148,7 @@ def mark_skipped(model: paddle.nn.Layer, qcfg: Dict[str, Any]) -> Tuple[List[str
     return quantized, skipped
 
 
-def quantize_model(model: paddle.nn.Layer, qcfg: Dict[str, Any], summary: bool = True,
+def quantize_model(model: paddle.nn.Layer, qcfg: Yaml, summary: bool = True,
                    summary_dir: Optional[str] = None):
     """Inserts fake-quant layers in place; returns the PaddleSlim QAT object (for export).
     `summary` logs the quant summary (with its table in `summary_dir`)."""
@@ -188,7 +189,7 @@ def calibrate(model: paddle.nn.Layer, batches: Sequence[Any]) -> None:
     model.eval()
 
 
-def build_quant_model(cfg: Dict[str, Any], fp32_weights: Optional[str] = None,
+def build_quant_model(cfg: Yaml, fp32_weights: Optional[str] = None,
                       qat_weights: Optional[str] = None, allow_partial: bool = False,
                       summary_dir: Optional[str] = None):
     """Builds the config's model, loads FP32 weights (before quantizing) or QAT weights

@@ -11,6 +11,7 @@ import numpy as np
 import yaml
 
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.data.datasets import SegDataset
 from segslim.deploy.engines import backend_label
 from segslim.fileio import write_json, write_text
@@ -52,7 +53,7 @@ class SensitivityProbe:
     """An FP32 model and its calibrated fake-quant twin, on the first `num_images` val
     images. measure(enabled) gives (mIoU, SQNR) with only the `enabled` layers quantized."""
 
-    def __init__(self, build: Callable[[], paddle.nn.Layer], qcfg: Dict[str, Any],
+    def __init__(self, build: Callable[[], paddle.nn.Layer], qcfg: Yaml,
                  calib_batches: Sequence[np.ndarray], dataset: SegDataset, num_images: int):
         self.dataset = dataset
         self.samples = [dataset[i] for i in range(min(num_images, len(dataset)))]
@@ -173,8 +174,8 @@ class PTQEngineCheck:
     (`backend`, CPU: Paddle Inference's oneDNN, OpenVINO, or onnxruntime on the --to_onnx
     file) on the first `num_images` val images."""
 
-    def __init__(self, fp32_model: paddle.nn.Layer, cfg: Dict[str, Any], work_dir: str,
-                 calib_paths: Sequence[str], qcfg: Dict[str, Any], dataset: SegDataset,
+    def __init__(self, fp32_model: paddle.nn.Layer, cfg: Yaml, work_dir: str,
+                 calib_paths: Sequence[str], qcfg: Yaml, dataset: SegDataset,
                  num_images: int, algo: str = 'abs_max', device: str = 'cpu',
                  backend: str = 'paddle'):
         from segslim.export import export_inference_model
@@ -210,7 +211,7 @@ class PTQEngineCheck:
         return self.base - miou
 
 
-def analyse(cfg: Dict[str, Any], weights: str, config: str, save_dir: str, num_images: int,
+def analyse(cfg: Yaml, weights: str, config: str, save_dir: str, num_images: int,
             calib_images: int, max_miou_drop: Optional[float], algo: str = 'abs_max',
             device: str = 'cpu', backend: str = 'paddle') -> Dict[str, str]:
     """The sensitivity of every layer of the config's model with `weights`, and a skip list:

@@ -12,16 +12,38 @@ import json
 import os
 import pickle
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple, TypedDict, Union, cast
 
 import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.data.datasets import can_reach
 from segslim.errors import UserError
 from segslim.fileio import atomic_dir, remove_path
 from segslim.logger import logger
+
+
+class TrainState(TypedDict, total=False):
+    """train_state.json of a resumable checkpoint: where the run stands and what it keeps."""
+    iter: int
+    best_miou: float
+    best_iter: int
+    best_ema: List[Union[float, int]]  # [mIoU, iter] of the best EMA weights
+    seed: int
+    config: Yaml  # the resolved config the run trained with
+    scaler: Dict[str, object]  # AMP's loss-scale state (paddle's GradScaler.state_dict)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A checkpoint folder read for --resume_model: its weights file, the optimizer's state
+    dict (paddle's, with the LR scheduler's inside) and the training state."""
+    params: str
+    optimizer: Dict[str, object]
+    state: TrainState
 
 PARAMS = 'model.pdparams'
 OPT = 'model.pdopt'
@@ -102,7 +124,7 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f'{type(obj).__name__} cannot be written to a training state')
 
 
-def write_dir_atomic(final: str, files: Dict[str, Any]) -> None:
+def write_dir_atomic(final: str, files: Dict[str, object]) -> None:
     """Writes {name: object-or-callable(path)} as the folder `final`, atomically
     (fileio.atomic_dir): .json names as JSON, other objects paddle.save'd."""
     def fill(tmp: str) -> None:
@@ -152,11 +174,11 @@ def read_state(path: str) -> Tuple[Any, str]:
 def save_checkpoint(path: str, model: paddle.nn.Layer,
                     optimizer: Optional[paddle.optimizer.Optimizer] = None,
                     scheduler: Optional[paddle.optimizer.lr.LRScheduler] = None,
-                    state: Optional[Dict[str, Any]] = None,
-                    extra: Optional[Dict[str, Any]] = None) -> None:
+                    state: Optional[TrainState] = None,
+                    extra: Optional[Dict[str, object]] = None) -> None:
     """Writes a checkpoint folder atomically; with optimizer and state it is resumable.
     `extra` adds {file name: state dict} (e.g. EMA weights)."""
-    files: Dict[str, Any] = {PARAMS: model.state_dict()}
+    files: Dict[str, object] = {PARAMS: model.state_dict()}
     files.update(extra or {})
     if optimizer is not None:
         opt_state = dict(optimizer.state_dict())
@@ -168,7 +190,7 @@ def save_checkpoint(path: str, model: paddle.nn.Layer,
     write_dir_atomic(path, files)
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
+def load_checkpoint(path: str) -> Resume:
     """The parts of a resumable checkpoint folder; a one-line error if it is incomplete."""
     if not os.path.isdir(path):
         raise UserError(f'--resume_model {path} is not a checkpoint folder; pass an iter_N folder '
@@ -188,7 +210,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if not isinstance(state, dict) or 'iter' not in state:
         raise UserError(f'--resume_model {path}: {state_file} is not a training state; resume '
                         'from another iter_N folder')
-    return {'params': os.path.join(path, PARAMS), 'opt': opt_state, 'state': state}
+    return Resume(os.path.join(path, PARAMS), dict(opt_state), cast(TrainState, state))
 
 
 def iter_checkpoints(save_dir: str) -> List[str]:
@@ -224,7 +246,7 @@ def local_weights(location: str, key: str) -> str:
     return download_pretrained_model(location)
 
 
-def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
+def load_pretrained(model: paddle.nn.Layer, cfg: Yaml) -> bool:
     """Loads `model.pretrained` / `model.backbone.pretrained` into the matching sublayer,
     skipping unfit keys; returns whether anything was loaded."""
     found = builder.pretrained_paths(cfg)
@@ -239,7 +261,7 @@ def load_pretrained(model: paddle.nn.Layer, cfg: Dict[str, Any]) -> bool:
     return bool(found)
 
 
-def weights_path(model_path: Optional[str], cfg: Dict[str, Any], config: str) -> str:
+def weights_path(model_path: Optional[str], cfg: Yaml, config: str) -> str:
     """--model_path (checked to exist, before any work), else the config's
     `model.pretrained` (PaddleSeg's fallback)."""
     if model_path:

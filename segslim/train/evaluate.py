@@ -1,23 +1,23 @@
 """Evaluation of a dygraph model on a dataset (FP32 or fake-quant alike)."""
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 from paddleseg.core import infer
 
 from segslim._paddle import paddle
-from segslim.data.datasets import SegDataset
+from segslim.data.datasets import Sample, SegDataset
 from segslim.data.loader import ordered_map
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.train import distributed
-from segslim.train.metrics import ConfusionMatrix
+from segslim.train.metrics import ConfusionMatrix, Metrics
 
 
-def _read_sample(dataset: SegDataset, index: int) -> Dict[str, Any]:
+def _read_sample(dataset: SegDataset, index: int) -> Sample:
     return dataset.sample(index)
 
 
-def predict_sample(model: paddle.nn.Layer, sample: Dict[str, Any], aug_eval: bool = False,
+def predict_sample(model: paddle.nn.Layer, sample: Sample, aug_eval: bool = False,
                    scales: Union[float, Sequence[float]] = 1.0, flip_horizontal: bool = False,
                    flip_vertical: bool = False, is_slide: bool = False,
                    crop_size: Optional[Sequence[int]] = None,
@@ -70,7 +70,7 @@ def evaluate(model: paddle.nn.Layer, dataset: SegDataset, aug_eval: bool = False
              scales: Union[float, Sequence[float]] = 1.0, flip_horizontal: bool = False,
              flip_vertical: bool = False, is_slide: bool = False,
              crop_size: Optional[Sequence[int]] = None, stride: Optional[Sequence[int]] = None,
-             log_every: int = 0, num_workers: int = 0, auc_roc: bool = False) -> Dict[str, Any]:
+             log_every: int = 0, num_workers: int = 0, auc_roc: bool = False) -> Metrics:
     """Metrics of `model` on every sample of `dataset` at the original label size; worker
     processes read and transform samples ahead when num_workers > 0; auc_roc adds
     'auc_roc'. Under paddle.distributed.launch each process evaluates its share of the

@@ -3,6 +3,7 @@ import copy
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Generator, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -10,6 +11,7 @@ from paddleseg.utils.ema import update_ema_model
 from paddleseg.utils.timer import calculate_eta
 
 from segslim._paddle import paddle
+from segslim.config import Yaml
 from segslim.data.datasets import SegDataset, collate
 from segslim.data.loader import ordered_map
 from segslim.errors import UserError
@@ -23,6 +25,16 @@ from segslim.train.losses import compute_loss, distill_loss
 from segslim.train.metrics import format_metrics
 
 EMA_PARAMS = 'ema_model.pdparams'
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """How a training run ended: its last iteration, the best validation mIoU and its
+    iteration (-1 without --do_eval), and the last checkpoint written (None if none)."""
+    iter: int
+    best_miou: float
+    best_iter: int
+    last_checkpoint: Optional[str]
 
 
 class WeightAverage:
@@ -101,9 +113,9 @@ def _log_window(window: Dict[str, float], it: int, epoch: int, lr: float,
 
 def train(model: paddle.nn.Layer, train_ds: SegDataset, val_ds: Optional[SegDataset],
           optimizer: paddle.optimizer.Optimizer, scheduler: paddle.optimizer.lr.LRScheduler,
-          losses: Dict[str, list], cfg: Dict[str, Any], opts: TrainOptions,
-          resume: Optional[Dict[str, Any]] = None,
-          teacher: Optional[paddle.nn.Layer] = None) -> Dict[str, Any]:
+          losses: Dict[str, list], cfg: Yaml, opts: TrainOptions,
+          resume: Optional[ckpt.Resume] = None,
+          teacher: Optional[paddle.nn.Layer] = None) -> 'TrainResult':
     """Runs iterations up to opts.iters; saves iter_N/ every save_interval and best_model/
     on a better mIoU (best_ema_model/ too with opts.use_ema). `resume` comes from
     checkpoint.load_checkpoint; with opts.distill, the frozen `teacher` adds
@@ -119,8 +131,8 @@ class Trainer:
     def __init__(self, model: paddle.nn.Layer, train_ds: SegDataset,
                  val_ds: Optional[SegDataset], optimizer: paddle.optimizer.Optimizer,
                  scheduler: paddle.optimizer.lr.LRScheduler, losses: Dict[str, list],
-                 cfg: Dict[str, Any], opts: TrainOptions,
-                 resume: Optional[Dict[str, Any]] = None,
+                 cfg: Yaml, opts: TrainOptions,
+                 resume: Optional[ckpt.Resume] = None,
                  teacher: Optional[paddle.nn.Layer] = None):
         if opts.distill and teacher is None:
             raise UserError('distillation needs a teacher: pass --model_path with the FP32 '
@@ -151,7 +163,7 @@ class Trainer:
                 raise UserError('--precision fp16 needs a GPU; drop it on CPU')
             self.scaler = paddle.amp.GradScaler(init_loss_scaling=1024)
             if resume is not None:
-                restore_scaler(self.scaler, resume['state'])
+                restore_scaler(self.scaler, resume.state)
             if opts.amp_level == 'O2':
                 self.model, self.optimizer = paddle.amp.decorate(
                     models=model, optimizers=optimizer, level='O2', save_dtype='float32')
@@ -160,21 +172,22 @@ class Trainer:
         self.net = paddle.DataParallel(self.model) if self.world > 1 else self.model
         self.stats = distributed.running_stats(self.model) if self.world > 1 else []
 
-    def _resume(self, resume: Dict[str, Any]) -> None:
-        state = resume['state']
+    def _resume(self, resume: ckpt.Resume) -> None:
+        state = resume.state
         self.start_iter = int(state['iter'])
         self.best['model'] = (state.get('best_miou', -1.0), state.get('best_iter', -1))
-        self.best['ema'] = tuple(state.get('best_ema', (-1.0, -1)))
+        ema = state.get('best_ema') or [-1.0, -1]
+        self.best['ema'] = (float(ema[0]), int(ema[1]))
         self.opts.seed = state.get('seed', self.opts.seed)
-        self.resumed_from = os.path.dirname(resume['params'])
+        self.resumed_from = os.path.dirname(resume.params)
         if self.ema is not None:
             ema_path = os.path.join(self.resumed_from, EMA_PARAMS)
-            source = ema_path if os.path.isfile(ema_path) else resume['params']
+            source = ema_path if os.path.isfile(ema_path) else resume.params
             ckpt.load_weights(self.ema.model, source, flag='--resume_model')
         logger.info('Resumed from %s at iter %d (best mIoU %.4f at iter %d)',
                     self.resumed_from, self.start_iter, *self.best['model'])
 
-    def run(self) -> Dict[str, Any]:
+    def run(self) -> 'TrainResult':
         opts = self.opts
         if self.start_iter >= opts.iters:
             logger.info('Nothing to do: the checkpoint is at iter %d of %d', self.start_iter,
@@ -231,8 +244,7 @@ class Trainer:
                 logger.info('data parallel: weights and buffers identical on all %d '
                             'processes', self.world)
         best_miou, best_iter = self.best['model']
-        return {'iter': it, 'best_miou': best_miou, 'best_iter': best_iter,
-                'last_checkpoint': self.last_ckpt}
+        return TrainResult(it, best_miou, best_iter, self.last_ckpt)
 
     def _loss(self, x: paddle.Tensor, y: paddle.Tensor) -> Tuple[paddle.Tensor, float]:
         """The step's loss (task terms, plus the weighted distillation term with a teacher)
@@ -302,7 +314,7 @@ class Trainer:
             self._evaluate('model', self.model, it, writer)
             if self.ema is not None:
                 self._evaluate('ema', self.ema.model, it, writer)
-        state = {'iter': it, 'best_miou': self.best['model'][0],
+        state: ckpt.TrainState = {'iter': it, 'best_miou': self.best['model'][0],
                  'best_iter': self.best['model'][1], 'best_ema': list(self.best['ema']),
                  'seed': opts.seed, 'config': self.cfg}
         if self.scaler is not None:  # AMP's loss scale: a resumed fp16 run continues it
@@ -311,7 +323,8 @@ class Trainer:
         self.last_ckpt = path
         if not self.main:
             return
-        extra = {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None
+        extra: Optional[Dict[str, object]] = (
+            {EMA_PARAMS: self.ema.state_dict()} if self.ema is not None else None)
         ckpt.save_checkpoint(path, self.model, self.optimizer, self.scheduler, state, extra)
         ckpt.prune_checkpoints(opts.save_dir, opts.keep_checkpoint_max,
                                protect=[p for p in (self.resumed_from, path) if p])
@@ -361,24 +374,24 @@ def profiler(options: Optional[str]):
     return step
 
 
-def restore_scaler(scaler: Any, state: Dict[str, Any]) -> None:
+def restore_scaler(scaler: Any, state: ckpt.TrainState) -> None:
     """Puts the checkpoint's AMP loss-scaling state back (checkpoints without it, e.g. of an
     fp32 run, leave the scaler at its start values)."""
     if state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
 
 
-def restore_training(resume: Dict[str, Any], model: paddle.nn.Layer,
+def restore_training(resume: ckpt.Resume, model: paddle.nn.Layer,
                      optimizer: paddle.optimizer.Optimizer,
                      scheduler: paddle.optimizer.lr.LRScheduler) -> None:
     """Loads model, optimizer and LR state of a checkpoint from load_checkpoint()."""
-    ckpt.load_weights(model, resume['params'], flag='--resume_model')
-    opt_state = dict(resume['opt'])
+    ckpt.load_weights(model, resume.params, flag='--resume_model')
+    opt_state = dict(resume.optimizer)
     try:
         optimizer.set_state_dict(opt_state)  # restores the LR scheduler it holds too
     except (KeyError, ValueError) as e:
-        raise UserError('--resume_model {}: the optimizer state does not fit this config '
-                        '({}); resume with the config the run was started with'.format(
-                            os.path.dirname(resume['params']), e)) from e
+        raise UserError(f'--resume_model {os.path.dirname(resume.params)}: the optimizer state '
+                        f'does not fit this config ({e}); resume with the config the run was '
+                        'started with') from e
     if 'LR_Scheduler' in opt_state:
         scheduler.set_state_dict(opt_state['LR_Scheduler'])

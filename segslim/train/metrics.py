@@ -1,7 +1,23 @@
 """Segmentation metrics from one confusion matrix."""
-from typing import Any, Dict, List
+from typing import List, TypedDict
 
 import numpy as np
+
+
+class Metrics(TypedDict, total=False):
+    """What an evaluation reports (val.py's log lines and the JSON that --save_dir keeps):
+    mIoU, pixel accuracy, Cohen's kappa, mean Dice, per-class lists, the pixels counted, and
+    AUC-ROC for two-class sets with --auc_roc."""
+    miou: float
+    acc: float
+    kappa: float
+    mdice: float
+    class_iou: List[float]
+    class_precision: List[float]
+    class_recall: List[float]
+    class_dice: List[float]
+    pixels: int
+    auc_roc: float
 
 
 class ConfusionMatrix:
@@ -33,7 +49,7 @@ class ConfusionMatrix:
         present = union > 0
         return float((tp[present] / union[present]).mean()) if present.any() else 1.0
 
-    def compute(self) -> Dict[str, Any]:
+    def compute(self) -> Metrics:
         """mIoU, pixel accuracy, Cohen's kappa, mean Dice and per-class IoU/precision/recall.
 
         A class absent from both labels and predictions gets IoU 0 and counts in the mean,
@@ -73,7 +89,7 @@ def _floats(values: np.ndarray) -> List[float]:
     return [round(float(v), 6) for v in values]
 
 
-def format_metrics(metrics: Dict[str, Any], title: str = '[EVAL]') -> str:
+def format_metrics(metrics: Metrics, title: str = '[EVAL]') -> str:
     """The two-line summary val.py, qat_val.py and training-time eval print."""
     head = '{} #pixels: {} mIoU: {:.4f} Acc: {:.4f} Kappa: {:.4f} Dice: {:.4f}'.format(
         title, metrics['pixels'], metrics['miou'], metrics['acc'], metrics['kappa'],
