@@ -16,8 +16,9 @@ from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
 from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.results import OpSummary, Precision
-from segslim.errors import UserError
+from segslim.errors import UserError, require
 from segslim.logger import logger
+from segslim.onnx.qdq import producers_of
 from segslim.options import EngineOptions
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
@@ -29,12 +30,7 @@ INT8_KINDS = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger',
 
 
 def import_onnxruntime() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UserError('--backend onnxruntime needs the onnxruntime package: pip install -e '
-                        '.[onnx] (make install does it), or use --backend paddle') from None
-    return onnxruntime
+    return require('onnxruntime', '--backend onnxruntime', 'onnx', '--backend paddle')
 
 
 def seven_bit_qdq(model: Any) -> int:
@@ -47,7 +43,7 @@ def seven_bit_qdq(model: Any) -> int:
     from onnx import TensorProto, numpy_helper
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producers_of(graph.node)
     reads: Dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -111,7 +107,7 @@ def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
     weight a DequantizeLinear of initializers gives (int8_kinds)."""
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producers_of(graph.node)
     out = []
     for node in graph.node:
         if node.op_type not in ('Conv', 'MatMul') or len(node.input) < 2:
@@ -139,7 +135,7 @@ def with_float_kinds(model: Any, kinds: Any) -> Any:
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
+    producer = producers_of(graph.node)
     for node, kind in quantized_kinds(model):
         if kind not in kinds:
             continue

@@ -16,7 +16,7 @@ from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
 from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.results import OpSummary, Precision
-from segslim.errors import UserError
+from segslim.errors import UserError, require
 from segslim.options import EngineOptions
 from segslim.program import strip_observer_quantization
 
@@ -33,13 +33,7 @@ WEIGHT_PATH_OPS = ('Reshape', 'Unsqueeze', 'Squeeze', 'Transpose', 'Convert')
 
 
 def import_openvino() -> Any:
-    """The openvino module, or a one-line error that says how to install it."""
-    try:
-        import openvino
-    except ImportError:
-        raise UserError('--backend openvino needs the openvino package: pip install -e '
-                        '.[openvino] (make install does it), or use --backend paddle') from None
-    return openvino
+    return require('openvino', '--backend openvino', 'openvino', '--backend paddle')
 
 
 def runtime_summary(runtime_model: Any) -> OpSummary:

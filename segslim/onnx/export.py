@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List, Sequence, Union
 import numpy as np
 
 from segslim._paddle import paddle
-from segslim.errors import UserError
+from segslim.errors import UserError, require
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
 from segslim.modeldir import model_inputs, read_deploy, update_deploy
@@ -29,21 +29,12 @@ LAYER_INPUTS.update({op: ('X', 'Y') for op in LAYER_OPS['Linear']})
 
 
 def import_onnx() -> Any:
-    try:
-        import onnx
-    except ImportError:
-        raise UserError('--to_onnx needs the onnx package: pip install -e .[onnx] (make install '
-                        'does it)') from None
-    return onnx
+    return require('onnx', '--to_onnx', 'onnx')
 
 
 def require_onnx_export() -> None:
     """A one-line error now, before any work, when the ONNX export cannot run."""
-    try:
-        import paddle2onnx  # noqa: F401
-    except ImportError:
-        raise UserError('--to_onnx needs paddle2onnx: pip install -e .[onnx] (make install '
-                        'does it)') from None
+    require('paddle2onnx', '--to_onnx', 'onnx')
     import_onnx()
 
 

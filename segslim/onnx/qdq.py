@@ -13,7 +13,7 @@ target runs them as INT8 kernels.
   the inputs of a concat.
 The scale of a tensor read by several quantized layers is the largest of theirs."""
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,6 +25,11 @@ NONNEGATIVE_OPS = ('Relu', 'Sigmoid', 'Softmax')
 # Ops whose output is non-negative when every data input is.
 SIGN_KEEPING_OPS = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'Resize', 'Concat', 'Add',
                     'Mul', 'Identity', 'Reshape', 'Flatten', 'Transpose')
+
+
+def producers_of(nodes: Iterable['NodeProto']) -> Dict[str, 'NodeProto']:
+    """{tensor: the node that writes it} of ONNX nodes."""
+    return {name: node for node in nodes for name in node.output}
 
 
 class GraphError(Exception):
@@ -78,7 +83,7 @@ class Graph:
 
     def producers(self) -> Dict[str, 'NodeProto']:
         """{tensor: the node that writes it} now (a snapshot)."""
-        return {name: node for node in self.nodes for name in node.output}
+        return producers_of(self.nodes)
 
     def is_output(self, name: str) -> bool:
         return any(o.name == name for o in self.g.output)

@@ -14,7 +14,7 @@ from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import output_labels, restore_size
 from segslim.deploy.openvino_engine import import_openvino
-from segslim.errors import UserError
+from segslim.errors import UserError, require
 from segslim.logger import logger
 from segslim.modeldir import (
     Deploy,
@@ -32,13 +32,7 @@ IR_FILES = ('model.xml', 'model.bin')
 
 
 def import_nncf() -> Any:
-    """The nncf module, or a one-line error that says how to install it."""
-    try:
-        import nncf
-    except ImportError:
-        raise UserError('--quantizer nncf needs the nncf package: pip install -e .[openvino] '
-                        '(make install does it), or use --quantizer paddleslim') from None
-    return nncf
+    return require('nncf', '--quantizer nncf', 'openvino', '--quantizer paddleslim')
 
 
 class ValImages:
