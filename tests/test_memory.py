@@ -25,7 +25,8 @@ def max_rss_mb(exported, root, tmp_path):
     script = os.path.join(ROOT, 'deploy', 'python', 'benchmark.py')
     opts = [f'{k}.dataset_root={root}' for k in ('train_dataset', 'val_dataset')]
     args = ['--config', INSTANT, '--model_dirs', exported['fp32'], exported['int8'],
-            '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--repeats', 1, '--no_bf16',
+            '--backend', 'paddle', '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--repeats', 1,
+            '--no_bf16',
             '--no_ceiling',
             '--report_dir', tmp_path / 'report', '--opts', *opts]
     proc = subprocess.run([sys.executable, '-c', RSS_CODE.format(script=script)] +
@@ -39,7 +40,8 @@ def max_rss_mb(exported, root, tmp_path):
 @pytest.mark.slow
 def test_benchmark_memory_does_not_grow_with_the_val_set(exported, tmp_path):
     # 20 distinct 160x160 images, listed 2x and 20x: a val set of 40 and one of 400 (a
-    # benchmark that keeps every row's int64 label maps grows by over twice the margin)
+    # benchmark that keeps every row's int64 label maps grows by over twice the margin). One
+    # engine: scoring, comparing and the gallery are the same code for all of them.
     small = make_demo_dataset(str(tmp_path / 'small'), num_train=1, num_val=20, num_test=0,
                               size=160, seed=5)
     big = str(tmp_path / 'big')
