@@ -8,6 +8,7 @@
 # make street   -> synthetic 19-class street scenes (data/street) and the four zoo models of
 #                 configs/street trained on them (output/street/<model>; hours on 2 CPU cores,
 #                 docs/accuracy.md); STREET_ITERS=N shortens every schedule
+# make wheels-check PY_VERSION=3.13 -> whether make install's packages exist as wheels there
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,9 +18,15 @@ STAMP := $(VENV)/.installed
 DEMO_CFG := configs/quick_start/bisenet_optic_disc_demo.yml
 DEMO_OUT ?= output/demo
 
-.PHONY: install demo test test-fast lint bench street clean
+.PHONY: install demo test test-fast lint bench street clean wheels-check
 
 install: $(STAMP)
+
+# Whether `make install`'s set exists as wheels for another Python (pip's resolver, no such
+# interpreter needed): make wheels-check PY_VERSION=3.13 [PADDLE=paddlepaddle==3.2.2]
+PY_VERSION ?= 3.11
+wheels-check:
+	$(PYTHON) tools/wheels_check.py --python_version $(PY_VERSION) --paddle "$(PADDLE)"
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py segslim/zlib_hook.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
