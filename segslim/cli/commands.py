@@ -343,7 +343,7 @@ def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
 @_command
 def make_street_dataset() -> Tuple[argparse.ArgumentParser, Main]:
     p = flags.ArgumentParser(description='Generate synthetic street scenes with the 19 Cityscapes '
-                           'train classes in the Cityscapes layout (deterministic for a seed).')
+                             'train classes in the Cityscapes layout (deterministic for a seed).')
     p.add_argument('--save_dir', default='data/street')
     p.add_argument('--num_train', type=flags.positive_int, default=400)
     p.add_argument('--num_val', type=flags.positive_int, default=100)
