@@ -10,6 +10,10 @@ warnings.filterwarnings('ignore', category=DeprecationWarning)
 
 import paddle  # noqa: E402
 
+from segslim.compat import patch_paddle  # noqa: E402
+
+patch_paddle(paddle.__version__)
+
 SUPPORTED_PADDLE = ('2.6',)
 
 

@@ -12,6 +12,7 @@ import paddleseg  # noqa: F401  (registers every component with the managers)
 from paddleseg.cvlibs import manager
 
 from segslim._paddle import paddle
+from segslim.compat import patch_paddleseg
 from segslim.config import Yaml
 from segslim.data.datasets import SegDataset, check_files, check_root
 from segslim.errors import UserError
@@ -24,6 +25,7 @@ KINDS = {
     'loss': manager.LOSSES,
     'optimizer': manager.OPTIMIZERS,
 }
+patch_paddleseg(paddle.__version__)
 # PaddleSeg's builder looks a nested `type:` up in these registries, in this order.
 SEARCH_ORDER = ('model', 'backbone', 'dataset', 'transform', 'loss', 'optimizer')
 

@@ -11,6 +11,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import numpy as np
 from paddle import inference as pi
 
+from segslim._paddle import paddle
+from segslim.compat import pass_name
 from segslim.deploy.engine import EngineBase
 from segslim.deploy.onednn import ConvShape, reference_int8_convs, verbose_lines
 from segslim.deploy.results import OpSummary, PassChange, Precision
@@ -171,9 +173,9 @@ class PaddlePredictor(EngineBase):
         if self.quantized:
             config.enable_mkldnn_int8(set(int8_ops))
             for name in self.delete_passes:
-                config.delete_pass(name)
+                config.delete_pass(pass_name(name, paddle.__version__))
         for name in self.extra_passes:
-            config.pass_builder().append_pass(name)
+            config.pass_builder().append_pass(pass_name(name, paddle.__version__))
         if cache:
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)
