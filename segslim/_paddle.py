@@ -18,10 +18,10 @@ SUPPORTED_PADDLE = ('2.6',)
 
 
 def check_versions() -> None:
-    """Warns when the installed paddle is outside the tested line (QAT export breaks on 3.x)."""
+    """Warns when the installed paddle is outside the tested line."""
     if not paddle.__version__.startswith(SUPPORTED_PADDLE) and paddle.__version__ != '0.0.0':
-        warnings.warn(f'segslim is tested with paddlepaddle 2.6.x; found {paddle.__version__}. '
-                      'Paddle 3.x breaks PaddleSlim QAT export.', stacklevel=2)
+        warnings.warn(f'segslim is tested with paddlepaddle 2.6.x; found {paddle.__version__} '
+                      '(Paddle 3.2: partial, see docs/usage.md)', stacklevel=2)
 
 
 def device_available(device: str) -> bool:
