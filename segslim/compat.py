@@ -8,10 +8,10 @@ segslim (installed packages are never edited). Nothing here runs on the 2.6 line
 - Paddle 3 refuses arithmetic between float and integer tensors, which PaddleSeg 2.8's
   CrossEntropyLoss does when it averages (an int64 `ones_like(label)` times the float pixel
   mask): its post-processing is replaced by one that keeps every factor float.
-- Paddle 3 builds some ops (sigmoid, matmul, bmm, a few unary math ops) only for its new IR or
-  dygraph, so translating a model to a ProgramDesc (`paddle.jit.save`) fails on them
-  ("argument must be Value, but got Variable"): with a ProgramDesc Variable as input they
-  now append the ProgramDesc op of the same meaning.
+- Paddle 3 builds some ops (sigmoid, matmul, bmm, maximum, logical_and, a few unary math
+  ops) only for its new IR or dygraph, so translating a model to a ProgramDesc
+  (`paddle.jit.save`) fails on them ("argument must be Value, but got Variable"): with a
+  ProgramDesc Variable as input they now append the ProgramDesc op of the same meaning.
 - Paddle Inference 3 renamed its oneDNN passes from `*_mkldnn_*` to `*_onednn_*`."""
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -89,6 +89,8 @@ LEGACY_OPS: Dict[str, Tuple[str, Sequence[str], Optional[_Attrs]]] = {
     'matmul': ('matmul_v2', ('X', 'Y'),
                lambda trans_x=False, trans_y=False: {'trans_x': trans_x, 'trans_y': trans_y}),
     'bmm': ('bmm', ('X', 'Y'), None),
+    'maximum': ('elementwise_max', ('X', 'Y'), lambda: {'axis': -1}),
+    'logical_and': ('logical_and', ('X', 'Y'), None),
     **{name: (name, ('X',), None)
        for name in ('sigmoid', 'sqrt', 'rsqrt', 'log', 'sin', 'cos', 'floor', 'sign')},
 }

@@ -6,6 +6,7 @@ import sys
 import sysconfig
 
 from segslim import zlib_hook
+from segslim.compat import installed_paddle_version, paddle_major
 
 
 def run_python(code, **env):
@@ -30,7 +31,8 @@ def test_pth_hook_binds_libz_before_anything_is_imported(tmp_path):
     assert path and os.path.basename(path) == zlib_hook.PTH_NAME
     unhooked = bare_import()
     hooked = bare_import(str(tmp_path))
-    assert unhooked.returncode != 0  # the crash this hook exists for
+    if paddle_major(installed_paddle_version() or '2') < 3:  # Paddle 3 links zlib apart
+        assert unhooked.returncode != 0  # the crash this hook exists for
     assert hooked.returncode == 0, hooked.stderr[-2000:]
     assert hooked.stdout.strip() == 'False'  # nothing of segslim was imported
 
