@@ -94,8 +94,9 @@ class PaddlePredictor(EngineBase):
                  delete_passes: Sequence[str] = INT8_DELETE_PASSES,
                  extra_passes: Sequence[str] = ONEDNN_EXTRA_PASSES):
         check_engine_options(opts)
-        self.delete_passes = tuple(delete_passes)
-        self.extra_passes = tuple(extra_passes)
+        # as this paddle spells them: what the config gets and the report names
+        self.delete_passes = tuple(pass_name(n, paddle.__version__) for n in delete_passes)
+        self.extra_passes = tuple(pass_name(n, paddle.__version__) for n in extra_passes)
         super().__init__(model_dir, opts)
         self.trt = opts.device == 'gpu' and opts.use_trt
         self.input_name = (program_input_names(self.deploy['model']) or ['x'])[0]
@@ -173,9 +174,9 @@ class PaddlePredictor(EngineBase):
         if self.quantized:
             config.enable_mkldnn_int8(set(int8_ops))
             for name in self.delete_passes:
-                config.delete_pass(pass_name(name, paddle.__version__))
+                config.delete_pass(name)
         for name in self.extra_passes:
-            config.pass_builder().append_pass(pass_name(name, paddle.__version__))
+            config.pass_builder().append_pass(name)
         if cache:
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)
