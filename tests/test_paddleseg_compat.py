@@ -432,3 +432,29 @@ def test_mixed_loss_inner_losses_get_ignore_index():
     losses = builder.build_loss(cfg)
     inner = losses['types'][0].losses
     assert inner[0].ignore_index == 7 and inner[1].ignore_index == 7
+
+
+def test_dice_loss_leaves_the_labels_to_the_other_terms():
+    """PaddleSeg 2.8's DiceLoss writes 0 into the ignored pixels of its labels: every other
+    term (the next output's loss here) must still see them as ignored."""
+    from segslim._paddle import paddle
+    from segslim.builder import build_loss
+    from segslim.train.losses import compute_loss
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 2, (2, 8, 8)).astype(np.int64)
+    raw[:, :3] = 255
+    labels = paddle.to_tensor(raw)
+    logits = [paddle.to_tensor(rng.standard_normal((2, 2, 8, 8)).astype(np.float32),
+                               stop_gradient=False) for _ in range(2)]
+    mixed = {'type': 'MixedLoss', 'losses': [{'type': 'CrossEntropyLoss'},
+                                             {'type': 'DiceLoss'}], 'coef': [0.8, 0.2]}
+    losses = build_loss({'loss': {'types': [mixed, {'type': 'CrossEntropyLoss'}],
+                                  'coef': [1, 1]},
+                         'train_dataset': {'type': 'Dataset', 'ignore_index': 255}})
+    terms = compute_loss(logits, labels, losses)
+    assert len(terms) == 3
+    np.testing.assert_array_equal(labels.numpy(), raw)
+    alone = losses['types'][1](logits[1], paddle.to_tensor(raw))
+    assert float(terms[2]) == pytest.approx(float(alone), rel=1e-6)
+    sum(terms).backward()  # Paddle 3 refuses this when a saved label was overwritten
+    assert np.isfinite(logits[0].grad.numpy()).all()

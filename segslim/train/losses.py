@@ -10,7 +10,10 @@ def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
                  losses: Dict[str, list]) -> List[paddle.Tensor]:
     """Weighted losses, one per model output (the counts must match `loss.coef`), with
     PaddleSeg's special cases: MixedLoss gives one term per inner loss, KLLoss compares the
-    first two outputs."""
+    first two outputs. Each loss gets its own copy of the labels: PaddleSeg 2.8's DiceLoss
+    writes 0 into the ignored pixels of the labels it is given, which would make every later
+    term count them as class 0 (and Paddle 3 refuses the backward pass of a term whose
+    saved labels were overwritten)."""
     if len(logits) != len(losses['coef']):
         raise UserError('config key `loss.coef`: the model has {} outputs but coef has {} '
                         'entries; give one coefficient per output'.format(
@@ -19,12 +22,19 @@ def compute_loss(logits: List[paddle.Tensor], labels: paddle.Tensor,
     for logit, loss, coef in zip(logits, losses['types'], losses['coef']):
         kind = type(loss).__name__
         if kind == 'MixedLoss':
-            terms.extend(coef * term for term in loss(logit, labels))
+            terms.extend(coef * term for term in _mixed(loss, logit, labels))
         elif kind == 'KLLoss':
             terms.append(coef * loss(logits[0], logits[1].detach()))
         else:
-            terms.append(coef * loss(logit, labels))
+            terms.append(coef * loss(logit, labels.clone()))
     return terms
+
+
+def _mixed(loss, logit: paddle.Tensor, labels: paddle.Tensor) -> List[paddle.Tensor]:
+    """PaddleSeg's MixedLoss.forward (one weighted term per inner loss), each inner loss on
+    its own copy of the labels."""
+    return [inner(logit, labels.clone()) * coef
+            for inner, coef in zip(loss.losses, loss.coef)]
 
 
 def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor, temperature: float = 1.0,
