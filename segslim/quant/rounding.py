@@ -6,7 +6,11 @@ BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with tw
   saturated to -128 or 127);
 - reconstruction learns each layer/region on its own copy of the program, in order, instead
   of adding every region's training ops to one program that then runs all of them at every
-  step (time quadratic in the number of layers)."""
+  step (time quadratic in the number of layers);
+- each layer's rounding ops are built in a scratch program that names its variables from the
+  model program's counter: PaddleSlim copies them into the model program by name, and Paddle 3
+  counts names per program, so every scratch program would name its sigmoid
+  `sigmoid_0.tmp_0` ("created before ... not matched" from the second layer on)."""
 import os
 import sys
 from typing import Any, Dict
@@ -94,6 +98,20 @@ def _region_by_region(base: Any) -> Any:
     from paddleslim.quant.reconstruction_quantization import ReconstructionQuanterLoss
 
     class RegionByRegion(base):
+        def _insert_func(self, var: Any, scale: Any, func: str) -> Any:
+            names = var._graph.program._name_generator
+            original = paddle.static.Program
+
+            def program() -> Any:
+                scratch = original()
+                scratch._name_generator = names
+                return scratch
+            paddle.static.Program = program
+            try:
+                return super()._insert_func(var, scale, func)
+            finally:
+                paddle.static.Program = original
+
         def _run(self) -> Any:
             self._preprocess()
             for k, (start, end) in enumerate(self._regions):
