@@ -36,6 +36,27 @@ def installed_paddle_version() -> Optional[str]:
     return None
 
 
+def package_versions(names: Sequence[str]) -> Dict[str, str]:
+    """{'python': ..., name: version} for the `names` that are installed (paddlepaddle
+    stands for paddlepaddle-gpu too), read from package metadata."""
+    import platform
+    from importlib import metadata
+    found = {'python': platform.python_version()}
+    for name in names:
+        for dist in ((name, name + '-gpu') if name == 'paddlepaddle' else (name,)):
+            try:
+                found[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    return found
+
+
+# what made a model folder, and what ran a benchmark (deploy.yaml and report `versions`)
+MODEL_STACK = ('paddlepaddle', 'paddleslim', 'paddleseg', 'segslim')
+ENGINE_STACK = MODEL_STACK + ('openvino', 'nncf', 'onnxruntime', 'paddle2onnx')
+
+
 def set_program_format(environ: Any, version: Optional[str]) -> None:
     """Before paddle's import: ProgramDesc programs on Paddle 3 (see the module text).
     `version` is the installed paddle's, None when it cannot be read (then nothing is set)."""

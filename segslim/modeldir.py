@@ -13,6 +13,7 @@ import numpy.typing as npt
 import yaml
 
 from segslim import builder
+from segslim.compat import MODEL_STACK, package_versions
 from segslim.config import Yaml
 from segslim.data.datasets import read_image
 from segslim.errors import UserError
@@ -48,6 +49,7 @@ class Deploy(TypedDict, total=False):
     engine: str  # the engine auto-quant chose the folder for
     peer: Dict[str, str]  # an engine maker's quantizer: its name and the one engine it runs on
     calibration: Dict[str, Union[str, int, float]]  # method, images and the method's settings
+    versions: Dict[str, str]  # python and the packages (compat.MODEL_STACK) that wrote it
     dir: str
 
 
@@ -116,9 +118,11 @@ def staged_model_folder(save_dir: str) -> Iterator[str]:
 
 
 def write_deploy(folder: str, section: Deploy) -> None:
-    """<folder>/deploy.yaml holding `Deploy: section` (PaddleSeg's layout), written whole."""
-    text = yaml.safe_dump({'Deploy': {k: v for k, v in section.items() if k != 'dir'}},
-                          sort_keys=False, default_flow_style=None)
+    """<folder>/deploy.yaml holding `Deploy: section` (PaddleSeg's layout), written whole,
+    with the versions of the stack writing it."""
+    out = {k: v for k, v in section.items() if k not in ('dir', 'versions')}
+    out['versions'] = package_versions(MODEL_STACK)
+    text = yaml.safe_dump({'Deploy': out}, sort_keys=False, default_flow_style=None)
     write_text(os.path.join(folder, 'deploy.yaml'), text)
 
 

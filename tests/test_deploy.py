@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import yaml
 from conftest import INSTANT, data_opts, run_cli, run_command, table_rows
 from PIL import Image
 
@@ -41,11 +42,17 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     assert table_rows(proc.stdout)[0][:5] == ['Model', 'Engine', 'Type', 'mIoU', 's/img']
     assert 'ISA:' in proc.stdout
     # the FP32 baseline gets every pass the INT8 row gets, and the report says which
-    extra = list(predictor_mod.ONEDNN_EXTRA_PASSES)
+    from segslim._paddle import paddle
+    from segslim.compat import pass_name
+
+    def spelled(names):  # as the installed paddle names them (mkldnn -> onednn on 3.x)
+        return [pass_name(n, paddle.__version__) for n in names]
+    extra = spelled(predictor_mod.ONEDNN_EXTRA_PASSES)
     assert rows[0]['passes'] == {'appended': extra, 'deleted': []}
     assert int8['passes'] == {'appended': extra,
-                              'deleted': list(predictor_mod.INT8_DELETE_PASSES)}
-    assert 'Passes: Paddle Inference FP32: +interpolate_mkldnn_pass' in proc.stdout
+                              'deleted': spelled(predictor_mod.INT8_DELETE_PASSES)}
+    assert 'Passes: Paddle Inference FP32: +{}'.format(
+        spelled(['interpolate_mkldnn_pass'])[0]) in proc.stdout
     # the CPU's ceiling on the engine, and every INT8 row against it
     ceiling = report['ceiling']
     assert set(ceiling) == {'paddle', 'int8_vs_best_unquantized'}
@@ -58,6 +65,16 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
         int8['s_per_img']
     assert report['gain_of_ceiling'] == report['gain'] / ceiling['int8_vs_best_unquantized']
     assert 'CPU ceiling (segslim.bench.ceiling' in proc.stdout and 'Gain: best INT8' in proc.stdout
+    # what ran it: the stack in the report, the engine in every row, the writer in deploy.yaml
+    paddle_version = 'paddlepaddle ' + paddle.__version__
+    assert report['versions']['paddlepaddle'] == paddle.__version__
+    assert report['versions']['paddleslim'] and report['versions']['python']
+    assert {r['engine_version'] for r in rows} == {paddle_version}
+    assert 'Stack: python ' in proc.stdout and paddle_version in proc.stdout
+    for folder in (exported['fp32'], exported['int8']):
+        with open(os.path.join(folder, 'deploy.yaml')) as f:
+            written = yaml.safe_load(f)['Deploy']['versions']
+        assert written['paddlepaddle'] == paddle.__version__ and written['paddleseg'], folder
 
 
 def test_extra_onednn_passes_keep_the_masks(exported):

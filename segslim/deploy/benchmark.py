@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from segslim.compat import ENGINE_STACK, package_versions
 from segslim.data.datasets import SegDataset, read_label
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import EngineBase, restore_size
@@ -193,11 +194,12 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                      params_mb=os.path.getsize(pred.deploy['params']) / 2 ** 20,
                      ops=pred.ops, fallback=pred.fallback,
                      engine_fp32_convs=len(pred.fp32_convs), passes=pred.passes,
-                     peer=pred.peer)
+                     peer=pred.peer, engine_version=pred.engine_version)
             for pred, secs in zip(runs, times)]
     report = BenchReport(isa=cpu['isa'] if opts.device == 'cpu' else 'gpu', cpu=cpu['model'],
                          vnni=bool(cpu['vnni']), threads=opts.cpu_threads, device=opts.device,
-                         input_shape=list(shape), warmup=warmup, repeats=repeats, rows=rows)
+                         input_shape=list(shape), warmup=warmup, repeats=repeats, rows=rows,
+                         versions=package_versions(ENGINE_STACK))
     if dataset is not None:
         int8 = report.first_int8()
         pick = gallery if int8 is not None else None

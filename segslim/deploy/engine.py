@@ -5,6 +5,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from segslim.compat import package_versions
 from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds
 from segslim.deploy.results import (
     NO_INT8_NOTE,
@@ -84,8 +85,15 @@ class EngineBase:
     a quantized model it runs in FP32), `fallback` (what was changed to make it run, or
     None), `fp32_convs`, `ops` (what runs INT8) and run() on a N,C,H,W batch."""
     backend = ''
+    package = ''  # the installed package that is the engine (its version goes in the report)
     precision: Precision
     precision_note: Optional[str] = None
+
+    @property
+    def engine_version(self) -> str:
+        """'openvino 2026.4.1': the engine package and its installed version."""
+        return '{} {}'.format(self.package,
+                              package_versions([self.package]).get(self.package, '?'))
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.deploy = read_deploy(model_dir)

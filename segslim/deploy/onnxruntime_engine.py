@@ -179,6 +179,7 @@ class OnnxRuntimePredictor(EngineBase):
     without VNNI an INT8 file's weights run in 7 bits (seven_bit_qdq; `seven_bit` says how
     many layers, `fallback` says so)."""
     backend = 'onnxruntime'
+    package = 'onnxruntime'
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.ort = import_onnxruntime()

@@ -174,6 +174,7 @@ class OpenVINOPredictor(EngineBase):
     how many ops, `fallback` says so).
     """
     backend = 'openvino'
+    package = 'openvino'
 
     def __init__(self, model_dir: str, opts: EngineOptions):
         self.ov = import_openvino()

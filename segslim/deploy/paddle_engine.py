@@ -89,6 +89,7 @@ class PaddlePredictor(EngineBase):
     nothing); `ops` holds the op summary of the optimized program on CPU.
     """
     backend = 'paddle'
+    package = 'paddlepaddle'
 
     def __init__(self, model_dir: str, opts: EngineOptions,
                  delete_passes: Sequence[str] = INT8_DELETE_PASSES,

@@ -44,6 +44,8 @@ def format_report(report: BenchReport, name: Optional[str] = None) -> str:
              'models interleaved'.format(report.device, report.cpu, report.isa,
                                          report.threads, 'x'.join(map(str, report.input_shape)),
                                          report.repeats)]
+    if report.versions:
+        lines.append('Stack: ' + ', '.join(f'{k} {v}' for k, v in report.versions.items()))
     if report.device == 'cpu' and not report.vnni:
         lines.append('WARNING: this CPU has no VNNI/AMX: INT8 gains less here than on VNNI '
                      'CPUs (its INT8 kernels take 7-bit weights, and some conv shapes have no '

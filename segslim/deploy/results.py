@@ -138,6 +138,7 @@ class BenchRow:
     # without a val set: the share of pixels labelled as the first row labels them on the
     # generated timing images
     sample_agreement: Optional[float] = None
+    engine_version: Optional[str] = None  # 'paddlepaddle 2.6.2': what ran the row
 
     @property
     def int8(self) -> bool:
@@ -174,7 +175,7 @@ class BenchRow:
         out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16,
                    speedup_vs_engine_fp32=self.speedup_vs_engine_fp32,
                    of_ceiling=self.of_ceiling, peer=self.peer,
-                   sample_agreement=self.sample_agreement)
+                   sample_agreement=self.sample_agreement, engine_version=self.engine_version)
         return out
 
     @property
@@ -281,6 +282,7 @@ class BenchReport:
     rows: List[BenchRow]
     gallery: Optional[List[Dict[str, JsonValue]]] = None
     ceiling: Optional[Dict[str, Ceiling]] = None  # segslim.bench.ceiling's probe per engine
+    versions: Dict[str, str] = field(default_factory=dict)  # python and compat.ENGINE_STACK
 
     @property
     def ceiling_gain(self) -> Optional[float]:
@@ -339,7 +341,7 @@ class BenchReport:
         out: Dict[str, JsonValue] = {
             'isa': self.isa, 'cpu': self.cpu, 'vnni': self.vnni, 'threads': self.threads,
             'device': self.device, 'input_shape': list(self.input_shape),
-            'warmup': self.warmup, 'repeats': self.repeats,
+            'warmup': self.warmup, 'repeats': self.repeats, 'versions': dict(self.versions),
             'rows': [r.to_json() for r in self.rows]}
         if self.gallery is not None:
             out['gallery'] = self.gallery
