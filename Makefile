@@ -1,4 +1,6 @@
-# make install  -> .venv with the pinned stack (PADDLE=paddlepaddle-gpu==2.6.2 on GPU machines)
+# make install  -> .venv with the pinned stack: paddlepaddle 2.6.2 on Python 3.9-3.12, 3.2.2 on
+#                 3.13 (PADDLE=paddlepaddle==3.2.2 chooses it anywhere; PADDLE=paddlepaddle-gpu==...
+#                 on GPU machines)
 # make demo     -> generated data, FP32 train/val/export, QAT train/val/export, PTQ, FP32-vs-INT8
 #                 report on Paddle Inference, OpenVINO and onnxruntime (report.md, charts, gallery)
 # make test     -> the test suite
@@ -12,26 +14,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PADDLE ?= paddlepaddle==2.6.2
+# paddlepaddle 2.6.2 up to Python 3.12, 3.2.2 on 3.13 and later (tools/wheels_check.py says why)
+PADDLE ?= $(shell $(PYTHON) tools/wheels_check.py --default_paddle)
 STAMP := $(VENV)/.installed
 
 DEMO_CFG := configs/quick_start/bisenet_optic_disc_demo.yml
 DEMO_OUT ?= output/demo
+# ONNX export needs paddle2onnx, which has no wheel for Python 3.13: there the demo runs
+# without the ONNX files and the onnxruntime rows (read when the demo runs, after install)
+DEMO_ONNX = $(shell $(PY) -c 'import paddle2onnx' >/dev/null 2>&1 && echo --to_onnx)
+DEMO_BACKENDS = paddle openvino $(if $(DEMO_ONNX),onnxruntime)
 
 .PHONY: install demo test test-fast lint bench street clean wheels-check
 
 install: $(STAMP)
 
 # Whether `make install`'s set exists as wheels for another Python (pip's resolver, no such
-# interpreter needed): make wheels-check PY_VERSION=3.13 [PADDLE=paddlepaddle==3.2.2]
+# interpreter needed): make wheels-check PY_VERSION=3.13 [PADDLE=paddlepaddle==2.6.2]; without
+# PADDLE, the paddle make install would pick on that Python
 PY_VERSION ?= 3.11
 wheels-check:
-	$(PYTHON) tools/wheels_check.py --python_version $(PY_VERSION) --paddle "$(PADDLE)"
+	$(PYTHON) tools/wheels_check.py --python_version $(PY_VERSION) \
+		$(if $(filter file,$(origin PADDLE)),,--paddle "$(PADDLE)")
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py segslim/zlib_hook.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check setuptools wheel "$(PADDLE)" -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps paddleseg==2.8.0
+	$(PY) -m pip install -q --disable-pip-version-check "setuptools<81" wheel "$(PADDLE)" -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps paddleslim==2.6.0 paddleseg==2.8.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[openvino,onnx]"
 	$(PY) -c "from segslim.zlib_hook import install; print('zlib bound at start-up by', install())"
 	$(PY) tools/check_install.py
@@ -43,7 +52,7 @@ demo: install
 		--save_dir $(DEMO_OUT)/fp32
 	$(PY) val.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams
 	$(PY) export.py --config $(DEMO_CFG) --model_path $(DEMO_OUT)/fp32/best_model/model.pdparams \
-		--save_dir $(DEMO_OUT)/fp32_infer --to_onnx
+		--save_dir $(DEMO_OUT)/fp32_infer $(DEMO_ONNX)
 	$(PY) slim/quant/qat_train.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --learning_rate 0.001 \
 		--iters 100 --do_eval --save_interval 50 --log_iters 50 --seed 0 --save_dir $(DEMO_OUT)/quant
@@ -51,13 +60,13 @@ demo: install
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams
 	$(PY) slim/quant/qat_export.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/quant/best_model/model.pdparams --save_dir $(DEMO_OUT)/quant_infer \
-		--to_onnx
+		$(DEMO_ONNX)
 	$(PY) slim/quant/ptq.py --config $(DEMO_CFG) \
 		--model_path $(DEMO_OUT)/fp32/best_model/model.pdparams --save_dir $(DEMO_OUT)/ptq_infer \
-		--to_onnx
+		$(DEMO_ONNX)
 	$(PY) deploy/python/benchmark.py --config $(DEMO_CFG) \
 		--model_dirs $(DEMO_OUT)/fp32_infer $(DEMO_OUT)/quant_infer $(DEMO_OUT)/ptq_infer \
-		--backend paddle openvino onnxruntime --peers \
+		--backend $(DEMO_BACKENDS) --peers \
 		--report_dir $(DEMO_OUT)/report
 	@echo "Report (table, charts, gallery of where INT8 differs): $(DEMO_OUT)/report/report.md"
 

@@ -13,7 +13,8 @@ EXTRAS = {
                  'openvino==2025.3.0; python_version=="3.9"',
                  'openvino==2024.4.0; python_version<"3.9"',
                  'nncf==3.4.0; python_version>="3.10"'],
-    'onnx': ['paddle2onnx==1.2.11',
+    # paddle2onnx has no wheel for Python 3.13 (up to 2.1.0): no ONNX export there
+    'onnx': ['paddle2onnx==1.2.11; python_version<"3.13"',
              'onnx==1.19.1; python_version>="3.9"', 'onnx==1.17.0; python_version<"3.9"',
              'ml-dtypes==0.5.3; python_version>="3.9"',
              # onnxruntime's quant_pre_process (the onnxruntime peer, segslim.bench.peers)
@@ -29,9 +30,11 @@ setup(
     description='Quantization-aware training and INT8 deployment for PaddleSeg models',
     packages=find_packages(include=['segslim', 'segslim.*']),
     python_requires='>=3.8',
-    # paddlepaddle / paddlepaddle-gpu and paddleseg are installed by `make install`
-    # (see requirements.txt for why paddleseg goes in without its pins).
-    install_requires=['paddleslim==2.6.0', 'numpy<2', 'opencv-python==4.6.0.66', 'pyyaml',
+    # paddlepaddle / paddlepaddle-gpu, paddleslim and paddleseg are installed by `make install`
+    # (see requirements.txt for why paddleslim and paddleseg go in without their pins).
+    install_requires=['numpy<2; python_version<"3.13"', 'numpy>=2,<3; python_version>="3.13"',
+                      'opencv-python==4.6.0.66; python_version<"3.13"',
+                      'opencv-python==4.10.0.84; python_version>="3.13"', 'pyyaml',
                       'visualdl', 'decorator'],
     extras_require=EXTRAS,
     entry_points={'console_scripts': [

@@ -1,5 +1,6 @@
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -17,6 +18,11 @@ os.environ.setdefault('OMP_NUM_THREADS', '1')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 INSTANT = os.path.join(ROOT, 'tests', 'configs', 'instant.yml')
+# --to_onnx runs where paddle2onnx installs (it has no wheel for Python 3.13)
+ONNX_EXPORT = importlib.util.find_spec('paddle2onnx') is not None
+TO_ONNX = ['--to_onnx'] if ONNX_EXPORT else []
+needs_onnx_export = pytest.mark.skipif(not ONNX_EXPORT, reason='paddle2onnx is not installed '
+                                       '(no wheel for this Python): no ONNX export')
 
 
 def run_cli(script, *args, cwd=None, timeout=600, env=None):

@@ -1,5 +1,7 @@
 """The Paddle 3 workarounds (segslim.compat): they change nothing on the 2.6 line, and the
 float CrossEntropyLoss average equals PaddleSeg's own wherever PaddleSeg's runs."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -68,3 +70,13 @@ def test_legacy_ops_append_programdesc_ops_and_leave_dygraph_alone():
            for op in main.global_block().ops]
     assert ops == [('sigmoid', None), ('matmul_v2', True)] and len(calls) == 1
     assert out.dtype == x.dtype
+
+
+def test_onnx_export_without_paddle2onnx_names_the_python_it_has_no_wheel_for(monkeypatch):
+    from segslim.errors import UserError
+    from segslim.onnx.export import require_onnx_export
+    monkeypatch.setitem(sys.modules, 'paddle2onnx', None)  # an import of it fails
+    with pytest.raises(UserError, match=r'no wheel for Python 3\.13 .*Python 3\.12 environment'):
+        require_onnx_export(python=(3, 13))
+    with pytest.raises(UserError, match=r'needs the paddle2onnx package: pip install'):
+        require_onnx_export(python=(3, 12))

@@ -17,6 +17,7 @@ from segslim.options import EngineOptions
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('paddle2onnx', reason='no wheel for this Python: no ONNX export')
 from onnx import helper, numpy_helper  # noqa: E402
 
 from segslim.onnx.export import export_onnx  # noqa: E402

@@ -22,10 +22,21 @@ def test_markers_are_evaluated_for_the_target_python_not_this_one():
 
 def test_the_install_set_holds_every_extra_and_requirement_file():
     reqs = wheels_check._requirement_lines(os.path.join(ROOT, 'requirements.txt'))
-    assert 'paddleslim==2.6.0' in reqs and not any(r.startswith('#') for r in reqs)
+    assert 'pyyaml' in reqs and not any(r.startswith('#') for r in reqs)
+    # what make install puts in without deps is what the check resolves without deps
+    with open(os.path.join(ROOT, 'Makefile')) as f:
+        no_deps = [line for line in f if '--no-deps' in line]
+    assert len(no_deps) == 1 and no_deps[0].split('--no-deps')[1].split() == wheels_check.NO_DEPS
     extras = wheels_check._extras(['openvino', 'onnx'])
     assert any(r.startswith('openvino==') for r in extras)
     assert any(r.startswith('onnxruntime==') for r in extras)
+
+
+def test_the_paddle_of_each_python():
+    assert wheels_check.default_paddle('3.9') == wheels_check.default_paddle('3.12') == \
+        'paddlepaddle==2.6.2'
+    assert wheels_check.default_paddle('3.13') == wheels_check.default_paddle('3.14') == \
+        'paddlepaddle==3.2.2'
 
 
 def test_a_version_that_is_not_one_is_refused(capsys):

@@ -144,7 +144,8 @@ def _paddleslim(deploy: Deploy, stage: str,
 
 PEERS: Dict[str, Peer] = {p.name: p for p in (
     Peer('nncf_openvino', 'openvino', ('nncf', 'openvino'), _nncf),
-    Peer('onnxruntime_quantize_static', 'onnxruntime', ('onnxruntime', 'onnx'), _onnxruntime),
+    Peer('onnxruntime_quantize_static', 'onnxruntime', ('onnxruntime', 'onnx', 'paddle2onnx'),
+         _onnxruntime),
     Peer('paddleslim_ptq_paddle', 'paddle', ('paddleslim',), _paddleslim),
 )}
 

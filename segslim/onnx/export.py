@@ -6,8 +6,9 @@ and the scales of those pairs go to segslim.onnx.qdq, which places the QuantizeL
 DequantizeLinear nodes where the target runs them as INT8 kernels."""
 import contextlib
 import os
+import sys
 import tempfile
-from typing import Any, Dict, Iterator, List, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -32,9 +33,23 @@ def import_onnx() -> Any:
     return require('onnx', '--to_onnx', 'onnx')
 
 
-def require_onnx_export() -> None:
-    """A one-line error now, before any work, when the ONNX export cannot run."""
-    require('paddle2onnx', '--to_onnx', 'onnx')
+# paddle2onnx (up to 2.1.0) has wheels up to Python 3.12 only: no ONNX export from 3.13 on
+NO_PADDLE2ONNX_WHEEL = (3, 13)
+
+
+def require_onnx_export(python: Optional[Tuple[int, int]] = None) -> None:
+    """A one-line error now, before any work, when the ONNX export cannot run (`python`:
+    the interpreter's version, this one's by default)."""
+    python = python or (sys.version_info[0], sys.version_info[1])
+    try:
+        require('paddle2onnx', '--to_onnx', 'onnx')
+    except UserError:
+        if python < NO_PADDLE2ONNX_WHEEL:
+            raise
+        raise UserError('--to_onnx needs paddle2onnx, which has no wheel for Python {}.{} '
+                        '(3.12 is the last): export the ONNX model from a Python 3.12 '
+                        'environment (make install PYTHON=python3.12); everything else runs '
+                        'here'.format(*python)) from None
     import_onnx()
 
 
