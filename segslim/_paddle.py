@@ -7,6 +7,8 @@ from typing import Optional
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', message='Setuptools is replacing distutils')
 warnings.filterwarnings('ignore', category=DeprecationWarning)
+# Paddle 3 says so at every BatchNorm forward in training
+warnings.filterwarnings('ignore', message='When training, we now always track global mean')
 
 import paddle  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Checks the installed stack: imports (with the zlib fix), versions, and `pip check`
 apart from paddleslim's and paddleseg's known pins. Exits non-zero on any other problem."""
+import importlib
 import os
 import subprocess
 import sys
@@ -14,10 +15,10 @@ KNOWN = ('paddleseg 2.8.0 has requirement opencv-python<=4.6.0',
 
 
 def main() -> int:
-    import paddleseg
-    import paddleslim  # noqa: F401
-
     from segslim._paddle import paddle
+    # after segslim, which binds zlib and quiets paddle's import-time warnings first
+    paddleseg = importlib.import_module('paddleseg')
+    importlib.import_module('paddleslim')
     print(f'paddlepaddle {paddle.__version__} (CUDA: {paddle.is_compiled_with_cuda()}), '
           f'paddleseg {paddleseg.__version__}')
     for extra in ('openvino', 'nncf', 'paddle2onnx', 'onnx', 'onnxruntime'):  # optional engines
