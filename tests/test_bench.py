@@ -22,6 +22,30 @@ def test_parse_verbose_sums_by_kind_and_dtype():
                                     'reorder': 1.0}
 
 
+def test_verbose_of_paddle_3_finds_the_reference_int8_convs():
+    """oneDNN 3.x as Paddle 3.2 ships it: a `v1,primitive` header and `src:u8` memory
+    (lines from BiSeNetV2's INT8 run on AVX2)."""
+    from segslim.deploy.onednn import parse_verbose, reference_int8_convs
+    lines = [
+        'onednn_verbose,v1,primitive,exec,cpu,convolution,ref:any,forward_inference,'
+        'src:u8:a:blocked:acdb::f0 wei:s8:a:blocked:abcde::f0 bia:f32::blocked:a::f0 '
+        'dst:s8:a:blocked:acdb::f0,attr-scales:src0:0:f32+dst:0:f32+wei:3:f32,'
+        'alg:convolution_direct,g32mb1_ic32oc192_ih64oh64kh3sh1dh0ph1_iw64ow64kw3sw1dw0pw1,'
+        '60.85',
+        'onednn_verbose,v1,primitive,exec,cpu,convolution,jit_uni_int8:avx2,forward_inference,'
+        'src:s8:a:blocked:acdb::f0 wei:s8:ap:blocked:ABcd2b8a4b::f3:s8m1:sa0.5 '
+        'dst:u8::blocked:acdb::f0,attr-scales:src0:0:f32,alg:convolution_direct,'
+        'mb1_ic3oc16_ih512oh256kh3sh2dh0ph0_iw512ow256kw3sw2dw0pw0,0.38',
+        'onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,'
+        'src:f32::blocked:abcd::f0 dst:s8::blocked:abcd::f0,attr-scales:src0:0:f32,,'
+        '1x3x512x512,0.25',
+        'onednn_verbose,v1,primitive,create:cache_miss,cpu,convolution,ref:any,'
+        'forward_inference,src:u8,,,g32mb1_ic32oc192,0.1',
+    ]
+    assert parse_verbose(lines) == pytest.approx({'convolution int8': 61.23, 'reorder': 0.25})
+    assert reference_int8_convs(lines) == {(32, 32, 192, 3, 3, 1, 1)}
+
+
 def test_bench_shape_and_zoo_list():
     from segslim.bench.models import bench_shape, zoo_configs
     from segslim.config import load_config

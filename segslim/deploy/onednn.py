@@ -52,19 +52,24 @@ def verbose_lines(run: Callable[[], Any]) -> List[str]:
 
 def exec_records(lines: Sequence[str]) -> Iterator[Tuple[str, str, str, str, float]]:
     """(primitive kind, implementation, the data type it reads: int8, bf16 or f32, problem,
-    ms) of each `exec` line."""
+    ms) of each `exec` line, in both of oneDNN's formats: `onednn_verbose,exec,cpu,...` with
+    `src_u8` memory (Paddle 2.6) and `onednn_verbose,v1,primitive,exec,cpu,...` with `src:u8`
+    (Paddle 3.2); a timestamp field after the marker is skipped too."""
     for line in lines:
         fields = line.strip().split(',')
-        if len(fields) < 6 or not fields[0].endswith('_verbose') or fields[1] != 'exec':
+        if not fields[0].endswith('_verbose') or 'exec' not in fields[1:5]:
+            continue
+        at = fields.index('exec', 1)
+        if len(fields) < at + 5 or fields[at + 1] not in ('cpu', 'gpu'):
             continue
         try:
             ms = float(fields[-1])
         except ValueError:
             continue
-        memory = ' '.join(fields[4:])
-        dtype = 'int8' if re.search(r'\bsrc_[us]8', memory) else \
-            'bf16' if 'src_bf16' in memory else 'f32'
-        yield fields[3], fields[4], dtype, fields[-2], ms
+        memory = ' '.join(fields[at + 3:])
+        dtype = 'int8' if re.search(r'\bsrc[_:][us]8\b', memory) else \
+            'bf16' if re.search(r'\bsrc[_:]bf16\b', memory) else 'f32'
+        yield fields[at + 2], fields[at + 3], dtype, fields[-2], ms
 
 
 def parse_verbose(lines: Sequence[str]) -> Dict[str, float]:
