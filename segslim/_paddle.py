@@ -16,14 +16,15 @@ from segslim.compat import patch_paddle  # noqa: E402
 
 patch_paddle(paddle.__version__)
 
-SUPPORTED_PADDLE = ('2.6',)
+SUPPORTED_PADDLE = ('2.6', '3.2')
 
 
 def check_versions() -> None:
-    """Warns when the installed paddle is outside the tested line."""
+    """Warns when the installed paddle is outside the tested lines."""
     if not paddle.__version__.startswith(SUPPORTED_PADDLE) and paddle.__version__ != '0.0.0':
-        warnings.warn(f'segslim is tested with paddlepaddle 2.6.x; found {paddle.__version__} '
-                      '(Paddle 3.2: partial, see docs/usage.md)', stacklevel=2)
+        warnings.warn(f'segslim is tested with paddlepaddle 2.6.x and 3.2.x; found '
+                      f'{paddle.__version__} (3.3 crashes in oneDNN on CPU inference, see '
+                      'docs/usage.md)', stacklevel=2)
 
 
 def device_available(device: str) -> bool:
