@@ -133,3 +133,32 @@ def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
                                                              input_shape=shape,
                                                              int8_layers='all'))
     assert eight.seven_bit == 0 and eight.fallback is None
+
+
+def test_channel_topk_runs_planar_with_the_same_answers(exported):
+    import openvino.opset13 as ops
+
+    from segslim.deploy.openvino_engine import planar_channel_topk
+
+    def argmax_model():
+        x = ops.parameter([-1, 5, -1, -1], np.float32)
+        top = ops.topk(x, ops.constant(np.array(2, np.int32)), 1, 'max', 'value', 'i32')
+        return ov.Model([ops.result(top.output(0)), ops.result(top.output(1))], [x])
+
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 3, (2, 5, 7, 9)).astype(np.float32)  # many ties
+    core = ov.Core()
+    model = argmax_model()
+    assert planar_channel_topk(model) == 1
+    assert [op.get_input_partial_shape(0).rank.get_length() for op in model.get_ordered_ops()
+            if op.get_type_name() == 'TopK'] == [3]
+    want = core.compile_model(argmax_model(), 'CPU')({0: data})
+    got = core.compile_model(model, 'CPU')({0: data})
+    for i in range(2):
+        assert got[i].shape == want[i].shape == (2, 2, 7, 9)
+        np.testing.assert_array_equal(got[i], want[i])
+    assert (want[1][:, 0] == data.argmax(1)).all()
+    # the export's argmax head is rewritten when the engine loads it
+    pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
+                                                            precision='int8', cpu_threads=2))
+    assert pred.planar_topk == 1
