@@ -186,7 +186,14 @@ def test_openvino_runs_the_float_kinds_in_float(exported):
     same = (compiled({0: x})[compiled.outputs[0]] == pred.run(x)).mean()
     assert same > 0.9, same
     auto = engine(exported['int8'], 'openvino', 'int8')  # the default: timed per kind
-    assert set(auto.kinds.seconds) >= {'none'} and auto.int8_ran
+    assert 'none' in auto.kinds.seconds
+    # the instant model's convs are tiny, so on a busy machine every kind may time faster in
+    # float: the engine then says INT8 did not pay instead of claiming an INT8 row
+    from segslim.deploy.results import NOT_FASTER_NOTE
+    if set(kinds) <= auto.kinds.float_kinds:
+        assert not auto.int8_ran and auto.precision_note == NOT_FASTER_NOTE
+    else:
+        assert auto.int8_ran
 
 
 @pytest.mark.skipif('onnxruntime' not in BACKENDS, reason='onnxruntime is not installed')
