@@ -10,6 +10,8 @@
 # make street   -> synthetic 19-class street scenes (data/street) and the four zoo models of
 #                 configs/street trained on them (output/street/<model>; hours on 2 CPU cores,
 #                 docs/accuracy.md); STREET_ITERS=N shortens every schedule
+# make street-compare -> every quantization method and the engines' own quantizers on each
+#                 trained street model, on every engine (output/street/<model>/compare/compare.md)
 # make wheels-check PY_VERSION=3.13 -> whether make install's packages exist as wheels there
 PYTHON ?= python3
 VENV ?= .venv
@@ -25,7 +27,7 @@ DEMO_OUT ?= output/demo
 DEMO_ONNX = $(shell $(PY) -c 'import paddle2onnx' >/dev/null 2>&1 && echo --to_onnx)
 DEMO_BACKENDS = paddle openvino $(if $(DEMO_ONNX),onnxruntime)
 
-.PHONY: install demo test test-fast lint bench street clean wheels-check
+.PHONY: install demo test test-fast lint bench street street-compare clean wheels-check
 
 install: $(STAMP)
 
@@ -96,6 +98,14 @@ street: install
 		$(PY) train.py --config configs/street/$${m}_street_256x128.yml --do_eval --seed 0 \
 			--save_interval 250 --log_iters 50 $(if $(STREET_ITERS),--iters $(STREET_ITERS)) \
 			--save_dir output/street/$$m || exit 1; \
+	done
+
+STREET_QAT_ITERS ?= 200
+street-compare: install
+	for m in $(STREET_MODELS); do \
+		$(PY) tools/compare_methods.py --config configs/street/$${m}_street_256x128.yml \
+			--model_path output/street/$$m/best_model/model.pdparams \
+			--qat_iters $(STREET_QAT_ITERS) --save_dir output/street/$$m/compare || exit 1; \
 	done
 
 clean:

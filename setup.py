@@ -49,7 +49,7 @@ setup(
         'segslim-auto-quant=segslim.cli.commands:auto_quant',
         'segslim-infer=segslim.cli.commands:infer',
         'segslim-benchmark=segslim.cli.commands:benchmark',
-        'segslim-make-demo-dataset=segslim.cli.commands:make_demo_dataset',
-        'segslim-make-street-dataset=segslim.cli.commands:make_street_dataset',
+        'segslim-make-demo-dataset=segslim.cli.tools:make_demo_dataset',
+        'segslim-make-street-dataset=segslim.cli.tools:make_street_dataset',
     ]},
 )

@@ -102,13 +102,14 @@ SCRIPTS = {  # the scripts' entry points, for in-process runs
     'slim/quant/analysis.py': 'analysis', 'slim/quant/auto_quant.py': 'auto_quant',
     'deploy/python/infer.py': 'infer',
     'deploy/python/benchmark.py': 'benchmark', 'tools/make_demo_dataset.py': 'make_demo_dataset',
+    'tools/compare_methods.py': 'compare_methods',
 }
 
 
 def run_command(script, *args, env=None):
     """Runs a repo script's command in this process (for paths that need no process of
     their own: argument and setup errors); returns a CompletedProcess like run_cli's."""
-    from segslim.cli import commands
+    from segslim.cli import commands, tools
     from segslim.logger import logger
     argv = [str(a) for a in args]
     # forked data workers would copy this process's threads' locks (a pytest-xdist worker's
@@ -125,7 +126,7 @@ def run_command(script, *args, env=None):
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            getattr(commands, SCRIPTS[script])(argv)
+            getattr(tools if script.startswith('tools/') else commands, SCRIPTS[script])(argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:

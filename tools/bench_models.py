@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from segslim.cli import commands  # noqa: E402
+from segslim.cli import tools  # noqa: E402
 
 if __name__ == '__main__':
-    commands.bench_models()
+    tools.bench_models()

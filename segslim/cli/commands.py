@@ -29,7 +29,7 @@ Main = Callable[[argparse.Namespace], Optional[int]]
 _COMMANDS: Dict[str, Callable[[], Tuple[argparse.ArgumentParser, Main]]] = {}
 
 
-def _command(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
+def register(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
              ) -> Callable[..., None]:
     """Registers a command's (parser, workflow) builder; returns the function that parses
     argv (default sys.argv) and runs it, exiting with its code."""
@@ -42,10 +42,16 @@ def _command(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
     return command
 
 
+def _builder(command: str) -> Callable[[], Tuple[argparse.ArgumentParser, Main]]:
+    if command not in _COMMANDS:  # the tools' commands register when their module loads
+        importlib.import_module('segslim.cli.tools')
+    return _COMMANDS[command]
+
+
 def options(command: str, **given: Any) -> argparse.Namespace:
     """The options `command` runs with for the flags `given` as keywords: its own parser's
     defaults and checks (a value it refuses raises UserError naming the flag)."""
-    parser = _COMMANDS[command]()[0]
+    parser = _builder(command)()[0]
     argv = flags.to_argv(**given)
     try:
         return parser.parse_args(argv)
@@ -55,7 +61,7 @@ def options(command: str, **given: Any) -> argparse.Namespace:
 
 def workflow(command: str) -> Main:
     """The function `command` runs on its parsed options."""
-    return _COMMANDS[command]()[1]
+    return _builder(command)()[1]
 
 
 def _step_child(command: str, args: argparse.Namespace, conn: Connection) -> None:
@@ -89,23 +95,24 @@ def run_in_child(command: str, args: argparse.Namespace) -> None:
         raise UserError(f'{command} failed (exit code {code}); its log is above')
 
 
-def _lazy(module: str, name: str, **kwargs: Any) -> Main:
+def lazy(module: str, name: str, **kwargs: Any) -> Main:
     """The workflow `module.name`, imported when it runs (--help stays fast)."""
     def main(args: argparse.Namespace) -> Optional[int]:
         return getattr(importlib.import_module(module), name)(args, **kwargs)
     return main
 
 
-def _parser(description: str, *adders, config_required: bool = True) -> argparse.ArgumentParser:
+def make_parser(description: str, *adders,
+                config_required: bool = True) -> argparse.ArgumentParser:
     p = flags.base_parser(description, config_required=config_required)
     for add in adders:
         add(p)
     return p
 
 
-@_command
+@register
 def train() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Train a segmentation model (FP32).', flags.add_train_args)
+    p = make_parser('Train a segmentation model (FP32).', flags.add_train_args)
     p.add_argument('--precision', choices=['fp32', 'fp16'], default=TrainOptions.precision,
                    help='fp16 enables automatic mixed precision (GPU only)')
     p.add_argument('--amp_level', choices=['O1', 'O2'], default=TrainOptions.amp_level,
@@ -118,25 +125,25 @@ def train() -> Tuple[argparse.ArgumentParser, Main]:
     flags.add_data_format(p)
     p.add_argument('--repeats', type=flags.positive_int, default=TrainOptions.repeats,
                    help='visit each training sample this many times per epoch')
-    return p, _lazy('segslim.cli.workflows', 'run_train')
+    return p, lazy('segslim.cli.workflows', 'run_train')
 
 
-@_command
+@register
 def val() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Evaluate a segmentation model (FP32).', flags.add_eval_args)
+    p = make_parser('Evaluate a segmentation model (FP32).', flags.add_eval_args)
     flags.add_bool(p, '--auc_roc', False, 'also compute the AUC-ROC of the class scores')
-    return p, _lazy('segslim.cli.workflows', 'run_val')
+    return p, lazy('segslim.cli.workflows', 'run_val')
 
 
-@_command
+@register
 def export() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Export an FP32 inference model.', flags.add_export_args)
-    return p, _lazy('segslim.cli.workflows', 'run_export')
+    p = make_parser('Export an FP32 inference model.', flags.add_export_args)
+    return p, lazy('segslim.cli.workflows', 'run_export')
 
 
-@_command
+@register
 def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
+    p = make_parser('Quantization-aware training (PaddleSlim QAT) from FP32 weights.',
                 flags.add_train_args)
     p.add_argument('--model_path', default=None,
                    help='FP32 model.pdparams to start from (default: the config\'s '
@@ -153,27 +160,27 @@ def qat_train() -> Tuple[argparse.ArgumentParser, Main]:
                    default=TrainOptions.distill_temperature,
                    help='temperature of both class distributions (the term is scaled by its '
                         'square)')
-    return p, _lazy('segslim.cli.workflows', 'run_train', quant=True)
+    return p, lazy('segslim.cli.workflows', 'run_train', quant=True)
 
 
-@_command
+@register
 def qat_val() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Evaluate a quantization-aware trained model.', flags.add_eval_args)
-    return p, _lazy('segslim.cli.workflows', 'run_val', quant=True)
+    p = make_parser('Evaluate a quantization-aware trained model.', flags.add_eval_args)
+    return p, lazy('segslim.cli.workflows', 'run_val', quant=True)
 
 
-@_command
+@register
 def qat_export() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Export a QAT model as an INT8 inference model.', flags.add_export_args)
+    p = make_parser('Export a QAT model as an INT8 inference model.', flags.add_export_args)
     p.add_argument('--verify_images', type=int, default=VERIFY_IMAGES,
                    help='compare the INT8 engine with the QAT model on this many val images '
                         '(0: skip)')
-    return p, _lazy('segslim.cli.workflows', 'run_export', quant=True)
+    return p, lazy('segslim.cli.workflows', 'run_export', quant=True)
 
 
-@_command
+@register
 def ptq() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Post-training quantization (PaddleSlim quant_post_static) of FP32 weights '
+    p = make_parser('Post-training quantization (PaddleSlim quant_post_static) of FP32 weights '
                 'or an FP32 inference model.')
     src = p.add_mutually_exclusive_group()
     src.add_argument('--model_dir', default=None,
@@ -212,12 +219,12 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
     flags.add_rounding_args(p)
     flags.add_to_onnx(p)
     flags.add_cpu_threads(p)
-    return p, _lazy('segslim.cli.workflows', 'run_ptq')
+    return p, lazy('segslim.cli.workflows', 'run_ptq')
 
 
-@_command
+@register
 def analysis() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('Quantization sensitivity of each layer, and a skip list (optionally the '
+    p = make_parser('Quantization sensitivity of each layer, and a skip list (optionally the '
                 'smallest one meeting a mIoU budget on the engine).')
     p.add_argument('--model_path', default=None,
                    help='FP32 model.pdparams (default: the config\'s model.pretrained)')
@@ -236,12 +243,12 @@ def analysis() -> Tuple[argparse.ArgumentParser, Main]:
                    help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
     flags.add_cpu_threads(p)
-    return p, _lazy('segslim.cli.workflows', 'run_analysis')
+    return p, lazy('segslim.cli.workflows', 'run_analysis')
 
 
-@_command
+@register
 def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('From FP32 weights to the fastest INT8 model whose mIoU on the engine stays '
+    p = make_parser('From FP32 weights to the fastest INT8 model whose mIoU on the engine stays '
                 'within a bound: PTQ, then a skip set, then QAT with distillation, each '
                 'checked on every engine.')
     p.add_argument('--model_path', required=True, help='FP32 model.pdparams')
@@ -263,10 +270,10 @@ def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run in --save_dir at its last finished step')
-    return p, _lazy('segslim.cli.workflows', 'run_auto_quant')
+    return p, lazy('segslim.cli.workflows', 'run_auto_quant')
 
 
-@_command
+@register
 def infer() -> Tuple[argparse.ArgumentParser, Main]:
     p = flags.ArgumentParser(description='Segment images with an exported model.')
     p.add_argument('--config', required=True, help='deploy.yaml (or its folder)')
@@ -283,12 +290,12 @@ def infer() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--model_name', default='', help='named in the --benchmark summary')
     p.add_argument('--debug', action='store_true', help='show tracebacks')
     flags.add_engine_args(p)
-    return p, _lazy('segslim.cli.deploy_workflows', 'run_infer')
+    return p, lazy('segslim.cli.deploy_workflows', 'run_infer')
 
 
-@_command
+@register
 def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
-    p = _parser('FP32 vs INT8 on the deployed engine: mIoU, latency, agreement, INT8 ops.',
+    p = make_parser('FP32 vs INT8 on the deployed engine: mIoU, latency, agreement, INT8 ops.',
                 config_required=False)
     p.add_argument('--model_dirs', nargs='+', required=True,
                    help='exported model folders; the first is the baseline')
@@ -316,74 +323,4 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--gallery', type=int, default=8,
                    help='val images in the gallery: those where INT8 agrees least with FP32')
     flags.add_engine_args(p, many_backends=True)
-    return p, _lazy('segslim.cli.deploy_workflows', 'run_benchmark')
-
-
-@_command
-def make_demo_dataset() -> Tuple[argparse.ArgumentParser, Main]:
-    p = flags.ArgumentParser(description='Generate deterministic demo optic-disc data.')
-    p.add_argument('--save_dir', default='data/optic_disc_seg')
-    p.add_argument('--num_train', type=int, default=60)
-    p.add_argument('--num_val', type=int, default=20)
-    p.add_argument('--num_test', type=int, default=10)
-    p.add_argument('--size', type=int, default=128, help='image side in pixels')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--debug', action='store_true', help='show tracebacks')
-
-    def main(args):
-        from segslim.data.demo import make_demo_dataset as make
-        if min(args.num_train, args.num_val, args.size) <= 0 or args.num_test < 0:
-            raise UserError('--num_train, --num_val and --size must be positive')
-        make(args.save_dir, args.num_train, args.num_val, args.num_test, args.size, args.seed)
-        print(f'wrote {args.num_train} train / {args.num_val} val / {args.num_test} test images '
-              f'of {args.size}x{args.size} to {args.save_dir}')
-    return p, main
-
-
-@_command
-def make_street_dataset() -> Tuple[argparse.ArgumentParser, Main]:
-    p = flags.ArgumentParser(description='Generate synthetic street scenes with the 19 Cityscapes '
-                             'train classes in the Cityscapes layout (deterministic for a seed).')
-    p.add_argument('--save_dir', default='data/street')
-    p.add_argument('--num_train', type=flags.positive_int, default=400)
-    p.add_argument('--num_val', type=flags.positive_int, default=100)
-    p.add_argument('--width', type=flags.positive_int, default=256)
-    p.add_argument('--height', type=flags.positive_int, default=128)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--debug', action='store_true', help='show tracebacks')
-
-    def main(args):
-        from segslim.data.street import make_street_dataset as make
-        make(args.save_dir, args.num_train, args.num_val, args.width, args.height, args.seed)
-        print(f'wrote {args.num_train} train / {args.num_val} val street scenes of '
-              f'{args.width}x{args.height} (seed {args.seed}) to {args.save_dir}')
-    return p, main
-
-
-@_command
-def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
-    p = flags.ArgumentParser(description='Latency FP32 vs bf16 vs INT8 of model configs on '
-                                'random weights; writes a markdown report and its JSON.')
-    p.add_argument('--configs', nargs='+', default=None,
-                   help='default: every model config under configs/ (the zoo)')
-    p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=flags.positive_int,
-                   default=EngineOptions.cpu_threads)
-    p.add_argument('--size', type=flags.positive_int, default=512,
-                   help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
-    p.add_argument('--repeats', type=flags.positive_int, default=20)
-    p.add_argument('--out', default='docs/benchmark.md')
-    p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=['paddle'],
-                   help='engines to time (openvino: pip install -e .[openvino])')
-    p.add_argument('--no_peers', action='store_true',
-                   help='skip the engines\' own quantizers (NNCF, onnxruntime quantize_static, '
-                        'PaddleSlim quant_post_static) timed beside ours')
-    p.add_argument('--debug', action='store_true', help='show tracebacks')
-
-    def main(args):
-        from segslim.bench.models import bench_models as run
-        from segslim.bench.models import write_report, zoo_configs
-        configs = args.configs or zoo_configs()
-        write_report(run(configs, args.cpu_threads, args.size, args.repeats,
-                         backends=list(dict.fromkeys(args.backend)),
-                         peers=not args.no_peers), args.out)
-    return p, main
+    return p, lazy('segslim.cli.deploy_workflows', 'run_benchmark')
