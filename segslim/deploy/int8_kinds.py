@@ -21,7 +21,7 @@ KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul')
 # choice: below it, timing noise decides.
 MARGIN = 0.03
 WARMUP = 2
-REPEATS = 7
+REPEATS = 9
 
 
 def conv_kind(groups: int, in_channels_per_group: int, out_channels_per_group: int,
@@ -53,21 +53,34 @@ def _label(kinds: FrozenSet[str]) -> str:
     return '+'.join(sorted(kinds)) or 'none'
 
 
-def _time(runs: Sequence[Callable[[], object]]) -> List[float]:
-    """Seconds per run of each callable, interleaved, each timed run after an untimed one
-    (the engine's threads spin down between callables): the lower quartile of REPEATS runs,
-    which a busy machine disturbs less than the median (the work itself does not vary)."""
-    for run in runs:
+@dataclass(frozen=True)
+class Paired:
+    """Two callables timed in turns: each one's lower-quartile seconds, and the median over
+    the turns of the second's time over the first's in the same turn."""
+    first_s: float
+    second_s: float
+    ratio: float
+
+
+def _paired(first: Callable[[], object], second: Callable[[], object]) -> Paired:
+    """The two timed in turns, each timed run after an untimed one (the engine's threads
+    spin down between callables), REPEATS turns. A turn's ratio compares two runs a few
+    milliseconds apart, so load on the machine that comes and goes over seconds (which
+    moved the lower quartiles of the two by more than MARGIN in either direction) falls
+    on both sides of it."""
+    for run in (first, second):
         for _ in range(WARMUP):
             run()
-    times: List[List[float]] = [[] for _ in runs]
+    times: List[List[float]] = [[], []]
     for _ in range(REPEATS):
-        for i, run in enumerate(runs):
+        for i, run in enumerate((first, second)):
             run()
             tic = time.perf_counter()
             run()
             times[i].append(time.perf_counter() - tic)
-    return [float(np.percentile(t, 25)) for t in times]
+    a, b = (np.asarray(t) for t in times)
+    return Paired(float(np.percentile(a, 25)), float(np.percentile(b, 25)),
+                  float(np.median(b / a)))
 
 
 def choose_float_kinds(present: Sequence[str],
@@ -75,22 +88,23 @@ def choose_float_kinds(present: Sequence[str],
                        ) -> KindChoice:
     """Greedy over the kinds `present` in the model: `build(kinds)` returns a callable that
     runs the model once with those kinds in float. Each kind is tried on top of the kinds
-    already chosen; it joins them when that variant is faster by MARGIN."""
+    already chosen; it joins them when that variant is faster by MARGIN (the median of
+    paired ratios, see _paired)."""
     chosen: FrozenSet[str] = frozenset()
     quantized = best = build(chosen)
     choice = KindChoice()
     for kind in (k for k in KINDS if k in present):
         trial_kinds = chosen | {kind}
         trial = build(trial_kinds)
-        base_s, trial_s = _time([best, trial])
-        choice.seconds[_label(chosen)] = base_s
-        choice.seconds[_label(trial_kinds)] = trial_s
-        if trial_s < base_s * (1 - MARGIN):
+        timed = _paired(best, trial)
+        choice.seconds[_label(chosen)] = timed.first_s
+        choice.seconds[_label(trial_kinds)] = timed.second_s
+        if timed.ratio < 1 - MARGIN:
             chosen, best = trial_kinds, trial
-    if chosen:  # the choice against the model as quantized, timed once more side by side
-        quantized_s, chosen_s = _time([quantized, best])
-        choice.seconds['none'], choice.seconds[_label(chosen)] = quantized_s, chosen_s
-        if chosen_s >= quantized_s * (1 - MARGIN):
+    if len(chosen) > 1:  # the choice against the model as quantized, side by side once more
+        timed = _paired(quantized, best)
+        choice.seconds['none'], choice.seconds[_label(chosen)] = timed.first_s, timed.second_s
+        if timed.ratio >= 1 - MARGIN:
             chosen = frozenset()
     choice.float_kinds = chosen
     if chosen:
