@@ -29,7 +29,7 @@ setup(
     version=VERSION,
     description='Quantization-aware training and INT8 deployment for PaddleSeg models',
     packages=find_packages(include=['segslim', 'segslim.*']),
-    python_requires='>=3.8',
+    python_requires='>=3.9',
     # paddlepaddle / paddlepaddle-gpu, paddleslim and paddleseg are installed by `make install`
     # (see requirements.txt for why paddleslim and paddleseg go in without their pins).
     install_requires=['numpy<2; python_version<"3.13"', 'numpy>=2,<3; python_version>="3.13"',
