@@ -86,7 +86,7 @@ def draw_roadside(s: Scene, x0: float) -> None:
         t_near = max(0.0, t - r.uniform(0.08, 0.3))
         a, b = s.toward(x0, t), s.toward(x0, t_near)
         ya, yb = s.row(t), s.row(t_near)
-        kinds = ['building'] * 4 + ['trees'] * 2 + ['wall', 'gap']
+        kinds = ['building'] * 4 + ['trees'] * 2 + ['wall'] * 2 + ['gap']
         kind = kinds[r.randint(len(kinds))]
         height = r.uniform(0.9, 3.2) * s.h
         if kind == 'building':
@@ -107,10 +107,15 @@ def draw_roadside(s: Scene, x0: float) -> None:
                         hh = ha + u * (hb - ha)
                         pts.append((x, y_base - v * hh))
                     s.paint_only(pts, win)
-        elif kind == 'wall':
-            ha, hb = 0.12 * s.h * (1 - t), 0.12 * s.h * (1 - t_near)
+        elif kind == 'wall':  # brick or concrete, lower than a façade, with courses
+            wall_h = r.uniform(0.15, 0.3) * s.h
+            ha, hb = wall_h * (1 - t), wall_h * (1 - t_near)
             s.poly([(a, ya), (b, yb), (b, yb - hb), (a, ya - ha)], WALL,
-                   s.color((140, 130, 120), 30))
+                   s.color([(60, 80, 150), (150, 150, 145), (90, 110, 130)][r.randint(3)], 25))
+            mortar = s.color((185, 185, 180), 20)
+            for v in np.arange(0.2, 1.0, 0.25):
+                s.paint_only([(a, ya - v * ha), (b, yb - v * hb), (b, yb - (v + 0.05) * hb),
+                              (a, ya - (v + 0.05) * ha)], mortar)
         if kind in ('trees', 'gap', 'wall'):
             for _ in range(r.randint(2, 7)):  # trees behind
                 u = r.uniform(0, 1)
@@ -134,25 +139,25 @@ def _fence(s: Scene, x0: float, t0: float, t1: float) -> None:
     xa, xb, ya, yb = s.toward(x0, t0), s.toward(x0, t1), s.row(t0), s.row(t1)
     ka, kb = s.depth(ya), s.depth(yb)
     for v in (0.35, 0.95):  # rails
-        s.line((xa, ya - v * h * ka), (xb, yb - v * h * kb), max(1.0, 2.5 * ka), FENCE, col)
+        s.line((xa, ya - v * h * ka), (xb, yb - v * h * kb), max(2.0, 2.5 * ka), FENCE, col)
     for i in range(r.randint(4, 14)):  # posts
         u = i / 13
         x, y = xa + u * (xb - xa), ya + u * (yb - ya)
         k = s.depth(y)
-        s.line((x, y), (x, y - h * k), max(1.0, 2.5 * k), FENCE, col)
+        s.line((x, y), (x, y - h * k), max(2.0, 2.5 * k), FENCE, col)
 
 
 def _pole(s: Scene, x: float, y: float) -> None:
     r = s.rng
     k = s.depth(y)
-    width = max(1.0, 0.01 * s.w * k)
+    width = max(2.0, 0.012 * s.w * k)
     top = y - r.uniform(0.45, 0.75) * s.h * k
     s.line((x, y), (x, top), width, POLE, s.color((120, 120, 120), 40))
     kind = r.rand()
     if kind < 0.35:  # a traffic light on an arm
         arm = x + r.choice([-1, 1]) * 0.05 * s.w * k
         s.line((x, top), (arm, top), width, POLE, s.color((120, 120, 120), 30))
-        lw, lh = 0.018 * s.w * k + 1, 0.09 * s.h * k + 2
+        lw, lh = 0.025 * s.w * k + 2, 0.1 * s.h * k + 3
         s.rect(arm - lw / 2, top, arm + lw / 2, top + lh, LIGHT, s.color((30, 40, 40), 15))
         lamp = [(40, 40, 230), (40, 200, 240), (60, 220, 60)][r.randint(3)]
         s.circle((arm, top + lh * r.choice([0.2, 0.5, 0.8])), lw * 0.35, LIGHT, lamp)
