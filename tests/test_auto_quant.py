@@ -310,6 +310,18 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
     assert exported_from == [best, best]  # not the round's last checkpoint
 
 
+def _nested_step(save_dir: str) -> int:
+    """A child that runs a step in a child of its own, as auto-quant does under a comparison."""
+    commands.run_in_child('make_demo_dataset', commands.options(
+        'make_demo_dataset', save_dir=save_dir, num_train=1, num_val=1, num_test=0, size=16))
+    return 0
+
+
+def test_a_step_in_a_child_can_run_steps_in_children_of_its_own(tmp_path):
+    commands.call_in_child('nested', _nested_step, str(tmp_path / 'd'))
+    assert len(os.listdir(tmp_path / 'd' / 'JPEGImages')) == 2
+
+
 def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_path):
     """The child gets the command's parsed options; its user error, its exit code and its
     crash each come back as one UserError naming the step."""

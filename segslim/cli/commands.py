@@ -64,35 +64,51 @@ def workflow(command: str) -> Main:
     return _builder(command)()[1]
 
 
-def _step_child(command: str, args: argparse.Namespace, conn: Connection) -> None:
-    """The child's side of run_in_child: the workflow's exit code, or the user error it raised,
+def _run_workflow(command: str, args: argparse.Namespace) -> int:
+    return int(workflow(command)(args) or 0)
+
+
+def _child(target: Callable[..., int], args: Tuple[Any, ...], conn: Connection) -> None:
+    """The child's side of call_in_child: the target's exit code, or the user error it raised,
     sent back to the parent (anything else shows its traceback here and exits 1)."""
     try:
-        conn.send(('exit', int(workflow(command)(args) or 0)))
+        conn.send(('exit', target(*args)))
     except UserError as e:
         conn.send(('error', str(e)))
     except KeyboardInterrupt:
         conn.send(('error', 'interrupted'))
 
 
-def run_in_child(command: str, args: argparse.Namespace) -> None:
-    """`command`'s workflow on `args` in a fresh interpreter; its failure becomes a UserError
-    naming the step (its own message, or how the process ended)."""
+def call_in_child(name: str, target: Callable[..., int], *args: Any) -> None:
+    """target(*args) (a module-level function returning an exit code) in a fresh interpreter;
+    its failure becomes a UserError naming `name` (its own message, or how the process ended).
+    The child may start children of its own (a comparison runs auto-quant, which runs its
+    steps so); it is ended if the parent stops waiting for it."""
     ctx = multiprocessing.get_context('spawn')
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_step_child, args=(command, args, send), daemon=True)
+    child = ctx.Process(target=_child, args=(target, args, send))
     child.start()
     send.close()
     try:
-        result = receive.recv()
-    except EOFError:  # the child died without a word: a crash or a kill
-        result = None
-    child.join()
+        try:
+            result = receive.recv()
+        except EOFError:  # the child died without a word: a crash or a kill
+            result = None
+        child.join()
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join()
     if result and result[0] == 'error':
-        raise UserError(f'{command} failed: {result[1]}')
+        raise UserError(f'{name} failed: {result[1]}')
     if result is None or child.exitcode != 0 or result[1] != 0:
         code = result[1] if result else child.exitcode
-        raise UserError(f'{command} failed (exit code {code}); its log is above')
+        raise UserError(f'{name} failed (exit code {code}); its log is above')
+
+
+def run_in_child(command: str, args: argparse.Namespace) -> None:
+    """`command`'s workflow on `args` in a fresh interpreter (call_in_child)."""
+    call_in_child(command, _run_workflow, command, args)
 
 
 def lazy(module: str, name: str, **kwargs: Any) -> Main:
