@@ -112,10 +112,12 @@ def _finished(model_dir: str) -> bool:
     return os.path.isfile(os.path.join(model_dir, 'deploy.yaml'))
 
 
-def run_methods(setup: Setup, names: Sequence[str]) -> Dict[str, float]:
-    """Each method of `names` not finished yet (the FP32 export first), timed; returns the
-    seconds each took to quantize (kept in times.json across runs)."""
-    from segslim.cli import commands
+Step = Callable[[str, Given], None]  # runs one command with its flags (in its own process)
+
+
+def run_methods(setup: Setup, names: Sequence[str], step: Step) -> Dict[str, float]:
+    """Each method of `names` not finished yet (the FP32 export first), each command run by
+    `step`, timed; returns the seconds each took to quantize (kept in times.json across runs)."""
     times = _times(setup)
     fp32 = setup.folder('fp32')
     jobs: List[Tuple[str, List[Tuple[str, Given]], str]] = [
@@ -129,8 +131,7 @@ def run_methods(setup: Setup, names: Sequence[str]) -> Dict[str, float]:
         tic = time.perf_counter()
         for command, given in steps:
             logger.info('compare: %s: segslim-%s', name, command.replace('_', '-'))
-            commands.run_in_child(command, commands.options(command, **given,
-                                                            opts=list(setup.opts) or None))
+            step(command, {**given, 'opts': list(setup.opts) or None})
         times[name] = time.perf_counter() - tic
         write_json(setup.folder(TIMES), times)
     return times
@@ -289,9 +290,10 @@ def format_comparison(lines: Sequence[Line], report: BenchReport, goal_lines: Se
     return '\n'.join(out) + '\n'
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    """tools/compare_methods.py: every method of --methods (and the peers) on the trained
-    --model_path, then the benchmark of all of them on every engine of --backend."""
+def run_compare(args: argparse.Namespace, step: Step) -> int:
+    """tools/compare_methods.py: every method of --methods (its commands run by `step`) and
+    the peers on the trained --model_path, then the benchmark of all of them on every engine
+    of --backend."""
     from segslim._paddle import set_device
     from segslim.builder import build_dataset, num_classes_of
     from segslim.config import load_config
@@ -312,7 +314,7 @@ def run_compare(args: argparse.Namespace) -> int:
                   onnx='onnxruntime' in backends and importable('paddle2onnx'),
                   calib_images=args.calib_images, threads=args.cpu_threads,
                   opts=tuple(args.opts or ()))
-    times = run_methods(setup, args.methods)
+    times = run_methods(setup, args.methods, step)
     peer_dirs, times = run_peers(setup, cfg) if args.peers else ([], times)
     labels = {setup.folder('fp32'): 'fp32',
               **{m.model_dir(setup): m.name for m in METHODS if m.name in args.methods},

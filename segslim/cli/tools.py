@@ -2,10 +2,10 @@
 quantization method on one trained model. Registered beside the scripts' commands
 (segslim.cli.commands), so a step can run any of them in a child process."""
 import argparse
-from typing import Tuple
+from typing import Dict, Optional, Tuple
 
 from segslim.cli import flags
-from segslim.cli.commands import Main, lazy, make_parser, register
+from segslim.cli.commands import Main, make_parser, options, register, run_in_child
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.errors import UserError
 from segslim.options import CALIBRATION_IMAGES, EngineOptions
@@ -112,4 +112,13 @@ def compare_methods() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=[1, 3, 128, 256],
                    metavar=('N', 'C', 'H', 'W'), help='timing input')
     p.add_argument('--repeats', type=flags.positive_int, default=5)
-    return p, lazy('segslim.bench.compare', 'run_compare')
+    return p, _compare
+
+
+def _step(command: str, given: Dict[str, object]) -> None:
+    run_in_child(command, options(command, **given))
+
+
+def _compare(args: argparse.Namespace) -> Optional[int]:
+    from segslim.bench.compare import run_compare
+    return run_compare(args, _step)
