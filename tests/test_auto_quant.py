@@ -6,7 +6,7 @@ import pytest
 import yaml
 from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cli, run_command
 
-from segslim.cli import commands, flags
+from segslim.cli import commands, flags, tools  # noqa: F401 (registers make_demo_dataset)
 from segslim.cli.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
 

@@ -43,8 +43,7 @@ def register(build: Callable[[], Tuple[argparse.ArgumentParser, Main]]
 
 
 def _builder(command: str) -> Callable[[], Tuple[argparse.ArgumentParser, Main]]:
-    if command not in _COMMANDS:  # the tools' commands register when their module loads
-        importlib.import_module('segslim.cli.tools')
+    """A registered command (the tools' commands register when segslim.cli.tools loads)."""
     return _COMMANDS[command]
 
 
@@ -64,7 +63,8 @@ def workflow(command: str) -> Main:
     return _builder(command)()[1]
 
 
-def _run_workflow(command: str, args: argparse.Namespace) -> int:
+def _run_workflow(module: str, command: str, args: argparse.Namespace) -> int:
+    importlib.import_module(module)  # registers the command in this fresh interpreter
     return int(workflow(command)(args) or 0)
 
 
@@ -108,7 +108,7 @@ def call_in_child(name: str, target: Callable[..., int], *args: Any) -> None:
 
 def run_in_child(command: str, args: argparse.Namespace) -> None:
     """`command`'s workflow on `args` in a fresh interpreter (call_in_child)."""
-    call_in_child(command, _run_workflow, command, args)
+    call_in_child(command, _run_workflow, _builder(command).__module__, command, args)
 
 
 def lazy(module: str, name: str, **kwargs: Any) -> Main:
