@@ -312,8 +312,8 @@ def test_a_qat_round_exports_its_best_checkpoint_and_the_next_resumes(fp32_run, 
 
 def _nested_step(save_dir: str) -> int:
     """A child that runs a step in a child of its own, as auto-quant does under a comparison."""
-    commands.run_in_child('make_demo_dataset', commands.options(
-        'make_demo_dataset', save_dir=save_dir, num_train=1, num_val=1, num_test=0, size=16))
+    commands.run_step('make_demo_dataset', save_dir=save_dir, num_train=1, num_val=1,
+                      num_test=0, size=16)
     return 0
 
 

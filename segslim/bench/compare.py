@@ -112,7 +112,7 @@ def _finished(model_dir: str) -> bool:
     return os.path.isfile(os.path.join(model_dir, 'deploy.yaml'))
 
 
-Step = Callable[[str, Given], None]  # runs one command with its flags (in its own process)
+Step = Callable[..., None]  # step(command, **flags): runs one command in its own process
 
 
 def run_methods(setup: Setup, names: Sequence[str], step: Step) -> Dict[str, float]:
@@ -131,7 +131,7 @@ def run_methods(setup: Setup, names: Sequence[str], step: Step) -> Dict[str, flo
         tic = time.perf_counter()
         for command, given in steps:
             logger.info('compare: %s: segslim-%s', name, command.replace('_', '-'))
-            step(command, {**given, 'opts': list(setup.opts) or None})
+            step(command, **given, opts=list(setup.opts) or None)
         times[name] = time.perf_counter() - tic
         write_json(setup.folder(TIMES), times)
     return times

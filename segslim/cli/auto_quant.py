@@ -64,14 +64,11 @@ class Steps:
         self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
     def _run(self, command: str, **given: Any) -> None:
-        """Runs `command`'s workflow with these flags (its parser's defaults and checks) in a
-        child process of its own: a step's memory is freed when it ends, and a crash in a
-        native library fails the step, not the search."""
+        """Runs `command` with these flags in a child process (commands.run_step)."""
         from segslim.cli import commands, flags
-        args = commands.options(command, **given, opts=self.opts or None)
         logger.info('auto-quant: segslim-%s %s', command.replace('_', '-'),
                     ' '.join(flags.to_argv(**given)))
-        commands.run_in_child(command, args)
+        commands.run_step(command, **given, opts=self.opts or None)
 
     def _onnx(self) -> bool:
         return 'onnxruntime' in self.backends

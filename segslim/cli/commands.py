@@ -111,6 +111,13 @@ def run_in_child(command: str, args: argparse.Namespace) -> None:
     call_in_child(command, _run_workflow, _builder(command).__module__, command, args)
 
 
+def run_step(command: str, **given: Any) -> None:
+    """`command` with the flags `given` (its parser's defaults and checks) in a child process
+    of its own: a step's memory is freed when it ends, and a crash in a native library fails
+    the step, not the caller."""
+    run_in_child(command, options(command, **given))
+
+
 def lazy(module: str, name: str, **kwargs: Any) -> Main:
     """The workflow `module.name`, imported when it runs (--help stays fast)."""
     def main(args: argparse.Namespace) -> Optional[int]:

@@ -2,10 +2,10 @@
 quantization method on one trained model. Registered beside the scripts' commands
 (segslim.cli.commands), so a step can run any of them in a child process."""
 import argparse
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 from segslim.cli import flags
-from segslim.cli.commands import Main, make_parser, options, register, run_in_child
+from segslim.cli.commands import Main, make_parser, register, run_step
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.errors import UserError
 from segslim.options import CALIBRATION_IMAGES, EngineOptions
@@ -115,10 +115,6 @@ def compare_methods() -> Tuple[argparse.ArgumentParser, Main]:
     return p, _compare
 
 
-def _step(command: str, given: Dict[str, object]) -> None:
-    run_in_child(command, options(command, **given))
-
-
 def _compare(args: argparse.Namespace) -> Optional[int]:
     from segslim.bench.compare import run_compare
-    return run_compare(args, _step)
+    return run_compare(args, run_step)
