@@ -201,3 +201,26 @@ def test_without_the_onednn_library_the_probe_is_skipped(exported, monkeypatch):
                                                      input_shape=(1, 3, 64, 64)))
     assert pred.precision == 'int8' and not pred.fp32_convs
     assert pred.model_file == os.path.join(exported['int8'], 'model.pdmodel')
+
+
+def test_timing_runs_engine_after_engine_with_a_pause_between(monkeypatch):
+    from segslim.deploy import benchmark as bench_mod
+    events = []
+
+    class Fake:
+        def __init__(self, backend, name):
+            self.backend, self.name = backend, name
+
+        def run(self, batch):
+            events.append(self.name)
+
+    monkeypatch.setattr(bench_mod.time, 'sleep', lambda s: events.append(f'sleep {s}'))
+    preds = [Fake('paddle', 'p1'), Fake('openvino', 'o1'), Fake('paddle', 'p2')]
+    times = bench_mod.time_interleaved(preds, np.zeros(1), warmup=1, repeats=2)
+    assert [len(t) for t in times] == [2, 2, 2]
+    pause = f'sleep {bench_mod.SETTLE_S}'
+    turn = [pause, 'p1', 'p1', 'p2', 'p2', pause, 'o1', 'o1']
+    assert events == ['p1', 'o1', 'p2'] + turn + turn
+    events.clear()
+    bench_mod.time_interleaved(preds[:1], np.zeros(1), warmup=0, repeats=1)
+    assert events == ['p1', 'p1']  # one engine: nothing to wait for

@@ -267,3 +267,11 @@ def test_without_onnx_the_weights_stay_8_bit_and_it_says_so(onnx_models, monkeyp
     pred = engine(onnx_models['ort'], 'onnxruntime')
     assert pred.seven_bit == 0 and pred.fallback is None and pred.precision == 'int8'
     assert len(said) == 1 and 'onnx is not installed' in said[0] and '8-bit weights' in said[0]
+
+
+def test_onnxruntime_pool_threads_sleep_when_idle(onnx_models):
+    # sessions timed in turns: a spinning pool of one took the cores from the next
+    predictor = engine(onnx_models['ort'], 'onnxruntime')
+    options = predictor._options()
+    assert options.get_session_config_entry('session.intra_op.allow_spinning') == '0'
+    assert options.intra_op_num_threads == predictor.opts.cpu_threads

@@ -135,22 +135,36 @@ def check_int8_engine(dataset: SegDataset, int8_dir: str, limit: int, model: Any
     return result
 
 
+# Seconds an engine's idle threads may keep spinning after its last run: Paddle's Intel
+# OpenMP keeps its pool busy for KMP_BLOCKTIME (200 ms by default). Measured on 2 cores: an
+# onnxruntime INT8 model that ran 24 ms alone ran 39-46 ms when timed between Paddle
+# Inference runs, and 25 ms with this pause.
+SETTLE_S = 0.25
+
+
 def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup: int,
                      repeats: int) -> List[List[float]]:
-    """Seconds per run of each predictor; runs alternate between predictors so that
-    machine noise hits all of them alike. Each timed run follows an untimed one of the same
-    predictor: the engine that ran before keeps its threads spinning for a while (OpenMP,
-    TBB, onnxruntime's pool), which would otherwise be charged to the next engine."""
+    """Seconds per run of each predictor. Every turn times each engine's predictors in
+    turns (machine noise that comes and goes hits all of them alike), engine after engine
+    with a pause of SETTLE_S between engines: an engine that ran before keeps its threads
+    spinning for a while, which would otherwise be charged to the next one. Each timed run
+    follows an untimed one of the same predictor, for the same reason within an engine."""
+    groups: Dict[str, List[int]] = {}
+    for i, p in enumerate(predictors):
+        groups.setdefault(p.backend, []).append(i)
     for p in predictors:
         for _ in range(warmup):
             p.run(batch)
     times: List[List[float]] = [[] for _ in predictors]
     for _ in progress(range(repeats), 'Timing'):
-        for i, p in enumerate(predictors):
-            p.run(batch)
-            tic = time.perf_counter()
-            p.run(batch)
-            times[i].append(time.perf_counter() - tic)
+        for members in groups.values():
+            if len(groups) > 1:
+                time.sleep(SETTLE_S)
+            for i in members:
+                predictors[i].run(batch)
+                tic = time.perf_counter()
+                predictors[i].run(batch)
+                times[i].append(time.perf_counter() - tic)
     return times
 
 
