@@ -1,6 +1,7 @@
 """auto_quant.py: the decision over its steps (on fakes), one real run, resume, bad input."""
 import json
 import os
+import time
 
 import pytest
 import yaml
@@ -320,6 +321,40 @@ def _nested_step(save_dir: str) -> int:
 def test_a_step_in_a_child_can_run_steps_in_children_of_its_own(tmp_path):
     commands.call_in_child('nested', _nested_step, str(tmp_path / 'd'))
     assert len(os.listdir(tmp_path / 'd' / 'JPEGImages')) == 2
+
+
+def _sleep_after_writing_pid(path: str) -> int:
+    with open(path + '.tmp', 'w') as f:
+        f.write(str(os.getpid()))
+    os.replace(path + '.tmp', path)
+    time.sleep(120)
+    return 0
+
+
+def _waits_on_a_sleeping_child(path: str) -> None:
+    commands.call_in_child('sleeper', _sleep_after_writing_pid, path)
+
+
+def test_sigterm_to_a_step_runner_ends_its_child(tmp_path):
+    import multiprocessing
+    import signal
+    path = str(tmp_path / 'pid')
+    parent = multiprocessing.get_context('spawn').Process(target=_waits_on_a_sleeping_child,
+                                                          args=(path,))
+    parent.start()
+    deadline = time.time() + 60
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(open(path).read())
+    os.kill(parent.pid, signal.SIGTERM)
+    parent.join(30)
+    assert parent.exitcode == 143
+    try:
+        os.kill(child, 0)
+    except ProcessLookupError:
+        return
+    os.kill(child, signal.SIGKILL)
+    raise AssertionError('the child outlived its parent')
 
 
 def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_path):

@@ -5,6 +5,8 @@ of setup.py all call these; auto-quant builds a step's options with the same par
 import argparse
 import importlib
 import multiprocessing
+import signal
+import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -79,17 +81,26 @@ def _child(target: Callable[..., int], args: Tuple[Any, ...], conn: Connection) 
         conn.send(('error', 'interrupted'))
 
 
+def _end_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def call_in_child(name: str, target: Callable[..., int], *args: Any) -> None:
     """target(*args) (a module-level function returning an exit code) in a fresh interpreter;
     its failure becomes a UserError naming `name` (its own message, or how the process ended).
     The child may start children of its own (a comparison runs auto-quant, which runs its
-    steps so); it is ended if the parent stops waiting for it."""
+    steps so); it is ended if the parent stops waiting for it, by an error, Ctrl-C or a
+    SIGTERM (which then ends the parent with exit code 143)."""
     ctx = multiprocessing.get_context('spawn')
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(target, args, send))
-    child.start()
-    send.close()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+    if main_thread:
+        signal.signal(signal.SIGTERM, _end_on_sigterm)
     try:
+        child.start()
+        send.close()
         try:
             result = receive.recv()
         except EOFError:  # the child died without a word: a crash or a kill
@@ -99,6 +110,8 @@ def call_in_child(name: str, target: Callable[..., int], *args: Any) -> None:
         if child.is_alive():
             child.terminate()
             child.join()
+        if main_thread:  # a handler installed outside Python reads back as None
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     if result and result[0] == 'error':
         raise UserError(f'{name} failed: {result[1]}')
     if result is None or child.exitcode != 0 or result[1] != 0:
