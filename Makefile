@@ -6,7 +6,8 @@
 # make test     -> the test suite
 # make lint     -> ruff (pyproject.toml rule sets) and mypy over segslim/
 # make bench    -> docs/benchmark.md: latency FP32 vs bf16 vs INT8 of the shipped configs on Paddle
-#                 Inference and OpenVINO
+#                 Inference, OpenVINO and onnxruntime, against the CPU's ceiling and the engines'
+#                 own quantizers (hours; a killed run goes on from its last finished model)
 # make street   -> synthetic 19-class street scenes (data/street) and the four zoo models of
 #                 configs/street trained on them (output/street/<model>; hours on 2 CPU cores,
 #                 docs/accuracy.md); STREET_ITERS=N shortens every schedule

@@ -57,7 +57,7 @@ def test_bench_shape_and_zoo_list():
 
 
 def test_summary_rows_and_geomean():
-    from segslim.bench.models import ZooResult, format_markdown, summary
+    from segslim.bench.zoo_report import ZooResult, format_markdown, summary
 
     def report(name, fp32, bf16, int8):
         def row(precision, s):
@@ -81,7 +81,7 @@ def test_summary_rows_and_geomean():
 
 def test_summary_puts_each_model_against_the_ceiling():
     from segslim.bench.ceiling import apply_ceilings
-    from segslim.bench.models import ZooResult, format_markdown, summary
+    from segslim.bench.zoo_report import ZooResult, format_markdown, summary
     from segslim.deploy.results import Ceiling
     ceilings = {'paddle': Ceiling('paddle', 2.0, 1.0, None, '5/5 convs INT8'),
                 'openvino': Ceiling('openvino', 1.6, 0.5, None, '5/5 convs INT8')}
@@ -112,3 +112,33 @@ def test_summary_puts_each_model_against_the_ceiling():
     assert results[0].report.rows[3].of_ceiling == pytest.approx(3.0 / 3.2)
     text = format_markdown(results)
     assert has_row(text, 'a', 'OpenVINO 1000.0', 'OpenVINO 3000.0', '3.00x', '94%')
+
+
+def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, monkeypatch):
+    from segslim.bench import models
+    from segslim.bench.parts import clear_parts
+    from segslim.bench.zoo_report import ZooResult
+    measured = []
+
+    def bench_one(config, name, *args):
+        if name == 'c':
+            raise KeyboardInterrupt  # the kill, on the third model
+        measured.append(name)
+        return ZooResult(model=name, config=config, report=make_report(
+            [make_row(name, 'fp32', 1.0)]))
+    monkeypatch.setattr(models, 'measure_ceilings', lambda *a, **k: {})
+    monkeypatch.setattr(models, '_bench_one', bench_one)
+    parts = str(tmp_path / 'benchmark.parts')
+    with pytest.raises(KeyboardInterrupt):
+        models.bench_models(['a.yml', 'b.yml', 'c.yml'], repeats=5, parts_dir=parts)
+    assert measured == ['a', 'b'] and sorted(os.listdir(parts)) == ['a.pkl', 'b.pkl']
+    monkeypatch.setattr(models, '_bench_one', lambda config, name, *a: bench_one(
+        config, 'c2' if name == 'c' else name, *a))
+    results = models.bench_models(['a.yml', 'b.yml', 'c.yml'], repeats=5, parts_dir=parts)
+    assert measured == ['a', 'b', 'c2'] and [r.model for r in results] == ['a', 'b', 'c2']
+    assert results[0].report.rows[0].s_per_img == 1.0
+    # other settings measure again
+    models.bench_models(['a.yml'], repeats=3, parts_dir=parts)
+    assert measured[-1] == 'a'
+    clear_parts(parts)
+    assert not os.path.exists(parts)

@@ -2,6 +2,7 @@
 quantization method on one trained model. Registered beside the scripts' commands
 (segslim.cli.commands), so a step can run any of them in a child process."""
 import argparse
+import os
 from typing import Optional, Tuple
 
 from segslim.cli import flags
@@ -63,7 +64,10 @@ def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--size', type=flags.positive_int, default=512,
                    help='input side (the ResNet50 OS8 Cityscapes models run 1024x512)')
     p.add_argument('--repeats', type=flags.positive_int, default=20)
-    p.add_argument('--out', default='docs/benchmark.md')
+    p.add_argument('--out', default='docs/benchmark.md',
+                   help='the markdown report; its JSON is written beside it, and while the run '
+                        'lasts each finished model is kept in <out without .md>.parts, so a '
+                        'rerun after a kill goes on from there')
     p.add_argument('--backend', nargs='+', choices=BACKEND_NAMES, default=['paddle'],
                    help='engines to time (openvino: pip install -e .[openvino])')
     p.add_argument('--no_peers', action='store_true',
@@ -73,11 +77,15 @@ def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
 
     def main(args):
         from segslim.bench.models import bench_models as run
-        from segslim.bench.models import write_report, zoo_configs
+        from segslim.bench.models import zoo_configs
+        from segslim.bench.parts import clear_parts
+        from segslim.bench.zoo_report import write_report
         configs = args.configs or zoo_configs()
+        parts = os.path.splitext(args.out)[0] + '.parts' if args.out else None
         write_report(run(configs, args.cpu_threads, args.size, args.repeats,
                          backends=list(dict.fromkeys(args.backend)),
-                         peers=not args.no_peers), args.out)
+                         peers=not args.no_peers, parts_dir=parts), args.out)
+        clear_parts(parts)
     return p, main
 
 
