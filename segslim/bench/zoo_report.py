@@ -107,9 +107,10 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
                                ('onnxruntime', 'geomean_onnxruntime_speedup')) if summ.get(key)])
     lines = [f'# Latency: FP32 vs bf16 vs INT8 on {engines}', '',
              'Written by `make bench` (`tools/bench_models.py`) on {}. CPU: {} ({}), {} threads, '
-             'batch 1; median of {} runs after {} warm-up runs, the engines of a model '
-             'interleaved in one process, each timed run after an untimed one of the same '
-             'engine. Input 1x3x512x1024 for the ResNet50_vd OS8 '
+             'batch 1; median of {} turns after {} warm-up runs, all rows of a model in one '
+             'process: in each turn the engines one after another with a 0.25 s pause '
+             'between them, each timed run after an untimed one of the same model. Input '
+             '1x3x512x1024 for the ResNet50_vd OS8 '
              'Cityscapes models, else square (see each row). Weights are random (latency does not '
              'depend on them); INT8 activation scales come from a few generated images; each '
              'model is quantized with its config\'s `quant_config`. Exported programs have '
