@@ -246,3 +246,39 @@ def test_onnxruntime_runs_the_float_kinds_in_float(ours):
     assert same > 0.9, same
     auto = engine(folder, 'onnxruntime', 'int8')
     assert 'none' in auto.kinds.seconds and auto.int8_ran
+
+
+def test_int8_rows_with_the_rest_in_bf16_count_for_gain_and_peers():
+    rows = [make_row('fp32', 'fp32', 4.0),
+            make_row('fp32', 'bf16', 2.0, backend='openvino'),
+            make_row('ours', 'int8', 2.2, backend='openvino', int8_convs=4),
+            make_row('ours', 'int8', 1.6, backend='openvino', int8_convs=4),
+            make_row('nncf', 'int8', 2.0, backend='openvino', int8_convs=4),
+            make_row('nncf', 'int8', 1.2, backend='openvino', int8_convs=4)]
+    rows[3].rest = rows[5].rest = 'bf16'
+    rows[4].peer = rows[5].peer = 'nncf_openvino'
+    report = make_report(rows)
+    assert report.gain().best_int8 is rows[3] and report.gain().gain == pytest.approx(1.25)
+    # each peer once, its fastest row
+    assert report.peers_json()['peers'] == {'nncf_openvino_s': 1.2}
+    assert report.peers_json()['ours_vs_peers'] == {'nncf_openvino': pytest.approx(0.75)}
+    assert rows[3].type_label == 'INT8+BF16' and rows[2].type_label == 'INT8'
+    assert rows[3].to_json()['rest'] == 'bf16'
+    from segslim.bench.zoo_report import ZooResult, summary
+    row = summary([ZooResult('m', 'm.yml', report)])['rows'][0]
+    # the legacy keys keep the INT8 row with the rest in FP32
+    assert row['openvino_int8_s'] == 2.2 and row['openvino_int8_bf16_rest_s'] == 1.6
+
+
+def test_openvino_runs_the_rest_of_an_int8_model_in_bf16_when_asked(exported):
+    import openvino
+    if 'BF16' not in openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES'):
+        pytest.skip('this CPU has no bf16 in OpenVINO')
+    from segslim.deploy.engines import create_predictor
+    from segslim.options import EngineOptions
+    opts = dict(backend='openvino', input_shape=(1, 3, 64, 64), int8_layers='all')
+    f32 = create_predictor(exported['int8'], EngineOptions(precision='int8', **opts))
+    bf16 = create_predictor(exported['int8'], EngineOptions(precision='bf16', **opts))
+    assert (f32.rest, f32.properties['INFERENCE_PRECISION_HINT']) == (None, 'f32')
+    assert (bf16.rest, bf16.properties['INFERENCE_PRECISION_HINT']) == ('bf16', 'bf16')
+    assert bf16.precision == 'int8' and bf16.ops.int8_conv_ops == f32.ops.int8_conv_ops > 0

@@ -32,7 +32,9 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
     rows: List[Dict[str, Any]] = []
     for res in results:
         rep = res.report
-        by = {(r.backend, r.precision.value): r for r in rep.ours if not r.precision_note}
+        by = {(r.backend, r.precision.value): r for r in rep.ours
+              if not r.precision_note and not r.rest}
+        rest = {r.backend: r for r in rep.ours if r.rest == 'bf16' and r.int8}
         fp32 = by[('paddle', 'fp32')]
         bf16, int8 = (by.get(('paddle', p)) for p in ('bf16', 'int8'))
         ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
@@ -44,6 +46,9 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             row['openvino_speedup_vs_bf16'] = ov_bf16.s_per_img / ov_int8.s_per_img \
                 if ov_int8 and ov_bf16 else None
             row['openvino_int8_ops'] = ov_int8.ops.int8_ops if ov_int8 else None
+            # the same INT8 model with its unquantized ops in bf16 (bf16 CPUs)
+            row['openvino_int8_bf16_rest_s'] = rest['openvino'].s_per_img \
+                if 'openvino' in rest else None
         ort_fp32, ort_int8 = by.get(('onnxruntime', 'fp32')), by.get(('onnxruntime', 'int8'))
         if ort_fp32 and ort_int8:
             row.update(

@@ -218,7 +218,8 @@ def add_engine_args(p: argparse.ArgumentParser,
     add_bool(p, '--use_trt', EngineOptions.use_trt, 'TensorRT on GPU')
     p.add_argument('--precision', choices=[v.value for v in Precision],
                    default=EngineOptions.precision,
-                   help='engine precision; a QAT model always runs INT8')
+                   help='engine precision; a quantized model always runs INT8 (with bf16 on '
+                        'OpenVINO: its other ops in bf16)')
     p.add_argument('--min_subgraph_size', type=int, default=EngineOptions.min_subgraph_size,
                    help='TensorRT subgraphs')
     add_bool(p, '--enable_auto_tune', EngineOptions.enable_auto_tune,

@@ -199,6 +199,10 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                     and bf16 and BACKENDS[backend].bf16:
                 runs.append(create_predictor(model_dir,
                                              dataclasses.replace(run_opts, precision='bf16')))
+            if opts.device == 'cpu' and pred.int8_ran and bf16 and BACKENDS[backend].bf16_rest:
+                # the same INT8 model with its unquantized ops in bf16: its own row
+                runs.append(create_predictor(model_dir,
+                                             dataclasses.replace(run_opts, precision='bf16')))
     batch = timing_batch(runs[0], dataset, shape)
     times = time_interleaved(runs, batch, warmup, repeats)
     rows = [BenchRow(model_dir=pred.model_dir, backend=pred.backend, precision=pred.precision,
@@ -208,7 +212,7 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                      params_mb=os.path.getsize(pred.deploy['params']) / 2 ** 20,
                      ops=pred.ops, fallback=pred.fallback,
                      engine_fp32_convs=len(pred.fp32_convs), passes=pred.passes,
-                     peer=pred.peer, engine_version=pred.engine_version)
+                     peer=pred.peer, rest=pred.rest, engine_version=pred.engine_version)
             for pred, secs in zip(runs, times)]
     report = BenchReport(isa=cpu['isa'] if opts.device == 'cpu' else 'gpu', cpu=cpu['model'],
                          vnni=bool(cpu['vnni']), threads=opts.cpu_threads, device=opts.device,

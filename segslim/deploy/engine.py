@@ -112,6 +112,8 @@ class EngineBase:
             self.op_types = program_op_types(self.deploy['model'])
             self.quantized = any(t in QUANT_OP_TYPES for t in self.op_types)
         self.fallback: Optional[str] = None
+        # an INT8 model's unquantized ops in a lower float precision ('bf16'), None: FP32
+        self.rest: Optional[str] = None
         # the kinds of quantized layer --int8_layers auto leaves in float (int8_kinds)
         self.kinds = KindChoice()
         # convs the model quantizes that the engine runs in FP32 (no fast INT8 kernel for them

@@ -18,13 +18,14 @@ class Backend:
     bf16: bool          # has a bf16 CPU path worth a baseline row
     formats: Tuple[str, ...] = ('paddle',)  # model folders it runs (modeldir.model_format)
     requires: Tuple[str, ...] = ()          # optional packages it needs
+    bf16_rest: bool = False  # runs an INT8 model's unquantized ops in bf16 (--precision bf16)
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
     Backend('paddle', 'Paddle Inference', 'segslim.deploy.paddle_engine', 'PaddlePredictor',
             True),
     Backend('openvino', 'OpenVINO', 'segslim.deploy.openvino_engine', 'OpenVINOPredictor',
-            True, ('paddle', 'openvino'), ('openvino',)),
+            True, ('paddle', 'openvino'), ('openvino',), bf16_rest=True),
     Backend('onnxruntime', 'onnxruntime', 'segslim.deploy.onnxruntime_engine',
             'OnnxRuntimePredictor', False, ('paddle', 'onnx'),
             ('onnxruntime', 'onnx', 'paddle2onnx')),

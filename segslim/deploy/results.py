@@ -135,6 +135,8 @@ class BenchRow:
     of_ceiling: Optional[float] = None
     # a peer quantizer's model (segslim.bench.peers: its name, e.g. 'nncf_openvino'), not ours
     peer: Optional[str] = None
+    # an INT8 row whose unquantized ops ran in this float precision ('bf16'; None: FP32)
+    rest: Optional[str] = None
     # without a val set: the share of pixels labelled as the first row labels them on the
     # generated timing images
     sample_agreement: Optional[float] = None
@@ -155,8 +157,9 @@ class BenchRow:
 
     @property
     def type_label(self) -> str:
-        """'INT8', 'BF16', 'FP32 (QAT model, no INT8 kernels)'."""
-        label = self.precision.label
+        """'INT8', 'INT8+BF16' (the rest in bf16), 'BF16', 'FP32 (QAT model, no INT8
+        kernels)'."""
+        label = self.precision.label + (f'+{self.rest.upper()}' if self.rest else '')
         return f'{label} ({self.precision_note})' if self.precision_note else label
 
     def to_json(self) -> Dict[str, JsonValue]:
@@ -174,7 +177,7 @@ class BenchRow:
                 del out['model_agreement']
         out.update(speedup=self.speedup, speedup_vs_bf16=self.speedup_vs_bf16,
                    speedup_vs_engine_fp32=self.speedup_vs_engine_fp32,
-                   of_ceiling=self.of_ceiling, peer=self.peer,
+                   of_ceiling=self.of_ceiling, peer=self.peer, rest=self.rest,
                    sample_agreement=self.sample_agreement, engine_version=self.engine_version)
         return out
 
@@ -301,13 +304,16 @@ class BenchReport:
         return [r for r in self.rows if r.peer is None]
 
     def peers(self) -> List[PeerResult]:
-        """Each peer quantizer's row against our fastest INT8 row on its engine."""
-        out = []
+        """Each peer quantizer's fastest row against our fastest INT8 row on its engine."""
+        fastest: Dict[str, BenchRow] = {}
         for row in self.rows:
-            if row.peer is not None:
-                ours = [r for r in self.ours if r.int8 and r.backend == row.backend]
-                out.append(PeerResult(row, min(ours, key=lambda r: r.s_per_img)
-                                      if ours else None))
+            if row.peer is not None and (row.peer not in fastest or
+                                         row.s_per_img < fastest[row.peer].s_per_img):
+                fastest[row.peer] = row
+        out = []
+        for row in fastest.values():
+            ours = [r for r in self.ours if r.int8 and r.backend == row.backend]
+            out.append(PeerResult(row, min(ours, key=lambda r: r.s_per_img) if ours else None))
         return out
 
     def peers_json(self) -> Dict[str, JsonValue]:
