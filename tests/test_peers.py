@@ -268,6 +268,10 @@ def test_int8_rows_with_the_rest_in_bf16_count_for_gain_and_peers():
     row = summary([ZooResult('m', 'm.yml', report)])['rows'][0]
     # the legacy keys keep the INT8 row with the rest in FP32
     assert row['openvino_int8_s'] == 2.2 and row['openvino_int8_bf16_rest_s'] == 1.6
+    rows[2].sample_agreement, rows[3].sample_agreement = 0.99, 0.98
+    row = summary([ZooResult('m', 'm.yml', report)])['rows'][0]
+    assert row['agreement']['openvino_int8'] == 0.99
+    assert row['agreement']['openvino_int8_bf16_rest'] == 0.98
 
 
 def test_openvino_runs_the_rest_of_an_int8_model_in_bf16_when_asked(exported):

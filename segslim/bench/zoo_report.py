@@ -74,8 +74,9 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
         gain = rep.gain()
         row.update(gain.to_json() if gain else dict.fromkeys(Gain.KEYS))
         row.update(rep.peers_json())
-        row['agreement'] = {f'{r.backend}_{r.precision.value}': r.agreement
-                            for r in rep.ours if r.agreement is not None}
+        row['agreement'] = {
+            f'{r.backend}_{r.precision.value}' + (f'_{r.rest}_rest' if r.rest else ''):
+            r.agreement for r in rep.ours if r.agreement is not None}
         rows.append(row)
 
     def geomean(key):
