@@ -103,16 +103,18 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
     row is measured on other generated images. Each finished model is kept in `parts_dir`
     (segslim.bench.parts): a rerun after a kill takes it instead of measuring again."""
     reports = []
+    cpu = cpu_features()
     ceilings = measure_ceilings(backends, EngineOptions(device='cpu', cpu_threads=threads),
-                                bf16=bool(cpu_features()['bf16']))
+                                bf16=bool(cpu['bf16']))
     settings = {'threads': threads, 'size': size, 'repeats': repeats, 'warmup': warmup,
-                'backends': list(backends), 'peers': peers, 'cpu': cpu_features()['model']}
+                'backends': list(backends), 'peers': peers, 'cpu': cpu['model']}
     for config in progress(configs, 'Models'):
         name = os.path.splitext(os.path.basename(config))[0]
-        result = load_part(parts_dir, name, dict(settings, config=config))
+        measured_with = dict(settings, config=config)
+        result = load_part(parts_dir, name, measured_with)
         if result is None:
             result = _bench_one(config, name, threads, size, repeats, warmup, backends, peers)
-            save_part(parts_dir, name, dict(settings, config=config), result)
+            save_part(parts_dir, name, measured_with, result)
         apply_ceilings(result.report, ceilings)
         reports.append(result)
     return reports

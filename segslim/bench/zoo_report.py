@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from segslim.bench.peers import PEERS
+from segslim.deploy.benchmark import SETTLE_S
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile
 from segslim.deploy.report import format_report, markdown_table
@@ -114,7 +115,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     lines = [f'# Latency: FP32 vs bf16 vs INT8 on {engines}', '',
              'Written by `make bench` (`tools/bench_models.py`) on {}. CPU: {} ({}), {} threads, '
              'batch 1; median of {} turns after {} warm-up runs, all rows of a model in one '
-             'process: in each turn the engines one after another with a 0.25 s pause '
+             f'process: in each turn the engines one after another with a {SETTLE_S} s pause '
              'between them, each timed run after an untimed one of the same model. Input '
              '1x3x512x1024 for the ResNet50_vd OS8 '
              'Cityscapes models, else square (see each row). Weights are random (latency does not '

@@ -195,12 +195,11 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend)
             pred = create_predictor(model_dir, run_opts)
             runs.append(pred)
-            if i == 0 and opts.device == 'cpu' and opts.enable_mkldnn and not pred.quantized \
-                    and bf16 and BACKENDS[backend].bf16:
-                runs.append(create_predictor(model_dir,
-                                             dataclasses.replace(run_opts, precision='bf16')))
-            if opts.device == 'cpu' and pred.int8_ran and bf16 and BACKENDS[backend].bf16_rest:
-                # the same INT8 model with its unquantized ops in bf16: its own row
+            # a bf16 row: the FP32 baseline in bf16, and each INT8 model with its unquantized
+            # ops in bf16 where the engine can
+            if opts.device == 'cpu' and bf16 and (
+                    (i == 0 and opts.enable_mkldnn and not pred.quantized and
+                     BACKENDS[backend].bf16) or (pred.int8_ran and BACKENDS[backend].bf16_rest)):
                 runs.append(create_predictor(model_dir,
                                              dataclasses.replace(run_opts, precision='bf16')))
     batch = timing_batch(runs[0], dataset, shape)
