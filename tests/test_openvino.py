@@ -122,13 +122,13 @@ def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
         assert np.abs(w7[name] - w8[name]).max() <= step * 1.001, name
     assert seven_bit_weights(model) == 0  # 7 bits already: left as they are
     shape = (1, 3, 64, 64)
-    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': False})
+    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': False, 'simd_floats': 16})
     seven = create_predictor(exported['int8'], EngineOptions(backend='openvino',
                                                              input_shape=shape,
                                                              int8_layers='all'))
     assert seven.seven_bit == len(q8) and seven.fallback == SEVEN_BIT_NOTE
     assert seven.ops.int8_conv_ops == seven.ops.conv_ops
-    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': True})
+    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: {'vnni': True, 'simd_floats': 16})
     eight = create_predictor(exported['int8'], EngineOptions(backend='openvino',
                                                              input_shape=shape,
                                                              int8_layers='all'))
@@ -140,8 +140,8 @@ def test_channel_topk_runs_planar_with_the_same_answers(exported):
 
     from segslim.deploy.openvino_engine import planar_channel_topk
 
-    def argmax_model():
-        x = ops.parameter([-1, 5, -1, -1], np.float32)
+    def argmax_model(classes=5):
+        x = ops.parameter([-1, classes, -1, -1], np.float32)
         top = ops.topk(x, ops.constant(np.array(2, np.int32)), 1, 'max', 'value', 'i32')
         return ov.Model([ops.result(top.output(0)), ops.result(top.output(1))], [x])
 
@@ -149,7 +149,10 @@ def test_channel_topk_runs_planar_with_the_same_answers(exported):
     data = rng.integers(0, 3, (2, 5, 7, 9)).astype(np.float32)  # many ties
     core = ov.Core()
     model = argmax_model()
-    assert planar_channel_topk(model) == 1
+    assert planar_channel_topk(model, 16) == 1
+    # a channel block or more (Cityscapes' 19 classes) stays as it is: the reorder costs more
+    assert planar_channel_topk(argmax_model(19), 16) == 0
+    assert planar_channel_topk(argmax_model(8), 8) == 0
     assert [op.get_input_partial_shape(0).rank.get_length() for op in model.get_ordered_ops()
             if op.get_type_name() == 'TopK'] == [3]
     want = core.compile_model(argmax_model(), 'CPU')({0: data})
@@ -162,3 +165,50 @@ def test_channel_topk_runs_planar_with_the_same_answers(exported):
     pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
                                                             precision='int8', cpu_threads=2))
     assert pred.planar_topk == 1
+
+
+def _fq(x, low, high):
+    import openvino.opset13 as ops
+    lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
+    return ops.fake_quantize(x, lo, hi, lo, hi, 256)
+
+
+def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():
+    import openvino.opset13 as ops
+
+    from segslim.deploy.openvino_engine import share_quantized_inputs, with_float_kinds
+
+    def users(node):
+        return sorted(t.get_node().get_type_name() for t in node.output(0).get_target_inputs())
+
+    def block(quantized=True):
+        x = ops.parameter([1, 4, 8, 8], np.float32)
+        w = ops.constant(np.random.default_rng(0).standard_normal((4, 4, 3, 3)).astype(np.float32))
+        relu = ops.relu(ops.convolution(x, w, [1, 1], [1, 1], [1, 1], [1, 1]))
+        conv = ops.convolution(_fq(relu, 0, 4) if quantized else relu, w, [1, 1], [1, 1],
+                               [1, 1], [1, 1])
+        out = ops.concat([relu, conv, ops.avg_pool(relu, [1, 1], [0, 0], [0, 0], [1, 1], True)], 1)
+        return ov.Model([ops.relu(relu), out], [x]), relu
+
+    model, relu = block()
+    assert share_quantized_inputs(model) == 2  # the concat and the pool; not the Relu
+    assert users(relu) == ['FakeQuantize', 'Relu']
+    fq = next(op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize')
+    assert users(fq) == ['AvgPool', 'Concat', 'Convolution']
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    got = ov.Core().compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})({0: x})[1]
+    assert np.isfinite(got).all()
+    # the conv in float: the quantization goes, the shared users get the float tensor back
+    floated = with_float_kinds(model, {'spatial'})
+    assert not [op for op in floated.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
+    unquantized, _ = block(quantized=False)
+    want = ov.Core().compile_model(unquantized, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    floated_out = ov.Core().compile_model(floated, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
+    np.testing.assert_allclose(floated_out({0: x})[1], want({0: x})[1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, want({0: x})[1])  # the shared model did round the tensor
+    # a tensor two FakeQuantizes read (two scales) is left alone
+    model, relu = block()
+    extra = ops.convolution(_fq(relu, 0, 2), ops.constant(np.ones((4, 4, 1, 1), np.float32)),
+                            [1, 1], [0, 0], [0, 0], [1, 1])
+    model.add_results([ops.result(extra)])
+    assert share_quantized_inputs(model) == 0

@@ -28,6 +28,10 @@ INT8_PRECISIONS = ('i8', 'u8')
 QUANTIZED_CONSUMERS = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropData', 'MatMul')
 # Compiled models kept per input shape (OpenVINO compiles static shapes fastest).
 SHAPE_CACHE = 4
+# Ops that may take a conv's quantized input too (share_quantized_inputs): the plugin runs
+# them on INT8 data, as NNCF and onnxruntime's quantize_static quantize them.
+INT8_PASSTHROUGH = ('Concat', 'AvgPool', 'MaxPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool',
+                    'ReduceMean', 'ReduceMax', 'Add', 'Interpolate')
 # Ops between a weighted op and its dequantize Multiply (per-channel scales get reshaped).
 WEIGHT_PATH_OPS = ('Reshape', 'Unsqueeze', 'Squeeze', 'Transpose', 'Convert')
 
@@ -68,6 +72,36 @@ def drop_observer_quantization(model: Any) -> List[str]:
     return dropped
 
 
+def share_quantized_inputs(model: Any) -> int:
+    """Where a tensor feeds a conv or matrix product through one FakeQuantize and also feeds
+    INT8_PASSTHROUGH ops directly, those take the FakeQuantize's output as well; returns how
+    many inputs changed. A QAT program quantizes a layer's input on that layer's edge only,
+    so the producer of a tensor that STDC's or BiSeNet's blocks also concatenate or pool
+    wrote float for those and quantized it again for the conv; sharing the quantized tensor
+    lets the producing conv write u8 (its requantization fused) for all of them."""
+    done = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == 'FakeQuantize':
+            continue
+        for out in op.outputs():
+            users = list(out.get_target_inputs())
+            fqs = [u.get_node() for u in users if u.get_node().get_type_name() == 'FakeQuantize']
+            if len(fqs) != 1 or not _feeds_layer(fqs[0]):
+                continue
+            for user in users:
+                if user.get_node().get_type_name() in INT8_PASSTHROUGH:
+                    user.replace_source_output(fqs[0].output(0))
+                    done += 1
+    if done:
+        model.validate_nodes_and_infer_types()
+    return done
+
+
+def _feeds_layer(fq: Any) -> bool:
+    return any(u.get_node().get_type_name() in QUANTIZED_CONSUMERS
+               for u in fq.output(0).get_target_inputs())
+
+
 def layer_kind(op: Any) -> str:
     """The int8_kinds kind of a convolution or matrix product of a converted model ('' for
     other ops)."""
@@ -93,23 +127,30 @@ def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
 
 
 def with_float_kinds(model: Any, kinds: Any) -> Any:
-    """A copy of `model` whose layers of `kinds` take their input unquantized (the
-    FakeQuantize stays for its other consumers): the plugin runs them in float."""
+    """A copy of `model` whose layers of `kinds` take their input unquantized: the plugin
+    runs them in float. A FakeQuantize that then feeds no conv or matrix product is removed
+    (the ops that shared it get its input back)."""
     model = model.clone()
     if kinds:
         for op, kind in quantized_kinds(model):
             if kind in kinds:
-                op.input(0).replace_source_output(op.input_value(0).get_node().input_value(0))
+                fq = op.input_value(0).get_node()
+                op.input(0).replace_source_output(fq.input_value(0))
+                if not _feeds_layer(fq):
+                    fq.output(0).replace(fq.input_value(0))
         model.validate_nodes_and_infer_types()
     return model
 
 
-def planar_channel_topk(model: Any) -> int:
-    """Runs each TopK over the channels of a 4-D tensor (the export's argmax head) on the
-    tensor reshaped to N x C x H*W, and reshapes its outputs back: the same values and
-    indices. A 4-D TopK follows its producer's layout, and after INT8 layers that is
-    channels-last, where the plugin's TopK over two classes at 512x512 is several times
-    slower than the reorder to a planar layout that the 3-D input gets. Returns how many."""
+def planar_channel_topk(model: Any, max_channels: int) -> int:
+    """Runs each TopK over the channels of a 4-D tensor (the export's argmax head) with
+    fewer than `max_channels` channels on the tensor reshaped to N x C x H*W, and reshapes
+    its outputs back: the same values and indices. A 4-D TopK follows its producer's layout,
+    and after INT8 layers that is blocked or channels-last, where the plugin's TopK over two
+    classes at 512x512 runs several times slower than the reorder to a planar layout that
+    the 3-D input gets. With a channel block or more (16 float32 channels with AVX-512, so
+    Cityscapes' 19 classes) it is the other way round: that reorder costs 2-3x the TopK it
+    saves. Returns how many."""
     import openvino.opset13 as ops
     done = 0
     for op in model.get_ordered_ops():
@@ -119,7 +160,9 @@ def planar_channel_topk(model: Any) -> int:
         if not rank.is_static or rank.get_length() != 4:
             continue
         attrs = op.get_attributes()
-        if attrs['axis'] not in (1, -3):
+        channels = op.get_input_partial_shape(0)[1]
+        if attrs['axis'] not in (1, -3) or not channels.is_static or \
+                channels.get_length() >= max_channels:
             continue
         targets = [list(op.output(i).get_target_inputs()) for i in range(2)]
         data, k = op.input_value(0), op.input_value(1)
@@ -239,7 +282,9 @@ class OpenVINOPredictor(EngineBase):
                     type(e).__name__)) from e
         self.dropped = drop_observer_quantization(self.model) if self.quantized and \
             not keep_all else []
-        self.planar_topk = planar_channel_topk(self.model)
+        self.shared = share_quantized_inputs(self.model) if self.quantized and \
+            not keep_all else 0
+        self.planar_topk = planar_channel_topk(self.model, cpu_features()['simd_floats'])
         self.seven_bit = 0
         if self.quantized and not cpu_features()['vnni'] and self.peer is None:
             self.seven_bit = seven_bit_weights(self.model)
