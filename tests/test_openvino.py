@@ -36,7 +36,7 @@ def test_benchmark_rows_of_both_engines(exported, tmp_path):
 
 
 def test_observer_quantization_is_dropped_and_convs_stay_int8(exported):
-    from segslim.deploy.openvino_engine import QUANTIZED_CONSUMERS, drop_observer_quantization
+    from segslim.deploy.openvino_graph import QUANTIZED_CONSUMERS, drop_observer_quantization
     model = ov.Core().read_model(os.path.join(exported['int8'], 'model.pdmodel'))
     fq = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
     dropped = drop_observer_quantization(model)
@@ -107,7 +107,8 @@ def _conv_weights(model, folded=False):
 
 def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
     from segslim.deploy import openvino_engine
-    from segslim.deploy.openvino_engine import SEVEN_BIT_NOTE, seven_bit_weights
+    from segslim.deploy.engine import SEVEN_BIT_NOTE
+    from segslim.deploy.openvino_graph import seven_bit_weights
     model = ov.Core().read_model(os.path.join(exported['int8'], 'model.pdmodel'))
     q8, w8 = _conv_weights(model), _conv_weights(model, folded=True)
     assert all(q.dtype == np.int8 for q in q8.values())
@@ -138,7 +139,7 @@ def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
 def test_channel_topk_runs_planar_with_the_same_answers(exported):
     import openvino.opset13 as ops
 
-    from segslim.deploy.openvino_engine import planar_channel_topk
+    from segslim.deploy.openvino_graph import planar_channel_topk
 
     def argmax_model(classes=5):
         x = ops.parameter([-1, classes, -1, -1], np.float32)
@@ -176,7 +177,7 @@ def _fq(x, low, high):
 def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():
     import openvino.opset13 as ops
 
-    from segslim.deploy.openvino_engine import share_quantized_inputs, with_float_kinds
+    from segslim.deploy.openvino_graph import share_quantized_inputs, with_float_kinds
 
     def users(node):
         return sorted(t.get_node().get_type_name() for t in node.output(0).get_target_inputs())
@@ -212,3 +213,41 @@ def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():
                             [1, 1], [0, 0], [0, 0], [1, 1])
     model.add_results([ops.result(extra)])
     assert share_quantized_inputs(model) == 0
+
+
+def test_quantization_moves_above_layout_ops_to_the_producer_with_the_same_answers():
+    import openvino.opset13 as ops
+
+    from segslim.deploy.openvino_graph import hoist_quantization
+
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 4, 1, 1)).astype(np.float32)
+    w2 = rng.standard_normal((8, 16, 3, 3)).astype(np.float32)
+
+    def head():  # SegFormer's: tokens transposed back to a map, concatenated, quantized
+        x = ops.parameter([1, 4, 6, 6], np.float32)
+        a = ops.relu(ops.convolution(x, ops.constant(w1), [1, 1], [0, 0], [0, 0], [1, 1]))
+        tokens = ops.transpose(ops.reshape(a, ops.constant(np.array([1, 8, 36])), False),
+                               ops.constant(np.array([0, 2, 1])))
+        back = ops.reshape(ops.transpose(tokens, ops.constant(np.array([0, 2, 1]))),
+                           ops.constant(np.array([1, 8, 6, 6])), False)
+        joined = ops.concat([back, ops.relu(x), ops.relu(x)], 1)
+        out = ops.convolution(_fq(joined, 0, 3), ops.constant(w2), [1, 1], [1, 1], [1, 1],
+                              [1, 1])
+        return ov.Model([out], [x])
+
+    model = head()
+    assert hoist_quantization(model) == 5  # concat, reshape, transpose, reshape, transpose
+    fqs = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
+    assert sorted(fq.input_value(0).get_node().get_type_name() for fq in fqs) == \
+        ['Relu', 'Relu', 'Relu']
+    x = rng.standard_normal((1, 4, 6, 6)).astype(np.float32)
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    want = ov.Core().compile_model(head(), 'CPU', config)({0: x})[0]
+    got = ov.Core().compile_model(model, 'CPU', config)({0: x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # a layout op another op also reads keeps the quantization below it
+    model = head()
+    transpose = next(op for op in model.get_ordered_ops() if op.get_type_name() == 'Transpose')
+    model.add_results([ops.result(transpose)])
+    assert hoist_quantization(model) == 3  # concat and the reshape, transpose after it

@@ -194,7 +194,7 @@ def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(monkeypatc
 
 @pytest.mark.skipif('openvino' not in BACKENDS, reason='openvino is not installed')
 def test_openvino_runs_the_float_kinds_in_float(exported):
-    from segslim.deploy.openvino_engine import quantized_kinds, with_float_kinds
+    from segslim.deploy.openvino_graph import quantized_kinds, with_float_kinds
     pred = engine(exported['int8'], 'openvino', 'int8', int8_layers='all')
     assert not pred.kinds.float_kinds and pred.int8_ran
     kinds = [k for _, k in quantized_kinds(pred.model)]
