@@ -137,8 +137,13 @@ def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, mo
     results = models.bench_models(['a.yml', 'b.yml', 'c.yml'], repeats=5, parts_dir=parts)
     assert measured == ['a', 'b', 'c2'] and [r.model for r in results] == ['a', 'b', 'c2']
     assert results[0].report.rows[0].s_per_img == 1.0
-    # other settings measure again
+    # other settings measure again, and so does another CPU of the same model name
     models.bench_models(['a.yml'], repeats=3, parts_dir=parts)
     assert measured[-1] == 'a'
+    measured.clear()
+    real = models.cpu_features()
+    monkeypatch.setattr(models, 'cpu_features', lambda: dict(real, isa='other ISA'))
+    models.bench_models(['b.yml'], repeats=5, parts_dir=parts)
+    assert measured == ['b']
     clear_parts(parts)
     assert not os.path.exists(parts)

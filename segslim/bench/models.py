@@ -107,7 +107,8 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
     ceilings = measure_ceilings(backends, EngineOptions(device='cpu', cpu_threads=threads),
                                 bf16=bool(cpu['bf16']))
     settings = {'threads': threads, 'size': size, 'repeats': repeats, 'warmup': warmup,
-                'backends': list(backends), 'peers': peers, 'cpu': cpu['model']}
+                'backends': list(backends), 'peers': peers, 'cpu': cpu['model'],
+                'isa': cpu['isa']}  # one model name covers CPUs of different ISAs
     for config in progress(configs, 'Models'):
         name = os.path.splitext(os.path.basename(config))[0]
         measured_with = dict(settings, config=config)
