@@ -14,6 +14,9 @@ from filelock import FileLock
 # Two pytest workers share the machine's cores: each one's dygraph work runs on one thread
 # (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
+# Each test measures the engines' INT8 per kind of layer afresh (no choice kept on disk from
+# another test or an earlier run); the cache's own tests set a folder.
+os.environ['SEGSLIM_CACHE_DIR'] = 'off'
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

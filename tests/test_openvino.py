@@ -251,3 +251,43 @@ def test_quantization_moves_above_layout_ops_to_the_producer_with_the_same_answe
     transpose = next(op for op in model.get_ordered_ops() if op.get_type_name() == 'Transpose')
     model.add_results([ops.result(transpose)])
     assert hoist_quantization(model) == 3  # concat and the reshape, transpose after it
+
+
+def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkeypatch):
+    from segslim.deploy import engine
+    from segslim.deploy.int8_kinds import KindChoice
+    calls = []
+
+    def choose(present, build):
+        calls.append(list(present))
+        return KindChoice(frozenset(present[:1]), {'none': 0.02, present[0]: 0.01})
+    monkeypatch.setattr(engine, 'choose_float_kinds', choose)
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(tmp_path / 'cache'))
+
+    def load(threads=2):
+        return create_predictor(exported['int8'], EngineOptions(
+            backend='openvino', precision='int8', cpu_threads=threads))
+    first = load()
+    assert len(calls) == 1 and first.kinds.cached is None
+    kept = os.listdir(tmp_path / 'cache' / 'int8_kinds')
+    assert len(kept) == 1
+    second = load()
+    assert len(calls) == 1  # not measured again
+    assert second.kinds.float_kinds == first.kinds.float_kinds and second.kinds.cached
+    assert 'measured at an earlier load' in second.fallback
+    load(threads=1)  # other settings: measured
+    assert len(calls) == 2
+    # a damaged file is measured again and rewritten
+    (tmp_path / 'cache' / 'int8_kinds' / kept[0]).write_text('{"float_kinds": ')
+    assert load().kinds.cached is None and len(calls) == 3
+    assert load().kinds.cached and len(calls) == 3
+    # no cache, or one that cannot be written: measured every time, the run goes on
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', 'off')
+    load()
+    assert len(calls) == 4
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(blocker))
+    load()
+    load()
+    assert len(calls) == 6

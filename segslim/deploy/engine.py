@@ -1,12 +1,15 @@
 """The engine interface every backend implements, and what all of them share: the model
 folder's deploy.yaml, the deploy transforms, restoring label maps to the image size and
 the op summary that says what ran INT8."""
+import os
 from typing import Any, List, Optional
 
 import numpy as np
 
+import segslim
 from segslim.compat import package_versions
-from segslim.deploy.int8_kinds import KindChoice, choose_float_kinds
+from segslim.deploy.cpu import cpu_features
+from segslim.deploy.int8_kinds import ChoiceCache, KindChoice, choose_float_kinds
 from segslim.deploy.results import (
     NO_INT8_NOTE,
     NOT_FASTER_NOTE,
@@ -167,16 +170,35 @@ class EngineBase:
         variant fails to build) and names the float kinds in `fallback`."""
         if not present or self.opts.int8_layers != 'auto' or self.peer is not None:
             return self.kinds
-        images = np.random.default_rng(0).standard_normal(self.probe_shape()).astype(np.float32)
-        try:
-            self.kinds = choose_float_kinds(sorted(present),
-                                            lambda kinds: build(kinds, images))
-        except Exception as e:  # the engines raise their own generic errors
-            logger.warning('%s: could not time INT8 per kind of layer (%s); every quantized '
-                           'layer runs INT8', self.model_dir, str(e).strip()[:160])
+        cache = self._choice_cache(sorted(present))
+        cached = cache.load()
+        if cached is not None:
+            self.kinds = cached
+        else:
+            images = np.random.default_rng(0).standard_normal(
+                self.probe_shape()).astype(np.float32)
+            try:
+                self.kinds = choose_float_kinds(sorted(present),
+                                                lambda kinds: build(kinds, images))
+                cache.save(self.kinds)
+            except Exception as e:  # the engines raise their own generic errors
+                logger.warning('%s: could not time INT8 per kind of layer (%s); every '
+                               'quantized layer runs INT8', self.model_dir, str(e).strip()[:160])
         if self.kinds.float_kinds:
             self.add_fallback(self.kinds.describe())
         return self.kinds
+
+    def _choice_cache(self, present: List[str]) -> ChoiceCache:
+        """Where the kind choice of this model, engine, precision, thread count, input shape
+        and CPU is kept (int8_kinds.ChoiceCache)."""
+        cpu = cpu_features(ask_paddle=False)
+        files = [p for p in (self.deploy['model'], self.deploy.get('params'))
+                 if p and os.path.isfile(p)]
+        return ChoiceCache(files, {
+            'backend': self.backend, 'precision': self.opts.precision,
+            'threads': self.opts.cpu_threads, 'shape': self.probe_shape(), 'kinds': present,
+            'cpu': [cpu['model'], cpu['isa']], 'segslim': segslim.__version__,
+            'versions': package_versions([self.package])})
 
     def to_labels(self, out: np.ndarray) -> np.ndarray:
         return output_labels(out)

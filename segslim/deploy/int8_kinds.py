@@ -7,14 +7,27 @@ The kinds are the convolution shapes whose INT8 kernels differ most from their f
 kinds in float (their input quantization removed, their weights dequantized) and
 choose_float_kinds times the variants interleaved: a kind stays INT8 only when the model
 with it in float is not faster. Running a layer in float never loses accuracy against the
-INT8 model (it drops a rounding), so the choice is made on speed alone."""
+INT8 model (it drops a rounding), so the choice is made on speed alone.
+
+A choice is kept on disk (ChoiceCache), keyed by the model's files, the engine and its
+settings and the CPU, so that every later load of the same model on this machine runs the
+same layers in INT8 and gives the same answers: timing noise decides close calls, and it
+decided differently from one load to the next."""
+import hashlib
+import json
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, List, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
+from segslim.fileio import write_json
 from segslim.logger import logger
+
+# Where measured choices are kept: $SEGSLIM_CACHE_DIR/int8_kinds ('off' keeps none), else
+# $XDG_CACHE_HOME/segslim/int8_kinds or ~/.cache/segslim/int8_kinds.
+CACHE_ENV = 'SEGSLIM_CACHE_DIR'
 
 KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul')
 # A variant must be this much faster than the model it is compared with to change the
@@ -40,13 +53,65 @@ class KindChoice:
     for the model as quantized)."""
     float_kinds: FrozenSet[str] = frozenset()
     seconds: Dict[str, float] = field(default_factory=dict)
+    # the cache file this choice was read from (None: measured in this process)
+    cached: Optional[str] = None
 
     def describe(self) -> str:
         if not self.float_kinds:
             return ''
-        return '{} layers run in float: INT8 does not pay for them on this CPU ({})'.format(
+        return '{} layers run in float: INT8 does not pay for them on this CPU ({}{})'.format(
             ', '.join(sorted(self.float_kinds)), ', '.join(
-                f'{k} {1000 * s:.1f} ms' for k, s in self.seconds.items()))
+                f'{k} {1000 * s:.1f} ms' for k, s in self.seconds.items()),
+            f'; measured at an earlier load, kept in {self.cached}' if self.cached else '')
+
+
+class ChoiceCache:
+    """Measured choices on disk, one JSON file per key: the sha256 of `settings` and of the
+    contents of `files`. A cache that cannot be read or written is passed over (a read-only
+    home must not stop a run)."""
+
+    def __init__(self, files: Sequence[str], settings: Dict[str, Any]):
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        for path in files:
+            with open(path, 'rb') as f:
+                for block in iter(lambda: f.read(1 << 20), b''):
+                    digest.update(block)
+        folder = cache_dir()
+        self.path = os.path.join(folder, digest.hexdigest() + '.json') if folder else None
+
+    def load(self) -> Optional[KindChoice]:
+        if self.path is None or not os.path.isfile(self.path):
+            return None
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+            return KindChoice(frozenset(data['float_kinds']),
+                              {str(k): float(v) for k, v in data['seconds'].items()},
+                              cached=self.path)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            logger.debug('INT8 per kind: ignoring %s (%s)', self.path, e)
+            return None
+
+    def save(self, choice: KindChoice) -> None:
+        if self.path is None:
+            return
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            write_json(self.path, {'float_kinds': sorted(choice.float_kinds),
+                                   'seconds': choice.seconds})
+        except Exception as e:  # UserError (unwritable) or OSError
+            logger.debug('INT8 per kind: could not keep the choice in %s (%s)', self.path, e)
+
+
+def cache_dir() -> Optional[str]:
+    """The folder of ChoiceCache files (see CACHE_ENV), None when turned off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        if value.strip().lower() in ('', 'off', '0', 'none'):
+            return None
+        return os.path.join(value, 'int8_kinds')
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'segslim', 'int8_kinds')
 
 
 def _label(kinds: FrozenSet[str]) -> str:
