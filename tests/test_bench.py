@@ -147,3 +147,22 @@ def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, mo
     assert measured == ['b']
     clear_parts(parts)
     assert not os.path.exists(parts)
+
+
+def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch):
+    from types import SimpleNamespace
+
+    from segslim.bench.ceiling import measure_ceilings
+    from segslim.deploy import benchmark, engines
+    from segslim.options import EngineOptions
+    asked = []
+
+    def create_predictor(model_dir, opts):
+        asked.append(opts)
+        return SimpleNamespace(int8_ran=True, ops=SimpleNamespace(int8_conv_ops=5, conv_ops=5))
+    monkeypatch.setattr(engines, 'create_predictor', create_predictor)
+    monkeypatch.setattr(benchmark, 'time_interleaved',
+                        lambda preds, *a: [[2.0], [1.0], [1.5]][:len(preds)])
+    out = measure_ceilings(['paddle'], EngineOptions(device='cpu', cpu_threads=1), bf16=False)
+    assert out['paddle'].int8_x == 2.0
+    assert [(o.precision, o.int8_layers) for o in asked] == [('fp32', 'auto'), ('int8', 'all')]

@@ -286,3 +286,27 @@ def test_openvino_runs_the_rest_of_an_int8_model_in_bf16_when_asked(exported):
     assert (f32.rest, f32.properties['INFERENCE_PRECISION_HINT']) == (None, 'f32')
     assert (bf16.rest, bf16.properties['INFERENCE_PRECISION_HINT']) == ('bf16', 'bf16')
     assert bf16.precision == 'int8' and bf16.ops.int8_conv_ops == f32.ops.int8_conv_ops > 0
+
+
+def test_choice_cache_keys_by_contents_and_settings_and_keeps_the_newest(tmp_path,
+                                                                          monkeypatch):
+    from segslim.deploy import int8_kinds
+    from segslim.deploy.int8_kinds import ChoiceCache, KindChoice
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setattr(int8_kinds, 'CACHE_FILES', 2)
+    model = tmp_path / 'model.pdmodel'
+    model.write_bytes(b'one')
+    choice = KindChoice(frozenset({'grouped'}), {'none': 0.02, 'grouped': 0.01})
+    ChoiceCache([str(model)], {'threads': 2}).save(choice)
+    got = ChoiceCache([str(model)], {'threads': 2}).load()
+    assert got.float_kinds == {'grouped'} and got.seconds == choice.seconds and got.cached
+    assert ChoiceCache([str(model)], {'threads': 1}).load() is None
+    model.write_bytes(b'two')  # another model in the same file: measured again
+    assert ChoiceCache([str(model)], {'threads': 2}).load() is None
+    for threads in (3, 4):
+        time.sleep(0.01)  # distinct modification times
+        ChoiceCache([str(model)], {'threads': threads}).save(choice)
+    assert len(os.listdir(tmp_path / 'cache' / 'int8_kinds')) == 2
+    assert ChoiceCache([str(model)], {'threads': 4}).load() is not None
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', 'off')
+    assert ChoiceCache([str(model)], {'threads': 4}).load() is None

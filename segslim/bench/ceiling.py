@@ -76,7 +76,9 @@ def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
         for backend in backends:
             base = dataclasses.replace(opts, backend=backend, input_shape=batch.shape)
             preds = [create_predictor(dirs['fp32'], dataclasses.replace(base, precision='fp32')),
-                     create_predictor(dirs['int8'], dataclasses.replace(base, precision='int8'))]
+                     # every conv INT8: what this CPU's INT8 kernels allow
+                     create_predictor(dirs['int8'], dataclasses.replace(
+                         base, precision='int8', int8_layers='all'))]
             with_bf16 = bf16 and BACKENDS[backend].bf16
             if with_bf16:
                 preds.append(create_predictor(dirs['fp32'],

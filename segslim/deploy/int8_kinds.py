@@ -28,6 +28,8 @@ from segslim.logger import logger
 # Where measured choices are kept: $SEGSLIM_CACHE_DIR/int8_kinds ('off' keeps none), else
 # $XDG_CACHE_HOME/segslim/int8_kinds or ~/.cache/segslim/int8_kinds.
 CACHE_ENV = 'SEGSLIM_CACHE_DIR'
+# Choices kept at most (each a few hundred bytes); the oldest go first.
+CACHE_FILES = 1000
 
 KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul')
 # A variant must be this much faster than the model it is compared with to change the
@@ -96,9 +98,14 @@ class ChoiceCache:
         if self.path is None:
             return
         try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            folder = os.path.dirname(self.path)
+            os.makedirs(folder, exist_ok=True)
             write_json(self.path, {'float_kinds': sorted(choice.float_kinds),
                                    'seconds': choice.seconds})
+            kept = sorted((os.path.join(folder, n) for n in os.listdir(folder)),
+                          key=os.path.getmtime)
+            for old in kept[:-CACHE_FILES]:  # the oldest go
+                os.remove(old)
         except Exception as e:  # UserError (unwritable) or OSError
             logger.debug('INT8 per kind: could not keep the choice in %s (%s)', self.path, e)
 
