@@ -29,7 +29,9 @@ def test_benchmark_rows_of_both_engines(exported, tmp_path):
     # agreement is measured against the first row: Paddle FP32
     assert rows['openvino', 'fp32']['pixel_agreement'] >= 0.999
     ov_int8, pd_int8 = rows['openvino', 'int8'], rows['paddle', 'int8']
-    assert abs(ov_int8['miou'] - pd_int8['miou']) <= 0.005, (ov_int8['miou'], pd_int8['miou'])
+    # OpenVINO also rounds what concats and pools read of a conv's quantized input
+    # (share_quantized_inputs), Paddle Inference does not: about 1 pt on this 2-image set
+    assert abs(ov_int8['miou'] - pd_int8['miou']) <= 0.015, (ov_int8['miou'], pd_int8['miou'])
     assert 0 < ov_int8['int8_ops'] <= ov_int8['quantizable_ops']
     assert rows['openvino', 'fp32']['int8_ops'] == 0
     assert ['OpenVINO', 'INT8'] in [row[1:3] for row in table_rows(proc.stdout)]
