@@ -170,7 +170,8 @@ class EngineBase:
         variant fails to build) and names the float kinds in `fallback`."""
         if not present or self.opts.int8_layers != 'auto' or self.peer is not None:
             return self.kinds
-        cache = self._choice_cache(sorted(present))
+        kinds = sorted(present)
+        cache = self._choice_cache(kinds)
         cached = cache.load()
         if cached is not None:
             self.kinds = cached
@@ -178,8 +179,7 @@ class EngineBase:
             images = np.random.default_rng(0).standard_normal(
                 self.probe_shape()).astype(np.float32)
             try:
-                self.kinds = choose_float_kinds(sorted(present),
-                                                lambda kinds: build(kinds, images))
+                self.kinds = choose_float_kinds(kinds, lambda chosen: build(chosen, images))
                 cache.save(self.kinds)
             except Exception as e:  # the engines raise their own generic errors
                 logger.warning('%s: could not time INT8 per kind of layer (%s); every '

@@ -73,13 +73,16 @@ class ChoiceCache:
     home must not stop a run)."""
 
     def __init__(self, files: Sequence[str], settings: Dict[str, Any]):
+        self.path: Optional[str] = None
+        folder = cache_dir()
+        if folder is None:  # turned off: the model files are not read
+            return
         digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         for path in files:
             with open(path, 'rb') as f:
                 for block in iter(lambda: f.read(1 << 20), b''):
                     digest.update(block)
-        folder = cache_dir()
-        self.path = os.path.join(folder, digest.hexdigest() + '.json') if folder else None
+        self.path = os.path.join(folder, digest.hexdigest() + '.json')
 
     def load(self) -> Optional[KindChoice]:
         if self.path is None or not os.path.isfile(self.path):
