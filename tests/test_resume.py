@@ -46,14 +46,15 @@ def test_qat_resume_restores_iteration_lr_and_weights(qat_run, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
-    # two threads: the same seed and thread count give the same weights, resumed or not
+    # two threads, so two local processes of one thread: the same seed, thread and process
+    # count give the same weights, resumed or not, and killing the first kills the job
     common = ['--config', INSTANT, '--iters', 30, '--save_interval', 5, '--log_iters', 5,
               '--seed', 0, '--keep_checkpoint_max', 2, '--cpu_threads', 2,
               '--opts'] + data_opts(instant_data)
     straight = str(tmp_path / 'straight')
     proc = run_cli('train.py', '--save_dir', straight, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert 'Training on CPU with 2 threads' in proc.stdout + proc.stderr
+    assert 'Training on CPU with 2 processes x 1 thread ' in proc.stdout + proc.stderr
 
     killed = str(tmp_path / 'killed')
     env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore')

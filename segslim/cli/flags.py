@@ -119,6 +119,11 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument('--seed', type=int, default=None,
                    help='seeds weight init, data order and augmentation (default: drawn at '
                         'random, logged and kept in the checkpoints)')
+    p.add_argument('--cpu_processes', type=positive_int, default=None,
+                   help='on CPU, train as this many local processes of one data-parallel job, '
+                        'each on its share of --cpu_threads and of each step\'s --batch_size '
+                        'images, batch norm over all of them (default: as many as split both '
+                        'evenly: one per core; 1 trains in this process)')
     return add_cpu_threads(p)
 
 

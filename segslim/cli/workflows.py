@@ -5,7 +5,9 @@ deploy/."""
 import argparse
 import logging
 import os
+import pickle
 import random
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -33,8 +35,10 @@ from segslim.quant.qat import build_quant_model, quant_config_of, quantize_model
 from segslim.train import checkpoint as ckpt
 from segslim.train import distributed
 from segslim.train.evaluate import evaluate
+from segslim.train.local_job import choose_processes, run_local_job, under_launcher
 from segslim.train.loop import restore_training, train
 from segslim.train.metrics import format_metrics
+from segslim.train.sync_batch_norm import convert_cpu_sync_batch_norm
 
 
 def _setup(args: argparse.Namespace, required: Sequence[str],
@@ -113,6 +117,12 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
     """train.py and qat_train.py: one loop; QAT only swaps in the quantized model."""
     required = TRAIN_KEYS + (('val_dataset',) if args.do_eval else ())
     cfg = _setup(args, required, training=True)
+    resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
+    if args.device == 'cpu' and not under_launcher():
+        local = choose_processes(args.cpu_processes, args.cpu_threads, cfg['batch_size'])
+        if local > 1:
+            check_writable(args.save_dir)
+            return _run_local_job(args, cfg, quant, local, choose_seed(args, resume))
     processes = distributed.init()
     if processes > 1:
         if not distributed.is_main():  # one log, from the first process
@@ -121,14 +131,14 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
                     processes, cfg['batch_size'], cfg['batch_size'] * processes)
     if args.device == 'cpu':  # results depend on it: a resumed run should keep the count
         logger.info('Training on CPU with %d threads (--cpu_threads)', args.cpu_threads)
-    resume = ckpt.load_checkpoint(args.resume_model) if args.resume_model else None
     seed = choose_seed(args, resume)
     _seed_everything(seed)
     check_writable(args.save_dir)
     model = _build_train_model(args, cfg, quant, resume)
     teacher = _build_teacher(args, cfg)
-    if processes > 1 and args.device == 'gpu':  # batch statistics over every card
-        model = paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if processes > 1:  # batch statistics over every card or process
+        model = (paddle.nn.SyncBatchNorm.convert_sync_batchnorm(model) if args.device == 'gpu'
+                 else convert_cpu_sync_batch_norm(model))
     train_ds = build_dataset(cfg, 'train_dataset', seed=seed)
     val_ds = build_dataset(cfg, 'val_dataset') if args.do_eval else None
     scheduler = builder.build_lr_scheduler(cfg)
@@ -155,6 +165,27 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
         logger.info('Training done at iter %d; last weights in %s (add --do_eval to keep the '
                     'best by mIoU)', result.iter, best)
     return 0
+
+
+def _run_local_job(args: argparse.Namespace, cfg: Yaml, quant: bool, processes: int,
+                   seed: int) -> int:
+    """The training command again as `processes` local processes of one data-parallel job
+    (segslim.train.local_job), on an equal share of the threads and of each step's images."""
+    threads = args.cpu_threads // processes
+    batch = cfg['batch_size'] // processes
+    logger.info('Training on CPU with %d processes x %d thread%s (--cpu_processes, '
+                '--cpu_threads): each step\'s %d images, %d per process, batch norm over all '
+                'of them', processes, threads, '' if threads == 1 else 's', cfg['batch_size'],
+                batch)
+    child = argparse.Namespace(**vars(args))
+    child.batch_size, child.cpu_threads, child.seed = batch, threads, seed
+    child.opts = list(args.opts or []) + [f'batch_size={batch}']  # over an --opts batch_size
+    with tempfile.TemporaryDirectory(prefix='segslim-job-') as tmp:
+        path = os.path.join(tmp, 'options.pickle')
+        with open(path, 'wb') as f:
+            pickle.dump(('qat_train' if quant else 'train', child), f)
+        return run_local_job([sys.executable, '-m', 'segslim.cli.job_process', path],
+                             processes, threads)
 
 
 def _load_for_inference(args: argparse.Namespace, cfg: Yaml, quant: bool,

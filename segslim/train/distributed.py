@@ -1,6 +1,7 @@
 """One data-parallel job under `python -m paddle.distributed.launch`: which process this is,
 and the few collective steps the loop needs. Paddle's launcher starts the processes and its
-communicator (gloo on CPU, NCCL on GPU) moves the data; nothing here manages processes.
+communicator (gloo on CPU, NCCL on GPU) moves the data, and small sums of a local job go
+through shared memory (shared_sum); nothing here manages processes.
 
 Outside the launcher (one process) every function is a no-op."""
 from typing import List, Tuple
@@ -8,6 +9,7 @@ from typing import List, Tuple
 import numpy as np
 
 from segslim._paddle import paddle
+from segslim.train.shared_sum import SLOT, local_sum
 
 _STATE = {'ready': False}
 
@@ -34,8 +36,12 @@ def init() -> int:
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """The element-wise sum of `values` over every process."""
-    if world()[1] == 1:
+    rank, size = world()
+    if size == 1:
         return values
+    shared = local_sum(rank, size)
+    if shared is not None and values.size <= SLOT:
+        return shared(values)
     tensor = paddle.to_tensor(np.ascontiguousarray(values))
     paddle.distributed.all_reduce(tensor)
     return tensor.numpy().astype(values.dtype)

@@ -282,6 +282,9 @@ class Trainer:
         distributed.average_stats(self.stats)
         self.scheduler.step()
         value = float(loss)
+        if self.world > 1:  # the step's loss over every process's images, as one process logs
+            value, distill = (float(v) for v in distributed.all_reduce_sum(
+                np.array([value, distill], np.float64)) / self.world)
         if not math.isfinite(value):
             raise UserError('loss became {} at iter {}; nothing was saved from this iteration '
                             '(last checkpoint: {}); lower --learning_rate or check the '

@@ -1,0 +1,20 @@
+"""What each process of a local training job runs (segslim.train.local_job): the command's
+workflow on the options the starting process parsed, checked and pickled for it.
+
+    python -m segslim.cli.job_process <options.pickle>"""
+import pickle
+import sys
+
+from segslim.cli import commands, flags
+from segslim.train.local_job import die_with_parent
+
+
+def main(path: str) -> int:
+    die_with_parent()
+    with open(path, 'rb') as f:
+        command, args = pickle.load(f)
+    return flags.run(commands.workflow(command), args)
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,113 @@
+"""Training on every core: local processes of one data-parallel job, batch norm over all."""
+import os
+import re
+
+import numpy as np
+import pytest
+from conftest import ROOT, data_opts, run_cli
+
+from segslim.errors import UserError
+
+NO_DROPOUT = os.path.join(ROOT, 'tests', 'configs', 'instant_no_dropout.yml')
+
+
+def test_processes_split_threads_and_batch_evenly():
+    from segslim.train.local_job import choose_processes
+    assert choose_processes(None, threads=2, batch_size=4) == 2
+    assert choose_processes(None, threads=1, batch_size=4) == 1
+    assert choose_processes(None, threads=2, batch_size=3) == 1  # 3 images do not split
+    assert choose_processes(None, threads=8, batch_size=4) == 4  # 4 processes x 2 threads
+    assert choose_processes(None, threads=6, batch_size=4) == 2
+    assert choose_processes(1, threads=8, batch_size=4) == 1
+    with pytest.raises(UserError, match='--cpu_processes 3 does not divide --batch_size 4'):
+        choose_processes(3, threads=8, batch_size=4)
+
+
+def test_job_environment_is_the_launchers():
+    from segslim.train.local_job import job_environment
+    env = job_environment(1, 2, 3, [1000, 1001, 1002])
+    assert env['PADDLE_TRAINER_ID'] == '1' and env['PADDLE_TRAINERS_NUM'] == '2'
+    assert env['PADDLE_TRAINER_ENDPOINTS'] == '127.0.0.1:1001,127.0.0.1:1002'
+    assert env['PADDLE_CURRENT_ENDPOINT'] == '127.0.0.1:1002'
+    assert env['PADDLE_MASTER'] == '127.0.0.1:1000' and env['PADDLE_DISTRI_BACKEND'] == 'gloo'
+    assert env['OMP_NUM_THREADS'] == '3'
+
+
+def test_global_batch_norm_is_paddles_in_one_process(monkeypatch):
+    """With one process (the sums are their own all-reduce), output, gradients and the
+    running statistics equal paddle's batch norm."""
+    from segslim._paddle import paddle
+    from segslim.train import sync_batch_norm as sbn
+    monkeypatch.setattr(sbn, '_all_reduce', lambda t: t)
+    paddle.seed(0)
+    x = paddle.randn([3, 5, 7, 6]) * 3 + 1
+    upstream = paddle.randn([3, 5, 7, 6])
+    ref = paddle.nn.BatchNorm2D(5, momentum=0.8)
+    ref.weight.set_value(paddle.rand([5]) + 0.5)
+    ref.bias.set_value(paddle.rand([5]))
+    net = sbn.convert_cpu_sync_batch_norm(paddle.nn.Sequential(ref))
+    ours = net[0]
+    assert isinstance(ours, sbn.CpuSyncBatchNorm) and ours.weight is ref.weight
+
+    def run(forward):
+        xi = x.clone()
+        xi.stop_gradient = False
+        ref.weight.clear_gradient()
+        ref.bias.clear_gradient()
+        mean, var = ref._mean.numpy().copy(), ref._variance.numpy().copy()
+        y = forward(xi)
+        (y * upstream).sum().backward()
+        got = [y.numpy(), xi.grad.numpy(), ref.weight.grad.numpy(), ref.bias.grad.numpy(),
+               ref._mean.numpy().copy(), ref._variance.numpy().copy()]
+        ref._mean.set_value(mean)
+        ref._variance.set_value(var)
+        return got
+
+    ref.train()
+    expected = run(lambda t: paddle.nn.BatchNorm2D.forward(ref, t))
+    monkeypatch.setattr(sbn.distributed, 'world', lambda: (0, 2))  # take the job's path
+    got = run(ours)
+    for name, a, b in zip(['y', 'dx', 'dweight', 'dbias', 'mean', 'variance'], expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def _weights(path):
+    from segslim._paddle import paddle
+    return paddle.load(str(path), return_numpy=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does(instant_data, tmp_path):
+    """2 processes x 2 images with the batch norm over both train what 1 process x 4 images
+    trains, up to the order of float sums (a model without dropout: its masks are random
+    per process); the first process alone logs and writes, and logs the step's whole loss."""
+    common = ['--config', NO_DROPOUT, '--iters', 1, '--batch_size', 4, '--save_interval', 1,
+              '--seed', 0, '--log_iters', 1, '--cpu_threads', 2,
+              '--opts', *data_opts(instant_data)]
+    two = run_cli('train.py', '--save_dir', tmp_path / 'two', *common)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    assert 'Training on CPU with 2 processes x 1 thread ' in two.stdout
+    assert 'data parallel: 2 processes, --batch_size 2 per process (4 per step)' in two.stdout
+    assert 'data parallel: weights and buffers identical on all 2 processes' in two.stdout
+    assert len(re.findall(r'\[TRAIN\]', two.stdout)) == 1
+    one = run_cli('train.py', '--save_dir', tmp_path / 'one', '--cpu_processes', 1, *common)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    assert 'processes x' not in one.stdout
+    loss = [float(re.search(r'loss: ([0-9.]+)', p.stdout).group(1)) for p in (one, two)]
+    assert loss[1] == pytest.approx(loss[0], abs=2e-4)
+    a, b = _weights(tmp_path / 'one' / 'iter_1' / 'model.pdparams'), \
+        _weights(tmp_path / 'two' / 'iter_1' / 'model.pdparams')
+    assert a.keys() == b.keys()
+    for key in a:  # per-process batch statistics would move them by up to 50x this
+        scale = np.abs(a[key]).max()
+        assert np.abs(a[key] - b[key]).max() <= 1e-4 * scale + 1e-6, key
+
+
+def test_bad_process_count_is_one_line(instant_data, tmp_path):
+    proc = run_cli('train.py', '--config', NO_DROPOUT, '--iters', 1, '--batch_size', 4,
+                   '--cpu_processes', 3, '--save_dir', tmp_path / 'run',
+                   '--opts', *data_opts(instant_data))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        'error: --cpu_processes 3 does not divide --batch_size 4: each process trains on an '
+        'equal share of a step; pass a divisor of the batch size')
