@@ -130,7 +130,8 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
         logger.info('data parallel: %d processes, --batch_size %d per process (%d per step)',
                     processes, cfg['batch_size'], cfg['batch_size'] * processes)
     if args.device == 'cpu':  # results depend on it: a resumed run should keep the count
-        logger.info('Training on CPU with %d threads (--cpu_threads)', args.cpu_threads)
+        logger.info('Training on CPU with %d thread%s (--cpu_threads)', args.cpu_threads,
+                    '' if args.cpu_threads == 1 else 's')
     seed = choose_seed(args, resume)
     _seed_everything(seed)
     check_writable(args.save_dir)

@@ -215,7 +215,7 @@ class Trainer:
                 window['loss'] += value
                 window['distill'] += distill
                 window['cost'] += time.time() - tic
-                window['samples'] += len(imgs)
+                window['samples'] += len(imgs) * self.world  # every process's images
                 window['iters'] += 1
                 if it % opts.log_iters == 0 or it == opts.iters:
                     _log_window(window, it, epoch, lr, opts, writer)
