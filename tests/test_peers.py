@@ -223,7 +223,7 @@ def test_openvino_runs_the_float_kinds_in_float(exported):
 
 
 @pytest.mark.skipif('onnxruntime' not in BACKENDS, reason='onnxruntime is not installed')
-def test_onnxruntime_runs_the_float_kinds_in_float(ours):
+def test_onnxruntime_runs_the_float_kinds_in_float(ours, exported):
     import onnx
 
     from segslim.deploy.onnxruntime_engine import quantized_kinds, with_float_kinds
@@ -241,7 +241,11 @@ def test_onnxruntime_runs_the_float_kinds_in_float(ours):
     import onnxruntime as ort
     session = ort.InferenceSession(floated.SerializeToString(),
                                    providers=['CPUExecutionProvider'])
-    x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
+    # a val image: on noise the instant model's two logits nearly tie, and which side INT8
+    # rounding lands on depends on the CPU's kernels (an AMX Xeon: 85 % INT8-FP32 agreement)
+    dataset = build_dataset(load_config(INSTANT, opts=data_opts(exported['data'])),
+                            'val_dataset')
+    x = np.asarray(dataset.sample(0)['img'], np.float32)[None]
     same = (session.run(None, {session.get_inputs()[0].name: x})[0] == pred.run(x)).mean()
     assert same > 0.9, same
     auto = engine(folder, 'onnxruntime', 'int8')
