@@ -71,6 +71,37 @@ def test_global_batch_norm_is_paddles_in_one_process(monkeypatch):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_global_batch_norm_of_two_equal_processes_is_paddles_on_both(monkeypatch):
+    """Two processes with the same images (every sum doubled) normalise, and pass back to
+    their input, what paddle's batch norm does on both halves of one batch under the sum of
+    both losses; each keeps the parameter gradients of its own half."""
+    from segslim._paddle import paddle
+    from segslim.train import sync_batch_norm as sbn
+    monkeypatch.setattr(sbn, '_all_reduce', lambda t: t * 2)
+    paddle.seed(1)
+    x = paddle.randn([2, 4, 5, 3]) * 2 - 1
+    upstream = paddle.randn([2, 4, 5, 3])
+    ref = paddle.nn.BatchNorm2D(4)
+    ref.weight.set_value(paddle.rand([4]) + 0.5)
+    ref.train()
+    both = paddle.concat([x, x])
+    both.stop_gradient = False
+    y = paddle.nn.BatchNorm2D.forward(ref, both)
+    (y * paddle.concat([upstream, upstream])).sum().backward()
+    expected = [y.numpy()[:2], both.grad.numpy()[:2], ref.weight.grad.numpy() / 2,
+                ref.bias.grad.numpy() / 2]
+    ref.clear_gradients()
+    ours = sbn.convert_cpu_sync_batch_norm(paddle.nn.Sequential(ref))[0]
+    monkeypatch.setattr(sbn.distributed, 'world', lambda: (0, 2))
+    half = x.clone()
+    half.stop_gradient = False
+    y = ours(half)
+    (y * upstream).sum().backward()
+    got = [y.numpy(), half.grad.numpy(), ref.weight.grad.numpy(), ref.bias.grad.numpy()]
+    for name, a, b in zip(['y', 'dx', 'dweight', 'dbias'], expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def _weights(path):
     from segslim._paddle import paddle
     return paddle.load(str(path), return_numpy=True)

@@ -3,6 +3,7 @@ what the command needs and hand it to the library. Nothing here computes: traini
 in engine/, quantization in quant/ptq/analysis, export in export/onnx_export, engines in
 deploy/."""
 import argparse
+import contextlib
 import logging
 import os
 import pickle
@@ -34,6 +35,7 @@ from segslim.options import ONNX_TARGETS, EvalOptions, Rounding, TrainOptions
 from segslim.quant.qat import build_quant_model, quant_config_of, quantize_model
 from segslim.train import checkpoint as ckpt
 from segslim.train import distributed
+from segslim.train.channel_affine import conv_bias_in_batch_norm_kernel
 from segslim.train.evaluate import evaluate
 from segslim.train.local_job import choose_processes, run_local_job, under_launcher
 from segslim.train.loop import restore_training, train
@@ -156,8 +158,10 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
                         '--save_dir') from e
     opts = TrainOptions.from_args(args, iters=cfg['iters'], batch_size=cfg['batch_size'],
                                   seed=seed, eval=EvalOptions.from_args(args, cfg))
-    result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
-                   resume=resume, teacher=teacher)
+    with (conv_bias_in_batch_norm_kernel() if args.device == 'cpu' else
+          contextlib.nullcontext()):
+        result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
+                       resume=resume, teacher=teacher)
     best = os.path.join(args.save_dir, 'best_model')
     if result.best_iter > 0:
         logger.info('Training done at iter %d; best mIoU %.4f at iter %d, weights in %s',

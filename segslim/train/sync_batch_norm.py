@@ -5,42 +5,38 @@ the statistics of its own share of the batch. This layer computes the mean and v
 the whole step's batch with one all-reduce of per-channel sums in the forward and one of
 the gradient sums in the backward, so N processes with B images each train what one process with
 N x B images trains (up to the order of float sums). Outside a job (one process) it is
-exactly paddle's batch norm."""
-from typing import Any, Dict, Optional, Tuple
+exactly paddle's batch norm.
+
+Every per-channel scale and shift runs in paddle's fused batch-norm kernel (channel_affine)
+and every reduction in numpy: paddle's sums over several axes are several times slower on
+CPU, and each layer runs these once per step."""
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from segslim._paddle import paddle
-from segslim.train import distributed
+from segslim.train import channel_affine, distributed
 
 F = paddle.nn.functional
-_AXES = [0, 2, 3]  # NCHW: statistics per channel over batch, height and width
+_CPU = paddle.CPUPlace()
 
 
 def _all_reduce(values: np.ndarray) -> np.ndarray:
     return distributed.all_reduce_sum(values)
 
 
-def _affine(t: paddle.Tensor, scale: np.ndarray, shift: Optional[np.ndarray] = None,
-            mean: Optional[np.ndarray] = None, inv_std: Optional[np.ndarray] = None
+def _tensor(values: np.ndarray) -> paddle.Tensor:
+    """A new float32 CPU tensor of `values` (without to_tensor's argument checks)."""
+    return paddle.Tensor(np.ascontiguousarray(values, np.float32))
+
+
+def _assign(tensor: paddle.Tensor, values: np.ndarray) -> None:
+    tensor.get_tensor().set(np.ascontiguousarray(values, np.float32), _CPU)
+
+
+def _affine(t: paddle.Tensor, scale: np.ndarray, shift: Optional[np.ndarray] = None
             ) -> paddle.Tensor:
-    """(t - mean) * inv_std * scale + shift per channel, in paddle's fused batch-norm kernel
-    (its broadcasting element-wise kernels are 30-50x slower on CPU)."""
-    a = scale if inv_std is None else scale * inv_std
-    b = (np.zeros_like(a) if shift is None else shift) - (0.0 if mean is None else mean * a)
-    pair = paddle.to_tensor(np.stack([a, b]).astype(np.float32))
-    return F.batch_norm(t, _constant(0.0, a.size), _constant(1.0, a.size), pair[0], pair[1],
-                        training=False, epsilon=0.0)
-
-
-_CONSTANTS: Dict[Tuple[float, int], paddle.Tensor] = {}
-
-
-def _constant(value: float, channels: int) -> paddle.Tensor:
-    key = (value, channels)
-    if key not in _CONSTANTS:
-        _CONSTANTS[key] = paddle.full([channels], value, 'float32')
-    return _CONSTANTS[key]
+    return channel_affine.affine(t, _tensor(scale), None if shift is None else _tensor(shift))
 
 
 def global_stats(x: paddle.Tensor) -> Tuple[np.ndarray, np.ndarray, float]:
@@ -60,35 +56,39 @@ def global_stats(x: paddle.Tensor) -> Tuple[np.ndarray, np.ndarray, float]:
 
 
 class _GlobalBatchNorm(paddle.autograd.PyLayer):
-    """y = weight * (x - mean) / sqrt(var + eps) + bias with the statistics of every
-    process (global_stats); the backward sums its two reductions over every process."""
+    """y = weight * x_hat + bias, x_hat = (x - mean) / sqrt(var + eps), with the statistics
+    of every process (global_stats); the backward sums its two reductions over every
+    process."""
 
     @staticmethod
     def forward(ctx: Any, x: paddle.Tensor, weight: paddle.Tensor, bias: paddle.Tensor,
-                mean: np.ndarray, inv_std: np.ndarray, count: float) -> paddle.Tensor:
-        w = weight.numpy().astype(np.float64)
+                mean: np.ndarray, var: np.ndarray, epsilon: float, count: float
+                ) -> paddle.Tensor:
+        stats = (_tensor(mean), _tensor(var))
         ctx.save_for_backward(x)
-        ctx.stats = (w, mean, inv_std, count)
-        return _affine(x, w, bias.numpy().astype(np.float64), mean, inv_std)
+        ctx.stats = (stats, epsilon, weight.numpy().astype(np.float64) / np.sqrt(var + epsilon),
+                     count)
+        return F.batch_norm(x, *stats, weight, bias, training=False, epsilon=epsilon)
 
     @staticmethod
     def backward(ctx: Any, dy: paddle.Tensor) -> Tuple[paddle.Tensor, ...]:
         x, = ctx.saved_tensor()
-        w, mean, inv_std, count = ctx.stats
-        x_hat = _affine(x, np.ones_like(w), mean=mean, inv_std=inv_std)
-        axes = tuple(_AXES)  # numpy reduces over them 2x faster than paddle here
-        d_bias = dy.numpy().sum(axis=axes, dtype=np.float64)
-        d_weight = (dy * x_hat).numpy().sum(axis=axes, dtype=np.float64)
+        (mean, var), epsilon, scale, count = ctx.stats
+        channels = x.shape[1]
+        x_hat = F.batch_norm(x, mean, var, channel_affine.constant(1.0, channels),
+                             channel_affine.constant(0.0, channels), training=False,
+                             epsilon=epsilon)  # as the forward computed it
+        shape = (x.shape[0], channels, -1)
+        dy_np, x_hat_np = dy.numpy().reshape(shape), x_hat.numpy().reshape(shape)
+        d_bias = np.einsum('nci->c', dy_np)
+        d_weight = np.einsum('nci,nci->c', dy_np, x_hat_np)
         # DataParallel averages the parameter gradients; the input gradient needs the sums
         # of every process, since each process's mean and variance came from all of them
-        total = _all_reduce(np.concatenate([d_bias, d_weight]))
-        channels = w.size
-        scale = w * inv_std
+        total = _all_reduce(np.concatenate([d_bias, d_weight]).astype(np.float64)) / count
         # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over every process
-        dx = (_affine(dy, scale, -scale * total[:channels] / count) -
-              _affine(x_hat, scale * total[channels:] / count))
-        grads = paddle.to_tensor(np.stack([d_weight, d_bias]).astype(np.float32))
-        return dx, grads[0], grads[1]
+        dx = (_affine(dy, scale, -scale * total[:channels]) +
+              _affine(x_hat, -scale * total[channels:]))
+        return dx, _tensor(d_weight), _tensor(d_bias)
 
 
 class CpuSyncBatchNorm(paddle.nn.BatchNorm2D):
@@ -103,11 +103,10 @@ class CpuSyncBatchNorm(paddle.nn.BatchNorm2D):
             mean, var, count = global_stats(x)
             # paddle's update: the biased batch variance, momentum on the old value
             m = self._momentum
-            self._mean.set_value((self._mean.numpy() * m + mean * (1.0 - m)).astype(np.float32))
-            self._variance.set_value(
-                (self._variance.numpy() * m + var * (1.0 - m)).astype(np.float32))
-        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean,
-                                      1.0 / np.sqrt(var + self._epsilon), count)
+            _assign(self._mean, self._mean.numpy() * m + mean * (1.0 - m))
+            _assign(self._variance, self._variance.numpy() * m + var * (1.0 - m))
+        return _GlobalBatchNorm.apply(x, self.weight, self.bias, mean, var, self._epsilon,
+                                      count)
 
 
 def convert_cpu_sync_batch_norm(layer: paddle.nn.Layer) -> paddle.nn.Layer:
