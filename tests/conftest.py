@@ -47,6 +47,7 @@ def run_cli(script, *args, cwd=None, timeout=600, env=None):
         child.start()
         child.join(timeout)
         if child.is_alive():
+            _report_hang(child.pid, err)
             child.kill()
             child.join()
             raise subprocess.TimeoutExpired([script, *argv], timeout)
@@ -70,6 +71,41 @@ def _preloaded():
     return _CONTEXT[0]
 
 
+def _descendants(pid):
+    children = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as f:
+                ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def _report_hang(pid, err):
+    """A script that did not finish: every thread's stack of it and of its children (loader
+    workers) into its stderr, whose tail goes to this test's stderr; the children killed."""
+    import signal
+    import time
+    tree = [pid] + _descendants(pid)
+    for p in tree:  # one after another: they write to the same file
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGUSR1)
+        time.sleep(0.5)
+    with open(err, errors='replace') as f:
+        sys.stderr.write('stderr of the script that did not finish, with its threads\' stacks '
+                         f'(processes {tree}):\n' + f.read()[-20000:])
+    for p in tree[1:]:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+
+
 def _run_script(path, argv, cwd, env, out, err):
     """In the forked process: the script as `python path argv...` would run it, its output
     in the files `out` and `err`."""
@@ -83,6 +119,9 @@ def _run_script(path, argv, cwd, env, out, err):
         target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(target, fd)
         os.close(target)
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # for run_cli's timeout report
     sys.argv = [path] + argv
     code = 0
     try:
