@@ -142,3 +142,22 @@ def test_bad_process_count_is_one_line(instant_data, tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         'error: --cpu_processes 3 does not divide --batch_size 4: each process trains on an '
         'equal share of a step; pass a divisor of the batch size')
+
+
+def test_running_stats_become_the_mean_over_processes(monkeypatch):
+    """average_stats gives every statistic the mean of both processes' values, in its own
+    shape and dtype (the CPU path takes them through numpy in one sum)."""
+    from segslim._paddle import paddle
+    from segslim.train import distributed
+    mine = [np.array([1.0, 2.0, 3.0], np.float32), np.array([[0.5], [1.5]], np.float32),
+            np.array([4.0], np.float64), np.array(7.0, np.float32)]
+    other = [np.array([3.0, 2.0, 1.0], np.float32), np.array([[1.5], [-1.5]], np.float32),
+             np.array([0.0], np.float64), np.array(-1.0, np.float32)]
+    stats = [paddle.to_tensor(a) for a in mine]
+    other_flat = np.concatenate([a.reshape(-1).astype(np.float64) for a in other])
+    monkeypatch.setattr(distributed, 'world', lambda: (0, 2))
+    monkeypatch.setattr(distributed, 'all_reduce_sum', lambda v: v + other_flat)
+    distributed.average_stats(stats)
+    for t, a, b in zip(stats, mine, other):
+        assert t.numpy().dtype == a.dtype and t.numpy().shape == a.shape
+        np.testing.assert_array_equal(t.numpy(), ((a.astype(np.float64) + b) / 2).astype(a.dtype))
