@@ -10,6 +10,7 @@ warnings.filterwarnings('ignore', category=DeprecationWarning)
 # Paddle 3 says so at every BatchNorm forward in training
 warnings.filterwarnings('ignore', message='When training, we now always track global mean')
 
+import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from segslim.compat import patch_paddle  # noqa: E402
@@ -17,6 +18,7 @@ from segslim.compat import patch_paddle  # noqa: E402
 patch_paddle(paddle.__version__)
 
 SUPPORTED_PADDLE = ('2.6', '3.2')
+_CPU = paddle.CPUPlace()
 
 
 def check_versions() -> None:
@@ -84,5 +86,33 @@ def set_cpu_threads(threads: Optional[int] = None) -> int:
     return n
 
 
-__all__ = ['paddle', 'check_versions', 'default_cpu_threads', 'device_available',
-           'set_cpu_threads', 'set_device']
+class _Capsule:
+    """What numpy.from_dlpack takes: paddle's DLPack capsule of a CPU tensor."""
+
+    def __init__(self, tensor: 'paddle.Tensor') -> None:
+        self.tensor = tensor
+
+    def __dlpack__(self, stream: object = None) -> object:
+        from paddle.utils.dlpack import to_dlpack
+        return to_dlpack(self.tensor)
+
+    def __dlpack_device__(self) -> tuple:
+        return (1, 0)  # kDLCPU
+
+
+def cpu_view(tensor: 'paddle.Tensor') -> np.ndarray:
+    """A read-only numpy view of a dense CPU tensor's memory, without the copy of
+    .numpy() (a copy where numpy has no DLPack import)."""
+    if hasattr(np, 'from_dlpack'):
+        return np.from_dlpack(_Capsule(tensor))
+    return tensor.numpy()
+
+
+def assign_cpu(tensor: 'paddle.Tensor', values: np.ndarray) -> None:
+    """Replaces a CPU tensor's (parameter's, gradient's) values with `values` of its shape
+    and dtype, in place and outside autograd, in one copy (no op, no argument checks)."""
+    tensor.get_tensor().set(np.ascontiguousarray(values), _CPU)
+
+
+__all__ = ['paddle', 'assign_cpu', 'check_versions', 'cpu_view', 'default_cpu_threads',
+           'device_available', 'set_cpu_threads', 'set_device']

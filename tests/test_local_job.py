@@ -1,5 +1,7 @@
 """Training on every core: local processes of one data-parallel job, batch norm over all."""
+import multiprocessing
 import os
+import platform
 import re
 
 import numpy as np
@@ -161,3 +163,45 @@ def test_running_stats_become_the_mean_over_processes(monkeypatch):
     for t, a, b in zip(stats, mine, other):
         assert t.numpy().dtype == a.dtype and t.numpy().shape == a.shape
         np.testing.assert_array_equal(t.numpy(), ((a.astype(np.float64) + b) / 2).astype(a.dtype))
+
+
+def _sum_in_process(folder, rank, queue):
+    from segslim.train import shared_sum
+    os.environ[shared_sum.ENV] = folder
+    shared_sum._SUMS.clear()  # a forked copy of this process's
+    big = shared_sum.local_float32_sum(rank, 2, 10)
+    small = shared_sum.local_sum(rank, 2)
+    results = []
+    for step in range(50):  # more calls than buffers: each reuses one the other read
+        parts = [np.arange(4, dtype=np.float32) * (rank + 1) + step,
+                 np.full(6, 0.1 * (rank + 1) + step, np.float32)]
+        results.append((big.sum_parts(parts), small(np.array([rank + step], np.float64))))
+    queue.put((rank, results))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'),
+                    reason='shared-memory sums are x86 only')
+def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
+    """Two processes summing float32 gradients (in parts) and float64 values through the
+    job's folder get the exact sums, the same bits in both, call after call."""
+    from segslim.train import shared_sum
+    with open(tmp_path / shared_sum.SMALL, 'wb') as f:
+        f.truncate(shared_sum.file_size(2))
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_sum_in_process, args=(str(tmp_path), r, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(queue.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for step, ((big0, small0), (big1, small1)) in enumerate(zip(got[0], got[1])):
+        assert big0.dtype == np.float32 and big0.tobytes() == big1.tobytes()
+        expected = np.concatenate([np.arange(4, dtype=np.float32) + step,
+                                   np.full(6, 0.1 + step, np.float32)]) + \
+            np.concatenate([np.arange(4, dtype=np.float32) * 2 + step,
+                            np.full(6, 0.2 + step, np.float32)])
+        np.testing.assert_array_equal(big0, expected)
+        assert small0.tolist() == small1.tolist() == [2 * step + 1]

@@ -1,5 +1,6 @@
 """The QAT wrapper: skip policies, config checks, strict weight loading."""
 
+import numpy as np
 import pytest
 from conftest import INSTANT
 
@@ -124,3 +125,27 @@ def test_calibration_scales_follow_small_activations():
               if hasattr(layer, '_accum') and hasattr(layer, '_scale')]
     # from the observers' initial state the median scale is about 0.30 after two batches
     assert scales and np.median(scales) < 0.1, np.median(scales)
+
+
+def test_output_observers_without_copies_keep_paddles_scales():
+    """On CPU the output-scale observer records paddle's moving average bit for bit (scale,
+    state, accum over many steps and magnitudes), returns the layer's output itself, and
+    leaves evaluation's scale alone; outside the context paddle's op runs again."""
+    from paddle.nn.quant.quant_layers import MovingAverageAbsMaxScale
+
+    from segslim.quant.observers import observers_without_copies
+    rng = np.random.default_rng(0)
+    ref, ours = (MovingAverageAbsMaxScale(moving_rate=0.9) for _ in range(2))
+    for step in range(200):
+        x = paddle.to_tensor((rng.standard_normal((2, 3, 4, 5)) *
+                              rng.uniform(1e-3, 1e3)).astype(np.float32))
+        if step == 150:
+            ref.eval()
+            ours.eval()
+        ref(x)
+        with observers_without_copies():
+            assert ours(x) is x
+        for name in ('_scale', '_state', '_accum'):
+            assert getattr(ours, name).numpy().tobytes() == \
+                getattr(ref, name).numpy().tobytes(), (step, name)
+    assert ours(x) is not x  # paddle's op again, its copy

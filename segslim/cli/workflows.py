@@ -32,6 +32,7 @@ from segslim.fileio import check_output_file, check_writable, write_json
 from segslim.logger import logger
 from segslim.onnx.export import CALIBRATION_IMAGES, export_onnx, require_onnx_export
 from segslim.options import ONNX_TARGETS, EvalOptions, Rounding, TrainOptions
+from segslim.quant.observers import observers_without_copies
 from segslim.quant.qat import build_quant_model, quant_config_of, quantize_model
 from segslim.train import checkpoint as ckpt
 from segslim.train import distributed
@@ -158,8 +159,10 @@ def run_train(args: argparse.Namespace, quant: bool = False) -> int:
                         '--save_dir') from e
     opts = TrainOptions.from_args(args, iters=cfg['iters'], batch_size=cfg['batch_size'],
                                   seed=seed, eval=EvalOptions.from_args(args, cfg))
-    with (conv_bias_in_batch_norm_kernel() if args.device == 'cpu' else
-          contextlib.nullcontext()):
+    with contextlib.ExitStack() as cpu_kernels:
+        if args.device == 'cpu':  # the same values, fewer passes over each activation
+            cpu_kernels.enter_context(conv_bias_in_batch_norm_kernel())
+            cpu_kernels.enter_context(observers_without_copies())
         result = train(model, train_ds, val_ds, optimizer, scheduler, losses, cfg, opts,
                        resume=resume, teacher=teacher)
     best = os.path.join(args.save_dir, 'best_model')

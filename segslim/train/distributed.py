@@ -1,15 +1,16 @@
 """One data-parallel job under `python -m paddle.distributed.launch`: which process this is,
 and the few collective steps the loop needs. Paddle's launcher starts the processes and its
-communicator (gloo on CPU, NCCL on GPU) moves the data, and small sums of a local job go
-through shared memory (shared_sum); nothing here manages processes.
+communicator (gloo on CPU, NCCL on GPU) moves the data; the sums of a local job (small ones
+and each step's gradients) go through shared memory (shared_sum). Nothing here manages
+processes.
 
 Outside the launcher (one process) every function is a no-op."""
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
-from segslim._paddle import paddle
-from segslim.train.shared_sum import SLOT, local_sum
+from segslim._paddle import assign_cpu, cpu_view, paddle
+from segslim.train.shared_sum import SLOT, local_float32_sum, local_sum
 
 _STATE = {'ready': False}
 
@@ -45,6 +46,42 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     tensor = paddle.to_tensor(np.ascontiguousarray(values))
     paddle.distributed.all_reduce(tensor)
     return tensor.numpy().astype(values.dtype)
+
+
+def shared_gradients(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
+    """In a local job on x86 (every process agreeing): makes the trainable parameters the
+    same on every process (their mean, so identical ones stay as they are) and returns the
+    function that, called after each backward, makes every gradient its mean over the
+    processes (summed in rank order: the same bits everywhere). None elsewhere:
+    paddle.DataParallel then averages the gradients."""
+    rank, size = world()
+    params = [p for p in model.parameters() if not p.stop_gradient]
+    count = sum(int(np.prod(p.shape)) for p in params)
+    float32 = params and all(p.dtype == paddle.float32 and p.place.is_cpu_place()
+                             for p in params)
+    shared = local_float32_sum(rank, size, count) if float32 and size > 1 else None
+    if all_reduce_sum(np.array([shared is not None], np.float64))[0] != size:
+        return None
+    assert shared is not None
+    if rank == 0:  # every process mapped it before that sum
+        shared.unlink()
+    scale = np.float32(1.0 / size)
+
+    def average(tensors: List[paddle.Tensor]) -> None:
+        mean = shared.sum_parts([cpu_view(t).reshape(-1) for t in tensors])
+        mean *= scale
+        offset = 0
+        for t in tensors:
+            n = int(np.prod(t.shape))
+            assign_cpu(t, mean[offset:offset + n].reshape(t.shape))
+            offset += n
+
+    average(params)
+
+    def average_gradients() -> None:
+        average([p.grad for p in params if p.grad is not None])
+
+    return average_gradients
 
 
 def running_stats(model: paddle.nn.Layer) -> List[paddle.Tensor]:

@@ -91,10 +91,10 @@ def run_local_job(cmd: List[str], processes: int, threads: int) -> int:
     returns the job's exit code (the first failure's). The first process writes to this
     terminal; when another fails, the last line it wrote is logged."""
     shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
-    with tempfile.NamedTemporaryFile(prefix='segslim-sums-', dir=shm) as sums:
-        sums.truncate(shared_sum.file_size(processes))
-        sums.flush()
-        return _run(cmd, processes, threads, sums.name)
+    with tempfile.TemporaryDirectory(prefix='segslim-sums-', dir=shm) as sums:
+        with open(os.path.join(sums, shared_sum.SMALL), 'wb') as f:
+            f.truncate(shared_sum.file_size(processes))
+        return _run(cmd, processes, threads, sums)
 
 
 def _run(cmd: List[str], processes: int, threads: int, sums: str) -> int:

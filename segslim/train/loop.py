@@ -167,9 +167,13 @@ class Trainer:
             if opts.amp_level == 'O2':
                 self.model, self.optimizer = paddle.amp.decorate(
                     models=model, optimizers=optimizer, level='O2', save_dtype='float32')
-        # DataParallel averages gradients across processes; self.model stays the plain
-        # layer that evaluation and checkpoints use.
-        self.net = paddle.DataParallel(self.model) if self.world > 1 else self.model
+        # Gradients are averaged across processes through shared memory in a local job on
+        # x86, else by DataParallel; self.model stays the plain layer that evaluation and
+        # checkpoints use.
+        self.average_gradients = (distributed.shared_gradients(self.model)
+                                  if self.world > 1 and self.scaler is None else None)
+        self.net = (paddle.DataParallel(self.model)
+                    if self.world > 1 and self.average_gradients is None else self.model)
         self.stats = distributed.running_stats(self.model) if self.world > 1 else []
 
     def _resume(self, resume: ckpt.Resume) -> None:
@@ -277,6 +281,8 @@ class Trainer:
         else:
             loss, distill = self._loss(x, y)
             loss.backward()
+            if self.average_gradients is not None:
+                self.average_gradients()
             self.optimizer.step()
         self.model.clear_gradients()
         distributed.average_stats(self.stats)

@@ -14,11 +14,10 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from segslim._paddle import paddle
+from segslim._paddle import assign_cpu, paddle
 from segslim.train import channel_affine, distributed
 
 F = paddle.nn.functional
-_CPU = paddle.CPUPlace()
 
 
 def _all_reduce(values: np.ndarray) -> np.ndarray:
@@ -31,7 +30,7 @@ def _tensor(values: np.ndarray) -> paddle.Tensor:
 
 
 def _assign(tensor: paddle.Tensor, values: np.ndarray) -> None:
-    tensor.get_tensor().set(np.ascontiguousarray(values, np.float32), _CPU)
+    assign_cpu(tensor, values.astype(np.float32))
 
 
 def _affine(t: paddle.Tensor, scale: np.ndarray, shift: Optional[np.ndarray] = None
