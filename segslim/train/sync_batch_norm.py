@@ -14,7 +14,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from segslim._paddle import assign_cpu, paddle
+from segslim._paddle import assign_cpu, cpu_view, paddle
 from segslim.train import channel_affine, distributed
 
 F = paddle.nn.functional
@@ -78,7 +78,7 @@ class _GlobalBatchNorm(paddle.autograd.PyLayer):
                              channel_affine.constant(0.0, channels), training=False,
                              epsilon=epsilon)  # as the forward computed it
         shape = (x.shape[0], channels, -1)
-        dy_np, x_hat_np = dy.numpy().reshape(shape), x_hat.numpy().reshape(shape)
+        dy_np, x_hat_np = cpu_view(dy).reshape(shape), cpu_view(x_hat).reshape(shape)
         d_bias = np.einsum('nci->c', dy_np)
         d_weight = np.einsum('nci,nci->c', dy_np, x_hat_np)
         # DataParallel averages the parameter gradients; the input gradient needs the sums
