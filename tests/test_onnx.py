@@ -21,7 +21,8 @@ pytest.importorskip('paddle2onnx', reason='no wheel for this Python: no ONNX exp
 from onnx import helper, numpy_helper  # noqa: E402
 
 from segslim.onnx.export import export_onnx  # noqa: E402
-from segslim.onnx.qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
+from segslim.onnx.qdq import (  # noqa: E402
+    Graph, ProgramScales, WeightQuant, fold_batch_norms, quantize_graph)
 
 
 def engine(model_dir, backend):
@@ -193,6 +194,64 @@ def test_batch_norm_folds_exactly_into_int8_weights_with_negative_factors():
     np.testing.assert_allclose(folded.q * folded.step[:, None, None, None], w, rtol=1e-5,
                                atol=1e-7)
     np.testing.assert_allclose(run(g.finish(), x), expected, rtol=1e-4, atol=1e-5)
+
+
+def shuffle_model():
+    """A ShuffleNet block as paddle2onnx writes it: two conv+relu branches, concat, channel
+    shuffle (reshape, transpose, reshape), split; one half into a conv, the other into a
+    concat with that conv's output, then a last conv."""
+    rng = np.random.default_rng(0)
+    consts, quants, nodes = {}, {}, []
+    for name, cin in (('wa', 4), ('wb', 4), ('wc', 4), ('wd', 8)):
+        q = rng.integers(-127, 128, (4 if name != 'wd' else 2, cin, 1, 1)).astype(np.int8)
+        step = np.full(q.shape[0], 0.01, np.float32)
+        consts[name] = q.astype(np.float32) * step[:, None, None, None]
+        quants[name] = WeightQuant(q, step, 0)
+    consts.update(s1=np.array([1, 2, 4, 8, 8], np.int64), s2=np.array([1, 8, 8, 8], np.int64),
+                  split=np.array([4, 4], np.int64))
+    nodes += [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+              for k, v in consts.items()]
+    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+              helper.make_node('Conv', ['x', 'wb'], ['b']), helper.make_node('Relu', ['b'], ['rb']),
+              helper.make_node('Concat', ['ra', 'rb'], ['c'], axis=1),
+              helper.make_node('Reshape', ['c', 's1'], ['r1']),
+              helper.make_node('Transpose', ['r1'], ['t'], perm=[0, 2, 1, 3, 4]),
+              helper.make_node('Reshape', ['t', 's2'], ['r2']),
+              helper.make_node('Split', ['r2', 'split'], ['h1', 'h2'], axis=1),
+              helper.make_node('Conv', ['h1', 'wc'], ['e']), helper.make_node('Relu', ['e'], ['re']),
+              helper.make_node('Concat', ['re', 'h2'], ['f'], axis=1),
+              helper.make_node('Conv', ['f', 'wd'], ['y'])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info(
+            'y', onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    steps = {'wa': 4 / 127, 'wb': 4 / 127, 'wc': 0.05, 'wd': 0.06}
+    return model, ProgramScales(steps, quants)
+
+
+def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
+    """Between quantized convs the concats, the shuffle's reshapes and transpose and the
+    split share one scale per region, so onnxruntime runs them on uint8 (QLinearConcat, no
+    float Concat, one quantize of the input) and the result stays within the quantization
+    error."""
+    model, scales = shuffle_model()
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    expected = run(model, batches[0])
+    quantized, stats = quantize_graph(model, scales, 'onnxruntime', batches)
+    assert stats['uint8_regions'] >= 1 and stats['int8_convs'] == 4
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    session = ort.InferenceSession(quantized.SerializeToString(), so,
+                                   providers=['CPUExecutionProvider'])
+    got = session.run(None, {'x': batches[0]})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    assert ops.count('QLinearConcat') == 2 and 'Concat' not in ops, ops
+    # the last conv writes the float output: its input and weight are dequantized for it
+    assert ops.count('QLinearConv') == 3 and ops.count('Conv') == 1, ops
+    assert ops.count('QuantizeLinear') == 1 and ops.count('DequantizeLinear') == 2, ops
+    assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()
 
 
 def test_onnx_bad_inputs_are_one_line(fp32_run, exported, tmp_path):
