@@ -79,6 +79,19 @@ def test_summary_rows_and_geomean():
     assert 'Geometric mean: INT8 6.00x over FP32' in text
 
 
+def test_summary_of_onnxruntime_rows_only():
+    """`make bench` with --backend onnxruntime alone: no Paddle rows, still a summary and a
+    report (it failed on the missing Paddle FP32 row)."""
+    from segslim.bench.zoo_report import ZooResult, format_markdown, summary
+    rows = [make_row('a', 'fp32', 4.0, backend='onnxruntime'),
+            make_row('a', 'int8', 2.0, backend='onnxruntime', int8_convs=4)]
+    results = [ZooResult(model='a', config='a.yml', report=make_report(rows))]
+    row = summary(results)['rows'][0]
+    assert row['fp32_s'] is None and row['onnxruntime_speedup'] == 2.0
+    assert (row['best_int8_engine'], row['gain']) == ('onnxruntime', 2.0)
+    assert 'onnxruntime' in format_markdown(results)
+
+
 def test_summary_puts_each_model_against_the_ceiling():
     from segslim.bench.ceiling import apply_ceilings
     from segslim.bench.zoo_report import ZooResult, format_markdown, summary

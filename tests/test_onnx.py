@@ -20,9 +20,9 @@ ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('paddle2onnx', reason='no wheel for this Python: no ONNX export')
 from onnx import helper, numpy_helper  # noqa: E402
 
+from segslim.onnx import qdq  # noqa: E402
 from segslim.onnx.export import export_onnx  # noqa: E402
-from segslim.onnx.qdq import (  # noqa: E402
-    Graph, ProgramScales, WeightQuant, fold_batch_norms, quantize_graph)
+from segslim.onnx.qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
 
 
 def engine(model_dir, backend):
@@ -218,7 +218,8 @@ def shuffle_model():
               helper.make_node('Transpose', ['r1'], ['t'], perm=[0, 2, 1, 3, 4]),
               helper.make_node('Reshape', ['t', 's2'], ['r2']),
               helper.make_node('Split', ['r2', 'split'], ['h1', 'h2'], axis=1),
-              helper.make_node('Conv', ['h1', 'wc'], ['e']), helper.make_node('Relu', ['e'], ['re']),
+              helper.make_node('Conv', ['h1', 'wc'], ['e']),
+              helper.make_node('Relu', ['e'], ['re']),
               helper.make_node('Concat', ['re', 'h2'], ['f'], axis=1),
               helper.make_node('Conv', ['f', 'wd'], ['y'])]
     graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
@@ -226,7 +227,7 @@ def shuffle_model():
             'y', onnx.TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
     steps = {'wa': 4 / 127, 'wb': 4 / 127, 'wc': 0.05, 'wd': 0.06}
-    return model, ProgramScales(steps, quants)
+    return model, qdq.ProgramScales(steps, quants)
 
 
 def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
@@ -238,7 +239,7 @@ def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
     rng = np.random.default_rng(1)
     batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
     expected = run(model, batches[0])
-    quantized, stats = quantize_graph(model, scales, 'onnxruntime', batches)
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
     assert stats['uint8_regions'] >= 1 and stats['int8_convs'] == 4
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

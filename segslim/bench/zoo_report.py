@@ -36,7 +36,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
         by = {(r.backend, r.precision.value): r for r in rep.ours
               if not r.precision_note and not r.rest}
         rest = {r.backend: r for r in rep.ours if r.rest == 'bf16' and r.int8}
-        fp32 = by[('paddle', 'fp32')]
+        fp32 = by.get(('paddle', 'fp32'))  # none when only other engines were asked for
         bf16, int8 = (by.get(('paddle', p)) for p in ('bf16', 'int8'))
         ov = {p: by.get(('openvino', p)) for p in ('fp32', 'bf16', 'int8')}
         row: Dict[str, Any] = {}
@@ -60,7 +60,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
         ops = int8.ops if int8 else None
         row.update({
             'model': res.model, 'config': res.config, 'input_shape': rep.input_shape,
-            'fp32_s': fp32.s_per_img, 'bf16_s': bf16.s_per_img if bf16 else None,
+            'fp32_s': fp32.s_per_img if fp32 else None, 'bf16_s': bf16.s_per_img if bf16 else None,
             'int8_s': int8.s_per_img if int8 else None,
             'speedup': int8.speedup if int8 else None,
             # against the same engine's bf16 (the rows' own column is against the best bf16)
