@@ -383,9 +383,9 @@ def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'],
                     layers: List[Tuple[Any, WeightQuant, float]], steps: Dict[str, float]
                     ) -> Dict[str, str]:
     """{tensor: its region's root} for the float tensors joined by MOVING_OPS (first input
-    and outputs) whose region starts at a quantized layer's output or a concat of quantized
-    tensors and ends only in quantized layers, concats or other moving ops: where uint8 can
-    flow without a float op reading it."""
+    and outputs) whose region starts at a quantized layer's output or input or at a concat of
+    quantized tensors, and ends only in quantized layers, concats or other moving ops: where
+    uint8 can flow without a float op reading it."""
     parent: Dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -413,7 +413,7 @@ def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'],
 
     def sources_ok(root: str) -> bool:
         node = producers.get(root)
-        if root in outputs:
+        if root in outputs or root in steps:  # quantized anyway
             return True
         return node is not None and id(node) in concat_ids and all(
             i in outputs or i in steps or find(i) in regions for i in node.input)
