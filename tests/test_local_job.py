@@ -183,7 +183,8 @@ def _sum_in_process(folder, rank, queue):
                     reason='shared-memory sums are x86 only')
 def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
     """Two processes summing float32 gradients (in parts) and float64 values through the
-    job's folder get the exact sums, the same bits in both, call after call."""
+    job's folder get the exact sums, the same bits in both, call after call, and leave no
+    file behind."""
     from segslim.train import shared_sum
     with open(tmp_path / shared_sum.SMALL, 'wb') as f:
         f.truncate(shared_sum.file_size(2))
@@ -197,6 +198,7 @@ def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
+    assert os.listdir(tmp_path) == []  # unlinked once both had mapped them
     for step, ((big0, small0), (big1, small1)) in enumerate(zip(got[0], got[1])):
         assert big0.dtype == np.float32 and big0.tobytes() == big1.tobytes()
         expected = np.concatenate([np.arange(4, dtype=np.float32) + step,

@@ -63,8 +63,6 @@ def shared_gradients(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
     if all_reduce_sum(np.array([shared is not None], np.float64))[0] != size:
         return None
     assert shared is not None
-    if rank == 0:  # every process mapped it before that sum
-        shared.unlink()
     scale = np.float32(1.0 / size)
 
     def average(tensors: List[paddle.Tensor]) -> None:

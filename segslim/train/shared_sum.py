@@ -52,6 +52,7 @@ class SharedSum:
             [np.ndarray((slot,), dtype, self._map, r * per_rank + _HEADER + b * itemsize * slot)
              for b in range(2)] for r in range(processes)]
         self._calls = int(self._seq[rank][0])
+        self._on_disk = True
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         """The sum over processes of `values` (any shape, at most `slot` values), in their
@@ -75,14 +76,17 @@ class SharedSum:
         self._seq[self.rank][0] = n  # after the data: other processes read it once they see n
         for r in range(self.processes):
             self._wait(r, n)
+        if self._on_disk and self.rank == 0:  # every process mapped it to reach this sum
+            self.unlink()
         total = self._data[0][buf][:size].copy()
         for r in range(1, self.processes):
             total += self._data[r][buf][:size]
         return total
 
     def unlink(self) -> None:
-        """Removes the file; the processes that mapped it keep using its memory, and a
-        killed job leaves nothing behind. Only once every process has mapped it."""
+        """Removes the file once every process has mapped it (after the first sum): the
+        processes keep using its memory, and a killed job leaves nothing of it behind."""
+        self._on_disk = False
         try:
             os.unlink(self.path)
         except FileNotFoundError:
