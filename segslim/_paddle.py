@@ -111,7 +111,7 @@ def cpu_view(tensor: 'paddle.Tensor') -> np.ndarray:
 def assign_cpu(tensor: 'paddle.Tensor', values: np.ndarray) -> None:
     """Replaces a CPU tensor's (parameter's, gradient's) values with `values` of its shape
     and dtype, in place and outside autograd, in one copy (no op, no argument checks)."""
-    tensor.get_tensor().set(np.ascontiguousarray(values), _CPU)
+    tensor.get_tensor().set(np.require(values, requirements='C'), _CPU)  # a 0-d array stays 0-d
 
 
 __all__ = ['paddle', 'assign_cpu', 'check_versions', 'cpu_view', 'default_cpu_threads',

@@ -18,7 +18,7 @@ from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError, require
 from segslim.logger import logger
-from segslim.onnx.qdq import producers_of
+from segslim.onnx.graph import producers_of
 from segslim.options import EngineOptions
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.

@@ -17,7 +17,8 @@ from segslim.errors import UserError, require
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
 from segslim.modeldir import model_inputs, read_deploy, update_deploy
-from segslim.onnx.qdq import GraphError, ProgramScales, WeightQuant, quantize_graph
+from segslim.onnx.graph import GraphError
+from segslim.onnx.qdq import ProgramScales, WeightQuant, quantize_graph
 from segslim.options import ONNX_TARGETS
 from segslim.program import LAYER_OPS
 

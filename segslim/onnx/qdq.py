@@ -13,9 +13,11 @@ target runs them as INT8 kernels.
   the inputs of a concat.
 The scale of a tensor read by several quantized layers is the largest of theirs."""
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
+
+from segslim.onnx.graph import Graph, tensor_ranges
 
 if TYPE_CHECKING:
     from onnx import NodeProto
@@ -31,15 +33,6 @@ SIGN_KEEPING_OPS = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'Resize', 'Co
 MOVING_OPS = ('Reshape', 'Transpose', 'Split', 'Flatten', 'Squeeze', 'Unsqueeze')
 
 
-def producers_of(nodes: Iterable['NodeProto']) -> Dict[str, 'NodeProto']:
-    """{tensor: the node that writes it} of ONNX nodes."""
-    return {name: node for node in nodes for name in node.output}
-
-
-class GraphError(Exception):
-    """onnxruntime cannot run the float graph (e.g. a converter's op at a dynamic size)."""
-
-
 @dataclass
 class WeightQuant:
     q: np.ndarray        # int8 values as the Paddle program stores them
@@ -51,85 +44,6 @@ class WeightQuant:
 class ProgramScales:
     inputs: Dict[str, float] = field(default_factory=dict)   # weight name -> input step
     weights: Dict[str, WeightQuant] = field(default_factory=dict)
-
-
-class Graph:
-    """A mutable view of an ONNX graph: initializers by name, producers and consumers."""
-
-    def __init__(self, model: Any):
-        from onnx import numpy_helper
-        self.model = model
-        self.g = model.graph
-        self.nh = numpy_helper
-        self.inits: Dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t)
-                                             for t in self.g.initializer}
-        keep = []
-        for node in self.g.node:  # paddle2onnx writes parameters as Constant nodes
-            value = [a for a in node.attribute if a.name == 'value']
-            if node.op_type == 'Constant' and value:
-                self.inits[node.output[0]] = numpy_helper.to_array(value[0].t)
-            else:
-                keep.append(node)
-        self.nodes: List[Any] = keep
-        self.counter = 0
-        self.origin: Dict[str, str] = {}  # new initializer -> the parameter it was made from
-
-    def consumers(self, name: str) -> List[Any]:
-        return [n for n in self.nodes if name in n.input]
-
-    def readers(self) -> Dict[str, List[Any]]:
-        """{tensor: the nodes that read it} now (a snapshot: edits after it are not in it)."""
-        found: Dict[str, List[Any]] = {}
-        for node in self.nodes:
-            for name in dict.fromkeys(node.input):
-                found.setdefault(name, []).append(node)
-        return found
-
-    def producers(self) -> Dict[str, 'NodeProto']:
-        """{tensor: the node that writes it} now (a snapshot)."""
-        return producers_of(self.nodes)
-
-    def is_output(self, name: str) -> bool:
-        return any(o.name == name for o in self.g.output)
-
-    def fresh(self, base: str) -> str:
-        self.counter += 1
-        return f'{base}_{self.counter}'
-
-    def add_init(self, base: str, value: np.ndarray) -> str:
-        name = self.fresh(base)
-        self.inits[name] = value
-        self.origin[name] = self.origin.get(base, base)
-        return name
-
-    def redirect(self, old: str, new: str, users: Sequence[Any]) -> None:
-        for node in users:
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
-
-    def finish(self) -> Any:
-        """Writes nodes (topologically sorted) and the used initializers back."""
-        used = {name for n in self.nodes for name in n.input}
-        del self.g.initializer[:]
-        self.g.initializer.extend(self.nh.from_array(np.asarray(v), k)
-                                  for k, v in sorted(self.inits.items()) if k in used)
-        known = {i.name for i in self.g.input} | set(self.inits) | {''}
-        waiting = {id(n): sum(1 for i in set(n.input) if i not in known) for n in self.nodes}
-        readers = self.readers()
-        ordered = [n for n in self.nodes if not waiting[id(n)]]
-        for node in ordered:  # Kahn's order: grows while it is walked
-            for out in node.output:
-                for user in readers.get(out, []):
-                    waiting[id(user)] -= 1
-                    if not waiting[id(user)]:
-                        ordered.append(user)
-        if len(ordered) != len(self.nodes):
-            raise ValueError('the ONNX graph has a cycle or an undefined input')
-        del self.g.node[:]
-        self.g.node.extend(ordered)
-        del self.g.value_info[:]
-        return self.model
 
 
 def _sole_consumer(g: Graph, name: str, op_type: str,
@@ -203,8 +117,7 @@ def _nonnegative(g: Graph, producers: Dict[str, 'NodeProto'], name: str, depth: 
     if node.op_type in NONNEGATIVE_OPS:
         return True
     if node.op_type in SIGN_KEEPING_OPS:
-        data = node.input[:1] if node.op_type in ('Resize', 'Reshape', 'Split', 'Squeeze',
-                                                  'Unsqueeze') else node.input
+        data = node.input[:1] if node.op_type in MOVING_OPS + ('Resize',) else node.input
         return all(_nonnegative(g, producers, i, depth + 1) for i in data if i)
     return False
 
@@ -315,31 +228,27 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
                  calibration: Optional[Sequence[np.ndarray]], stats: Dict[str, int]) -> None:
     """onnxruntime's placement: Q/DQ on every quantized layer's input (its step), on the layer
     outputs that feed no quantized layer (a range measured on the calibration images), and
-    through the ops that only move values (MOVING_OPS) and the concats between them, one scale
-    and zero point per connected region, so those run on uint8 (QLinearConcat, uint8
-    Transpose, Reshape, Split, MaxPool) instead of a dequantize, a float op and a quantize."""
-    region = _moving_regions(g, producers, layers, steps)
+    through the ops that only move values (_moves_values) and the concats between them, one
+    scale and zero point per connected region, so those run on uint8 (QLinearConcat, uint8
+    Transpose, Reshape, Split, Resize) instead of a dequantize, a float op and a quantize."""
     outputs = {_layer_output(g, n) for n, _, _ in layers}
+    regions = _moving_regions(g, producers, {id(n) for n, _, _ in layers}, outputs, steps)
+    in_region = {t for members in regions.values() for t in members}
+    lone = [t for t in sorted(outputs)
+            if t not in steps and t not in in_region and not g.is_output(t)]
+    unstepped = [root for root, members in regions.items()
+                 if not any(t in steps for t in members)]
+    measure = lone + unstepped
+    measured = tensor_ranges(g, measure, calibration) if measure and calibration else {}
     placed: Dict[str, Tuple[float, int]] = {}
     # a region takes the largest step of the layer inputs in it, else its measured range
-    members: Dict[str, List[str]] = {}
-    for tensor, root in region.items():
-        members.setdefault(root, []).append(tensor)
-    measure = [t for t in sorted(outputs) if t not in steps and not g.is_output(t) and
-               t not in region]
-    measure += [root for root, tensors in members.items()
-                if not any(t in steps for t in tensors)]
-    measured = tensor_ranges(g, measure, calibration) if measure and calibration else {}
-    for root, tensors in members.items():
-        stepped = [steps[t] for t in tensors if t in steps]
+    for root, members in regions.items():
+        stepped = [steps[t] for t in members if t in steps]
         if stepped:
-            top = max(stepped)
-            zero = 0 if all(_nonnegative(g, producers, t) for t in tensors) else 128
-            for t in tensors:
-                placed[t] = (top, zero)
+            zero = 0 if all(_nonnegative(g, producers, t) for t in members) else 128
+            placed.update((t, (max(stepped), zero)) for t in members)
         elif root in measured:
-            for t in tensors:
-                placed[t] = _asymmetric(*measured[root])
+            placed.update((t, _asymmetric(*measured[root])) for t in members)
         stats['uint8_regions'] += 1
     for tensor, step in steps.items():
         if tensor not in placed:
@@ -349,18 +258,17 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
             pooled = getattr(producers.get(tensor), 'op_type', '') == 'MaxPool'
             placed[tensor] = (step, 0 if _nonnegative(g, producers, tensor) and not pooled
                               else 128)
-    for tensor in measure:
-        if tensor in region:
+    for tensor in measure:  # a region's root outside it takes the region's range too
+        if tensor in in_region:
             continue
         if tensor in measured:
             placed[tensor] = _asymmetric(*measured[tensor])
             stats['calibrated'] += 1
         else:
             stats['uncalibrated'] += 1
-    for tensor, (scale, _) in placed.items():  # layers read the placed (unified) steps
-        if tensor in steps:
-            steps[tensor] = scale
     for tensor, (scale, zero) in placed.items():
+        if tensor in steps:  # the layers reading it take the placed (unified) step
+            steps[tensor] = scale
         _qdq(g, tensor, scale, zero, np.uint8, g.consumers(tensor))
 
 
@@ -379,13 +287,13 @@ def _moves_values(node: Any) -> bool:
     return node.op_type in MOVING_OPS
 
 
-def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'],
-                    layers: List[Tuple[Any, WeightQuant, float]], steps: Dict[str, float]
-                    ) -> Dict[str, str]:
-    """{tensor: its region's root} for the float tensors joined by MOVING_OPS (first input
-    and outputs) whose region starts at a quantized layer's output or input or at a concat of
-    quantized tensors, and ends only in quantized layers, concats or other moving ops: where
-    uint8 can flow without a float op reading it."""
+def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'], layer_ids: Set[int],
+                    outputs: Set[str], steps: Dict[str, float]) -> Dict[str, List[str]]:
+    """{root: the float tensors of its region}, for the tensors written by the ops that move
+    values (and the outputs of concats of quantized tensors), joined through those ops' first
+    inputs, whose region starts at a quantized layer (`layer_ids`) output (`outputs`) or input
+    (`steps`) or at such a concat, and ends only in quantized layers, such concats or other
+    moving ops: where uint8 can flow without a float op reading it."""
     parent: Dict[str, str] = {}
 
     def find(t: str) -> str:
@@ -397,34 +305,30 @@ def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'],
         if _moves_values(node) and node.input and node.input[0] not in g.inits:
             for out in node.output:
                 parent[find(out)] = find(node.input[0])
-    outputs = {_layer_output(g, n) for n, _, _ in layers}
-    data_concats = [n for n in g.nodes if n.op_type == 'Concat' and
-                    any(find(i) in parent or i in outputs or i in steps for i in n.input)]
-    for node in data_concats:
+    concats = {id(n): n for n in g.nodes if n.op_type == 'Concat' and
+               any(find(i) in parent or i in outputs or i in steps for i in n.input)}
+    for node in concats.values():
         parent.setdefault(node.output[0], node.output[0])
-    readers = g.readers()
-    tensors = set(parent) | {t for t in outputs if t in parent}
     regions: Dict[str, List[str]] = {}
-    for t in tensors:
+    for t in parent:
         regions.setdefault(find(t), []).append(t)
-    concat_ids = {id(n) for n in data_concats}
-    layer_ids = {id(n) for n, _, _ in layers}
-    ok: Dict[str, bool] = {}
+    readers = g.readers()
+    layer_inputs = set(steps)
 
     def sources_ok(root: str) -> bool:
-        node = producers.get(root)
-        if root in outputs or root in steps:  # quantized anyway
+        if root in outputs or root in layer_inputs:  # quantized anyway
             return True
-        return node is not None and id(node) in concat_ids and all(
-            i in outputs or i in steps or find(i) in regions for i in node.input)
+        node = producers.get(root)
+        return node is not None and id(node) in concats and all(
+            i in outputs or i in layer_inputs or find(i) in regions for i in node.input)
 
-    for root, members in regions.items():
-        users_ok = all(
-            id(u) in layer_ids or id(u) in concat_ids or _moves_values(u) or u.op_type == 'Shape'
-            for t in members for u in readers.get(t, [])) and \
-            not any(g.is_output(t) for t in members)
-        ok[root] = users_ok and sources_ok(root)
-    return {t: find(t) for t in tensors if ok.get(find(t))}
+    def users_ok(members: List[str]) -> bool:
+        return not any(g.is_output(t) for t in members) and all(
+            id(u) in layer_ids or id(u) in concats or _moves_values(u) or
+            u.op_type == 'Shape' for t in members for u in readers.get(t, []))
+
+    return {root: members for root, members in regions.items()
+            if users_ok(members) and sources_ok(root)}
 
 
 def _equal_concat_steps(g: Graph, steps: Dict[str, float]) -> None:
@@ -436,39 +340,3 @@ def _equal_concat_steps(g: Graph, steps: Dict[str, float]) -> None:
                 top = max(steps[i] for i in inputs)
                 for i in inputs:
                     steps[i] = top
-
-
-def tensor_ranges(g: Graph, names: Sequence[str], batches: Sequence[np.ndarray]
-                  ) -> Dict[str, Tuple[float, float]]:
-    """(min, max) of each named tensor of the float graph over the batches (onnxruntime)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return {}
-    import copy
-
-    from onnx import TensorProto, helper
-    probe = copy.deepcopy(g.model)
-    view = Graph(probe)
-    view.nodes = [copy.deepcopy(n) for n in g.nodes]
-    view.inits = g.inits
-    view.finish()
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
-                              for n in names)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    found: Dict[str, Tuple[float, float]] = {}
-    try:
-        session = onnxruntime.InferenceSession(probe.SerializeToString(), options,
-                                               providers=['CPUExecutionProvider'])
-        input_name = session.get_inputs()[0].name
-        for batch in batches:  # reduced batch by batch: memory does not grow with them
-            for name, value in zip(names, session.run(names, {input_name: batch})):
-                low, high = float(value.min()), float(value.max())
-                old = found.get(name, (low, high))
-                found[name] = (min(old[0], low), max(old[1], high))
-    except Exception as e:  # onnxruntime raises its own generic errors
-        raise GraphError(str(e).strip().splitlines()[-1][:200]) from e
-    return found

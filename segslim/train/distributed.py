@@ -48,7 +48,24 @@ def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     return tensor.numpy().astype(values.dtype)
 
 
-def shared_gradients(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
+def data_parallel(model: paddle.nn.Layer, shared_gradients: bool = True
+                  ) -> Tuple[paddle.nn.Layer, Callable[[], None], List[paddle.Tensor]]:
+    """(the layer a step runs, what to call after each backward, running_stats()) for this
+    job: the model, a no-op and [] outside one; in a local job on x86 (with
+    `shared_gradients`) the model and gradients_through_shared_memory's averaging; else
+    paddle.DataParallel around the model, which averages the gradients itself."""
+    if world()[1] == 1:
+        return model, _no_op, []
+    average = gradients_through_shared_memory(model) if shared_gradients else None
+    net = model if average is not None else paddle.DataParallel(model)
+    return net, average or _no_op, running_stats(model)
+
+
+def _no_op() -> None:
+    pass
+
+
+def gradients_through_shared_memory(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
     """In a local job on x86 (every process agreeing): makes the trainable parameters the
     same on every process (their mean, so identical ones stay as they are) and returns the
     function that, called after each backward, makes every gradient its mean over the
@@ -66,13 +83,10 @@ def shared_gradients(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
     scale = np.float32(1.0 / size)
 
     def average(tensors: List[paddle.Tensor]) -> None:
-        mean = shared.sum_parts([cpu_view(t).reshape(-1) for t in tensors])
+        views = [cpu_view(t) for t in tensors]
+        mean = shared.sum_parts([v.reshape(-1) for v in views])
         mean *= scale
-        offset = 0
-        for t in tensors:
-            n = int(np.prod(t.shape))
-            assign_cpu(t, mean[offset:offset + n].reshape(t.shape))
-            offset += n
+        _assign_flat(tensors, views, mean)
 
     average(params)
 
@@ -80,6 +94,16 @@ def shared_gradients(model: paddle.nn.Layer) -> Optional[Callable[[], None]]:
         average([p.grad for p in params if p.grad is not None])
 
     return average_gradients
+
+
+def _assign_flat(tensors: List[paddle.Tensor], views: List[np.ndarray],
+                 flat: np.ndarray) -> None:
+    """Gives each CPU tensor its slice of `flat` (their values concatenated in order), in
+    the shape and dtype of its view."""
+    offset = 0
+    for t, v in zip(tensors, views):
+        assign_cpu(t, flat[offset:offset + v.size].reshape(v.shape).astype(v.dtype, copy=False))
+        offset += v.size
 
 
 def running_stats(model: paddle.nn.Layer) -> List[paddle.Tensor]:
@@ -95,21 +119,16 @@ def running_stats(model: paddle.nn.Layer) -> List[paddle.Tensor]:
 def average_stats(stats: List[paddle.Tensor]) -> None:
     """Makes every process hold the mean over processes of `stats` (running_stats()), in
     one all-reduce of them all flattened, so batch-norm statistics and activation scales
-    stay identical on every rank and in the saved checkpoint. Gradients are averaged by
-    DataParallel. On CPU the values go through numpy (a QAT model has hundreds of these
+    stay identical on every rank and in the saved checkpoint (gradients: data_parallel).
+    On CPU the values go through numpy (a QAT model has hundreds of these
     small tensors: per-tensor paddle ops cost tens of milliseconds a step)."""
     size = world()[1]
     if size == 1 or not stats:
         return
     if stats[0].place.is_cpu_place():
-        arrays = [t.numpy() for t in stats]
-        mean = all_reduce_sum(np.concatenate(
-            [a.reshape(-1).astype(np.float64) for a in arrays])) / size
-        offset = 0
-        for t, a in zip(stats, arrays):
-            t.get_tensor().set(mean[offset:offset + a.size].reshape(a.shape).astype(a.dtype),
-                               paddle.CPUPlace())
-            offset += a.size
+        views = [cpu_view(t) for t in stats]
+        _assign_flat(stats, views, all_reduce_sum(np.concatenate(
+            [v.reshape(-1).astype(np.float64) for v in views])) / size)
         return
     flat = paddle.concat([t.astype('float64').reshape([-1]) for t in stats])
     paddle.distributed.all_reduce(flat)

@@ -167,14 +167,9 @@ class Trainer:
             if opts.amp_level == 'O2':
                 self.model, self.optimizer = paddle.amp.decorate(
                     models=model, optimizers=optimizer, level='O2', save_dtype='float32')
-        # Gradients are averaged across processes through shared memory in a local job on
-        # x86, else by DataParallel; self.model stays the plain layer that evaluation and
-        # checkpoints use.
-        self.average_gradients = (distributed.shared_gradients(self.model)
-                                  if self.world > 1 and self.scaler is None else None)
-        self.net = (paddle.DataParallel(self.model)
-                    if self.world > 1 and self.average_gradients is None else self.model)
-        self.stats = distributed.running_stats(self.model) if self.world > 1 else []
+        # self.model stays the plain layer that evaluation and checkpoints use
+        self.net, self.average_gradients, self.stats = distributed.data_parallel(
+            self.model, shared_gradients=self.scaler is None)
 
     def _resume(self, resume: ckpt.Resume) -> None:
         state = resume.state
@@ -281,8 +276,7 @@ class Trainer:
         else:
             loss, distill = self._loss(x, y)
             loss.backward()
-            if self.average_gradients is not None:
-                self.average_gradients()
+            self.average_gradients()
             self.optimizer.step()
         self.model.clear_gradients()
         distributed.average_stats(self.stats)

@@ -81,7 +81,7 @@ class _GlobalBatchNorm(paddle.autograd.PyLayer):
         dy_np, x_hat_np = cpu_view(dy).reshape(shape), cpu_view(x_hat).reshape(shape)
         d_bias = np.einsum('nci->c', dy_np)
         d_weight = np.einsum('nci,nci->c', dy_np, x_hat_np)
-        # DataParallel averages the parameter gradients; the input gradient needs the sums
+        # the parameter gradients are averaged after the backward; the input gradient needs the sums
         # of every process, since each process's mean and variance came from all of them
         total = _all_reduce(np.concatenate([d_bias, d_weight]).astype(np.float64)) / count
         # dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)), means over every process
