@@ -207,3 +207,44 @@ def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
                             np.full(6, 0.2 + step, np.float32)])
         np.testing.assert_array_equal(big0, expected)
         assert small0.tolist() == small1.tolist() == [2 * step + 1]
+
+
+def _average_in_process(folder, rank, queue):
+    from segslim._paddle import paddle
+    from segslim.train import distributed, shared_sum
+    os.environ[shared_sum.ENV] = folder
+    shared_sum._SUMS.clear()  # a forked copy of this process's
+    distributed.world = lambda: (rank, 2)
+    paddle.seed(rank)  # different weights in each process
+    model = paddle.nn.Linear(3, 2)
+    net, average, _ = distributed.data_parallel(model)
+    weights = model.weight.numpy().copy()
+    (model(paddle.full([1, 3], rank + 1.0)).sum()).backward()
+    average()
+    queue.put((rank, net is model, weights, model.weight.grad.numpy().copy()))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ('x86_64', 'amd64'),
+                    reason='shared-memory sums are x86 only')
+def test_a_local_job_averages_weights_and_gradients_through_shared_memory(tmp_path):
+    """In a local job the model is trained as it is (no DataParallel): its weights start as
+    the mean of both processes' and each backward's gradients become their mean, the same
+    bits in both."""
+    from segslim.train import shared_sum
+    with open(tmp_path / shared_sum.SMALL, 'wb') as f:
+        f.truncate(shared_sum.file_size(2))
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_average_in_process, args=(str(tmp_path), r, queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert got[0][0] and got[1][0]  # no DataParallel wrapper
+    assert got[0][1].tobytes() == got[1][1].tobytes()
+    assert got[0][2].tobytes() == got[1][2].tobytes()
+    # d(sum(W x))/dW = x per row: 1 in process 0, 2 in process 1, mean 1.5
+    np.testing.assert_array_equal(got[0][2], np.full((3, 2), 1.5, np.float32))

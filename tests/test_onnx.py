@@ -22,7 +22,8 @@ from onnx import helper, numpy_helper  # noqa: E402
 
 from segslim.onnx import qdq  # noqa: E402
 from segslim.onnx.export import export_onnx  # noqa: E402
-from segslim.onnx.qdq import Graph, WeightQuant, fold_batch_norms  # noqa: E402
+from segslim.onnx.graph import Graph  # noqa: E402
+from segslim.onnx.qdq import WeightQuant, fold_batch_norms  # noqa: E402
 
 
 def engine(model_dir, backend):
