@@ -165,6 +165,24 @@ def test_running_stats_become_the_mean_over_processes(monkeypatch):
         np.testing.assert_array_equal(t.numpy(), ((a.astype(np.float64) + b) / 2).astype(a.dtype))
 
 
+def _two_processes(target, folder):
+    """{rank: what target(folder, rank, queue) put after the rank}, from two forked
+    processes of a local job whose shared-sum folder is `folder`; both must exit cleanly."""
+    from segslim.train import shared_sum
+    with open(folder / shared_sum.SMALL, 'wb') as f:
+        f.truncate(shared_sum.file_size(2))
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(str(folder), r, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return {item[0]: item[1:] for item in got}
+
+
 def _sum_in_process(folder, rank, queue):
     from segslim.train import shared_sum
     os.environ[shared_sum.ENV] = folder
@@ -185,21 +203,9 @@ def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
     """Two processes summing float32 gradients (in parts) and float64 values through the
     job's folder get the exact sums, the same bits in both, call after call, and leave no
     file behind."""
-    from segslim.train import shared_sum
-    with open(tmp_path / shared_sum.SMALL, 'wb') as f:
-        f.truncate(shared_sum.file_size(2))
-    ctx = multiprocessing.get_context('fork')
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_sum_in_process, args=(str(tmp_path), r, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(queue.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = _two_processes(_sum_in_process, tmp_path)
     assert os.listdir(tmp_path) == []  # unlinked once both had mapped them
-    for step, ((big0, small0), (big1, small1)) in enumerate(zip(got[0], got[1])):
+    for step, ((big0, small0), (big1, small1)) in enumerate(zip(got[0][0], got[1][0])):
         assert big0.dtype == np.float32 and big0.tobytes() == big1.tobytes()
         expected = np.concatenate([np.arange(4, dtype=np.float32) + step,
                                    np.full(6, 0.1 + step, np.float32)]) + \
@@ -230,19 +236,7 @@ def test_a_local_job_averages_weights_and_gradients_through_shared_memory(tmp_pa
     """In a local job the model is trained as it is (no DataParallel): its weights start as
     the mean of both processes' and each backward's gradients become their mean, the same
     bits in both."""
-    from segslim.train import shared_sum
-    with open(tmp_path / shared_sum.SMALL, 'wb') as f:
-        f.truncate(shared_sum.file_size(2))
-    ctx = multiprocessing.get_context('fork')
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_average_in_process, args=(str(tmp_path), r, queue))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict((r, rest) for r, *rest in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = _two_processes(_average_in_process, tmp_path)
     assert got[0][0] and got[1][0]  # no DataParallel wrapper
     assert got[0][1].tobytes() == got[1][1].tobytes()
     assert got[0][2].tobytes() == got[1][2].tobytes()
