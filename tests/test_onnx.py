@@ -256,6 +256,59 @@ def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
     assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()
 
 
+def residual_model():
+    """Two residual sums as paddle2onnx writes them: conv+relu, conv, Add of both, Relu, read
+    by a conv and by a Shape; then that conv's output added to its input, read by a Sigmoid
+    (a float op) into the graph output."""
+    rng = np.random.default_rng(0)
+    consts, quants = {}, {}
+    for name in ('wa', 'wb', 'wc'):
+        q = rng.integers(-127, 128, (4, 4, 1, 1)).astype(np.int8)
+        step = np.full(4, 0.002, np.float32)
+        consts[name] = q.astype(np.float32) * step[:, None, None, None]
+        quants[name] = WeightQuant(q, step, 0)
+    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+             for k, v in consts.items()]
+    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+              helper.make_node('Conv', ['ra', 'wb'], ['b']),
+              helper.make_node('Add', ['b', 'ra'], ['s']), helper.make_node('Relu', ['s'], ['rs']),
+              helper.make_node('Shape', ['rs'], ['shape']),
+              helper.make_node('Conv', ['rs', 'wc'], ['c']),
+              helper.make_node('Add', ['c', 'rs'], ['t']),
+              helper.make_node('Sigmoid', ['t'], ['y'])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [
+            helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, None),
+            helper.make_tensor_value_info('shape', onnx.TensorProto.INT64, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    return model, qdq.ProgramScales({'wa': 4 / 127, 'wb': 0.02, 'wc': 0.03}, quants)
+
+
+def test_onnxruntime_runs_residual_sums_between_quantized_layers_on_uint8(tmp_path):
+    """A residual Add whose inputs are quantized and whose output (after its Relu) only
+    quantized layers read becomes QLinearAdd, its Shape reading the uint8 tensor; the Add
+    whose output a float op reads stays float."""
+    model, scales = residual_model()
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    expected = run(model, batches[0])
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
+    assert stats['uint8_adds'] == 1 and stats['int8_convs'] == 3
+    shape_reads = {n.input[0] for n in quantized.graph.node if n.op_type == 'Shape'}
+    producer = {o: n.op_type for n in quantized.graph.node for o in n.output}
+    assert [producer[t] for t in shape_reads] == ['QuantizeLinear']
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    session = ort.InferenceSession(quantized.SerializeToString(), so,
+                                   providers=['CPUExecutionProvider'])
+    got = session.run(None, {'x': batches[0]})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    assert ops.count('QLinearAdd') == 1 and ops.count('Add') == 1, ops
+    assert 'Relu' not in ops and ops.count('QLinearConv') == 3, ops
+    assert np.abs(got - expected).max() <= 0.02
+
+
 def test_onnx_bad_inputs_are_one_line(fp32_run, exported, tmp_path):
     with pytest.raises(UserError, match='no exported Paddle model'):
         export_onnx(str(tmp_path))

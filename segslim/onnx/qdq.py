@@ -5,8 +5,9 @@ target runs them as INT8 kernels.
 - onnxruntime (x86 CPU): u8 activations, s8 per-channel weights, int32 biases. A conv becomes
   QLinearConv only when its input and weight come from DequantizeLinear and its output (or the
   Relu after it) feeds exactly one QuantizeLinear, so every consumer of a quantized tensor reads
-  it through one DQ, and conv outputs that feed no quantized layer get a range measured on
-  calibration images. Tensors after a Relu use zero point 0 (the Relu folds into the
+  it through one DQ (a Shape reads the uint8 tensor), and conv outputs that feed no quantized
+  layer get a range measured on calibration images, as do the residual sums run as
+  QLinearAdd. Tensors after a Relu use zero point 0 (the Relu folds into the
   requantization); signed ones zero point 128, the same grid as the symmetric QAT scale.
 - tensorrt (explicit quantization): s8 symmetric activations and weights, zero points 0, Q/DQ
   on the inputs of weighted layers and on residual-add inputs only, float bias, equal scales on
@@ -30,7 +31,7 @@ SIGN_KEEPING_OPS = ('MaxPool', 'AveragePool', 'GlobalAveragePool', 'Resize', 'Co
                     'Unsqueeze')
 # Ops that only move or select their first input's values: onnxruntime runs them on uint8
 # when the tensors before and after them are quantized with one scale and zero point.
-MOVING_OPS = ('Reshape', 'Transpose', 'Split', 'Flatten', 'Squeeze', 'Unsqueeze')
+MOVING_OPS = ('Reshape', 'Transpose', 'Split', 'Flatten', 'Squeeze', 'Unsqueeze', 'MaxPool')
 
 
 @dataclass
@@ -129,7 +130,9 @@ def _qdq(g: Graph, tensor: str, scale: float, zero_point: int, dtype: Any,
     s = g.add_init(tensor + '.scale', np.array(scale, np.float32))
     z = g.add_init(tensor + '.zero_point', np.array(zero_point, dtype))
     quantized, restored = g.fresh(tensor + '.q'), g.fresh(tensor + '.dq')
-    g.redirect(tensor, restored, users)
+    # a Shape reads the uint8 tensor: no dequantize is computed for it alone
+    g.redirect(tensor, quantized, [u for u in users if u.op_type == 'Shape'])
+    g.redirect(tensor, restored, [u for u in users if u.op_type != 'Shape'])
     g.nodes.append(helper.make_node('QuantizeLinear', [tensor, s, z], [quantized],
                                     name=quantized))
     g.nodes.append(helper.make_node('DequantizeLinear', [quantized, s, z], [restored],
@@ -227,13 +230,15 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
                  layers: List[Tuple[Any, WeightQuant, float]], steps: Dict[str, float],
                  calibration: Optional[Sequence[np.ndarray]], stats: Dict[str, int]) -> None:
     """onnxruntime's placement: Q/DQ on every quantized layer's input (its step), on the layer
-    outputs that feed no quantized layer (a range measured on the calibration images), and
-    through the ops that only move values (_moves_values) and the concats between them, one
-    scale and zero point per connected region, so those run on uint8 (QLinearConcat, uint8
-    Transpose, Reshape, Split, Resize) instead of a dequantize, a float op and a quantize."""
-    outputs = {_layer_output(g, n) for n, _, _ in layers}
-    regions = _moving_regions(g, producers, {id(n) for n, _, _ in layers}, outputs, steps)
+    outputs that feed no quantized layer (a range measured on the calibration images), on the
+    residual Adds that can run as QLinearAdd (_uint8_adds), and through the ops that only move
+    values (_moves_values) and the concats between them, one scale and zero point per
+    connected region, so those run on uint8 (QLinearConcat, NhwcMaxPool, uint8 Transpose,
+    Reshape, Split) instead of a dequantize, a float op and a quantize."""
+    adds, regions = _uint8_adds(g, producers, layers, steps)
+    outputs = {_layer_output(g, n) for n, _, _ in layers} | {_layer_output(g, a) for a in adds}
     in_region = {t for members in regions.values() for t in members}
+    stats['uint8_adds'] = len(adds)
     lone = [t for t in sorted(outputs)
             if t not in steps and t not in in_region and not g.is_output(t)]
     unstepped = [root for root, members in regions.items()
@@ -252,13 +257,8 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
         stats['uint8_regions'] += 1
     for tensor, step in steps.items():
         if tensor not in placed:
-            # a MaxPool between equal quantization parameters runs as onnxruntime's uint8
-            # MaxPool, which on NCHW took 8.7 ms where the float one took 0.7 (PP-HumanSeg-
-            # Lite, 512x512): the symmetric grid on its output keeps it in float
-            pooled = getattr(producers.get(tensor), 'op_type', '') == 'MaxPool'
-            placed[tensor] = (step, 0 if _nonnegative(g, producers, tensor) and not pooled
-                              else 128)
-    for tensor in measure:  # a region's root outside it takes the region's range too
+            placed[tensor] = (step, 0 if _nonnegative(g, producers, tensor) else 128)
+    for tensor in measure:
         if tensor in in_region:
             continue
         if tensor in measured:
@@ -270,6 +270,37 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
         if tensor in steps:  # the layers reading it take the placed (unified) step
             steps[tensor] = scale
         _qdq(g, tensor, scale, zero, np.uint8, g.consumers(tensor))
+
+
+def _uint8_adds(g: Graph, producers: Dict[str, 'NodeProto'],
+                layers: List[Tuple[Any, WeightQuant, float]], steps: Dict[str, float]
+                ) -> Tuple[List[Any], Dict[str, List[str]]]:
+    """The Adds of two tensors that onnxruntime can run as QLinearAdd, and the uint8 regions
+    with them: an Add qualifies when each input is quantized (a layer's input or output, a
+    region's member or a qualifying Add's output) and its output (or its Relu's, which the
+    zero point 0 folds away) is quantized anyway (a layer reads it) or read by quantized ops
+    only, so uint8 flows through it; residual sums that only float ops read (SegFormer's
+    layer norms) stay float. Found as a fixed point: dropping one Add can disqualify the ops
+    around it."""
+    layer_ids = {id(n) for n, _, _ in layers}
+    layer_outputs = {_layer_output(g, n) for n, _, _ in layers}
+    adds = [n for n in g.nodes if n.op_type == 'Add' and len(n.input) == 2 and
+            not any(i in g.inits for i in n.input)]
+    readers = g.readers()
+    while True:
+        ids = layer_ids | {id(a) for a in adds}
+        add_outputs = {_layer_output(g, a): a for a in adds}
+        regions = _moving_regions(g, producers, ids, layer_outputs | set(add_outputs), steps)
+        members = {t for m in regions.values() for t in m}
+        quantized = layer_outputs | set(add_outputs) | set(steps) | members
+        kept = [a for out, a in add_outputs.items()
+                if all(i in quantized for i in a.input) and not g.is_output(out) and (
+                    out in steps or all(
+                    id(u) in ids or u.op_type == 'Shape' or (u.output and u.output[0] in members)
+                    for u in readers.get(out, [])))]
+        if len(kept) == len(adds):
+            return adds, regions
+        adds = kept
 
 
 def _asymmetric(low: float, high: float) -> Tuple[float, int]:
@@ -327,8 +358,10 @@ def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'], layer_ids: Set[
             id(u) in layer_ids or id(u) in concats or _moves_values(u) or
             u.op_type == 'Shape' for t in members for u in readers.get(t, []))
 
-    return {root: members for root, members in regions.items()
-            if users_ok(members) and sources_ok(root)}
+    # a root that a layer writes or reads joins its region: requantized once, into the
+    # region's grid (a concat's output is its own root and already a member)
+    return {root: members + [root] * (root not in members)
+            for root, members in regions.items() if users_ok(members) and sources_ok(root)}
 
 
 def _equal_concat_steps(g: Graph, steps: Dict[str, float]) -> None:
