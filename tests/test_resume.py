@@ -57,7 +57,9 @@ def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     assert 'Training on CPU with 2 processes x 1 thread ' in proc.stdout + proc.stderr
 
     killed = str(tmp_path / 'killed')
-    env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore')
+    tmp = tmp_path / 'tmp'
+    tmp.mkdir()
+    env = dict(os.environ, SEGSLIM_OFFLINE='1', PYTHONWARNINGS='ignore', TMPDIR=str(tmp))
     child = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--save_dir',
                               killed] + [str(a) for a in common], cwd=ROOT, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -68,6 +70,7 @@ def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     time.sleep(0.3)  # land somewhere inside the next iterations
     child.send_signal(signal.SIGKILL)
     child.wait()
+    assert not [n for n in os.listdir(tmp) if n.startswith('segslim-')]  # nothing left behind
     done = sorted(int(n[5:]) for n in os.listdir(killed) if re.fullmatch(r'iter_\d+', n))
     assert done and done[-1] < 30, done
     last = os.path.join(killed, f'iter_{done[-1]}')

@@ -188,12 +188,10 @@ def _run_local_job(args: argparse.Namespace, cfg: Yaml, quant: bool, processes: 
     child = argparse.Namespace(**vars(args))
     child.batch_size, child.cpu_threads, child.seed = batch, threads, seed
     child.opts = list(args.opts or []) + [f'batch_size={batch}']  # over an --opts batch_size
-    with tempfile.TemporaryDirectory(prefix='segslim-job-') as tmp:
-        path = os.path.join(tmp, 'options.pickle')
-        with open(path, 'wb') as f:
-            pickle.dump(('qat_train' if quant else 'train', child), f)
-        return run_local_job([sys.executable, '-m', 'segslim.cli.job_process', path],
-                             processes, threads)
+    # the options go to each process on its stdin: no file is left behind by a killed job
+    options = pickle.dumps(('qat_train' if quant else 'train', child))
+    return run_local_job([sys.executable, '-m', 'segslim.cli.job_process'], processes,
+                         threads, options)
 
 
 def _load_for_inference(args: argparse.Namespace, cfg: Yaml, quant: bool,

@@ -86,18 +86,18 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def run_local_job(cmd: List[str], processes: int, threads: int) -> int:
-    """Runs `cmd` as `processes` local processes of one job with `threads` threads each;
-    returns the job's exit code (the first failure's). The first process writes to this
-    terminal; when another fails, the last line it wrote is logged."""
+def run_local_job(cmd: List[str], processes: int, threads: int, stdin: bytes = b'') -> int:
+    """Runs `cmd` as `processes` local processes of one job with `threads` threads each, each
+    given `stdin`; returns the job's exit code (the first failure's). The first process
+    writes to this terminal; when another fails, the last line it wrote is logged."""
     shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
     with tempfile.TemporaryDirectory(prefix='segslim-sums-', dir=shm) as sums:
         with open(os.path.join(sums, shared_sum.SMALL), 'wb') as f:
             f.truncate(shared_sum.file_size(processes))
-        return _run(cmd, processes, threads, sums)
+        return _run(cmd, processes, threads, sums, stdin)
 
 
-def _run(cmd: List[str], processes: int, threads: int, sums: str) -> int:
+def _run(cmd: List[str], processes: int, threads: int, sums: str, stdin: bytes) -> int:
     ports = _free_ports(processes + 1)
     children: List[subprocess.Popen] = []
     logs: List[Optional[IO[str]]] = []
@@ -106,7 +106,13 @@ def _run(cmd: List[str], processes: int, threads: int, sums: str) -> int:
         logs.append(out)
         env = job_environment(rank, processes, threads, ports)
         env[shared_sum.ENV] = sums
-        children.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=out))
+        child = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=out, stderr=out)
+        children.append(child)
+        try:
+            child.stdin.write(stdin)  # type: ignore[union-attr]
+            child.stdin.close()  # type: ignore[union-attr]
+        except BrokenPipeError:  # it died at start: _wait reports its exit code
+            pass
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
