@@ -185,7 +185,7 @@ def _two_processes(target, folder):
 
 def _sum_in_process(folder, rank, queue):
     from segslim.train import shared_sum
-    os.environ[shared_sum.ENV] = folder
+    os.environ[shared_sum.ENV] = os.path.join(folder, '')  # the files' prefix
     shared_sum._SUMS.clear()  # a forked copy of this process's
     big = shared_sum.local_float32_sum(rank, 2, 10)
     small = shared_sum.local_sum(rank, 2)
@@ -218,7 +218,7 @@ def test_shared_sums_of_two_processes_agree_bit_for_bit(tmp_path):
 def _average_in_process(folder, rank, queue):
     from segslim._paddle import paddle
     from segslim.train import distributed, shared_sum
-    os.environ[shared_sum.ENV] = folder
+    os.environ[shared_sum.ENV] = os.path.join(folder, '')  # the files' prefix
     shared_sum._SUMS.clear()  # a forked copy of this process's
     distributed.world = lambda: (rank, 2)
     paddle.seed(rank)  # different weights in each process

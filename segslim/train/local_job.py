@@ -9,6 +9,8 @@ alone leave cores idle; processes use them. Each step still reads --batch_size i
 The processes are started the way `paddle.distributed.launch` starts them (the same
 environment variables); the first one writes to this terminal, the others to a log file
 that is shown when one of them fails."""
+import contextlib
+import glob
 import os
 import signal
 import socket
@@ -91,13 +93,20 @@ def run_local_job(cmd: List[str], processes: int, threads: int, stdin: bytes = b
     given `stdin`; returns the job's exit code (the first failure's). The first process
     writes to this terminal; when another fails, the last line it wrote is logged."""
     shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
-    with tempfile.TemporaryDirectory(prefix='segslim-sums-', dir=shm) as sums:
-        with open(os.path.join(sums, shared_sum.SMALL), 'wb') as f:
-            f.truncate(shared_sum.file_size(processes))
-        return _run(cmd, processes, threads, sums, stdin)
+    fd, small = tempfile.mkstemp(prefix='segslim-sums-', suffix='-' + shared_sum.SMALL, dir=shm)
+    prefix = small[:-len(shared_sum.SMALL)]  # the job's shared-sum files all start with it
+    try:
+        os.ftruncate(fd, shared_sum.file_size(processes))
+        os.close(fd)
+        return _run(cmd, processes, threads, prefix, stdin)
+    finally:  # normally unlinked after their first sum already
+        for path in glob.glob(glob.escape(prefix) + '*'):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def _run(cmd: List[str], processes: int, threads: int, sums: str, stdin: bytes) -> int:
+    """`sums`: the path prefix of the job's shared-sum files (shared_sum.ENV)."""
     ports = _free_ports(processes + 1)
     children: List[subprocess.Popen] = []
     logs: List[Optional[IO[str]]] = []

@@ -11,8 +11,10 @@ process gets the same bits. A process cannot be two calls ahead of another (it w
 everyone at each call), so the buffer it overwrites was read by all. x86 keeps stores and
 loads in program order (TSO), which this relies on; other CPUs use gloo.
 
-The job's folder (ENV) holds `small` (float64, SLOT values, made by local_job) and one
-float32 file per gradient size, made by the first process that asks for it."""
+The job's files share one path prefix (ENV): `<prefix>small` (float64, SLOT values, made by
+local_job) and one `<prefix>float32-<size>` per gradient size, made by the first process that
+asks for it. Each is unlinked after its first sum, so a job killed after its first step
+leaves nothing in shared memory."""
 import mmap
 import os
 import platform
@@ -21,7 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-ENV = 'SEGSLIM_SHARED_SUMS'  # the folder, set by local_job for the processes it starts
+ENV = 'SEGSLIM_SHARED_SUMS'  # the path prefix, set by local_job for the processes it starts
 SMALL = 'small'
 SLOT = 1 << 15  # float64 values per buffer of `small`; longer vectors go through gloo
 _HEADER = 8  # bytes: the sequence number
@@ -112,25 +114,25 @@ _SUMS: Dict[str, SharedSum] = {}
 def local_sum(rank: int, processes: int) -> Optional[SharedSum]:
     """This process's SharedSum of small float64 vectors when it runs in a local job on
     x86, else None."""
-    folder = os.environ.get(ENV)
-    if not folder or not available():
+    prefix = os.environ.get(ENV)
+    if not prefix or not available():
         return None
     if SMALL not in _SUMS:
-        _SUMS[SMALL] = SharedSum(os.path.join(folder, SMALL), rank, processes)
+        _SUMS[SMALL] = SharedSum(prefix + SMALL, rank, processes)
     return _SUMS[SMALL]
 
 
 def local_float32_sum(rank: int, processes: int, size: int) -> Optional[SharedSum]:
     """This process's SharedSum of float32 vectors of up to `size` values when it runs in a
-    local job on x86 and the job's folder has room for it, else None. The first process
+    local job on x86 and shared memory has room for it, else None. The first process
     to ask makes the file; it takes memory only as far as it is written (tmpfs)."""
-    folder = os.environ.get(ENV)
-    if not folder or not available():
+    prefix = os.environ.get(ENV)
+    if not prefix or not available():
         return None
     name = f'float32-{size}'
     if name not in _SUMS:
-        path, nbytes = os.path.join(folder, name), file_size(processes, size, np.float32)
-        stat = os.statvfs(folder)
+        path, nbytes = prefix + name, file_size(processes, size, np.float32)
+        stat = os.statvfs(os.path.dirname(path) or '.')
         if stat.f_bavail * stat.f_frsize < 2 * nbytes:
             return None
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
