@@ -309,6 +309,42 @@ def test_onnxruntime_runs_residual_sums_between_quantized_layers_on_uint8(tmp_pa
     assert np.abs(got - expected).max() <= 0.02
 
 
+def test_onnxruntime_runs_a_max_pool_between_quantized_convs_on_uint8(tmp_path):
+    """A MaxPool between quantized convs shares its input's scale and zero point, so
+    onnxruntime runs it as NhwcMaxPool on uint8 between the QLinearConvs, not in float."""
+    rng = np.random.default_rng(0)
+    quants, consts = {}, {}
+    for name, step in (('wa', 0.0005), ('wb', 0.003)):
+        q = rng.integers(-127, 128, (8, 8 if name == 'wb' else 4, 3, 3)).astype(np.int8)
+        quants[name] = WeightQuant(q, np.full(8, step, np.float32), 0)
+        consts[name] = q.astype(np.float32) * step
+    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+             for k, v in consts.items()]
+    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a'], pads=[1, 1, 1, 1]),
+              helper.make_node('Relu', ['a'], ['ra']),
+              helper.make_node('MaxPool', ['ra'], ['p'], kernel_shape=[3, 3], strides=[2, 2],
+                               pads=[1, 1, 1, 1]),
+              helper.make_node('Conv', ['p', 'wb'], ['y'], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 4, 16, 16])], [helper.make_tensor_value_info(
+            'y', onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    # the pool's output carries a smaller step than its input: the region takes the larger
+    scales = qdq.ProgramScales({'wa': 4 / 127, 'wb': 0.5 / 127}, quants)
+    batches = [rng.uniform(-1, 1, (1, 4, 16, 16)).astype(np.float32) for _ in range(2)]
+    expected = run(model, batches[0])
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
+    assert stats['uint8_regions'] == 1
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    got = ort.InferenceSession(quantized.SerializeToString(), so,
+                               providers=['CPUExecutionProvider']).run(None, {'x': batches[0]})[0]
+    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    assert 'NhwcMaxPool' in ops and 'MaxPool' not in ops, ops
+    assert ops.count('QuantizeLinear') == 1 and ops.count('QLinearConv') == 1, ops
+    assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
+
+
 def test_onnx_bad_inputs_are_one_line(fp32_run, exported, tmp_path):
     with pytest.raises(UserError, match='no exported Paddle model'):
         export_onnx(str(tmp_path))
