@@ -197,6 +197,18 @@ def test_batch_norm_folds_exactly_into_int8_weights_with_negative_factors():
     np.testing.assert_allclose(run(g.finish(), x), expected, rtol=1e-4, atol=1e-5)
 
 
+def run_optimized(model, x, tmp_path):
+    """The model's first output on `x` in onnxruntime with every graph optimization, and the
+    op types of the graph onnxruntime runs (its fusions: QLinearConv, QLinearAdd, ...)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
+    session = ort.InferenceSession(model.SerializeToString(), so,
+                                   providers=['CPUExecutionProvider'])
+    got = session.run(None, {'x': x})[0]
+    return got, [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+
+
 def shuffle_model():
     """A ShuffleNet block as paddle2onnx writes it: two conv+relu branches, concat, channel
     shuffle (reshape, transpose, reshape), split; one half into a conv, the other into a
@@ -242,13 +254,7 @@ def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
     expected = run(model, batches[0])
     quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
     assert stats['uint8_regions'] >= 1 and stats['int8_convs'] == 4
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
-    session = ort.InferenceSession(quantized.SerializeToString(), so,
-                                   providers=['CPUExecutionProvider'])
-    got = session.run(None, {'x': batches[0]})[0]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    got, ops = run_optimized(quantized, batches[0], tmp_path)
     assert ops.count('QLinearConcat') == 2 and 'Concat' not in ops, ops
     # the last conv writes the float output: its input and weight are dequantized for it
     assert ops.count('QLinearConv') == 3 and ops.count('Conv') == 1, ops
@@ -297,13 +303,7 @@ def test_onnxruntime_runs_residual_sums_between_quantized_layers_on_uint8(tmp_pa
     shape_reads = {n.input[0] for n in quantized.graph.node if n.op_type == 'Shape'}
     producer = {o: n.op_type for n in quantized.graph.node for o in n.output}
     assert [producer[t] for t in shape_reads] == ['QuantizeLinear']
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
-    session = ort.InferenceSession(quantized.SerializeToString(), so,
-                                   providers=['CPUExecutionProvider'])
-    got = session.run(None, {'x': batches[0]})[0]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    got, ops = run_optimized(quantized, batches[0], tmp_path)
     assert ops.count('QLinearAdd') == 1 and ops.count('Add') == 1, ops
     assert 'Relu' not in ops and ops.count('QLinearConv') == 3, ops
     assert np.abs(got - expected).max() <= 0.02
@@ -335,11 +335,7 @@ def test_onnxruntime_runs_a_max_pool_between_quantized_convs_on_uint8(tmp_path):
     expected = run(model, batches[0])
     quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
     assert stats['uint8_regions'] == 1
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / 'optimized.onnx')
-    got = ort.InferenceSession(quantized.SerializeToString(), so,
-                               providers=['CPUExecutionProvider']).run(None, {'x': batches[0]})[0]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
+    got, ops = run_optimized(quantized, batches[0], tmp_path)
     assert 'NhwcMaxPool' in ops and 'MaxPool' not in ops, ops
     assert ops.count('QuantizeLinear') == 1 and ops.count('QLinearConv') == 1, ops
     assert np.abs(got - expected).max() <= 0.05 * np.abs(expected).max()
