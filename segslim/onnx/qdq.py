@@ -235,8 +235,7 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
     values (_moves_values) and the concats between them, one scale and zero point per
     connected region, so those run on uint8 (QLinearConcat, NhwcMaxPool, uint8 Transpose,
     Reshape, Split) instead of a dequantize, a float op and a quantize."""
-    adds, regions = _uint8_adds(g, producers, layers, steps)
-    outputs = {_layer_output(g, n) for n, _, _ in layers} | {_layer_output(g, a) for a in adds}
+    adds, regions, outputs = _uint8_adds(g, producers, layers, steps)
     in_region = {t for members in regions.values() for t in members}
     stats['uint8_adds'] = len(adds)
     lone = [t for t in sorted(outputs)
@@ -274,22 +273,24 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
 
 def _uint8_adds(g: Graph, producers: Dict[str, 'NodeProto'],
                 layers: List[Tuple[Any, WeightQuant, float]], steps: Dict[str, float]
-                ) -> Tuple[List[Any], Dict[str, List[str]]]:
-    """The Adds of two tensors that onnxruntime can run as QLinearAdd, and the uint8 regions
-    with them: an Add qualifies when each input is quantized (a layer's input or output, a
-    region's member or a qualifying Add's output) and its output (or its Relu's, which the
+                ) -> Tuple[List[Any], Dict[str, List[str]], Set[str]]:
+    """The Adds of two tensors that onnxruntime can run as QLinearAdd, the uint8 regions with
+    them, and the outputs (after a Relu) of the layers and those Adds: an Add qualifies when
+    each input is quantized (a layer's input or output, a region's member or a qualifying
+    Add's output) and its output (or its Relu's, which the
     zero point 0 folds away) is quantized anyway (a layer reads it) or read by quantized ops
     only, so uint8 flows through it; residual sums that only float ops read (SegFormer's
     layer norms) stay float. Found as a fixed point: dropping one Add can disqualify the ops
     around it."""
     layer_ids = {id(n) for n, _, _ in layers}
     layer_outputs = {_layer_output(g, n) for n, _, _ in layers}
-    adds = [n for n in g.nodes if n.op_type == 'Add' and len(n.input) == 2 and
-            not any(i in g.inits for i in n.input)]
+    candidates = {_layer_output(g, n): n for n in g.nodes if n.op_type == 'Add' and
+                  len(n.input) == 2 and not any(i in g.inits for i in n.input)}
+    adds = list(candidates.values())
     readers = g.readers()
     while True:
         ids = layer_ids | {id(a) for a in adds}
-        add_outputs = {_layer_output(g, a): a for a in adds}
+        add_outputs = {out: a for out, a in candidates.items() if id(a) in ids}
         regions = _moving_regions(g, producers, ids, layer_outputs | set(add_outputs), steps)
         members = {t for m in regions.values() for t in m}
         quantized = layer_outputs | set(add_outputs) | set(steps) | members
@@ -299,7 +300,7 @@ def _uint8_adds(g: Graph, producers: Dict[str, 'NodeProto'],
                     id(u) in ids or u.op_type == 'Shape' or (u.output and u.output[0] in members)
                     for u in readers.get(out, [])))]
         if len(kept) == len(adds):
-            return adds, regions
+            return adds, regions, layer_outputs | set(add_outputs)
         adds = kept
 
 
