@@ -32,8 +32,8 @@ def _serve(conn: Any, fn: Callable[[Any, Any], Any], dataset: Any) -> None:
             reply = (False, exc)
         try:
             conn.send(reply)
-        except (BrokenPipeError, EOFError):
-            return
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the caller closed its end: it stops reading
         except Exception as exc:  # noqa: BLE001 - a result or exception that cannot pickle
             conn.send((False, RuntimeError(f'a loader worker could not send its result for '
                                            f'item {item!r}: {exc}')))
@@ -69,10 +69,10 @@ def ordered_map(fn: Callable[[Any, Any], Any], items: Iterable[Any], dataset: An
         for item in itertools.islice(items, _AHEAD * num_workers):
             _send(workers[sent % num_workers][1], item)
             sent += 1
-        for done in itertools.count():
-            if done == sent:
-                return
+        done = 0
+        while done < sent:
             proc, conn = workers[done % num_workers]
+            done += 1
             try:
                 ok, result = conn.recv()
             except (EOFError, OSError):

@@ -277,11 +277,10 @@ def _uint8_adds(g: Graph, producers: Dict[str, 'NodeProto'],
     """The Adds of two tensors that onnxruntime can run as QLinearAdd, the uint8 regions with
     them, and the outputs (after a Relu) of the layers and those Adds: an Add qualifies when
     each input is quantized (a layer's input or output, a region's member or a qualifying
-    Add's output) and its output (or its Relu's, which the
-    zero point 0 folds away) is quantized anyway (a layer reads it) or read by quantized ops
-    only, so uint8 flows through it; residual sums that only float ops read (SegFormer's
-    layer norms) stay float. Found as a fixed point: dropping one Add can disqualify the ops
-    around it."""
+    Add's output) and its output (or its Relu's, which the zero point 0 folds away) is
+    quantized anyway (a layer reads it) or read by quantized ops only, so uint8 flows through
+    it; residual sums that only float ops read (SegFormer's layer norms) stay float. Found as
+    a fixed point: dropping one Add can disqualify the ops around it."""
     layer_ids = {id(n) for n, _, _ in layers}
     layer_outputs = {_layer_output(g, n) for n, _, _ in layers}
     candidates = {_layer_output(g, n): n for n in g.nodes if n.op_type == 'Add' and
