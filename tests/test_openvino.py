@@ -164,10 +164,71 @@ def test_channel_topk_runs_planar_with_the_same_answers(exported):
         assert got[i].shape == want[i].shape == (2, 2, 7, 9)
         np.testing.assert_array_equal(got[i], want[i])
     assert (want[1][:, 0] == data.argmax(1)).all()
-    # the export's argmax head is rewritten when the engine loads it
+    # the export's argmax head is rewritten when the engine loads it, its resize included
     pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
                                                             precision='int8', cpu_threads=2))
     assert pred.planar_topk == 1
+    assert _interpolate_ranks(pred.model) and set(_interpolate_ranks(pred.model)[-1:]) == {3}
+
+
+def _interpolate_ranks(model):
+    return [op.get_input_partial_shape(0).rank.get_length() for op in model.get_ordered_ops()
+            if op.get_type_name() == 'Interpolate']
+
+
+def _resize_head(classes=3, mode='linear_onnx', axes=False, pads=0, also_read=False):
+    """x (N, classes, h, w) -> resize to 2h x 3w as the Paddle converter writes it (v4, sizes
+    and scales over all four axes) or with axes [2, 3] (v11) -> TopK k=1 over the classes."""
+    import openvino.opset13 as ops
+    from openvino.utils.node_factory import NodeFactory
+    x = ops.parameter([-1, classes, -1, -1], np.float32)
+    shape = ops.shape_of(x, 'i64')
+    hw = ops.multiply(ops.gather(shape, ops.constant(np.array([2, 3], np.int64)), 0),
+                      ops.constant(np.array([2, 3], np.int64)))
+    if axes:
+        up = ops.interpolate(x, hw, mode, 'sizes', [pads] * 4, [0] * 4, 'half_pixel',
+                             axes=ops.constant(np.array([2, 3], np.int64)))
+    else:
+        sizes = ops.concat([ops.gather(shape, ops.constant(np.array([0, 1], np.int64)), 0),
+                            hw], 0)
+        scales = ops.constant(np.array([1, 1, 2, 3], np.float32))
+        inputs = [v.output(0) for v in (x, sizes, scales)]
+        up = NodeFactory('opset4').create('Interpolate', inputs, {
+            'mode': mode, 'shape_calculation_mode': 'sizes', 'pads_begin': [pads] * 4,
+            'pads_end': [0] * 4, 'coordinate_transformation_mode': 'half_pixel',
+            'nearest_mode': 'round_prefer_floor', 'antialias': False, 'cube_coeff': -0.75})
+    top = ops.topk(up, ops.constant(np.array(1, np.int64)), 1, 'max', 'index', 'i32')
+    results = [ops.result(top.output(1))]
+    if also_read:
+        results.append(ops.result(ops.relu(up)))
+    return ov.Model(results, [x])
+
+
+@pytest.mark.parametrize('mode', ['linear_onnx', 'nearest', 'cubic'])
+@pytest.mark.parametrize('axes', [False, True])
+def test_resize_before_channel_topk_runs_planar_with_the_same_labels(mode, axes):
+    from segslim.deploy.openvino_graph import planar_channel_topk
+    rng = np.random.default_rng(1)
+    data = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
+    data[:, :, :2] = rng.integers(0, 2, (2, 3, 2, 7))  # ties
+    core = ov.Core()
+    model = _resize_head(mode=mode, axes=axes)
+    assert planar_channel_topk(model, 16) == 1
+    assert _interpolate_ranks(model) == [3]
+    got = core.compile_model(model, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})({0: data})[0]
+    want = core.compile_model(_resize_head(mode=mode, axes=axes), 'CPU',
+                              {'INFERENCE_PRECISION_HINT': 'f32'})({0: data})[0]
+    assert got.shape == want.shape == (2, 1, 10, 21)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_resize_read_elsewhere_or_padded_keeps_its_layout():
+    from segslim.deploy.openvino_graph import planar_channel_topk
+    for model in (_resize_head(also_read=True), _resize_head(pads=1)):
+        assert planar_channel_topk(model, 16) == 1  # the TopK still runs planar
+        assert _interpolate_ranks(model) == [4]
+    model = _resize_head(classes=19)
+    assert planar_channel_topk(model, 16) == 0 and _interpolate_ranks(model) == [4]
 
 
 def _fq(x, low, high):
