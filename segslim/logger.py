@@ -4,7 +4,7 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Any, Iterable, Optional, TypeVar
+from typing import Any, Iterable, List, Optional, Tuple, TypeVar
 
 T = TypeVar('T')
 
@@ -40,7 +40,7 @@ def progress_bar(total: int, desc: str) -> Any:
 @contextlib.contextmanager
 def quiet_native_output(enabled: bool = True):
     """Silences what native code prints to stdout/stderr (oneDNN passes, PaddleSlim PTQ,
-    paddle2onnx) unless SEGSLIM_DEBUG is set."""
+    paddle2onnx) unless SEGSLIM_DEBUG is set; the package's own log lines still show."""
     if os.environ.get('SEGSLIM_DEBUG') or not enabled:
         yield
         return
@@ -48,12 +48,34 @@ def quiet_native_output(enabled: bool = True):
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
     devnull = os.open(os.devnull, os.O_WRONLY)
+    kept = _log_to_copies(saved)
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         yield
     finally:
+        for handler, stream, copy in kept:
+            handler.setStream(stream)
+            copy.close()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for fd in saved + [devnull]:
             os.close(fd)
+
+
+def _log_to_copies(saved: List[int]) -> List[Tuple[logging.StreamHandler, Any, Any]]:
+    """Points the package's handlers that write to fd 1 or 2 at copies of those fds (taken
+    before they are silenced); returns (handler, its stream, the copy) to undo it."""
+    kept = []
+    for handler in logger.handlers:
+        if not isinstance(handler, logging.StreamHandler):
+            continue
+        try:
+            fd = handler.stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            continue
+        if fd in (1, 2):
+            handler.flush()
+            copy = os.fdopen(os.dup(saved[fd - 1]), 'w')
+            kept.append((handler, handler.setStream(copy), copy))
+    return kept

@@ -22,6 +22,10 @@ TIMING_SHAPE = (1, 3, 512, 512)
 # Images that calibrate activation scales (ptq.py --batch_nums, analysis.py and
 # auto_quant.py --calib_images).
 CALIBRATION_IMAGES = 32
+# Passes over the calibration images per region of reconstruction PTQ in auto_quant.py and
+# the comparison (PaddleSlim's default of 20 is sized for a GPU; each pass runs the FP32 and
+# INT8 model on every image).
+RECON_EPOCHS = 2
 # PTQ weight rounding (ptq.py --round_type): to nearest (the default) or AdaRound.
 ROUND_TYPES = ('round', 'adaround')
 # Reconstruction PTQ (ptq.py --recon): PaddleSlim's quant_recon_static at each level.

@@ -157,6 +157,8 @@ def test_reconstruction_ptq_learns_its_own_rounding_of_the_same_int8_grid(export
         proc = run_cli('slim/quant/ptq.py', *common, '--save_dir', tmp_path / name, *extra,
                        *opts)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    # its progress, region after region (one layer each at this level)
+    assert 'Reconstruction: 3 of 3 regions learned' in proc.stdout + proc.stderr
     deploy = yaml.safe_load(open(tmp_path / 'recon' / 'deploy.yaml'))['Deploy']
     assert deploy['calibration']['rounding'] == 'recon-layer'
     nearest, recon = inference_weights(tmp_path / 'nearest'), inference_weights(tmp_path / 'recon')

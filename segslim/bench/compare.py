@@ -18,10 +18,9 @@ from segslim.deploy.results import BenchReport, BenchRow, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json
 from segslim.logger import logger
+from segslim.options import RECON_EPOCHS
 
 TIMES = 'times.json'
-# what auto-quant's reconstruction step runs (segslim.cli.auto_quant.RECON_EPOCHS)
-RECON_EPOCHS = 2
 
 Given = Dict[str, object]
 

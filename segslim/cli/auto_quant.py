@@ -36,15 +36,17 @@ from segslim.deploy.results import BenchRow, Precision, within_bound
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.modeldir import update_deploy
-from segslim.options import CALIBRATION_IMAGES, TIMING_SHAPE, check_max_miou_drop
+from segslim.options import (
+    CALIBRATION_IMAGES,
+    RECON_EPOCHS,
+    TIMING_SHAPE,
+    check_max_miou_drop,
+)
 
 STATE = 'auto_quant.json'
 # A skip set that leaves the model less than this much faster than FP32 on the engines where
 # it meets the bound does not end the search: QAT is tried next.
 MIN_SPEEDUP = 1.1
-# Passes over the calibration images per region of reconstruction PTQ (PaddleSlim's default
-# of 20 is sized for a GPU; each pass runs the FP32 and INT8 model on every image).
-RECON_EPOCHS = 2
 # Evaluations (and checkpoints) per QAT round: where the best checkpoint can come from.
 QAT_EVALS_PER_ROUND = 5
 

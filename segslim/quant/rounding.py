@@ -13,11 +13,13 @@ BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with tw
   `sigmoid_0.tmp_0` ("created before ... not matched" from the second layer on)."""
 import os
 import sys
+import time
 from typing import Any, Dict
 
 import numpy as np
 
 from segslim._paddle import paddle
+from segslim.logger import logger
 from segslim.options import RECON_LEVELS, Rounding
 from segslim.program import drop_inference_dropout
 
@@ -114,6 +116,7 @@ def _region_by_region(base: Any) -> Any:
 
         def _run(self) -> Any:
             self._preprocess()
+            began = time.monotonic()
             for k, (start, end) in enumerate(self._regions):
                 program, startup = self._student_program.clone(), paddle.static.Program()
                 block = program.global_block()
@@ -131,6 +134,7 @@ def _region_by_region(base: Any) -> Any:
                         self._exe.run(program, feed=data, fetch_list=[total.name])
                         if i + 1 == self._num_iterations:
                             break
+                _log_region(k + 1, len(self._regions), time.monotonic() - began)
             if self._weight_quantize_type == 'channel_wise_abs_max':
                 self._update_scale()
             self._update_weights_to_int()
@@ -138,3 +142,10 @@ def _region_by_region(base: Any) -> Any:
                 self._bias_correction_w()
             return self._program, self._scale_dict
     return RegionByRegion
+
+
+def _log_region(done: int, total: int, seconds: float) -> None:
+    """Reconstruction's progress: a deep model takes many minutes, region after region."""
+    if done == total or done % max(1, total // 10) == 0:
+        logger.info('Reconstruction: %d of %d regions learned in %.0f s (about %.0f s to go)',
+                    done, total, seconds, seconds / done * (total - done))
