@@ -1,12 +1,14 @@
 """Weights rounded by learning on calibration images: AdaRound (quant_post_static's
 round_type='adaround') and reconstruction PTQ (quant_recon_static: AdaRound layer by layer,
-BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with two changes:
+BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with these changes:
 - the learned INT8 weights are saved as learned: the ONNX-format save quantizes weights from
   float, and would quantize the learned INT8 values a second time (nearly every weight
   saturated to -128 or 127);
 - reconstruction learns each layer/region on its own copy of the program, in order, instead
   of adding every region's training ops to one program that then runs all of them at every
-  step (time quadratic in the number of layers);
+  step (time quadratic in the number of layers); each step runs only the ops that region's
+  loss and its update need (the executor's pruning: half the time on a 64-layer BiSeNetV2, the
+  same learned weights), not the rest of the student and teacher networks;
 - each layer's rounding ops are built in a scratch program that names its variables from the
   model program's counter: PaddleSlim copies them into the model program by name, and Paddle 3
   counts names per program, so every scratch program would name its sigmoid
@@ -120,6 +122,9 @@ def _region_by_region(base: Any) -> Any:
             for k, (start, end) in enumerate(self._regions):
                 program, startup = self._student_program.clone(), paddle.static.Program()
                 block = program.global_block()
+                for i in reversed(range(len(block.ops))):  # the executor prunes no fetch op
+                    if block.ops[i].type == 'fetch':
+                        block._remove_op(i)
                 block.var(start).stop_gradient = True
                 names = self._region_weights_names[k]
                 loss = ReconstructionQuanterLoss(program=program, weight_region_names=names)
@@ -131,7 +136,8 @@ def _region_by_region(base: Any) -> Any:
                 self._exe.run(startup)
                 for _ in range(self._epochs):
                     for i, data in enumerate(self._data_loader()):
-                        self._exe.run(program, feed=data, fetch_list=[total.name])
+                        self._exe.run(program, feed=data, fetch_list=[total.name],
+                                      use_prune=True)
                         if i + 1 == self._num_iterations:
                             break
                 _log_region(k + 1, len(self._regions), time.monotonic() - began)
