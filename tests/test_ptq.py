@@ -170,6 +170,30 @@ def test_reconstruction_ptq_learns_its_own_rounding_of_the_same_int8_grid(export
     assert 0 < np.count_nonzero(diff) < 0.05 * diff.size and diff.max() == 1
 
 
+def test_region_search_sees_the_graph_as_paddleslim_does(exported):
+    """Regions are searched on an index of producers and consumers: every op's pre_ops and
+    next_ops are PaddleSlim's lists (order and repeats), and the search ends in regions."""
+    import paddle
+    from paddleslim.quant.reconstruction_quantization import RegionBuilder
+
+    from segslim.quant.rounding import _indexed_regions
+    paddle.enable_static()
+    try:
+        program = paddle.static.load_inference_model(
+            os.path.join(exported['fp32'], 'model'), paddle.static.Executor(paddle.CPUPlace()))[0]
+        plain, indexed = RegionBuilder(program), _indexed_regions(RegionBuilder)(program)
+        ops = plain._graph.ops()
+        assert len(ops) > 100
+        for ask in ('pre_ops', 'next_ops'):
+            for op in ops:
+                assert [o.idx() for o in getattr(indexed._graph, ask)(op)] == \
+                    [o.idx() for o in getattr(plain._graph, ask)(op)], (ask, op.type())
+        regions, weights = indexed._create_regions(limit=6)
+        assert len(regions) == len(weights) > 10
+    finally:
+        paddle.disable_static()
+
+
 @pytest.mark.parametrize('flags, words', [
     (['--qdrop'], ('--qdrop', '--recon')),
     (['--recon', 'layer', '--round_type', 'adaround'], ('--round_type',)),
