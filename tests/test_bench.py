@@ -127,6 +127,29 @@ def test_summary_puts_each_model_against_the_ceiling():
     assert has_row(text, 'a', 'OpenVINO 1000.0', 'OpenVINO 3000.0', '3.00x', '94%')
 
 
+def test_ratios_pair_the_turns_of_one_run():
+    from segslim.deploy.results import Ceiling, int8_vs_best_unquantized, paired_ratio
+    # the second turn ran slow for both rows: their medians say 3 / 2.0, each turn 2.0
+    ours = [1.0, 3.0, 1.0]
+    peer = [2.0, 6.0, 2.0]
+    assert paired_ratio(peer, ours) == 2.0 and paired_ratio([2.0, 6.0], [1.0]) == 4.0
+    rows = [make_row('fp32', 'fp32', 4.0, backend='openvino'),
+            make_row('int8', 'int8', 1.0, backend='openvino', int8_convs=4),
+            make_row('nncf', 'int8', 3.0, backend='openvino', int8_convs=4)]
+    rows[0].samples_s = [4.0, 4.0, 2.0]
+    rows[1].samples_s, rows[2].samples_s = ours, [1.5, 6.0, 3.0]
+    rows[2].peer = 'nncf_openvino'
+    report = make_report(rows)
+    assert report.gain().gain == 2.0  # per turn 4, 1.33, 2
+    (peer_result,) = report.peers()
+    # per turn 1.5, 2, 3 (the medians: 3.0 / 1.0)
+    assert peer_result.vs_ours == 2.0 and report.peers_json()['peers']['nncf_openvino_s'] == 3.0
+    probe = Ceiling('openvino', 2.0, 0.5, 1.0, '5/5 convs INT8', fp32_samples=(2.0, 4.0, 2.0),
+                    int8_samples=(0.5, 2.0, 0.5), bf16_samples=(1.0, 1.0, 1.0))
+    assert (probe.int8_x, probe.bf16_x) == (4.0, 2.0)
+    assert int8_vs_best_unquantized({'openvino': probe}) == 2.0  # bf16 over INT8 per turn
+
+
 def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, monkeypatch):
     from segslim.bench import models
     from segslim.bench.parts import clear_parts

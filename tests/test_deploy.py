@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import yaml
 from conftest import INSTANT, data_opts, run_cli, run_command, table_rows
 from PIL import Image
@@ -13,7 +14,7 @@ from segslim.options import EngineOptions
 
 ROW_FIELDS = ('model_dir', 'precision', 'miou', 'class_iou', 's_per_img', 'p90_s', 'speedup',
               'params_mb', 'pixel_agreement', 'int8_conv_ops', 'conv_ops', 'fallback',
-              'engine_fp32_convs')
+              'engine_fp32_convs', 'samples_s')
 
 
 def test_benchmark_json_has_every_field(exported, tmp_path):
@@ -32,6 +33,7 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
             assert key in row, key
         assert 0 <= row['miou'] <= 1 and len(row['class_iou']) == 2
         assert row['s_per_img'] > 0 and row['p90_s'] >= row['s_per_img']
+        assert len(row['samples_s']) == 3 and np.median(row['samples_s']) == row['s_per_img']
     assert rows[0]['speedup'] == 1.0 and rows[0]['pixel_agreement'] == 1.0
     int8 = rows[-1]
     assert int8['int8_conv_ops'] + int8['engine_fp32_convs'] == int8['conv_ops'] > 0
@@ -60,12 +62,15 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     ceiling = report['ceiling']
     assert set(ceiling) == {'paddle', 'int8_vs_best_unquantized'}
     assert ceiling['paddle']['int8_x'] > 0 and ceiling['paddle']['fp32_s'] > 0
-    assert int8['speedup_vs_engine_fp32'] == rows[0]['s_per_img'] / int8['s_per_img']
+    # ratios are the median of the turns' ratios
+    assert int8['speedup_vs_engine_fp32'] == pytest.approx(np.median(
+        np.divide(rows[0]['samples_s'], int8['samples_s'])))
     assert int8['of_ceiling'] == int8['speedup_vs_engine_fp32'] / ceiling['paddle']['int8_x']
     assert report['best_int8_engine'] == 'paddle' and report['best_unquantized_engine'] == \
         'paddle'
-    assert report['gain'] == min(r['s_per_img'] for r in rows if r['precision'] != 'int8') / \
-        int8['s_per_img']
+    base = min((r for r in rows if r['precision'] != 'int8'), key=lambda r: r['s_per_img'])
+    assert report['gain'] == pytest.approx(np.median(np.divide(base['samples_s'],
+                                                               int8['samples_s'])))
     assert report['gain_of_ceiling'] == report['gain'] / ceiling['int8_vs_best_unquantized']
     assert 'CPU ceiling (segslim.bench.ceiling' in proc.stdout and 'Gain: best INT8' in proc.stdout
     # what ran it: the stack in the report, the engine in every row, the writer in deploy.yaml
@@ -216,11 +221,38 @@ def test_timing_runs_engine_after_engine_with_a_pause_between(monkeypatch):
 
     monkeypatch.setattr(bench_mod.time, 'sleep', lambda s: events.append(f'sleep {s}'))
     preds = [Fake('paddle', 'p1'), Fake('openvino', 'o1'), Fake('paddle', 'p2')]
-    times = bench_mod.time_interleaved(preds, np.zeros(1), warmup=1, repeats=2)
+    times = bench_mod.time_interleaved(preds, np.zeros(1), warmup=1, repeats=2,
+                                       min_sample_s=0)
     assert [len(t) for t in times] == [2, 2, 2]
     pause = f'sleep {bench_mod.SETTLE_S}'
     turn = [pause, 'p1', 'p1', 'p2', 'p2', pause, 'o1', 'o1']
     assert events == ['p1', 'o1', 'p2'] + turn + turn
     events.clear()
-    bench_mod.time_interleaved(preds[:1], np.zeros(1), warmup=0, repeats=1)
+    bench_mod.time_interleaved(preds[:1], np.zeros(1), warmup=0, repeats=1, min_sample_s=0)
     assert events == ['p1', 'p1']  # one engine: nothing to wait for
+
+
+def test_a_timed_sample_is_the_mean_of_the_runs_that_fill_its_minimum(monkeypatch):
+    from segslim.deploy import benchmark as bench_mod
+    clock = [0.0]
+
+    class Fake:
+        backend = 'paddle'
+
+        def __init__(self, costs):
+            self.costs, self.runs = iter(costs), 0
+
+        def run(self, batch):
+            self.runs += 1
+            clock[0] += next(self.costs)
+
+    monkeypatch.setattr(bench_mod.time, 'perf_counter', lambda: clock[0])
+    # 20 ms runs: the untimed run, then 5 runs fill 0.1 s; one 60 ms hiccup among them
+    light = Fake([0.02, 0.02, 0.02, 0.06, 0.02, 0.02])
+    heavy = Fake([0.5, 0.5])  # longer than the minimum: one run per sample
+    times = bench_mod.time_interleaved([light, heavy], np.zeros(1), warmup=0, repeats=1)
+    assert times[0] == [pytest.approx(0.028)] and light.runs == 6
+    assert times[1] == [pytest.approx(0.5)] and heavy.runs == 2
+    tiny = Fake([1e-6] * 1000)
+    bench_mod.time_interleaved([tiny], np.zeros(1), warmup=0, repeats=1)
+    assert tiny.runs == 1 + bench_mod.MAX_SAMPLE_RUNS

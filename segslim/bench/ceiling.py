@@ -83,11 +83,14 @@ def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
             if with_bf16:
                 preds.append(create_predictor(dirs['fp32'],
                                               dataclasses.replace(base, precision='bf16')))
-            times = [float(np.median(t)) for t in time_interleaved(preds, batch, 2, repeats)]
+            turns = [tuple(t) for t in time_interleaved(preds, batch, 2, repeats)]
+            times = [float(np.median(t)) for t in turns]
             int8 = preds[1]
             ran = f'{int8.ops.int8_conv_ops}/{int8.ops.conv_ops} convs INT8'
             out[backend] = Ceiling(backend, times[0], times[1] if int8.int8_ran else None,
-                                   times[2] if with_bf16 else None, ran)
+                                   times[2] if with_bf16 else None, ran, fp32_samples=turns[0],
+                                   int8_samples=turns[1] if int8.int8_ran else (),
+                                   bf16_samples=turns[2] if with_bf16 else ())
             logger.info('CPU ceiling on %s (%d 3x3 convs, %d channels, %dx%d, %d threads): '
                         'INT8 %s, bf16 %s of FP32 (%s)', BACKENDS[backend].label, CONVS,
                         CHANNELS, SIDE, SIDE, opts.cpu_threads, _x(out[backend].int8_x),

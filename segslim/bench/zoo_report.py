@@ -8,11 +8,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from segslim.bench.peers import PEERS
-from segslim.deploy.benchmark import SETTLE_S
+from segslim.deploy.benchmark import MIN_SAMPLE_S, SETTLE_S
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile
 from segslim.deploy.report import format_report, markdown_table
-from segslim.deploy.results import PEER_LABELS, BenchReport, Gain
+from segslim.deploy.results import PEER_LABELS, BenchReport, Gain, row_ratio
 from segslim.fileio import write_json, write_text
 
 
@@ -44,7 +44,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             row.update({f'openvino_{p}_s': r.s_per_img if r else None for p, r in ov.items()})
             ov_int8, ov_bf16 = ov['int8'], ov['bf16']
             row['openvino_speedup'] = ov_int8.speedup if ov_int8 else None
-            row['openvino_speedup_vs_bf16'] = ov_bf16.s_per_img / ov_int8.s_per_img \
+            row['openvino_speedup_vs_bf16'] = row_ratio(ov_bf16, ov_int8) \
                 if ov_int8 and ov_bf16 else None
             row['openvino_int8_ops'] = ov_int8.ops.int8_ops if ov_int8 else None
             # the same INT8 model with its unquantized ops in bf16 (bf16 CPUs)
@@ -54,7 +54,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
         if ort_fp32 and ort_int8:
             row.update(
                 onnxruntime_fp32_s=ort_fp32.s_per_img, onnxruntime_int8_s=ort_int8.s_per_img,
-                onnxruntime_speedup=ort_fp32.s_per_img / ort_int8.s_per_img,
+                onnxruntime_speedup=row_ratio(ort_fp32, ort_int8),
                 onnxruntime_int8_conv_ops=ort_int8.ops.int8_conv_ops,
                 onnxruntime_conv_ops=ort_int8.ops.conv_ops)
         ops = int8.ops if int8 else None
@@ -64,7 +64,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'int8_s': int8.s_per_img if int8 else None,
             'speedup': int8.speedup if int8 else None,
             # against the same engine's bf16 (the rows' own column is against the best bf16)
-            'speedup_vs_bf16': bf16.s_per_img / int8.s_per_img if int8 and bf16 else None,
+            'speedup_vs_bf16': row_ratio(bf16, int8) if int8 and bf16 else None,
             'int8_ops': ops.int8_ops if ops else None,
             'quantizable_ops': ops.quantizable_ops if ops else None,
             'int8_conv_ops': ops.int8_conv_ops if ops else None,
@@ -116,7 +116,9 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
              'Written by `make bench` (`tools/bench_models.py`) on {}. CPU: {} ({}), {} threads, '
              'batch 1; median of {} turns after {} warm-up runs, all rows of a model in one '
              f'process: in each turn the engines one after another with a {SETTLE_S} s pause '
-             'between them, each timed run after an untimed one of the same model. Input '
+             'between them, each timed sample after an untimed run of the same model and the '
+             f'mean of as many runs as fill {MIN_SAMPLE_S} s; every ratio (speed-ups, gains, '
+             'ours against a peer) is the median of the per-turn ratios. Input '
              '1x3x512x1024 for the ResNet50_vd OS8 '
              'Cityscapes models, else square (see each row). Weights are random (latency does not '
              'depend on them); INT8 activation scales come from a few generated images; each '

@@ -29,10 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from segslim.deploy.engines import importable
-from segslim.deploy.results import BenchRow, Precision, within_bound
+from segslim.deploy.results import BenchRow, Precision, paired_ratio, within_bound
 from segslim.fileio import write_json, write_text
 from segslim.logger import logger
 from segslim.modeldir import update_deploy
@@ -168,7 +166,7 @@ class Steps:
                  for d, p in ((fp32_dir, 'fp32'), (model_dir, 'int8'))]
         times = time_interleaved(preds, timing_batch(preds[0], self.val_set(), self.shape),
                                  warmup=2, repeats=5)
-        return float(np.median(times[0]) / np.median(times[1]))
+        return paired_ratio(times[0], times[1])
 
     def bench(self, model_dirs: Sequence[str]) -> List[BenchRow]:
         """benchmark.py's rows for the candidates (first: the FP32 export)."""

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import numpy as np
 
+from segslim.deploy.results import paired_ratio
 from segslim.fileio import write_json
 from segslim.logger import logger
 
@@ -153,9 +154,8 @@ def _paired(first: Callable[[], object], second: Callable[[], object]) -> Paired
             tic = time.perf_counter()
             run()
             times[i].append(time.perf_counter() - tic)
-    a, b = (np.asarray(t) for t in times)
-    return Paired(float(np.percentile(a, 25)), float(np.percentile(b, 25)),
-                  float(np.median(b / a)))
+    return Paired(float(np.percentile(times[0], 25)), float(np.percentile(times[1], 25)),
+                  paired_ratio(times[1], times[0]))
 
 
 def choose_float_kinds(present: Sequence[str],

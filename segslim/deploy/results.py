@@ -8,6 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 JsonValue = object
 
 
@@ -141,6 +143,8 @@ class BenchRow:
     # generated timing images
     sample_agreement: Optional[float] = None
     engine_version: Optional[str] = None  # 'paddlepaddle 2.6.2': what ran the row
+    # seconds per image of each timed turn, in turn order (s_per_img is their median)
+    samples_s: List[float] = field(default_factory=list)
 
     @property
     def int8(self) -> bool:
@@ -167,6 +171,7 @@ class BenchRow:
             'model_dir': self.model_dir, 'precision': self.precision.value,
             'precision_note': self.precision_note, 'backend': self.backend,
             's_per_img': self.s_per_img, 'p90_s': self.p90_s, 'params_mb': self.params_mb,
+            'samples_s': list(self.samples_s),
             'fallback': self.fallback, 'engine_fp32_convs': self.engine_fp32_convs,
             'passes': {'appended': list(self.passes.appended),
                        'deleted': list(self.passes.deleted)} if self.passes else None}
@@ -185,6 +190,22 @@ class BenchRow:
     def agreement(self) -> Optional[float]:
         """Pixel agreement with the first row: on the val set, else on generated images."""
         return self.accuracy.pixel_agreement if self.accuracy else self.sample_agreement
+
+
+def paired_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
+    """How many times longer `slow` takes than `fast`, from times of the same turns: the
+    median of the per-turn ratios, so that a turn the machine slowed down for both counts
+    once instead of moving one median (on a shared 2-core VM the medians of five turns of
+    one model moved by 30 % between runs while the paired ratio moved by 4 %). Without
+    turns to pair, the ratio of the medians."""
+    if slow and len(slow) == len(fast):
+        return float(np.median(np.asarray(slow) / np.asarray(fast)))
+    return float(np.median(slow) / np.median(fast))
+
+
+def row_ratio(slow: BenchRow, fast: BenchRow) -> float:
+    """paired_ratio of two rows of one timing run (their s_per_img without samples)."""
+    return paired_ratio(slow.samples_s or [slow.s_per_img], fast.samples_s or [fast.s_per_img])
 
 
 # The engines' own quantizers a benchmark times beside ours (segslim.bench.peers), by the name
@@ -208,7 +229,7 @@ class PeerResult:
 
     @property
     def vs_ours(self) -> Optional[float]:
-        return self.row.s_per_img / self.ours.s_per_img if self.ours else None
+        return row_ratio(self.row, self.ours) if self.ours else None
 
 
 @dataclass(frozen=True)
@@ -222,7 +243,7 @@ class Gain:
 
     @property
     def gain(self) -> float:
-        return self.best_unquantized.s_per_img / self.best_int8.s_per_img
+        return row_ratio(self.best_unquantized, self.best_int8)
 
     KEYS = ('best_int8_s', 'best_int8_engine', 'best_unquantized_s', 'best_unquantized_engine',
             'best_unquantized_precision', 'gain', 'gain_of_ceiling')
@@ -239,20 +260,29 @@ class Gain:
 @dataclass(frozen=True)
 class Ceiling:
     """One engine's probe: seconds per run in FP32, INT8 (None: the engine ran no conv
-    INT8) and bf16 (None: not run), and what ran (convs INT8 over convs)."""
+    INT8) and bf16 (None: not run), what ran (convs INT8 over convs), and each precision's
+    timed turns (its ratios are paired_ratio's; without turns, ratios of the times)."""
     backend: str
     fp32_s: float
     int8_s: Optional[float]
     bf16_s: Optional[float]
     ran: str
+    fp32_samples: Tuple[float, ...] = ()
+    int8_samples: Tuple[float, ...] = ()
+    bf16_samples: Tuple[float, ...] = ()
+
+    def turns(self, precision: str) -> Sequence[float]:
+        """The timed turns of 'fp32', 'int8' or 'bf16' (its time alone without them)."""
+        samples = getattr(self, f'{precision}_samples')
+        return samples or [getattr(self, f'{precision}_s')]
 
     @property
     def int8_x(self) -> Optional[float]:
-        return self.fp32_s / self.int8_s if self.int8_s else None
+        return paired_ratio(self.turns('fp32'), self.turns('int8')) if self.int8_s else None
 
     @property
     def bf16_x(self) -> Optional[float]:
-        return self.fp32_s / self.bf16_s if self.bf16_s else None
+        return paired_ratio(self.turns('fp32'), self.turns('bf16')) if self.bf16_s else None
 
     def to_json(self) -> Dict[str, JsonValue]:
         return {'int8_x': self.int8_x, 'bf16_x': self.bf16_x, 'fp32_s': self.fp32_s,
@@ -261,13 +291,14 @@ class Ceiling:
 
 def int8_vs_best_unquantized(ceilings: Dict[str, Ceiling]) -> Optional[float]:
     """The probe's fastest unquantized time (FP32 or bf16, any engine) over its fastest INT8
-    time (any engine): the most a model's best INT8 row can gain over its best unquantized
-    row on this CPU."""
-    int8 = [c.int8_s for c in ceilings.values() if c.int8_s]
+    time (any engine), paired by turn: the most a model's best INT8 row can gain over its
+    best unquantized row on this CPU."""
+    int8 = [(c.int8_s, c.turns('int8')) for c in ceilings.values() if c.int8_s]
     if not int8:
         return None
-    unquantized = [t for c in ceilings.values() for t in (c.fp32_s, c.bf16_s) if t]
-    return min(unquantized) / min(int8)
+    unquantized = [(t, c.turns(p)) for c in ceilings.values()
+                   for t, p in ((c.fp32_s, 'fp32'), (c.bf16_s, 'bf16')) if t]
+    return paired_ratio(min(unquantized)[1], min(int8)[1])
 
 
 @dataclass
@@ -332,7 +363,7 @@ class BenchReport:
             return None
         best = min(int8, key=lambda r: r.s_per_img)
         base = min(float_rows, key=lambda r: r.s_per_img)
-        ratio = base.s_per_img / best.s_per_img
+        ratio = row_ratio(base, best)
         return Gain(best, base, ratio / self.ceiling_gain if self.ceiling_gain else None)
 
     @property
