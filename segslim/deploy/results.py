@@ -196,7 +196,7 @@ def paired_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
     """How many times longer `slow` takes than `fast`, from times of the same turns: the
     median of the per-turn ratios, so that a turn the machine slowed down for both counts
     once instead of moving one median (on a shared 2-core VM the medians of five turns of
-    one model moved by 30 % between runs while the paired ratio moved by 4 %). Without
+    one model moved by a third between runs while the paired ratio moved by 4 %). Without
     turns to pair, the ratio of the medians."""
     if slow and len(slow) == len(fast):
         return float(np.median(np.asarray(slow) / np.asarray(fast)))
