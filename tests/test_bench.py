@@ -144,10 +144,11 @@ def test_ratios_pair_the_turns_of_one_run():
     (peer_result,) = report.peers()
     # per turn 1.5, 2, 3 (the medians: 3.0 / 1.0)
     assert peer_result.vs_ours == 2.0 and report.peers_json()['peers']['nncf_openvino_s'] == 3.0
-    probe = Ceiling('openvino', 2.0, 0.5, 1.0, '5/5 convs INT8', fp32_samples=(2.0, 4.0, 2.0),
-                    int8_samples=(0.5, 2.0, 0.5), bf16_samples=(1.0, 1.0, 1.0))
+    probe = Ceiling('openvino', 3.0, 1.0, 2.5, '5/5 convs INT8', fp32_samples=(2.0, 8.0, 3.0),
+                    int8_samples=(0.5, 2.0, 1.0), bf16_samples=(1.0, 4.0, 2.5))
+    # the medians would say 3.0, 1.2 and 2.5 (bf16 over INT8)
     assert (probe.int8_x, probe.bf16_x) == (4.0, 2.0)
-    assert int8_vs_best_unquantized({'openvino': probe}) == 2.0  # bf16 over INT8 per turn
+    assert int8_vs_best_unquantized({'openvino': probe}) == 2.0
 
 
 def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, monkeypatch):
