@@ -223,7 +223,7 @@ def make_row(model_dir, precision, s, backend='paddle', speedup=1.0, miou=None,
 
 
 def make_report(rows, threads=2, vnni=True):
-    from segslim.deploy.results import BenchReport
+    from segslim.deploy.bench_report import BenchReport
     return BenchReport(isa='AVX-512 VNNI' if vnni else 'AVX2', cpu='test CPU', vnni=vnni,
                        threads=threads, device='cpu', input_shape=[1, 3, 64, 64], warmup=1,
                        repeats=5, rows=list(rows))

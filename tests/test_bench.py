@@ -1,4 +1,5 @@
 """make bench: input shapes, the summary JSON, and the oneDNN time profile."""
+import contextlib
 import os
 
 import pytest
@@ -92,14 +93,17 @@ def test_summary_of_onnxruntime_rows_only():
     assert 'onnxruntime' in format_markdown(results)
 
 
-def test_summary_puts_each_model_against_the_ceiling():
+def test_summary_puts_each_model_against_its_own_probe():
     from segslim.bench.ceiling import apply_ceilings
     from segslim.bench.zoo_report import ZooResult, format_markdown, summary
-    from segslim.deploy.results import Ceiling
-    ceilings = {'paddle': Ceiling('paddle', 2.0, 1.0, None, '5/5 convs INT8'),
-                'openvino': Ceiling('openvino', 1.6, 0.5, None, '5/5 convs INT8')}
+    from segslim.deploy.bench_report import Ceiling
     results = []
+    # each model's probe was timed in its own turns: the machine was faster for b's INT8
+    probes = {'a': (2.0, 1.0, 1.6, 0.5), 'b': (2.0, 0.8, 1.6, 0.4)}
     for name, (pd_int8, ov_int8) in (('a', (2.0, 1.0)), ('b', (3.0, 2.5))):
+        pd_fp32, pd_probe, ov_fp32, ov_probe = probes[name]
+        ceilings = {'paddle': Ceiling('paddle', pd_fp32, pd_probe, None, '5/5 convs INT8'),
+                    'openvino': Ceiling('openvino', ov_fp32, ov_probe, None, '5/5 convs INT8')}
         rows = [make_row(name, 'fp32', 4.0), make_row(name, 'int8', pd_int8, int8_convs=4),
                 make_row(name, 'fp32', 3.0, backend='openvino'),
                 make_row(name, 'int8', ov_int8, backend='openvino', int8_convs=4)]
@@ -110,25 +114,35 @@ def test_summary_puts_each_model_against_the_ceiling():
         apply_ceilings(report, ceilings)
         results.append(ZooResult(model=name, config=name + '.yml', report=report))
     summ = summary(results)
-    # the probe: best unquantized 1.6 (OpenVINO FP32) over best INT8 0.5 (OpenVINO)
-    assert summ['ceiling']['int8_vs_best_unquantized'] == pytest.approx(3.2)
-    assert summ['ceiling']['paddle']['int8_x'] == 2.0
     a, b = summ['rows']
+    # a's probe: best unquantized 1.6 (OpenVINO FP32) over best INT8 0.5 (OpenVINO); b's 4.0
+    assert a['ceiling']['int8_vs_best_unquantized'] == pytest.approx(3.2)
+    assert b['ceiling']['int8_vs_best_unquantized'] == pytest.approx(4.0)
+    # the run's ceiling: medians over the models' probes, and their spread
+    assert summ['ceiling']['int8_vs_best_unquantized'] == pytest.approx(3.6)
+    assert summ['ceiling']['int8_vs_best_unquantized_range'] == pytest.approx([3.2, 4.0])
+    assert summ['ceiling']['paddle']['int8_x'] == pytest.approx((2.0 + 2.5) / 2)
+    assert summ['ceiling']['models'] == 2
     assert (a['best_int8_engine'], a['best_int8_s'], a['best_unquantized_s']) == \
         ('openvino', 1.0, 3.0)
     assert a['gain'] == 3.0 and a['gain_of_ceiling'] == pytest.approx(3.0 / 3.2)
     assert (b['best_int8_engine'], b['gain']) == ('openvino', 3.0 / 2.5)
-    assert summ['worst_gain_of_ceiling'] == pytest.approx(1.2 / 3.2)
+    assert b['gain_of_ceiling'] == pytest.approx(1.2 / 4.0)
+    assert summ['worst_gain_of_ceiling'] == pytest.approx(1.2 / 4.0)
     assert summ['geomean_gain'] == pytest.approx((3.0 * 1.2) ** 0.5)
-    # each INT8 row against its own engine's ceiling
+    # each INT8 row against its own engine's ceiling, from its own model's probe
     assert results[0].report.rows[1].of_ceiling == pytest.approx(2.0 / 2.0)
+    assert results[1].report.rows[1].of_ceiling == pytest.approx((4.0 / 3.0) / 2.5)
     assert results[0].report.rows[3].of_ceiling == pytest.approx(3.0 / 3.2)
     text = format_markdown(results)
-    assert has_row(text, 'a', 'OpenVINO 1000.0', 'OpenVINO 3000.0', '3.00x', '94%')
+    assert has_row(text, 'a', 'OpenVINO 1000.0', 'OpenVINO 3000.0', '3.00x', '3.20x', '94%')
+    assert has_row(text, 'b', 'OpenVINO 2500.0', 'OpenVINO 3000.0', '1.20x', '4.00x', '30%')
+    assert 'best unquantized 3.60x (from 3.20x to 4.00x between models)' in text
 
 
 def test_ratios_pair_the_turns_of_one_run():
-    from segslim.deploy.results import Ceiling, int8_vs_best_unquantized, paired_ratio
+    from segslim.deploy.bench_report import Ceiling, int8_vs_best_unquantized
+    from segslim.deploy.results import paired_ratio
     # the second turn ran slow for both rows: their medians say 3 / 2.0, each turn 2.0
     ours = [1.0, 3.0, 1.0]
     peer = [2.0, 6.0, 2.0]
@@ -163,7 +177,7 @@ def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, mo
         measured.append(name)
         return ZooResult(model=name, config=config, report=make_report(
             [make_row(name, 'fp32', 1.0)]))
-    monkeypatch.setattr(models, 'measure_ceilings', lambda *a, **k: {})
+    monkeypatch.setattr(models, 'ceiling_probe', lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(models, '_bench_one', bench_one)
     parts = str(tmp_path / 'benchmark.parts')
     with pytest.raises(KeyboardInterrupt):
@@ -189,17 +203,17 @@ def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, mo
 def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch):
     from types import SimpleNamespace
 
-    from segslim.bench.ceiling import measure_ceilings
-    from segslim.deploy import benchmark, engines
+    from segslim.bench import ceiling
     from segslim.options import EngineOptions
     asked = []
 
     def create_predictor(model_dir, opts):
         asked.append(opts)
         return SimpleNamespace(int8_ran=True, ops=SimpleNamespace(int8_conv_ops=5, conv_ops=5))
-    monkeypatch.setattr(engines, 'create_predictor', create_predictor)
-    monkeypatch.setattr(benchmark, 'time_interleaved',
+    monkeypatch.setattr(ceiling, 'create_predictor', create_predictor)
+    monkeypatch.setattr(ceiling, 'time_interleaved',
                         lambda preds, *a: [[2.0], [1.0], [1.5]][:len(preds)])
-    out = measure_ceilings(['paddle'], EngineOptions(device='cpu', cpu_threads=1), bf16=False)
+    out = ceiling.measure_ceilings(['paddle'], EngineOptions(device='cpu', cpu_threads=1),
+                                   bf16=False)
     assert out['paddle'].int8_x == 2.0
     assert [(o.precision, o.int8_layers) for o in asked] == [('fp32', 'auto'), ('int8', 'all')]

@@ -217,18 +217,19 @@ def test_timing_runs_engine_after_engine_with_a_pause_between(monkeypatch):
             self.backend, self.name = backend, name
 
         def run(self, batch):
+            assert batch == self.name  # each predictor on its own batch
             events.append(self.name)
 
     monkeypatch.setattr(bench_mod.time, 'sleep', lambda s: events.append(f'sleep {s}'))
     preds = [Fake('paddle', 'p1'), Fake('openvino', 'o1'), Fake('paddle', 'p2')]
-    times = bench_mod.time_interleaved(preds, np.zeros(1), warmup=1, repeats=2,
+    times = bench_mod.time_interleaved(preds, ['p1', 'o1', 'p2'], warmup=1, repeats=2,
                                        min_sample_s=0)
     assert [len(t) for t in times] == [2, 2, 2]
     pause = f'sleep {bench_mod.SETTLE_S}'
     turn = [pause, 'p1', 'p1', 'p2', 'p2', pause, 'o1', 'o1']
     assert events == ['p1', 'o1', 'p2'] + turn + turn
     events.clear()
-    bench_mod.time_interleaved(preds[:1], np.zeros(1), warmup=0, repeats=1, min_sample_s=0)
+    bench_mod.time_interleaved(preds[:1], ['p1'], warmup=0, repeats=1, min_sample_s=0)
     assert events == ['p1', 'p1']  # one engine: nothing to wait for
 
 
@@ -250,9 +251,33 @@ def test_a_timed_sample_is_the_mean_of_the_runs_that_fill_its_minimum(monkeypatc
     # 20 ms runs: the untimed run, then 5 runs fill 0.1 s; one 60 ms hiccup among them
     light = Fake([0.02, 0.02, 0.02, 0.06, 0.02, 0.02])
     heavy = Fake([0.5, 0.5])  # longer than the minimum: one run per sample
-    times = bench_mod.time_interleaved([light, heavy], np.zeros(1), warmup=0, repeats=1)
+    times = bench_mod.time_interleaved([light, heavy], [np.zeros(1)] * 2, warmup=0,
+                                       repeats=1)
     assert times[0] == [pytest.approx(0.028)] and light.runs == 6
     assert times[1] == [pytest.approx(0.5)] and heavy.runs == 2
     tiny = Fake([1e-6] * 1000)
-    bench_mod.time_interleaved([tiny], np.zeros(1), warmup=0, repeats=1)
+    bench_mod.time_interleaved([tiny], [np.zeros(1)], warmup=0, repeats=1)
     assert tiny.runs == 1 + bench_mod.MAX_SAMPLE_RUNS
+
+
+def test_companions_are_timed_in_the_rows_turns_on_their_own_batch(exported, monkeypatch):
+    from segslim.deploy import benchmark as bench_mod
+    seen, calls = [], []
+
+    class Probe:
+        backend = 'paddle'
+
+        def run(self, batch):
+            seen.append(batch.shape)
+    probe = bench_mod.Companion(Probe(), np.zeros((1, 3, 8, 8), np.float32))
+    timed = bench_mod.time_interleaved
+
+    def spy(preds, batches, *args, **kwargs):
+        calls.append(len(preds))
+        return timed(preds, batches, *args, **kwargs)
+    monkeypatch.setattr(bench_mod, 'time_interleaved', spy)
+    report = bench_mod.benchmark([exported['fp32']], None, EngineOptions(), shape=(1, 3, 64, 64),
+                                 warmup=1, repeats=3, with_bf16=False, companions=[probe])
+    assert calls == [2]  # one timing: the row and the companion share the turns
+    assert len(report.rows) == 1 and len(probe.samples_s) == 3
+    assert set(seen) == {(1, 3, 8, 8)}  # on its own batch, not the rows'

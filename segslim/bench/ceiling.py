@@ -1,16 +1,21 @@
 """What this CPU allows INT8 (and bf16) to gain, per engine: a compute-bound probe of 3x3
 convolutions at 256 channels, exported FP32 and INT8 by the project's own export and run
 through each engine's own predictor (the same passes, weight rewrites and fallbacks a real
-model gets), timed interleaved. Its INT8/FP32 ratio is the most any model can gain on that
-engine here; a model row's gain over its own FP32 is reported as a share of it."""
+model gets), timed in the same turns as the model rows it is set against (a shared VM's
+speed moves over minutes, and INT8 and FP32 are not slowed alike). Its INT8/FP32 ratio is
+the most any model can gain on that engine here; a model row's gain over its own FP32 is
+reported as a share of it."""
+import contextlib
 import dataclasses
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from segslim.deploy.results import BenchReport, Ceiling
+from segslim.deploy.bench_report import BenchReport, Ceiling
+from segslim.deploy.benchmark import Companion, time_interleaved
+from segslim.deploy.engines import BACKENDS, create_predictor
 from segslim.logger import logger
 from segslim.options import EngineOptions
 
@@ -63,47 +68,78 @@ def export_probe(work_dir: str, onnx: bool) -> Dict[str, str]:
     return dirs
 
 
-def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
-                     repeats: int = 10) -> Dict[str, Ceiling]:
-    """The probe on every backend at opts.cpu_threads: FP32 vs INT8 (and bf16 where `bf16`
-    and the engine has a bf16 path), interleaved medians."""
-    from segslim.deploy.benchmark import time_interleaved
-    from segslim.deploy.engines import BACKENDS, create_predictor
-    out: Dict[str, Ceiling] = {}
-    with tempfile.TemporaryDirectory(prefix='segslim-ceiling-') as work:
-        dirs = export_probe(work, 'onnxruntime' in backends)
+class CeilingProbe:
+    """The probe's FP32 and INT8 predictors (and bf16 where `bf16` and the engine has a bf16
+    path) on every backend at opts.cpu_threads, made once from exports in `work_dir`. Timed
+    as `companions` of a benchmark they share its turns, so the ceiling a model's rows are
+    set against was measured in the same minutes; `measure` times them alone."""
+
+    def __init__(self, work_dir: str, backends: Sequence[str], opts: EngineOptions,
+                 bf16: bool) -> None:
+        self.threads = opts.cpu_threads
+        dirs = export_probe(work_dir, 'onnxruntime' in backends)
         batch = np.random.default_rng(1).standard_normal((1, 3, SIDE, SIDE)).astype(np.float32)
+        self.engines: Dict[str, Dict[str, Companion]] = {}
         for backend in backends:
             base = dataclasses.replace(opts, backend=backend, input_shape=batch.shape)
-            preds = [create_predictor(dirs['fp32'], dataclasses.replace(base, precision='fp32')),
+            preds = {'fp32': create_predictor(dirs['fp32'],
+                                              dataclasses.replace(base, precision='fp32')),
                      # every conv INT8: what this CPU's INT8 kernels allow
-                     create_predictor(dirs['int8'], dataclasses.replace(
-                         base, precision='int8', int8_layers='all'))]
-            with_bf16 = bf16 and BACKENDS[backend].bf16
-            if with_bf16:
-                preds.append(create_predictor(dirs['fp32'],
-                                              dataclasses.replace(base, precision='bf16')))
-            turns = [tuple(t) for t in time_interleaved(preds, batch, 2, repeats)]
-            times = [float(np.median(t)) for t in turns]
-            int8 = preds[1]
+                     'int8': create_predictor(dirs['int8'], dataclasses.replace(
+                         base, precision='int8', int8_layers='all'))}
+            if bf16 and BACKENDS[backend].bf16:
+                preds['bf16'] = create_predictor(dirs['fp32'],
+                                                 dataclasses.replace(base, precision='bf16'))
+            self.engines[backend] = {p: Companion(pred, batch) for p, pred in preds.items()}
+
+    @property
+    def companions(self) -> List[Companion]:
+        return [c for parts in self.engines.values() for c in parts.values()]
+
+    def ceilings(self) -> Dict[str, Ceiling]:
+        """Each engine's Ceiling from the turns its predictors were last timed in."""
+        out: Dict[str, Ceiling] = {}
+        for backend, parts in self.engines.items():
+            turns = {p: tuple(c.samples_s) for p, c in parts.items()}
+            int8 = parts['int8'].predictor
             ran = f'{int8.ops.int8_conv_ops}/{int8.ops.conv_ops} convs INT8'
-            out[backend] = Ceiling(backend, times[0], times[1] if int8.int8_ran else None,
-                                   times[2] if with_bf16 else None, ran, fp32_samples=turns[0],
-                                   int8_samples=turns[1] if int8.int8_ran else (),
-                                   bf16_samples=turns[2] if with_bf16 else ())
+            int8_turns = turns['int8'] if int8.int8_ran else ()
+            bf16_turns = turns.get('bf16', ())
+
+            def median(t: Sequence[float]) -> Optional[float]:
+                return float(np.median(t)) if t else None
+            out[backend] = Ceiling(backend, float(np.median(turns['fp32'])), median(int8_turns),
+                                   median(bf16_turns), ran, fp32_samples=turns['fp32'],
+                                   int8_samples=int8_turns, bf16_samples=bf16_turns)
             logger.info('CPU ceiling on %s (%d 3x3 convs, %d channels, %dx%d, %d threads): '
                         'INT8 %s, bf16 %s of FP32 (%s)', BACKENDS[backend].label, CONVS,
-                        CHANNELS, SIDE, SIDE, opts.cpu_threads, _x(out[backend].int8_x),
+                        CHANNELS, SIDE, SIDE, self.threads, _x(out[backend].int8_x),
                         _x(out[backend].bf16_x), ran)
-    return out
+        return out
+
+    def measure(self, repeats: int = 10) -> Dict[str, Ceiling]:
+        """The probe timed alone (interleaved turns of its own)."""
+        companions = self.companions
+        times = time_interleaved([c.predictor for c in companions],
+                                 [c.batch for c in companions], 2, repeats)
+        for companion, secs in zip(companions, times):
+            companion.samples_s = secs
+        return self.ceilings()
 
 
-def add_ceilings(report: BenchReport, opts: EngineOptions, repeats: int = 10) -> None:
-    """Measures the probe on the report's engines (bf16 too where the report has bf16 rows)
-    and puts it into the report (apply_ceilings)."""
-    bf16 = any(r.precision == 'bf16' for r in report.rows)
-    backends = list(dict.fromkeys(r.backend for r in report.rows))
-    apply_ceilings(report, measure_ceilings(backends, opts, bf16, repeats))
+@contextlib.contextmanager
+def ceiling_probe(backends: Sequence[str], opts: EngineOptions,
+                  bf16: bool) -> Iterator[CeilingProbe]:
+    """A CeilingProbe whose exports live in a temporary folder while it is used."""
+    with tempfile.TemporaryDirectory(prefix='segslim-ceiling-') as work:
+        yield CeilingProbe(work, backends, opts, bf16)
+
+
+def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
+                     repeats: int = 10) -> Dict[str, Ceiling]:
+    """The probe on every backend, timed alone."""
+    with ceiling_probe(backends, opts, bf16) as probe:
+        return probe.measure(repeats)
 
 
 def apply_ceilings(report: BenchReport, ceilings: Dict[str, Ceiling]) -> None:

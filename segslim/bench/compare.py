@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from segslim.deploy.results import BenchReport, BenchRow, within_bound
+from segslim.deploy.bench_report import BenchReport
+from segslim.deploy.results import BenchRow, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json
 from segslim.logger import logger

@@ -14,7 +14,7 @@ import numpy as np
 
 from segslim import builder
 from segslim._paddle import paddle
-from segslim.bench.ceiling import apply_ceilings, measure_ceilings
+from segslim.bench.ceiling import CeilingProbe, apply_ceilings, ceiling_probe
 from segslim.bench.parts import load_part, save_part
 from segslim.bench.peers import make_peers
 from segslim.bench.zoo_report import ZooResult
@@ -97,32 +97,34 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
                  parts_dir: Optional[str] = None) -> List[ZooResult]:
     """One benchmark report per config (rows fp32, bf16 where supported, int8 on each
     backend), each model quantized with its config's own policy, and each measured against
-    this CPU's ceiling (segslim.bench.ceiling, probed once per run). With `peers`, the engines'
+    this CPU's ceiling (segslim.bench.ceiling: the probe timed in the model's own turns).
+    With `peers`, the engines'
     own quantizers (segslim.bench.peers) quantize the same FP32 export on the same generated
     calibration images and are timed in the same run; every row's agreement with the FP32
     row is measured on other generated images. Each finished model is kept in `parts_dir`
     (segslim.bench.parts): a rerun after a kill takes it instead of measuring again."""
     reports = []
     cpu = cpu_features()
-    ceilings = measure_ceilings(backends, EngineOptions(device='cpu', cpu_threads=threads),
-                                bf16=bool(cpu['bf16']))
     settings = {'threads': threads, 'size': size, 'repeats': repeats, 'warmup': warmup,
                 'backends': list(backends), 'peers': peers, 'cpu': cpu['model'],
-                'isa': cpu['isa']}  # one model name covers CPUs of different ISAs
-    for config in progress(configs, 'Models'):
-        name = os.path.splitext(os.path.basename(config))[0]
-        measured_with = dict(settings, config=config)
-        result = load_part(parts_dir, name, measured_with)
-        if result is None:
-            result = _bench_one(config, name, threads, size, repeats, warmup, backends, peers)
-            save_part(parts_dir, name, measured_with, result)
-        apply_ceilings(result.report, ceilings)
-        reports.append(result)
+                'isa': cpu['isa'],  # one model name covers CPUs of different ISAs
+                'ceiling': 'in the model\'s turns'}
+    with ceiling_probe(backends, EngineOptions(device='cpu', cpu_threads=threads),
+                       bf16=bool(cpu['bf16'])) as probe:
+        for config in progress(configs, 'Models'):
+            name = os.path.splitext(os.path.basename(config))[0]
+            measured_with = dict(settings, config=config)
+            result = load_part(parts_dir, name, measured_with)
+            if result is None:
+                result = _bench_one(config, name, threads, size, repeats, warmup, backends,
+                                    peers, probe)
+                save_part(parts_dir, name, measured_with, result)
+            reports.append(result)
     return reports
 
 
 def _bench_one(config: str, name: str, threads: int, size: int, repeats: int, warmup: int,
-               backends: Sequence[str], peers: bool) -> ZooResult:
+               backends: Sequence[str], peers: bool, probe: CeilingProbe) -> ZooResult:
     shape = bench_shape(load_config(config, required=('model',)), size)
     with tempfile.TemporaryDirectory(prefix='segslim-bench-') as work:
         logger.info('Benchmarking %s at %dx%d, %d threads', name, shape[3], shape[2], threads)
@@ -146,15 +148,18 @@ def _bench_one(config: str, name: str, threads: int, size: int, repeats: int, wa
         try:
             report = benchmark([dirs['fp32'], dirs['int8'], *peer_dirs], None, opts,
                                shape=shape, warmup=warmup, repeats=repeats,
-                               backends=model_backends, sample_batches=samples)
+                               backends=model_backends, sample_batches=samples,
+                               companions=probe.companions)
         except UserError as e:  # one engine cannot run this model: time the others
             if len(model_backends) == 1:
                 raise
             logger.warning('%s: %s; timing Paddle Inference only', name, e)
             report = benchmark([dirs['fp32'], dirs['int8'], *peer_dirs], None, opts,
                                shape=shape, warmup=warmup, repeats=repeats,
-                               backends=('paddle',), sample_batches=samples)
+                               backends=('paddle',), sample_batches=samples,
+                               companions=probe.companions)
             failures.append(str(e))
+        apply_ceilings(report, probe.ceilings())
         result = ZooResult(model=name, config=config, report=report, engine_failures=failures)
         try:  # where the INT8 engine's time goes, in a child process
             result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape,

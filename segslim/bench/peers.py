@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 
 from segslim.config import Yaml
+from segslim.deploy.bench_report import PEER_LABELS
 from segslim.deploy.engines import BACKENDS, importable
-from segslim.deploy.results import PEER_LABELS
 from segslim.errors import UserError
 from segslim.logger import logger, quiet_native_output
 from segslim.modeldir import (

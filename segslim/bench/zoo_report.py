@@ -8,11 +8,12 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from segslim.bench.peers import PEERS
+from segslim.deploy.bench_report import PEER_LABELS, BenchReport, Gain
 from segslim.deploy.benchmark import MIN_SAMPLE_S, SETTLE_S
 from segslim.deploy.engines import backend_label
 from segslim.deploy.profile import format_profile
 from segslim.deploy.report import format_report, markdown_table
-from segslim.deploy.results import PEER_LABELS, BenchReport, Gain, row_ratio
+from segslim.deploy.results import row_ratio
 from segslim.fileio import write_json, write_text
 
 
@@ -74,6 +75,7 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'int8_profile_ms': res.int8_profile})
         gain = rep.gain()
         row.update(gain.to_json() if gain else dict.fromkeys(Gain.KEYS))
+        row['ceiling'] = rep.ceiling_json() if rep.ceiling else None  # timed in its turns
         row.update(rep.peers_json())
         row['agreement'] = {
             f'{r.backend}_{r.precision.value}' + (f'_{r.rest}_rest' if r.rest else ''):
@@ -90,7 +92,8 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
     first = results[0].report
     return {'date': datetime.date.today().isoformat(),
             'isa': first.isa, 'cpu': first.cpu, 'threads': first.threads,
-            'repeats': first.repeats, 'warmup': first.warmup, 'ceiling': first.ceiling_json(),
+            'repeats': first.repeats, 'warmup': first.warmup,
+            'ceiling': median_ceiling([res.report for res in results]),
             'geomean_gain': geomean('gain'), 'geomean_gain_of_ceiling':
             geomean('gain_of_ceiling'), 'worst_gain_of_ceiling': min(
                 (r['gain_of_ceiling'] for r in rows if r.get('gain_of_ceiling')), default=None),
@@ -104,6 +107,26 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'worst_ours_vs_peers': {name: min(
                 (r['ours_vs_peers'][name] for r in rows
                  if (r.get('ours_vs_peers') or {}).get(name)), default=None) for name in PEERS}}
+
+
+def median_ceiling(reports: List[BenchReport]) -> Dict[str, Any]:
+    """The run's ceiling: each model's probe was timed in that model's own turns; per engine
+    the median over the models of int8_x and bf16_x, the median of int8_vs_best_unquantized,
+    and its lowest and highest ('int8_vs_best_unquantized_range')."""
+    def median(values: List[Optional[float]]) -> Optional[float]:
+        kept = [v for v in values if v]
+        return float(np.median(kept)) if kept else None
+    probes = [r.ceiling for r in reports if r.ceiling]
+    out: Dict[str, Any] = {}
+    for engine in dict.fromkeys(e for p in probes for e in p):
+        ran = [p[engine] for p in probes if engine in p]
+        out[engine] = {'int8_x': median([c.int8_x for c in ran]),
+                       'bf16_x': median([c.bf16_x for c in ran])}
+    gains = [g for g in (r.ceiling_gain for r in reports) if g]
+    out['int8_vs_best_unquantized'] = median(list(gains))
+    out['int8_vs_best_unquantized_range'] = [min(gains), max(gains)] if gains else None
+    out['models'] = len(probes)
+    return out
 
 
 def summary_markdown(summ: Dict[str, Any]) -> str:
@@ -147,21 +170,28 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
     ceiling = summ.get('ceiling') or {}
     if ceiling.get('int8_vs_best_unquantized'):
         lines += ['', '### Gain against this CPU\'s ceiling', '',
-                  'Ceiling (segslim.bench.ceiling: compute-bound 3x3 convs, 256 channels): '
-                  + ', '.join(
+                  'Ceiling (segslim.bench.ceiling: compute-bound 3x3 convs, 256 channels, '
+                  'timed in the same turns as each model\'s rows; median over {} models): '
+                  .format(ceiling.get('models', '-')) + ', '.join(
                       f"{backend_label(b)} INT8 {ratio(c['int8_x'])}"
                       for b, c in ceiling.items() if isinstance(c, dict)) +
-                  '; best INT8 over best unquantized {}.'.format(
-                      ratio(ceiling['int8_vs_best_unquantized'])), '',
+                  '; best INT8 over best unquantized {}{}.'.format(
+                      ratio(ceiling['int8_vs_best_unquantized']),
+                      ' (from {} to {} between models)'.format(
+                          *map(ratio, ceiling['int8_vs_best_unquantized_range']))
+                      if ceiling.get('int8_vs_best_unquantized_range') else ''), '',
+                  'Each model\'s gain is a share of its own probe (the "ceiling" column).', '',
                   markdown_table(('Model', 'best INT8', 'best unquantized', 'gain',
-                                  'of ceiling'),
+                                  'ceiling', 'of ceiling'),
                                  ((r['model'], '{} {}'.format(
                                      backend_label(r['best_int8_engine'] or '-'),
                                      ms(r['best_int8_s'])),
                                    '{} {}'.format(backend_label(r['best_unquantized_engine'] or
                                                                 '-'),
                                                   ms(r['best_unquantized_s'])),
-                                   ratio(r['gain']), f"{r['gain_of_ceiling']:.0%}"
+                                   ratio(r['gain']),
+                                   ratio((r.get('ceiling') or {}).get('int8_vs_best_unquantized')),
+                                   f"{r['gain_of_ceiling']:.0%}"
                                    if r['gain_of_ceiling'] else '-')
                                   for r in summ['rows'])), '',
                   'Geometric mean gain {} = {} of the ceiling; worst model {}.'.format(

@@ -164,8 +164,8 @@ class Steps:
         from segslim.deploy.engines import create_predictor
         preds = [create_predictor(d, self._opts(backend, p))
                  for d, p in ((fp32_dir, 'fp32'), (model_dir, 'int8'))]
-        times = time_interleaved(preds, timing_batch(preds[0], self.val_set(), self.shape),
-                                 warmup=2, repeats=5)
+        batch = timing_batch(preds[0], self.val_set(), self.shape)
+        times = time_interleaved(preds, [batch, batch], warmup=2, repeats=5)
         return paired_ratio(times[0], times[1])
 
     def bench(self, model_dirs: Sequence[str]) -> List[BenchRow]:

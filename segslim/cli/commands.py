@@ -341,8 +341,9 @@ def benchmark() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--repeats', type=flags.positive_int, default=20)
     p.add_argument('--no_bf16', action='store_true', help='skip the bf16 baseline row')
     p.add_argument('--no_ceiling', action='store_true',
-                   help='skip the CPU ceiling probe (compute-bound convolutions FP32 vs INT8 '
-                        'on each engine, a few seconds) that every INT8 row is measured against')
+                   help='skip the CPU ceiling probe that every INT8 row is measured against '
+                        '(compute-bound convolutions FP32 vs INT8 and bf16 on each engine, timed '
+                        'in the same turns as the rows: about 0.3 s more per engine and turn)')
     p.add_argument('--peers', action='store_true',
                    help='also time the engines\' own quantizers on the first (FP32) folder, '
                         'each as its documentation shows it (NNCF on OpenVINO, onnxruntime '

@@ -71,13 +71,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
             model_dirs += peers_of(args.model_dirs[0], cfg, os.path.join(
                 args.report_dir, 'peers') if args.report_dir else tmp, backends,
                 args.calib_images)
+        probe = None
+        if not args.no_ceiling and opts.device == 'cpu':  # timed in the rows' turns
+            from segslim.bench.ceiling import CeilingProbe
+            from segslim.deploy.cpu import cpu_features
+            probe = CeilingProbe(os.path.join(tmp, 'ceiling'), backends, opts,
+                                 bf16=not args.no_bf16 and bool(cpu_features()['bf16']))
         report = bench.benchmark(model_dirs, dataset, opts, shape=args.input_shape,
                                  warmup=args.warmup, repeats=args.repeats,
                                  with_bf16=False if args.no_bf16 else None,
-                                 backends=backends, gallery=pick)
-    if not args.no_ceiling and opts.device == 'cpu':
-        from segslim.bench.ceiling import add_ceilings
-        add_ceilings(report, opts)
+                                 backends=backends, gallery=pick,
+                                 companions=probe.companions if probe else ())
+    if probe is not None:
+        from segslim.bench.ceiling import apply_ceilings
+        apply_ceilings(report, probe.ceilings())
     text = format_report(report)
     print(text, flush=True)
     if args.markdown:

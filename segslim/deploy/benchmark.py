@@ -5,26 +5,20 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from segslim.compat import ENGINE_STACK, package_versions
 from segslim.data.datasets import SegDataset, read_label
+from segslim.deploy.bench_report import BenchReport
 from segslim.deploy.cpu import cpu_features
 from segslim.deploy.engine import EngineBase, restore_size
 from segslim.deploy.engines import BACKENDS, create_predictor, runs_model
 from segslim.deploy.paddle_engine import check_engine_options
 from segslim.deploy.report import GalleryPick
-from segslim.deploy.results import (
-    Accuracy,
-    BenchReport,
-    BenchRow,
-    Precision,
-    row_ratio,
-    within_bound,
-)
+from segslim.deploy.results import Accuracy, BenchRow, Precision, row_ratio, within_bound
 from segslim.errors import UserError
 from segslim.logger import logger, progress
 from segslim.modeldir import Preprocessor, resize_chw
@@ -155,9 +149,22 @@ MIN_SAMPLE_S = 0.1
 MAX_SAMPLE_RUNS = 50
 
 
-def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup: int,
-                     repeats: int, min_sample_s: float = MIN_SAMPLE_S) -> List[List[float]]:
-    """Seconds per run of each predictor, `repeats` samples each. Every turn times each
+@dataclass
+class Companion:
+    """A predictor timed in a benchmark's turns on its own input without being one of its
+    rows: `samples_s` gets its seconds per run of each turn. The CPU ceiling probe is timed
+    so (segslim.bench.ceiling), in the same minutes as the rows it is set against: on a
+    shared VM the probe alone moved from 1.45x to 2.22x within two hours."""
+    predictor: EngineBase
+    batch: np.ndarray
+    samples_s: List[float] = field(default_factory=list)
+
+
+def time_interleaved(predictors: Sequence[EngineBase], batches: Sequence[np.ndarray],
+                     warmup: int, repeats: int,
+                     min_sample_s: float = MIN_SAMPLE_S) -> List[List[float]]:
+    """Seconds per run of each predictor on its batch (`batches`: one per predictor),
+    `repeats` samples each. Every turn times each
     engine's predictors in turns (machine noise that comes and goes hits all of them alike),
     engine after engine with a pause of SETTLE_S between engines: an engine that ran before
     keeps its threads spinning for a while, which would otherwise be charged to the next one.
@@ -167,7 +174,9 @@ def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup
     groups: Dict[str, List[int]] = {}
     for i, p in enumerate(predictors):
         groups.setdefault(p.backend, []).append(i)
-    for p in predictors:
+    if len(batches) != len(predictors):
+        raise ValueError(f'{len(batches)} batches for {len(predictors)} predictors')
+    for p, batch in zip(predictors, batches):
         for _ in range(warmup):
             p.run(batch)
     times: List[List[float]] = [[] for _ in predictors]
@@ -177,12 +186,12 @@ def time_interleaved(predictors: Sequence[EngineBase], batch: np.ndarray, warmup
                 time.sleep(SETTLE_S)
             for i in members:
                 tic = time.perf_counter()
-                predictors[i].run(batch)
+                predictors[i].run(batches[i])
                 once = time.perf_counter() - tic
                 runs = max(1, min(MAX_SAMPLE_RUNS, math.ceil(min_sample_s / max(once, 1e-9))))
                 tic = time.perf_counter()
                 for _ in range(runs):
-                    predictors[i].run(batch)
+                    predictors[i].run(batches[i])
                 times[i].append((time.perf_counter() - tic) / runs)
     return times
 
@@ -192,7 +201,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
               with_bf16: Optional[bool] = None,
               backends: Sequence[str] = ('paddle',),
               gallery: Optional[GalleryPick] = None,
-              sample_batches: Sequence[np.ndarray] = ()) -> BenchReport:
+              sample_batches: Sequence[np.ndarray] = (),
+              companions: Sequence[Companion] = ()) -> BenchReport:
     """Every model dir on every backend; the first model dir on the first backend (in FP32)
     is the baseline for speedup and pixel agreement, and FP32 models also get a bf16 row
     where the CPU has bf16. With a dataset, every row gets its Accuracy and `gallery`
@@ -200,7 +210,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
     without one, `sample_batches` (preprocessed N,C,H,W images) give each row its pixel
     agreement with the first. A peer quantizer's folder (segslim.bench.peers) runs only on the
     engine it was made for. Every INT8 row gets its gain over its engine's FP32
-    (segslim.bench.ceiling puts it against what the CPU allows)."""
+    (segslim.bench.ceiling puts it against what the CPU allows). `companions` are timed in
+    the same turns as the rows, each on its own batch."""
     check_engine_options(opts)
     cpu = cpu_features()
     runs = []  # each row is labelled with what its engine ran
@@ -222,7 +233,10 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
                 runs.append(create_predictor(model_dir,
                                              dataclasses.replace(run_opts, precision='bf16')))
     batch = timing_batch(runs[0], dataset, shape)
-    times = time_interleaved(runs, batch, warmup, repeats)
+    times = time_interleaved(runs + [c.predictor for c in companions],
+                             [batch] * len(runs) + [c.batch for c in companions], warmup, repeats)
+    for companion, secs in zip(companions, times[len(runs):]):
+        companion.samples_s = secs
     rows = [BenchRow(model_dir=pred.model_dir, backend=pred.backend, precision=pred.precision,
                      precision_note=pred.precision_note,
                      s_per_img=float(np.median(secs)) / shape[0],

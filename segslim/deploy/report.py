@@ -10,8 +10,9 @@ import numpy as np
 from prettytable import PrettyTable, TableStyle
 
 from segslim.data.datasets import SegDataset, read_image, read_label
+from segslim.deploy.bench_report import PEER_LABELS, BenchReport
 from segslim.deploy.engines import backend_label
-from segslim.deploy.results import PEER_LABELS, BenchReport, BenchRow, Precision
+from segslim.deploy.results import BenchRow, Precision
 from segslim.fileio import atomic_write, write_bytes, write_json, write_text
 from segslim.train.metrics import ConfusionMatrix
 
