@@ -99,7 +99,7 @@ def ceiling_lines(report: BenchReport) -> List[str]:
     lines = []
     if report.ceiling:
         lines.append('CPU ceiling (segslim.bench.ceiling: compute-bound 3x3 convs, 256 channels, '
-                     'same threads): ' + '; '.join(
+                     'same threads, timed in the same turns as the rows): ' + '; '.join(
                          '{} INT8 {} of FP32{} ({})'.format(
                              backend_label(c.backend),
                              f'{c.int8_x:.2f}x' if c.int8_x else 'not run',
