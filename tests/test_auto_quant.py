@@ -372,3 +372,20 @@ def test_a_step_runs_its_workflow_with_the_commands_own_options_in_a_child(tmp_p
         commands.options('make_demo_dataset', size='big')
     assert flags.to_argv(a=1, b=True, c=False, d=None, e=[1, 2]) == [
         '--a', '1', '--b', '--e', '1', '2']
+
+
+def test_every_export_of_the_steps_takes_the_export_shape(monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(commands, 'run_step', lambda command, **given: ran.append(
+        (command, given.get('input_shape'))))
+    steps = Steps(INSTANT, 'm.pdparams', str(tmp_path), ['paddle', 'onnxruntime'], None, 1,
+                  'cpu', export_shape=(1, 3, 64, 64))
+    steps.export_fp32(str(tmp_path / 'fp32'))
+    steps.ptq(str(tmp_path / 'ptq'))
+    steps.recon(str(tmp_path / 'recon'))
+    steps.nncf(str(tmp_path / 'nncf'))
+    assert ran == [(c, [1, 3, 64, 64]) for c in ('export', 'ptq', 'ptq', 'ptq')]
+    with pytest.raises(UserError, match='--input_shape 1 3 32 32 differs from --export_shape'):
+        flags.timing_shape([1, 3, 32, 32], [1, 3, 64, 64], (1, 3, 512, 512))
+    assert flags.timing_shape(None, [1, 3, 64, 64], (1, 3, 512, 512)) == [1, 3, 64, 64]
+    assert flags.timing_shape(None, None, (1, 3, 512, 512)) == [1, 3, 512, 512]

@@ -3,6 +3,7 @@ accuracy goals of the many-class benchmark read off its lines."""
 import json
 import os
 
+import yaml
 from conftest import (
     INSTANT,
     assert_one_line_error,
@@ -27,7 +28,7 @@ def test_the_comparison_runs_each_method_once_and_keeps_it(fp32_run, tmp_path):
     args = ['--config', INSTANT, '--model_path',
             os.path.join(fp32_run['dir'], 'best_model', 'model.pdparams'), '--save_dir', out,
             '--methods', 'ptq_abs_max', '--no_peers', '--backend', 'paddle', '--calib_images', 2,
-            '--repeats', 1, '--input_shape', 1, 3, 64, 64, '--thin', '1',
+            '--repeats', 1, '--export_shape', 1, 3, 64, 64, '--thin', '1',
             '--opts', *data_opts(fp32_run['data'])]
     proc = run_cli('tools/compare_methods.py', *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +41,11 @@ def test_the_comparison_runs_each_method_once_and_keeps_it(fp32_run, tmp_path):
     assert rows[0][4] == '1' and rows[2][1] != '0/56'  # the thin class's column; INT8 ran
     report = json.load(open(os.path.join(out, 'report.json')))
     assert [r['precision'] for r in report['rows']] == ['fp32', 'int8']
+    # --export_shape: every export at that fixed shape, timed at it
+    for folder in ('fp32', 'ptq_abs_max'):
+        with open(os.path.join(out, folder, 'deploy.yaml')) as f:
+            assert yaml.safe_load(f)['Deploy']['input_shape'] == [1, 3, 64, 64], folder
+    assert report['input_shape'] == [1, 3, 64, 64]
     again = run_cli('tools/compare_methods.py', *args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'ptq_abs_max is done' in again.stdout + again.stderr
@@ -57,6 +63,9 @@ def test_bad_values_are_one_line_before_any_work(fp32_run, tmp_path):
     proc = run_command('tools/compare_methods.py', *base, '--model_path', model,
                        '--max_miou_drop', 5)
     assert_one_line_error(proc, '--max_miou_drop')
+    proc = run_command('tools/compare_methods.py', *base, '--model_path', model,
+                       '--export_shape', 1, 3, 64, 64, '--input_shape', 1, 3, 32, 32)
+    assert_one_line_error(proc, '--input_shape 1 3 32 32', '--export_shape 1 3 64 64')
     assert not os.path.exists(tmp_path / 'c')
 
 

@@ -22,6 +22,8 @@ from segslim.logger import logger
 from segslim.options import RECON_EPOCHS
 
 TIMES = 'times.json'
+# the timing input without --input_shape or --export_shape: the street scenes' 256x128
+TIMING_SHAPE = (1, 3, 128, 256)
 
 Given = Dict[str, object]
 
@@ -39,6 +41,7 @@ class Setup:
     calib_images: int
     threads: int
     opts: Sequence[str] = ()
+    export_shape: Optional[Sequence[int]] = None  # every export's fixed input (None: dynamic)
 
     def folder(self, name: str) -> str:
         return os.path.join(self.work_dir, name)
@@ -58,7 +61,8 @@ def _ptq(algo: str, **extra: object) -> Callable[[Setup], List[Tuple[str, Given]
         name = f'ptq_{algo}' if not extra else 'ptq_recon'
         return [('ptq', dict(config=s.config, model_path=s.model_path, save_dir=s.folder(name),
                              algo=algo, batch_nums=s.calib_images, batch_size=1,
-                             verify_images=0, to_onnx=s.onnx, **extra))]
+                             verify_images=0, to_onnx=s.onnx, input_shape=s.export_shape,
+                             **extra))]
     return steps
 
 
@@ -73,7 +77,7 @@ def _qat(name: str, distill: bool) -> Callable[[Setup], List[Tuple[str, Given]]]
                                     model_path=os.path.join(train, 'best_model',
                                                             'model.pdparams'),
                                     save_dir=os.path.join(s.folder(name), 'model'),
-                                    to_onnx=s.onnx))]
+                                    to_onnx=s.onnx, input_shape=s.export_shape))]
     return steps
 
 
@@ -81,7 +85,8 @@ def _auto(s: Setup) -> List[Tuple[str, Given]]:
     return [('auto_quant', dict(config=s.config, model_path=s.model_path,
                                 save_dir=s.folder('auto'), max_miou_drop=s.max_miou_drop,
                                 max_qat_iters=s.qat_iters, backend=list(s.backends),
-                                calib_images=s.calib_images, cpu_threads=s.threads))]
+                                calib_images=s.calib_images, cpu_threads=s.threads,
+                                export_shape=s.export_shape))]
 
 
 def _in(*parts: str) -> Callable[[Setup], str]:
@@ -122,7 +127,8 @@ def run_methods(setup: Setup, names: Sequence[str], step: Step) -> Dict[str, flo
     fp32 = setup.folder('fp32')
     jobs: List[Tuple[str, List[Tuple[str, Given]], str]] = [
         ('fp32', [('export', dict(config=setup.config, model_path=setup.model_path,
-                                  save_dir=fp32, to_onnx=setup.onnx))], fp32)]
+                                  save_dir=fp32, to_onnx=setup.onnx,
+                                  input_shape=setup.export_shape))], fp32)]
     jobs += [(m.name, m.steps(setup), m.model_dir(setup)) for m in METHODS if m.name in names]
     for name, steps, model_dir in jobs:
         if name in times and _finished(model_dir):
@@ -296,6 +302,7 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
     of --backend."""
     from segslim._paddle import set_device
     from segslim.builder import build_dataset, num_classes_of
+    from segslim.cli.flags import timing_shape
     from segslim.config import load_config
     from segslim.deploy.benchmark import benchmark
     from segslim.deploy.engines import available_backends, importable
@@ -307,13 +314,14 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
         raise UserError(f'--model_path {args.model_path}: no such file (train.py writes '
                         '<save_dir>/best_model/model.pdparams)')
     check_writable(args.save_dir)
+    shape = timing_shape(args.input_shape, args.export_shape, TIMING_SHAPE)
     classes, thin = class_names(num_classes_of(cfg), args.thin)
     backends = list(dict.fromkeys(args.backend or available_backends()))
     setup = Setup(config=args.config, model_path=args.model_path, work_dir=args.save_dir,
                   qat_iters=args.qat_iters, backends=backends, max_miou_drop=args.max_miou_drop,
                   onnx='onnxruntime' in backends and importable('paddle2onnx'),
                   calib_images=args.calib_images, threads=args.cpu_threads,
-                  opts=tuple(args.opts or ()))
+                  opts=tuple(args.opts or ()), export_shape=args.export_shape)
     times = run_methods(setup, args.methods, step)
     peer_dirs, times = run_peers(setup, cfg) if args.peers else ([], times)
     labels = {setup.folder('fp32'): 'fp32',
@@ -321,7 +329,7 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
               **{d: os.path.basename(d) for d in peer_dirs}}
     dataset = build_dataset(cfg, 'val_dataset')
     opts = EngineOptions(device=set_device('cpu'), cpu_threads=args.cpu_threads)
-    report = benchmark(list(labels), dataset, opts, shape=args.input_shape, warmup=2,
+    report = benchmark(list(labels), dataset, opts, shape=shape, warmup=2,
                        repeats=args.repeats, with_bf16=False, backends=backends)
     write_json(setup.folder('report.json'), report.to_json())
     lines = comparison(report, labels, times, classes, thin)

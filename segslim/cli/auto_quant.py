@@ -55,11 +55,14 @@ class Steps:
     def __init__(self, config: str, model_path: str, save_dir: str, backends: Sequence[str],
                  num_images: Optional[int], threads: int, device: str,
                  calib_images: int = CALIBRATION_IMAGES, opts: Sequence[str] = (),
-                 shape: Sequence[int] = TIMING_SHAPE):
+                 shape: Sequence[int] = TIMING_SHAPE,
+                 export_shape: Optional[Sequence[int]] = None):
         self.config, self.model_path, self.save_dir = config, model_path, save_dir
         self.backends, self.num_images, self.threads = list(backends), num_images, threads
         self.device, self.calib_images, self.opts = device, calib_images, list(opts)
         self.shape = list(shape)
+        # every model a step exports takes this fixed input shape (None: dynamic)
+        self.export_shape = list(export_shape) if export_shape else None
         self._val: Any = None
         self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
@@ -75,20 +78,21 @@ class Steps:
 
     def export_fp32(self, out: str) -> str:
         self._run('export', config=self.config, model_path=self.model_path, save_dir=out,
-                  to_onnx=self._onnx())
+                  to_onnx=self._onnx(), input_shape=self.export_shape)
         return out
 
     def ptq(self, out: str, config: Optional[str] = None) -> str:
         self._run('ptq', config=config or self.config, model_path=self.model_path,
                   save_dir=out, batch_nums=self.calib_images, batch_size=1, verify_images=0,
-                  device=self.device, to_onnx=self._onnx())
+                  device=self.device, to_onnx=self._onnx(), input_shape=self.export_shape)
         return out
 
     def nncf(self, out: str, max_drop: Optional[float] = None) -> str:
         """ptq.py --quantizer nncf (accuracy-controlled with `max_drop`): an OpenVINO IR."""
         self._run('ptq', config=self.config, model_path=self.model_path, save_dir=out,
                   quantizer='nncf', batch_nums=self.calib_images, verify_images=0,
-                  max_miou_drop=max_drop, num_images=self.num_images if max_drop else None)
+                  max_miou_drop=max_drop, num_images=self.num_images if max_drop else None,
+                  input_shape=self.export_shape)
         return out
 
     def recon(self, out: str) -> str:
@@ -97,7 +101,7 @@ class Steps:
         self._run('ptq', config=self.config, model_path=self.model_path, save_dir=out,
                   batch_nums=self.calib_images, batch_size=1, verify_images=0,
                   device=self.device, to_onnx=self._onnx(), recon='region',
-                  recon_epochs=RECON_EPOCHS)
+                  recon_epochs=RECON_EPOCHS, input_shape=self.export_shape)
         return out
 
     def skip_set(self, out: str, max_drop: float, backend: str) -> Optional[str]:
@@ -107,7 +111,7 @@ class Steps:
         self._run('analysis', config=self.config, model_path=self.model_path,
                   save_dir=analysis, max_miou_drop=max_drop, backend=backend,
                   num_images=self.num_images or len(self.val_set()),
-                  calib_images=self.calib_images)
+                  calib_images=self.calib_images, input_shape=self.export_shape)
         with open(os.path.join(analysis, 'sensitivity.json')) as f:
             if not json.load(f)['skip']:
                 return None
@@ -128,7 +132,8 @@ class Steps:
         best_iter = read_state(self.checkpoint(out, iters))[0]['best_iter']
         self._run('qat_export', config=self.config,
                   model_path=os.path.join(train_dir, 'best_model', 'model.pdparams'),
-                  save_dir=os.path.join(out, 'infer'), verify_images=0, to_onnx=self._onnx())
+                  save_dir=os.path.join(out, 'infer'), verify_images=0, to_onnx=self._onnx(),
+                  input_shape=self.export_shape)
         return os.path.join(out, 'infer'), best_iter
 
     def checkpoint(self, out: str, iters: int) -> str:

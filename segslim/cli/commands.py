@@ -253,6 +253,7 @@ def ptq() -> Tuple[argparse.ArgumentParser, Main]:
                    help='compare the INT8 engine with the FP32 engine on this many val images '
                         '(0: skip)')
     flags.add_rounding_args(p)
+    flags.add_input_shape(p, 'the FP32 export it quantizes (with --model_path)')
     flags.add_to_onnx(p)
     flags.add_cpu_threads(p)
     return p, lazy('segslim.cli.workflows', 'run_ptq')
@@ -278,6 +279,7 @@ def analysis() -> Tuple[argparse.ArgumentParser, Main]:
     p.add_argument('--backend', choices=BACKEND_NAMES, default='paddle',
                    help='the CPU engine --max_miou_drop is checked on: paddle (Paddle '
                         'Inference, oneDNN), openvino, or onnxruntime (on the --to_onnx file)')
+    flags.add_input_shape(p, 'the FP32 and INT8 exports the engine check runs')
     flags.add_cpu_threads(p)
     return p, lazy('segslim.cli.workflows', 'run_analysis')
 
@@ -300,8 +302,11 @@ def auto_quant() -> Tuple[argparse.ArgumentParser, Main]:
                    help='val images each check runs on (default: all)')
     p.add_argument('--calib_images', type=flags.positive_int, default=CALIBRATION_IMAGES,
                    help='train images that calibrate PTQ')
-    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=list(TIMING_SHAPE),
-                   metavar=('N', 'C', 'H', 'W'), help='timing input (as benchmark.py)')
+    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=None,
+                   metavar=('N', 'C', 'H', 'W'),
+                   help='timing input (as benchmark.py; default --export_shape, else '
+                        + ' '.join(map(str, TIMING_SHAPE)) + ')')
+    flags.add_export_shape(p)
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=flags.positive_int,
                    default=EngineOptions.cpu_threads, help='CPU threads of every engine')
     p.add_argument('--resume', action='store_true',

@@ -7,7 +7,7 @@ README.md ("Coming from PaddleSeg") lists where a default differs on purpose.
 import argparse
 import os
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.deploy.results import Precision
@@ -172,10 +172,38 @@ def add_export_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help='same as --output_op softmax (wins over --output_op, as upstream)')
     p.add_argument('--without_argmax', action='store_true',
                    help='same as --output_op none (wins over --output_op, as upstream)')
-    p.add_argument('--input_shape', nargs='+', type=int, default=None,
-                   metavar='N C H W', help='fixed input shape, e.g. 1 3 512 512 (default dynamic)')
+    add_input_shape(p)
     add_to_onnx(p)
     return p
+
+
+def add_input_shape(p: argparse.ArgumentParser, what: str = 'the exported model') -> None:
+    """--input_shape: a fixed input shape of what the command exports (default dynamic)."""
+    p.add_argument('--input_shape', nargs='+', type=int, default=None, metavar='N C H W',
+                   help=f'fixed input shape of {what}, e.g. 1 3 512 512 (default dynamic; '
+                        'the ONNX of a model with adaptive pooling, such as PP-LiteSeg, needs '
+                        'one)')
+
+
+def timing_shape(input_shape: Optional[Sequence[int]], export_shape: Optional[Sequence[int]],
+                 default: Sequence[int]) -> List[int]:
+    """The timing input of a command with --export_shape: --input_shape, else --export_shape,
+    else `default`. Models exported at a fixed shape run at that shape only."""
+    if input_shape and export_shape and list(input_shape) != list(export_shape):
+        raise UserError('--input_shape {} differs from --export_shape {}: the exported models '
+                        'take only that shape; drop --input_shape'.format(
+                            ' '.join(map(str, input_shape)), ' '.join(map(str, export_shape))))
+    return list(input_shape or export_shape or default)
+
+
+def add_export_shape(p: argparse.ArgumentParser) -> None:
+    """--export_shape of the commands that run others: every model they export takes this
+    fixed input shape (each command's --input_shape), and it is their default timing input."""
+    p.add_argument('--export_shape', nargs=4, type=positive_int, default=None,
+                   metavar=('N', 'C', 'H', 'W'),
+                   help='fixed input shape of every model exported (default dynamic; the ONNX '
+                        'of a model with adaptive pooling, such as PP-LiteSeg, needs one); '
+                        'also the default timing input')
 
 
 def add_to_onnx(p: argparse.ArgumentParser) -> None:

@@ -117,8 +117,10 @@ def compare_methods() -> Tuple[argparse.ArgumentParser, Main]:
                    help='train images that calibrate every PTQ and the peers')
     p.add_argument('--cpu_threads', '--threads', dest='cpu_threads', type=flags.positive_int,
                    default=EngineOptions.cpu_threads)
-    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=[1, 3, 128, 256],
-                   metavar=('N', 'C', 'H', 'W'), help='timing input')
+    p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=None,
+                   metavar=('N', 'C', 'H', 'W'),
+                   help='timing input (default --export_shape, else 1 3 128 256)')
+    flags.add_export_shape(p)
     p.add_argument('--repeats', type=flags.positive_int, default=5)
     return p, _compare
 

@@ -304,7 +304,7 @@ def run_ptq(args: argparse.Namespace) -> int:
             ckpt.load_weights(model, ckpt.weights_path(args.model_path, cfg, args.config))
             fp32_dir = os.path.join(tmp, 'fp32')
             export_inference_model(model, cfg, fp32_dir, output_op_of(
-                args.output_op, args.with_softmax, args.without_argmax))
+                args.output_op, args.with_softmax, args.without_argmax), args.input_shape)
         if nncf:
             from segslim.quant.nncf import nncf_quantize
             val = None if args.max_miou_drop is None else build_dataset(cfg, 'val_dataset')
@@ -343,7 +343,7 @@ def run_analysis(args: argparse.Namespace) -> int:
             import_openvino()
     paths = sensitivity.analyse(cfg, weights, args.config, args.save_dir, args.num_images,
                              args.calib_images, args.max_miou_drop, args.algo, args.device,
-                             args.backend)
+                             args.backend, args.input_shape)
     logger.info('Wrote %s, %s and %s', paths['md'], paths['png'], paths['yml'])
     return 0
 
@@ -366,8 +366,11 @@ def run_auto_quant(args: argparse.Namespace) -> int:
                         'installed: {}'.format(' '.join(missing), ' '.join(installed)))
     if (args.device or 'cpu') != 'cpu':
         raise UserError('auto-quant checks candidates on CPU engines; use --device cpu')
+    from segslim.cli.flags import timing_shape
+    from segslim.options import TIMING_SHAPE
     steps = aq.Steps(args.config, args.model_path, args.save_dir, backends, args.num_images,
                      args.cpu_threads, 'cpu', args.calib_images, args.opts or (),
-                     args.input_shape)
+                     timing_shape(args.input_shape, args.export_shape, TIMING_SHAPE),
+                     args.export_shape)
     return aq.AutoQuant(steps, args.save_dir, args.max_miou_drop, args.max_qat_iters,
                         resume=args.resume).run()

@@ -180,8 +180,9 @@ def export_onnx(model_dir: str, target: str = 'onnxruntime',
                 deploy, calibration_images))
         except GraphError as e:
             raise UserError(f'onnxruntime cannot run the ONNX graph paddle2onnx made of '
-                            f'{model_dir} ({e}); export with a fixed --input_shape N C H W '
-                            '(adaptive pooling converts only at a known size)') from e
+                            f'{model_dir} ({e}); export at a fixed input shape (--input_shape N '
+                            'C H W; --export_shape of auto_quant.py and compare_methods.py): '
+                            'adaptive pooling converts only at a known size') from e
         if stats['uncalibrated']:
             logger.warning('ONNX: %d conv outputs have no calibration images for their range, '
                            'so their convs run in float in onnxruntime; give the config a '

@@ -180,14 +180,14 @@ class PTQEngineCheck:
     def __init__(self, fp32_model: paddle.nn.Layer, cfg: Yaml, work_dir: str,
                  calib_paths: Sequence[str], qcfg: Yaml, dataset: SegDataset,
                  num_images: int, algo: str = 'abs_max', device: str = 'cpu',
-                 backend: str = 'paddle'):
+                 backend: str = 'paddle', input_shape: Optional[Sequence[int]] = None):
         from segslim.export import export_inference_model
         self.model, self.qcfg, self.dataset = fp32_model, qcfg, dataset
         self.paths, self.algo, self.device, self.n = list(calib_paths), algo, device, num_images
         self.backend = backend
         self.fp32_dir = os.path.join(work_dir, 'fp32')
         self.int8_dir = os.path.join(work_dir, 'int8')
-        export_inference_model(fp32_model, cfg, self.fp32_dir)
+        export_inference_model(fp32_model, cfg, self.fp32_dir, input_shape=input_shape)
         self.base = self._miou(self.fp32_dir, 'fp32')
 
     def _miou(self, model_dir: str, precision: str) -> float:
@@ -217,12 +217,14 @@ class PTQEngineCheck:
 
 def analyse(cfg: Yaml, weights: str, config: str, save_dir: str, num_images: int,
             calib_images: int, max_miou_drop: Optional[float], algo: str = 'abs_max',
-            device: str = 'cpu', backend: str = 'paddle') -> Dict[str, str]:
+            device: str = 'cpu', backend: str = 'paddle',
+            input_shape: Optional[Sequence[int]] = None) -> Dict[str, str]:
     """The sensitivity of every layer of the config's model with `weights`, and a skip list:
     with `max_miou_drop` the shortest one whose PTQ model meets it on the engine (`backend`,
     on CPU), else the
-    layers whose quantization alone costs DEFAULT_SKIP_DROP in simulation. Writes the
-    files of write_sensitivity and returns their paths."""
+    layers whose quantization alone costs DEFAULT_SKIP_DROP in simulation; the engine check's
+    exports take `input_shape` (None: dynamic). Writes the files of write_sensitivity and
+    returns their paths."""
     import tempfile
 
     from segslim import builder
@@ -258,7 +260,7 @@ def analyse(cfg: Yaml, weights: str, config: str, save_dir: str, num_images: int
     else:
         with tempfile.TemporaryDirectory(prefix='segslim-analysis-') as tmp:
             check = PTQEngineCheck(build(), cfg, tmp, paths, qcfg, val_ds, n, algo, device,
-                                   backend)
+                                   backend, input_shape)
             skip, steps = smallest_skip_set(probe, ranking, max_miou_drop, check)
         met = any(s['skip'] == len(skip) and s['engine_drop'] <= max_miou_drop for s in steps)
         note = ('Skip list: the shortest prefix of the ranking whose PTQ ({}) model stays '
