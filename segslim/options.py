@@ -36,6 +36,17 @@ INT8_LAYERS = ('auto', 'all')
 DEVICES = ('cpu', 'gpu', 'xpu', 'npu', 'mlu')
 
 
+def timing_shape(input_shape: Optional[Sequence[int]], export_shape: Optional[Sequence[int]],
+                 default: Sequence[int]) -> List[int]:
+    """The timing input of a command with --export_shape: --input_shape, else --export_shape,
+    else `default`. Models exported at a fixed shape run at that shape only."""
+    if input_shape and export_shape and list(input_shape) != list(export_shape):
+        raise UserError('--input_shape {} differs from --export_shape {}: the exported models '
+                        'take only that shape; drop --input_shape'.format(
+                            ' '.join(map(str, input_shape)), ' '.join(map(str, export_shape))))
+    return list(input_shape or export_shape or default)
+
+
 def check_max_miou_drop(value: float) -> None:
     """--max_miou_drop is a mIoU fraction: refused outside (0, 1). The one range check: the
     parsers' type (cli.miou_drop) and AutoQuant both call it."""

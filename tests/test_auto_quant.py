@@ -10,6 +10,7 @@ from conftest import INSTANT, assert_one_line_error, data_opts, make_row, run_cl
 from segslim.cli import commands, flags, tools  # noqa: F401 (registers make_demo_dataset)
 from segslim.cli.auto_quant import AutoQuant, Steps
 from segslim.errors import UserError
+from segslim.options import timing_shape
 
 FP32 = 0.90
 
@@ -386,6 +387,6 @@ def test_every_export_of_the_steps_takes_the_export_shape(monkeypatch, tmp_path)
     steps.nncf(str(tmp_path / 'nncf'))
     assert ran == [(c, [1, 3, 64, 64]) for c in ('export', 'ptq', 'ptq', 'ptq')]
     with pytest.raises(UserError, match='--input_shape 1 3 32 32 differs from --export_shape'):
-        flags.timing_shape([1, 3, 32, 32], [1, 3, 64, 64], (1, 3, 512, 512))
-    assert flags.timing_shape(None, [1, 3, 64, 64], (1, 3, 512, 512)) == [1, 3, 64, 64]
-    assert flags.timing_shape(None, None, (1, 3, 512, 512)) == [1, 3, 512, 512]
+        timing_shape([1, 3, 32, 32], [1, 3, 64, 64], (1, 3, 512, 512))
+    assert timing_shape(None, [1, 3, 64, 64], (1, 3, 512, 512)) == [1, 3, 64, 64]
+    assert timing_shape(None, None, (1, 3, 512, 512)) == [1, 3, 512, 512]

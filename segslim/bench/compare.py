@@ -302,12 +302,11 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
     of --backend."""
     from segslim._paddle import set_device
     from segslim.builder import build_dataset, num_classes_of
-    from segslim.cli.flags import timing_shape
     from segslim.config import load_config
     from segslim.deploy.benchmark import benchmark
     from segslim.deploy.engines import available_backends, importable
     from segslim.fileio import check_writable, write_text
-    from segslim.options import EngineOptions
+    from segslim.options import EngineOptions, timing_shape
     cfg = load_config(args.config, opts=args.opts,
                       required=('model', 'train_dataset', 'val_dataset'))
     if not os.path.isfile(args.model_path):

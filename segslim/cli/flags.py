@@ -7,7 +7,7 @@ README.md ("Coming from PaddleSeg") lists where a default differs on purpose.
 import argparse
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
 from segslim.deploy.engines import BACKEND_NAMES
 from segslim.deploy.results import Precision
@@ -183,17 +183,6 @@ def add_input_shape(p: argparse.ArgumentParser, what: str = 'the exported model'
                    help=f'fixed input shape of {what}, e.g. 1 3 512 512 (default dynamic; '
                         'the ONNX of a model with adaptive pooling, such as PP-LiteSeg, needs '
                         'one)')
-
-
-def timing_shape(input_shape: Optional[Sequence[int]], export_shape: Optional[Sequence[int]],
-                 default: Sequence[int]) -> List[int]:
-    """The timing input of a command with --export_shape: --input_shape, else --export_shape,
-    else `default`. Models exported at a fixed shape run at that shape only."""
-    if input_shape and export_shape and list(input_shape) != list(export_shape):
-        raise UserError('--input_shape {} differs from --export_shape {}: the exported models '
-                        'take only that shape; drop --input_shape'.format(
-                            ' '.join(map(str, input_shape)), ' '.join(map(str, export_shape))))
-    return list(input_shape or export_shape or default)
 
 
 def add_export_shape(p: argparse.ArgumentParser) -> None:

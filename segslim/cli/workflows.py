@@ -366,8 +366,7 @@ def run_auto_quant(args: argparse.Namespace) -> int:
                         'installed: {}'.format(' '.join(missing), ' '.join(installed)))
     if (args.device or 'cpu') != 'cpu':
         raise UserError('auto-quant checks candidates on CPU engines; use --device cpu')
-    from segslim.cli.flags import timing_shape
-    from segslim.options import TIMING_SHAPE
+    from segslim.options import TIMING_SHAPE, timing_shape
     steps = aq.Steps(args.config, args.model_path, args.save_dir, backends, args.num_images,
                      args.cpu_threads, 'cpu', args.calib_images, args.opts or (),
                      timing_shape(args.input_shape, args.export_shape, TIMING_SHAPE),
