@@ -199,6 +199,9 @@ def build_lr_scheduler(cfg: Yaml) -> paddle.optimizer.lr.LRScheduler:
         sched = cls(**lr_cfg)
     except TypeError as e:
         raise UserError(f'config key `lr_scheduler`: cannot build {lr_type} ({e})') from e
+    if warmup_iters and warmup_start >= lr_cfg['learning_rate']:
+        raise UserError(f'config key `lr_scheduler.warmup_start_lr` ({warmup_start}) must be '
+                        f'below `lr_scheduler.learning_rate` ({lr_cfg["learning_rate"]}); lower it')
     if warmup_iters:
         sched = paddle.optimizer.lr.LinearWarmup(sched, warmup_iters, warmup_start,
                                                  lr_cfg['learning_rate'])

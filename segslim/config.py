@@ -153,7 +153,14 @@ def load_config(path: str, iters: Optional[int] = None, batch_size: Optional[int
     if learning_rate is not None:
         _check_positive('--learning_rate', learning_rate)
         if isinstance(cfg.get('lr_scheduler'), dict):
-            cfg['lr_scheduler']['learning_rate'] = learning_rate
+            sched = cfg['lr_scheduler']
+            start, old = sched.get('warmup_start_lr'), sched.get('learning_rate')
+            if sched.get('warmup_iters') and isinstance(start, (int, float)) and \
+                    start >= learning_rate and isinstance(old, (int, float)) and old > 0:
+                # a warmup that would start at or above the new rate starts as far below it
+                # as below the config's own (QAT fine-tunes an AdamW config at a tenth)
+                sched['warmup_start_lr'] = start * learning_rate / old
+            sched['learning_rate'] = learning_rate
         else:
             cfg['learning_rate'] = {'value': learning_rate}
     for key, value in parse_opts(opts).items():

@@ -390,3 +390,16 @@ def test_every_export_of_the_steps_takes_the_export_shape(monkeypatch, tmp_path)
         timing_shape([1, 3, 32, 32], [1, 3, 64, 64], (1, 3, 512, 512))
     assert timing_shape(None, [1, 3, 64, 64], (1, 3, 512, 512)) == [1, 3, 64, 64]
     assert timing_shape(None, None, (1, 3, 512, 512)) == [1, 3, 512, 512]
+
+
+def test_qat_fine_tunes_adam_trained_configs_at_a_tenth_of_their_rate():
+    from conftest import ROOT
+
+    from segslim.config import load_config
+    from segslim.options import qat_learning_rate
+
+    def rate(name):
+        return qat_learning_rate(load_config(os.path.join(ROOT, 'configs', 'street', name)))
+    assert rate('bisenetv2_street_256x128.yml') == 0.001  # SGD: PaddleSeg's QAT rate
+    assert rate('pp_liteseg_stdc1_street_256x128.yml') == pytest.approx(1e-4)  # AdamW 0.001
+    assert rate('segformer_b0_street_256x128.yml') == pytest.approx(6e-5)  # AdamW 6e-4

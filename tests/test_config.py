@@ -55,6 +55,20 @@ def test_precedence_yaml_flags_opts():
     assert cfg['loss']['coef'] == [1, 1, 1, 1, 1]
 
 
+def test_a_learning_rate_at_the_warmup_start_moves_the_warmup_down(tmp_path):
+    from segslim.builder import build_lr_scheduler
+    street = os.path.join(os.path.dirname(QUICK), '..', 'street',
+                          'pp_liteseg_stdc1_street_256x128.yml')
+    # AdamW at 0.001 warming up from 1e-4; QAT at a tenth of it
+    cfg = load_config(street, learning_rate=1e-4)
+    assert cfg['lr_scheduler']['warmup_start_lr'] == pytest.approx(1e-5)
+    assert build_lr_scheduler(cfg).get_lr() == pytest.approx(1e-5)
+    assert load_config(street, learning_rate=5e-4)['lr_scheduler']['warmup_start_lr'] == 1e-4
+    write(tmp_path / 'w.yml', {'_base_': street, 'lr_scheduler': {'warmup_start_lr': 0.002}})
+    with pytest.raises(UserError, match='lr_scheduler.warmup_start_lr'):
+        build_lr_scheduler(load_config(str(tmp_path / 'w.yml')))
+
+
 def test_unknown_opts_key_names_it():
     with pytest.raises(UserError, match="unknown key 'modle'"):
         load_config(QUICK, opts=['modle.type=X'])

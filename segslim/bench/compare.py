@@ -19,7 +19,7 @@ from segslim.deploy.results import BenchRow, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json
 from segslim.logger import logger
-from segslim.options import RECON_EPOCHS
+from segslim.options import QAT_LEARNING_RATE, RECON_EPOCHS, qat_learning_rate
 
 TIMES = 'times.json'
 # the timing input without --input_shape or --export_shape: the street scenes' 256x128
@@ -42,6 +42,7 @@ class Setup:
     threads: int
     opts: Sequence[str] = ()
     export_shape: Optional[Sequence[int]] = None  # every export's fixed input (None: dynamic)
+    qat_lr: float = QAT_LEARNING_RATE  # options.qat_learning_rate of the config
 
     def folder(self, name: str) -> str:
         return os.path.join(self.work_dir, name)
@@ -70,7 +71,7 @@ def _qat(name: str, distill: bool) -> Callable[[Setup], List[Tuple[str, Given]]]
     def steps(s: Setup) -> List[Tuple[str, Given]]:
         train = os.path.join(s.folder(name), 'train')
         return [('qat_train', dict(config=s.config, model_path=s.model_path,
-                                   learning_rate=0.001, iters=s.qat_iters, do_eval=True,
+                                   learning_rate=s.qat_lr, iters=s.qat_iters, do_eval=True,
                                    save_interval=max(1, s.qat_iters // 4), seed=0,
                                    log_iters=50, distill=distill, save_dir=train)),
                 ('qat_export', dict(config=s.config,
@@ -320,7 +321,8 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
                   qat_iters=args.qat_iters, backends=backends, max_miou_drop=args.max_miou_drop,
                   onnx='onnxruntime' in backends and importable('paddle2onnx'),
                   calib_images=args.calib_images, threads=args.cpu_threads,
-                  opts=tuple(args.opts or ()), export_shape=args.export_shape)
+                  opts=tuple(args.opts or ()), export_shape=args.export_shape,
+                  qat_lr=qat_learning_rate(cfg))
     times = run_methods(setup, args.methods, step)
     peer_dirs, times = run_peers(setup, cfg) if args.peers else ([], times)
     labels = {setup.folder('fp32'): 'fp32',

@@ -36,6 +36,7 @@ from segslim.logger import logger
 from segslim.modeldir import update_deploy
 from segslim.options import (
     CALIBRATION_IMAGES,
+    QAT_LEARNING_RATE,
     RECON_EPOCHS,
     TIMING_SHAPE,
     check_max_miou_drop,
@@ -56,13 +57,15 @@ class Steps:
                  num_images: Optional[int], threads: int, device: str,
                  calib_images: int = CALIBRATION_IMAGES, opts: Sequence[str] = (),
                  shape: Sequence[int] = TIMING_SHAPE,
-                 export_shape: Optional[Sequence[int]] = None):
+                 export_shape: Optional[Sequence[int]] = None,
+                 qat_lr: float = QAT_LEARNING_RATE):
         self.config, self.model_path, self.save_dir = config, model_path, save_dir
         self.backends, self.num_images, self.threads = list(backends), num_images, threads
         self.device, self.calib_images, self.opts = device, calib_images, list(opts)
         self.shape = list(shape)
         # every model a step exports takes this fixed input shape (None: dynamic)
         self.export_shape = list(export_shape) if export_shape else None
+        self.qat_lr = qat_lr  # options.qat_learning_rate of the config
         self._val: Any = None
         self.nncf_ready = 'openvino' in self.backends and importable('nncf')
 
@@ -125,7 +128,7 @@ class Steps:
         train_dir = os.path.join(out, 'train')
         start = read_state(resume)[0]['iter'] if resume else 0
         self._run('qat_train', config=self.config, model_path=self.model_path,
-                  learning_rate=0.001, iters=iters, do_eval=True,
+                  learning_rate=self.qat_lr, iters=iters, do_eval=True,
                   save_interval=max(1, (iters - start) // QAT_EVALS_PER_ROUND),
                   distill=True, seed=0, save_dir=train_dir, log_iters=50,
                   resume_model=resume)

@@ -366,10 +366,10 @@ def run_auto_quant(args: argparse.Namespace) -> int:
                         'installed: {}'.format(' '.join(missing), ' '.join(installed)))
     if (args.device or 'cpu') != 'cpu':
         raise UserError('auto-quant checks candidates on CPU engines; use --device cpu')
-    from segslim.options import TIMING_SHAPE, timing_shape
+    from segslim.options import TIMING_SHAPE, qat_learning_rate, timing_shape
     steps = aq.Steps(args.config, args.model_path, args.save_dir, backends, args.num_images,
                      args.cpu_threads, 'cpu', args.calib_images, args.opts or (),
                      timing_shape(args.input_shape, args.export_shape, TIMING_SHAPE),
-                     args.export_shape)
+                     args.export_shape, qat_learning_rate(cfg))
     return aq.AutoQuant(steps, args.save_dir, args.max_miou_drop, args.max_qat_iters,
                         resume=args.resume).run()
