@@ -164,10 +164,10 @@ def time_interleaved(predictors: Sequence[EngineBase], batches: Sequence[np.ndar
                      warmup: int, repeats: int,
                      min_sample_s: float = MIN_SAMPLE_S) -> List[List[float]]:
     """Seconds per run of each predictor on its batch (`batches`: one per predictor),
-    `repeats` samples each. Every turn times each
-    engine's predictors in turns (machine noise that comes and goes hits all of them alike),
-    engine after engine with a pause of SETTLE_S between engines: an engine that ran before
-    keeps its threads spinning for a while, which would otherwise be charged to the next one.
+    `repeats` samples each. Every turn times each engine's predictors in turns (machine
+    noise that comes and goes hits all of them alike), engine after engine with a pause of
+    SETTLE_S between engines: an engine that ran before keeps its threads spinning for a
+    while, which would otherwise be charged to the next one.
     Each sample follows an untimed run of the same predictor, for the same reason within an
     engine, and is the mean of as many runs as fill `min_sample_s` at that untimed run's
     speed (one run of a light model is no longer than the machine's own hiccups)."""
