@@ -100,8 +100,9 @@ def bench_models(configs: Sequence[str], threads: int = 2, size: int = 512,
     this CPU's ceiling (segslim.bench.ceiling: the probe timed in the model's own turns).
     With `peers`, the engines' own quantizers (segslim.bench.peers) quantize the same FP32
     export on the same generated calibration images and are timed in the same run; every
-    row's agreement with the FP32 row is measured on other generated images. Each finished model is kept in `parts_dir`
-    (segslim.bench.parts): a rerun after a kill takes it instead of measuring again."""
+    row's agreement with the FP32 row is measured on other generated images. Each finished
+    model is kept in `parts_dir` (segslim.bench.parts): a rerun after a kill takes it
+    instead of measuring again."""
     reports = []
     cpu = cpu_features()
     settings = {'threads': threads, 'size': size, 'repeats': repeats, 'warmup': warmup,
