@@ -230,26 +230,32 @@ def goals(lines: Sequence[Line], max_drop: float, thin_drop: float = 0.015) -> L
         if auto is not None:
             ok = (within_bound(_miou(auto.fp32), _miou(auto.row), max_drop)
                   and auto.worst_thin_drop <= thin_drop)
-            out.append(f'{backend}: auto-quant {_pt(auto.drop)} pt below FP32, worst thin '
-                       f'class {_pt(auto.worst_thin_drop)} pt: {_met(ok)} (goal: <= '
-                       f'{100 * max_drop:.1f} pt, every thin class <= {100 * thin_drop:.1f} pt)')
+            out.append(f'{backend}: auto-quant {_vs_fp32(auto.drop)}, worst thin class '
+                       f'{_vs_fp32(auto.worst_thin_drop)}: {_met(ok)} (goal: <= '
+                       f'{100 * max_drop:.1f} pt below, every thin class <= '
+                       f'{100 * thin_drop:.1f} pt)')
         for worse, better, loss, what in (('ptq_abs_max', 'ptq_recon', 0.01, 'reconstruction'),
                                            ('qat', 'qat_distill', 0.005, '--distill')):
             a, b = by.get(worse), by.get(better)
             if a is None or b is None:
                 continue
             if a.drop < loss:
-                out.append(f'{backend}: {worse} loses {_pt(a.drop)} pt (< {100 * loss:.1f} pt): '
-                           f'the {what} goal does not apply')
+                out.append(f'{backend}: {worse} {_vs_fp32(a.drop)} (less than '
+                           f'{100 * loss:.1f} pt below): the {what} goal does not apply')
             else:
-                out.append(f'{backend}: {worse} loses {_pt(a.drop)} pt, {better} '
-                           f'{_pt(b.drop)} pt: {_met(b.drop <= a.drop / 2)} (goal: {what} '
+                out.append(f'{backend}: {worse} {_vs_fp32(a.drop)}, {better} '
+                           f'{_vs_fp32(b.drop)}: {_met(b.drop <= a.drop / 2)} (goal: {what} '
                            'recovers at least half)')
     return out
 
 
 def _pt(x: float) -> str:
     return f'{100 * x:+.2f}'
+
+
+def _vs_fp32(drop: float) -> str:
+    """'0.17 pt below FP32' for a drop of 0.0017, '0.05 pt above FP32' for -0.0005."""
+    return f'{100 * abs(drop):.2f} pt {"below" if drop >= 0 else "above"} FP32'
 
 
 def _duration(seconds: Optional[float]) -> str:
