@@ -200,7 +200,7 @@ def test_a_killed_zoo_benchmark_goes_on_from_the_models_it_finished(tmp_path, mo
     assert not os.path.exists(parts)
 
 
-def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch):
+def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     from segslim.bench import ceiling
@@ -211,9 +211,13 @@ def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch):
         asked.append(opts)
         return SimpleNamespace(int8_ran=True, ops=SimpleNamespace(int8_conv_ops=5, conv_ops=5))
     monkeypatch.setattr(ceiling, 'create_predictor', create_predictor)
-    monkeypatch.setattr(ceiling, 'time_interleaved',
-                        lambda preds, *a: [[2.0], [1.0], [1.5]][:len(preds)])
-    out = ceiling.measure_ceilings(['paddle'], EngineOptions(device='cpu', cpu_threads=1),
-                                   bf16=False)
-    assert out['paddle'].int8_x == 2.0
+    probe = ceiling.CeilingProbe(str(tmp_path), ['paddle'],
+                                 EngineOptions(device='cpu', cpu_threads=1), bf16=False)
     assert [(o.precision, o.int8_layers) for o in asked] == [('fp32', 'auto'), ('int8', 'all')]
+    # the turns a benchmark timed them in: FP32 over INT8 per turn 2, 4, 2
+    for companion, turns in zip(probe.companions, ([2.0, 8.0, 3.0], [1.0, 2.0, 1.5])):
+        assert companion.batch.shape == (1, 3, ceiling.SIDE, ceiling.SIDE)
+        companion.samples_s = turns
+    out = probe.ceilings()
+    assert out['paddle'].int8_x == 2.0 and out['paddle'].fp32_s == 3.0
+    assert out['paddle'].ran == '5/5 convs INT8' and out['paddle'].bf16_s is None

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from segslim.deploy.bench_report import BenchReport, Ceiling
-from segslim.deploy.benchmark import Companion, time_interleaved
+from segslim.deploy.benchmark import Companion
 from segslim.deploy.engines import BACKENDS, create_predictor
 from segslim.logger import logger
 from segslim.options import EngineOptions
@@ -72,7 +72,7 @@ class CeilingProbe:
     """The probe's FP32 and INT8 predictors (and bf16 where `bf16` and the engine has a bf16
     path) on every backend at opts.cpu_threads, made once from exports in `work_dir`. Timed
     as `companions` of a benchmark they share its turns, so the ceiling a model's rows are
-    set against was measured in the same minutes; `measure` times them alone."""
+    set against was measured in the same minutes."""
 
     def __init__(self, work_dir: str, backends: Sequence[str], opts: EngineOptions,
                  bf16: bool) -> None:
@@ -117,15 +117,6 @@ class CeilingProbe:
                         _x(out[backend].bf16_x), ran)
         return out
 
-    def measure(self, repeats: int = 10) -> Dict[str, Ceiling]:
-        """The probe timed alone (interleaved turns of its own)."""
-        companions = self.companions
-        times = time_interleaved([c.predictor for c in companions],
-                                 [c.batch for c in companions], 2, repeats)
-        for companion, secs in zip(companions, times):
-            companion.samples_s = secs
-        return self.ceilings()
-
 
 @contextlib.contextmanager
 def ceiling_probe(backends: Sequence[str], opts: EngineOptions,
@@ -133,13 +124,6 @@ def ceiling_probe(backends: Sequence[str], opts: EngineOptions,
     """A CeilingProbe whose exports live in a temporary folder while it is used."""
     with tempfile.TemporaryDirectory(prefix='segslim-ceiling-') as work:
         yield CeilingProbe(work, backends, opts, bf16)
-
-
-def measure_ceilings(backends: Sequence[str], opts: EngineOptions, bf16: bool,
-                     repeats: int = 10) -> Dict[str, Ceiling]:
-    """The probe on every backend, timed alone."""
-    with ceiling_probe(backends, opts, bf16) as probe:
-        return probe.measure(repeats)
 
 
 def apply_ceilings(report: BenchReport, ceilings: Dict[str, Ceiling]) -> None:
