@@ -100,21 +100,15 @@ class CeilingProbe:
         """Each engine's Ceiling from the turns its predictors were last timed in."""
         out: Dict[str, Ceiling] = {}
         for backend, parts in self.engines.items():
-            turns = {p: tuple(c.samples_s) for p, c in parts.items()}
             int8 = parts['int8'].predictor
-            ran = f'{int8.ops.int8_conv_ops}/{int8.ops.conv_ops} convs INT8'
-            int8_turns = turns['int8'] if int8.int8_ran else ()
-            bf16_turns = turns.get('bf16', ())
-
-            def median(t: Sequence[float]) -> Optional[float]:
-                return float(np.median(t)) if t else None
-            out[backend] = Ceiling(backend, float(np.median(turns['fp32'])), median(int8_turns),
-                                   median(bf16_turns), ran, fp32_samples=turns['fp32'],
-                                   int8_samples=int8_turns, bf16_samples=bf16_turns)
+            out[backend] = Ceiling.from_turns(
+                backend, f'{int8.ops.int8_conv_ops}/{int8.ops.conv_ops} convs INT8',
+                parts['fp32'].samples_s, parts['int8'].samples_s if int8.int8_ran else (),
+                parts['bf16'].samples_s if 'bf16' in parts else ())
             logger.info('CPU ceiling on %s (%d 3x3 convs, %d channels, %dx%d, %d threads): '
                         'INT8 %s, bf16 %s of FP32 (%s)', BACKENDS[backend].label, CONVS,
                         CHANNELS, SIDE, SIDE, self.threads, _x(out[backend].int8_x),
-                        _x(out[backend].bf16_x), ran)
+                        _x(out[backend].bf16_x), out[backend].ran)
         return out
 
 

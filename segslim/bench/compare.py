@@ -23,7 +23,7 @@ from segslim.options import QAT_LEARNING_RATE, RECON_EPOCHS, qat_learning_rate
 
 TIMES = 'times.json'
 # the timing input without --input_shape or --export_shape: the street scenes' 256x128
-TIMING_SHAPE = (1, 3, 128, 256)
+STREET_SHAPE = (1, 3, 128, 256)
 
 Given = Dict[str, object]
 
@@ -320,7 +320,7 @@ def run_compare(args: argparse.Namespace, step: Step) -> int:
         raise UserError(f'--model_path {args.model_path}: no such file (train.py writes '
                         '<save_dir>/best_model/model.pdparams)')
     check_writable(args.save_dir)
-    shape = timing_shape(args.input_shape, args.export_shape, TIMING_SHAPE)
+    shape = timing_shape(args.input_shape, args.export_shape, STREET_SHAPE)
     classes, thin = class_names(num_classes_of(cfg), args.thin)
     backends = list(dict.fromkeys(args.backend or available_backends()))
     setup = Setup(config=args.config, model_path=args.model_path, work_dir=args.save_dir,

@@ -91,7 +91,7 @@ def bench_models() -> Tuple[argparse.ArgumentParser, Main]:
 
 @register
 def compare_methods() -> Tuple[argparse.ArgumentParser, Main]:
-    from segslim.bench.compare import METHOD_NAMES
+    from segslim.bench.compare import METHOD_NAMES, STREET_SHAPE
     p = make_parser('Every quantization method (PTQ with each activation algorithm, '
                     'reconstruction PTQ, QAT with and without distillation, auto-quant) and '
                     'the engines\' own quantizers on one trained model: mIoU, thin classes, '
@@ -119,7 +119,8 @@ def compare_methods() -> Tuple[argparse.ArgumentParser, Main]:
                    default=EngineOptions.cpu_threads)
     p.add_argument('--input_shape', nargs=4, type=flags.positive_int, default=None,
                    metavar=('N', 'C', 'H', 'W'),
-                   help='timing input (default --export_shape, else 1 3 128 256)')
+                   help='timing input (default --export_shape, else '
+                        + ' '.join(map(str, STREET_SHAPE)) + ')')
     flags.add_export_shape(p)
     p.add_argument('--repeats', type=flags.positive_int, default=5)
     return p, _compare

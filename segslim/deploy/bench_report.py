@@ -5,6 +5,8 @@ our INT8 against the engines' own quantizers. JSON of a report is written here
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from segslim.deploy.results import BenchRow, JsonValue, paired_ratio, row_ratio
 
 # The engines' own quantizers a benchmark times beside ours (segslim.bench.peers), by the name
@@ -69,6 +71,15 @@ class Ceiling:
     fp32_samples: Tuple[float, ...] = ()
     int8_samples: Tuple[float, ...] = ()
     bf16_samples: Tuple[float, ...] = ()
+
+    @classmethod
+    def from_turns(cls, backend: str, ran: str, fp32: Sequence[float], int8: Sequence[float],
+                   bf16: Sequence[float]) -> 'Ceiling':
+        """From each precision's timed turns, its time their median (no turns: not run)."""
+        def median(turns: Sequence[float]) -> Optional[float]:
+            return float(np.median(turns)) if len(turns) else None
+        return cls(backend, float(np.median(fp32)), median(int8), median(bf16), ran,
+                   tuple(fp32), tuple(int8), tuple(bf16))
 
     def turns(self, precision: str) -> Sequence[float]:
         """The timed turns of 'fp32', 'int8' or 'bf16' (its time alone without them)."""

@@ -121,7 +121,7 @@ def _region_by_region(base: Any) -> Any:
                 paddle.static.Program = original
 
         def _run(self) -> Any:
-            self.diverged: List[str] = []  # weights of regions whose learning gave NaN
+            from paddle.static.quantization import utils
             self._preprocess()
             began = time.monotonic()
             for k, (start, end) in enumerate(self._regions):
@@ -139,19 +139,18 @@ def _region_by_region(base: Any) -> Any:
                         learning_rate=self._lr,
                         parameters=[block.var(n + '.alpha') for n in names]).minimize(total)
                 self._exe.run(startup)
-                start_alpha = {n: _load(self._scope, n + '.alpha') for n in names}
+                initial = {n: np.array(utils.load_variable_data(self._scope, n + '.alpha'))
+                           for n in names}
                 for _ in range(self._epochs):
                     for i, data in enumerate(self._data_loader()):
                         self._exe.run(program, feed=data, fetch_list=[total.name],
                                       use_prune=True)
                         if i + 1 == self._num_iterations:
                             break
-                diverged = [n for n in names
-                            if not np.isfinite(_load(self._scope, n + '.alpha')).all()]
-                if diverged:  # its start: round to nearest once saved
+                if not all(np.isfinite(utils.load_variable_data(self._scope, n + '.alpha')).all()
+                           for n in names):  # back to its start: round to nearest once saved
                     for n in names:
-                        _store(self._scope, self._place, n + '.alpha', start_alpha[n])
-                    self.diverged += list(names)
+                        utils.set_variable_data(self._scope, self._place, n + '.alpha', initial[n])
                     logger.warning('Reconstruction: region %d of %d (%s) diverged (its '
                                    'rounding became NaN); its weights keep round-to-nearest',
                                    k + 1, len(self._regions), ', '.join(names))
@@ -163,16 +162,6 @@ def _region_by_region(base: Any) -> Any:
                 self._bias_correction_w()
             return self._program, self._scale_dict
     return RegionByRegion
-
-
-def _load(scope: Any, name: str) -> np.ndarray:
-    from paddle.static.quantization import utils
-    return np.array(utils.load_variable_data(scope, name))
-
-
-def _store(scope: Any, place: Any, name: str, value: np.ndarray) -> None:
-    from paddle.static.quantization import utils
-    utils.set_variable_data(scope, place, name, value)
 
 
 def _indexed_regions(base: Any) -> Any:
