@@ -140,6 +140,80 @@ def test_summary_puts_each_model_against_its_own_probe():
     assert 'best unquantized 3.60x (from 3.20x to 4.00x between models)' in text
 
 
+def test_openvino_layers_by_kind_and_what_int8_can_gain():
+    from segslim.deploy.profile import attainable_gain, openvino_kind, time_shares
+    assert openvino_kind('Convolution', 'brgconv_avx512_amx_1x1_i8') == 'convolution int8'
+    assert openvino_kind('GroupConvolution', 'brgconv_avx512_dw_bf16') == 'convolution bf16'
+    assert openvino_kind('Convolution', 'brgconv_avx512_amx_I8') == 'convolution int8'
+    assert openvino_kind('FullyConnectedQuantizedLegacy', 'brgemm_avx512_amx_i8') == \
+        'matmul int8'
+    assert openvino_kind('Interpolate', 'jit_avx512_bf16') == 'resampling'
+    assert openvino_kind('Transpose', 'unknown_i8') == 'layout'
+    assert openvino_kind('Bucketize', 'ref_f32') == 'bucketize'
+    # half of the unquantized time in convs: with convs 2x faster, 1 / (0.5 + 0.25)
+    unquantized = {'by_kind': {'convolution bf16': 4.0, 'matmul bf16': 1.0, 'resampling': 3.0},
+                   'native_ms': 2.0, 'total_ms': 10.0}
+    assert attainable_gain(unquantized, 2.0) == pytest.approx(1 / 0.75)
+    assert attainable_gain(unquantized, 1.0) == pytest.approx(1.0)
+    shares = time_shares(unquantized)
+    assert shares['float convs, matmuls'] == pytest.approx(0.5)
+    assert (shares['resize'], shares['other']) == pytest.approx((0.3, 0.2))
+
+
+def test_the_gain_profile_is_of_the_fastest_rows_against_the_models_probe(monkeypatch):
+    from segslim.bench import models
+    from segslim.deploy.bench_report import Ceiling
+    rows = [make_row('fp32', 'fp32', 4.0), make_row('int8', 'int8', 2.0, int8_convs=4),
+            make_row('fp32', 'bf16', 3.0, backend='openvino'),
+            make_row('int8', 'int8', 1.5, backend='openvino', int8_convs=4),
+            make_row('fp32', 'fp32', 2.5, backend='onnxruntime')]
+    report = make_report(rows)
+    asked = []
+
+    def profile_row(row, threads, shape, runs):
+        asked.append((row.backend, row.precision.value))
+        compute = 6.0 if row.int8 else 8.0
+        return {'by_kind': {('convolution int8' if row.int8 else 'convolution bf16'): compute},
+                'native_ms': 2.0, 'total_ms': compute + 2.0}
+    monkeypatch.setattr(models, 'profile_row', profile_row)
+    assert models.gain_profile(report, 2, (1, 3, 64, 64), 3).attainable is None  # no probe
+    report.ceiling = {'openvino': Ceiling('openvino', 4.0, 1.0, 2.0, '5/5 convs INT8')}
+    prof = models.gain_profile(report, 2, (1, 3, 64, 64), 3)
+    assert asked[-2:] == [('openvino', 'int8'), ('onnxruntime', 'fp32')]
+    # the probe: best unquantized 2.0 (bf16) over INT8 1.0; 8 of 10 ms in convs
+    assert prof.attainable == pytest.approx(10.0 / (2.0 + 8.0 / 2.0))
+
+    def no_profiler(row, threads, shape, runs):
+        return None if row.backend == 'onnxruntime' else profile_row(row, threads, shape, runs)
+    monkeypatch.setattr(models, 'profile_row', no_profiler)
+    assert models.gain_profile(report, 2, (1, 3, 64, 64), 3) is None
+
+
+def test_summary_says_what_each_model_allows():
+    from segslim.bench.zoo_report import ZooResult, format_markdown, summary
+    from segslim.deploy.profile import GainProfile
+    results = []
+    for name, attainable in (('a', 2.0), ('b', None)):
+        rows = [make_row(name, 'fp32', 3.0), make_row(name, 'int8', 1.0, int8_convs=4)]
+        int8 = {'by_kind': {'convolution int8': 0.5, 'resampling': 0.25}, 'native_ms': 0.25,
+                'total_ms': 1.0, 'engine': 'paddle'}
+        unquantized = {'by_kind': {'convolution f32': 2.0}, 'native_ms': 1.0, 'total_ms': 3.0}
+        results.append(ZooResult(model=name, config=name + '.yml', report=make_report(rows),
+                                 gain_profile=GainProfile(int8, unquantized, attainable)))
+    summ = summary(results)
+    a, b = summ['rows']
+    assert a['best_int8_profile_ms'] == results[0].gain_profile.int8
+    assert a['best_unquantized_profile_ms'] == results[0].gain_profile.unquantized
+    assert (a['attainable_gain'], a['gain_of_attainable']) == (2.0, pytest.approx(1.5))
+    assert (b['attainable_gain'], b['gain_of_attainable']) == (None, None)
+    assert summ['geomean_gain_of_attainable'] == pytest.approx(1.5)
+    text = format_markdown(results)
+    assert has_row(text, 'a', 'Paddle Inference', '50%', '0%', '25%', '0%', '0%', '25%',
+                   '2.00x', '150%')
+    assert has_row(text, 'b', 'Paddle Inference', '50%', '0%', '25%', '0%', '0%', '25%',
+                   '-', '-')
+
+
 def test_ratios_pair_the_turns_of_one_run():
     from segslim.deploy.bench_report import Ceiling, int8_vs_best_unquantized
     from segslim.deploy.results import paired_ratio

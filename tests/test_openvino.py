@@ -354,3 +354,21 @@ def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkey
     load()
     load()
     assert len(calls) == 6
+
+
+def test_the_profile_of_an_int8_model_finds_its_int8_convs(exported):
+    """OpenVINO's per-node counters, grouped as oneDNN's verbose kinds: the QAT model's
+    convs read INT8, the FP32 model's read float, and the shares add up to the whole."""
+    from segslim.deploy.profile import TIME_GROUPS, profile_openvino, time_shares
+    int8 = profile_openvino(exported['int8'], 'fp32', 1, (1, 3, 64, 64), runs=2)
+    fp32 = profile_openvino(exported['fp32'], 'fp32', 1, (1, 3, 64, 64), runs=2)
+    assert int8['engine'] == 'openvino' and int8['wall_ms'] > 0
+    assert int8['by_kind'].get('convolution int8', 0) > 0
+    assert fp32['by_kind'].get('convolution f32', 0) > 0
+    assert not [k for k in fp32['by_kind'] if k.endswith(' int8')]
+    for prof in (int8, fp32):
+        shares = time_shares(prof)
+        assert list(shares) == list(TIME_GROUPS)
+        assert sum(shares.values()) == pytest.approx(1.0)
+    assert time_shares(int8)['INT8 convs, matmuls'] > 0
+    assert time_shares(fp32)['INT8 convs, matmuls'] == 0

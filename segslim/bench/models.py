@@ -20,9 +20,10 @@ from segslim.bench.peers import make_peers
 from segslim.bench.zoo_report import ZooResult
 from segslim.config import Yaml, load_config
 from segslim.data.demo import make_sample
+from segslim.deploy.bench_report import BenchReport
 from segslim.deploy.benchmark import benchmark
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.profile import profile_engine
+from segslim.deploy.profile import GainProfile, attainable_gain, profile_engine, profile_row
 from segslim.errors import UserError
 from segslim.export import export_inference_model
 from segslim.logger import logger, progress
@@ -161,9 +162,31 @@ def _bench_one(config: str, name: str, threads: int, size: int, repeats: int, wa
             failures.append(str(e))
         apply_ceilings(report, probe.ceilings())
         result = ZooResult(model=name, config=config, report=report, engine_failures=failures)
+        runs = max(3, repeats // 4)
         try:  # where the INT8 engine's time goes, in a child process
-            result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape,
-                                                 runs=max(3, repeats // 4))
+            result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape, runs)
         except RuntimeError as e:
             logger.warning('%s', e)
+        result.gain_profile = gain_profile(report, threads, shape, runs)
     return result
+
+
+def gain_profile(report: BenchReport, threads: int, shape: Sequence[int],
+                 runs: int) -> Optional[GainProfile]:
+    """Where the fastest INT8 row and the fastest unquantized row of `report` spend their
+    time, and the gain the second allows against the probe's ceiling; None when there is
+    no gain or one of the two engines has no profiler here."""
+    gain = report.gain()
+    if gain is None:
+        return None
+    try:
+        int8 = profile_row(gain.best_int8, threads, shape, runs)
+        unquantized = profile_row(gain.best_unquantized, threads, shape, runs)
+    except RuntimeError as e:
+        logger.warning('%s', e)
+        return None
+    if int8 is None or unquantized is None:
+        return None
+    ceiling = report.ceiling_gain
+    return GainProfile(int8, unquantized,
+                       attainable_gain(unquantized, ceiling) if ceiling else None)

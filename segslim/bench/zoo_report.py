@@ -11,7 +11,7 @@ from segslim.bench.peers import PEERS
 from segslim.deploy.bench_report import PEER_LABELS, BenchReport, Gain
 from segslim.deploy.benchmark import MIN_SAMPLE_S, SETTLE_S
 from segslim.deploy.engines import backend_label
-from segslim.deploy.profile import format_profile
+from segslim.deploy.profile import TIME_GROUPS, GainProfile, format_profile, time_shares
 from segslim.deploy.report import format_report, markdown_table
 from segslim.deploy.results import row_ratio
 from segslim.fileio import write_json, write_text
@@ -19,13 +19,15 @@ from segslim.fileio import write_json, write_text
 
 @dataclass
 class ZooResult:
-    """One zoo model's benchmark: its report, the engines that could not run it, and where
-    the Paddle INT8 engine's time goes (deploy.profile)."""
+    """One zoo model's benchmark: its report, the engines that could not run it, where the
+    Paddle INT8 engine's time goes, and where its fastest INT8 and unquantized rows' time
+    goes (deploy.profile)."""
     model: str
     config: str
     report: BenchReport
     engine_failures: List[str] = field(default_factory=list)
     int8_profile: Optional[Dict[str, Any]] = None
+    gain_profile: Optional[GainProfile] = None
 
 
 def summary(results: List[ZooResult]) -> Dict[str, Any]:
@@ -76,6 +78,12 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
         gain = rep.gain()
         row.update(gain.to_json() if gain else dict.fromkeys(Gain.KEYS))
         row['ceiling'] = rep.ceiling_json() if rep.ceiling else None  # timed in its turns
+        prof = res.gain_profile
+        row.update(best_int8_profile_ms=prof.int8 if prof else None,
+                   best_unquantized_profile_ms=prof.unquantized if prof else None,
+                   attainable_gain=prof.attainable if prof else None,
+                   gain_of_attainable=gain.gain / prof.attainable
+                   if gain and prof and prof.attainable else None)
         row.update(rep.peers_json())
         row['agreement'] = {
             f'{r.backend}_{r.precision.value}' + (f'_{r.rest}_rest' if r.rest else ''):
@@ -97,6 +105,8 @@ def summary(results: List[ZooResult]) -> Dict[str, Any]:
             'geomean_gain': geomean('gain'), 'geomean_gain_of_ceiling':
             geomean('gain_of_ceiling'), 'worst_gain_of_ceiling': min(
                 (r['gain_of_ceiling'] for r in rows if r.get('gain_of_ceiling')), default=None),
+            'geomean_attainable_gain': geomean('attainable_gain'),
+            'geomean_gain_of_attainable': geomean('gain_of_attainable'),
             'rows': rows,
             'geomean_speedup': geomean('speedup'),
             'geomean_speedup_vs_bf16': geomean('speedup_vs_bf16'),
@@ -200,6 +210,7 @@ def summary_markdown(summ: Dict[str, Any]) -> str:
                       if summ['geomean_gain_of_ceiling'] else '-',
                       f"{summ['worst_gain_of_ceiling']:.0%}"
                       if summ['worst_gain_of_ceiling'] else '-')]
+    lines += attainable_markdown(summ)
     lines += peers_markdown(summ)
     if summ['geomean_openvino_speedup']:
         lines += ['', '### OpenVINO (same exports, same process)', '',
@@ -253,6 +264,34 @@ def peers_markdown(summ: Dict[str, Any]) -> List[str]:
                 '{} {} (worst model {})'.format(
                     PEER_LABELS[n], f'{geo[n]:.2f}x' if geo.get(n) else '-',
                     f'{worst[n]:.2f}x' if worst.get(n) else '-') for n in names) + '.']
+
+
+def attainable_markdown(summ: Dict[str, Any]) -> List[str]:
+    """Where each model's fastest INT8 row spends its time and the gain its fastest
+    unquantized row allows (deploy.profile.attainable_gain)."""
+    rows = [r for r in summ['rows'] if r.get('best_int8_profile_ms')]
+    if not rows:
+        return []
+
+    def share(v):
+        return f'{v:.0%}'
+    table = []
+    for r in rows:
+        shares = time_shares(r['best_int8_profile_ms'])
+        table.append((r['model'], backend_label(r['best_int8_engine']),
+                      *(share(shares[g]) for g in TIME_GROUPS),
+                      f"{r['attainable_gain']:.2f}x" if r.get('attainable_gain') else '-',
+                      f"{r['gain_of_attainable']:.0%}" if r.get('gain_of_attainable') else '-'))
+    geo = summ.get('geomean_gain_of_attainable')
+    return ['', '### What each model allows', '',
+            'Where the fastest INT8 row spends its time (its engine\'s own per-layer times, in '
+            'a separate run), and "attainable": the gain INT8 would have if every conv and '
+            'matmul of the fastest unquantized row ran as much faster as the probe\'s convs '
+            'and nothing else changed (time outside them stays).', '',
+            markdown_table(('Model', 'INT8 row on', *TIME_GROUPS, 'attainable',
+                            'gain of attainable'),
+                           table), '',
+            'Geometric mean: gain {} of attainable.'.format(f'{geo:.0%}' if geo else '-')]
 
 
 def format_markdown(results: List[ZooResult]) -> str:
