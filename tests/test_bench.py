@@ -149,6 +149,7 @@ def test_openvino_layers_by_kind_and_what_int8_can_gain():
         'matmul int8'
     assert openvino_kind('Interpolate', 'jit_avx512_bf16') == 'resampling'
     assert openvino_kind('Transpose', 'unknown_i8') == 'layout'
+    assert openvino_kind('AdaptiveAvgPool', 'jit_avx512_f32') == 'pooling'
     assert openvino_kind('Bucketize', 'ref_f32') == 'bucketize'
     # half of the unquantized time in convs: with convs 2x faster, 1 / (0.5 + 0.25)
     unquantized = {'by_kind': {'convolution bf16': 4.0, 'matmul bf16': 1.0, 'resampling': 3.0},
