@@ -127,7 +127,28 @@ def test_peers_json_and_gain_leave_peer_rows_out():
     assert out['ours_vs_peers'] == {'nncf_openvino': pytest.approx(1.0 / 1.5),
                                     'paddleslim_ptq_paddle': 1.25}
     assert out['peer_agreement'] == {'nncf_openvino': 0.9, 'paddleslim_ptq_paddle': None}
-    assert 'ours 0.67x as fast' in format_report(report)
+    assert out['ours_vs_peers_range'] == {'nncf_openvino': None, 'paddleslim_ptq_paddle': None}
+    assert 'ours 0.67x as fast, agreement' in format_report(report)
+
+
+def test_ours_against_a_peer_is_the_median_turn_with_the_spread_of_the_turns():
+    """On a shared machine one run's ratio moves by several percent: the report gives the
+    median of the per-turn ratios and the lowest and highest single turn beside it."""
+    from segslim.bench.zoo_report import ZooResult, format_markdown
+    rows = [make_row('fp32', 'fp32', 3.0, backend='openvino'),
+            make_row('ours', 'int8', 1.0, backend='openvino', int8_convs=4),
+            make_row('nncf', 'int8', 1.0, backend='openvino', int8_convs=4)]
+    rows[2].peer = 'nncf_openvino'
+    rows[0].samples_s = [3.0, 3.0, 3.0]
+    rows[1].samples_s = [1.0, 2.0, 1.0]  # one slow turn of ours
+    rows[2].samples_s = [0.9, 2.2, 1.05]
+    report = make_report(rows)
+    peer = report.peers()[0]
+    assert peer.vs_ours == pytest.approx(1.05) and peer.vs_ours_range == pytest.approx((0.9, 1.1))
+    assert report.to_json()['ours_vs_peers_range'] == {'nncf_openvino': pytest.approx([0.9, 1.1])}
+    assert 'ours 1.05x as fast (single turns 0.90-1.10)' in format_report(report)
+    text = format_markdown([ZooResult('m', 'm.yml', report)])
+    assert has_row(text, 'm', '1000.0 ms, ours 1.05x (0.90-1.10)')
 
 
 def test_benchmark_py_peers_flag(exported, tmp_path):

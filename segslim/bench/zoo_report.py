@@ -248,9 +248,13 @@ def peers_markdown(summ: Dict[str, Any]) -> List[str]:
     def cell(r: Dict[str, Any], name: str) -> str:
         secs = (r.get('peers') or {}).get(f'{name}_s')
         vs = (r.get('ours_vs_peers') or {}).get(name)
+        spread = (r.get('ours_vs_peers_range') or {}).get(name)
         if not secs:
             return '-'
-        return f'{secs * 1000:.1f} ms, ours {vs:.2f}x' if vs else f'{secs * 1000:.1f} ms'
+        if not vs:
+            return f'{secs * 1000:.1f} ms'
+        return f'{secs * 1000:.1f} ms, ours {vs:.2f}x' + (
+            ' ({:.2f}-{:.2f})'.format(*spread) if spread else '')
     table = markdown_table(['Model'] + [f'{PEER_LABELS[n]} ({backend_label(PEERS[n].engine)})'
                                         for n in names],
                            ([r['model']] + [cell(r, n) for n in names] for r in summ['rows']))
@@ -259,7 +263,8 @@ def peers_markdown(summ: Dict[str, Any]) -> List[str]:
             'images, same run)', '',
             'Each peer as its documentation shows it (segslim.bench.peers); "ours Nx" is the '
             'peer\'s time over our fastest INT8 row on the same engine (above 1: ours is '
-            'faster).', '',
+            'faster), the median of the turns\' ratios, with the lowest and highest single '
+            'turn in brackets.', '',
             table, '', 'Geometric mean of ours over each peer: ' + ', '.join(
                 '{} {} (worst model {})'.format(
                     PEER_LABELS[n], f'{geo[n]:.2f}x' if geo.get(n) else '-',

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from segslim.deploy.results import BenchRow, JsonValue, paired_ratio, row_ratio
+from segslim.deploy.results import BenchRow, JsonValue, paired_ratio, row_ratio, turn_ratios
 
 # The engines' own quantizers a benchmark times beside ours (segslim.bench.peers), by the name
 # their keys in benchmark.json carry.
@@ -31,6 +31,11 @@ class PeerResult:
     @property
     def vs_ours(self) -> Optional[float]:
         return row_ratio(self.row, self.ours) if self.ours else None
+
+    @property
+    def vs_ours_range(self) -> Optional[Tuple[float, float]]:
+        """The lowest and highest vs_ours of a single turn."""
+        return turn_ratios(self.row, self.ours) if self.ours else None
 
 
 @dataclass(frozen=True)
@@ -159,10 +164,13 @@ class BenchReport:
 
     def peers_json(self) -> Dict[str, JsonValue]:
         """'peers': {<peer>_s: seconds per image}, 'ours_vs_peers': {<peer>: the peer's time
-        over ours}, 'peer_agreement': {<peer>: pixel agreement with the first row}."""
+        over ours}, 'ours_vs_peers_range': {<peer>: [lowest, highest] of a single turn},
+        'peer_agreement': {<peer>: pixel agreement with the first row}."""
         results = self.peers()
         return {'peers': {f'{p.name}_s': p.row.s_per_img for p in results},
                 'ours_vs_peers': {p.name: p.vs_ours for p in results},
+                'ours_vs_peers_range': {p.name: list(p.vs_ours_range) if p.vs_ours_range
+                                        else None for p in results},
                 'peer_agreement': {p.name: p.row.agreement for p in results}}
 
     def gain(self) -> Optional[Gain]:

@@ -204,6 +204,16 @@ def paired_ratio(slow: Sequence[float], fast: Sequence[float]) -> float:
     return float(np.median(slow) / np.median(fast))
 
 
+def turn_ratios(slow: BenchRow, fast: BenchRow) -> Optional[Tuple[float, float]]:
+    """The lowest and highest per-turn ratio of two rows of one timing run (how far the
+    machine's noise moved the ratio that row_ratio takes the median of), None without
+    paired turns."""
+    if not slow.samples_s or len(slow.samples_s) != len(fast.samples_s):
+        return None
+    ratios = np.asarray(slow.samples_s) / np.asarray(fast.samples_s)
+    return float(ratios.min()), float(ratios.max())
+
+
 def row_ratio(slow: BenchRow, fast: BenchRow) -> float:
     """paired_ratio of two rows of one timing run (their s_per_img without samples)."""
     return paired_ratio(slow.samples_s or [slow.s_per_img], fast.samples_s or [fast.s_per_img])
