@@ -134,10 +134,9 @@ def peer_lines(report: BenchReport) -> List[str]:
             parts.append(f'{head} (no INT8 row of ours there){agree}')
         else:
             spread = peer.vs_ours_range
+            turns = ' (single turns {:.2f}-{:.2f})'.format(*spread) if spread else ''
             parts.append(f'{head}, ours {1000 * peer.ours.s_per_img:.1f} ms: ours '
-                         f'{peer.vs_ours or 0.0:.2f}x as fast' + (
-                             ' (single turns {:.2f}-{:.2f})'.format(*spread) if spread
-                             else '') + agree)
+                         f'{peer.vs_ours or 0.0:.2f}x as fast{turns}{agree}')
     if not parts:
         return []
     return ['Peers (the engines\' own quantizers on the same FP32 export and calibration '
