@@ -128,6 +128,65 @@ def test_ptq_bad_inputs_are_one_line(exported, tmp_path):
     assert_one_line_error(proc, '--to_onnx', 'paddle2onnx')
 
 
+def test_avg_calibration_of_a_model_that_reshapes_by_its_own_shape(tmp_path):
+    """SegFormer's `reshape([paddle.shape(x)[0], ...])` gives Paddle's PTQ a 0-d integer
+    `slice` output to observe: the avg algorithm fails on it unless only float activations
+    are calibrated."""
+    from paddleslim.quant import quant_post_static
+
+    from segslim._paddle import paddle
+    from segslim.quant.calibration import paddle_calibration
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data('x', [-1, 3, 4, 4], 'float32')
+            rows = paddle.reshape(x, [paddle.shape(x)[0], 48])
+            out = paddle.static.nn.fc(rows, 5)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle.static.save_inference_model(str(tmp_path / 'fp32' / 'model'), [x], [out], exe,
+                                           program=main)
+        images = paddle.io.DataLoader(np.random.RandomState(0).rand(4, 3, 4, 4).astype('float32'),
+                                      batch_size=2, collate_fn=lambda b: {'x': np.stack(b)})
+
+        def quantize(save):
+            quant_post_static(executor=exe, model_dir=str(tmp_path / 'fp32'),
+                              quantize_model_path=str(tmp_path / save),
+                              data_loader=images, model_filename='model.pdmodel',
+                              params_filename='model.pdiparams', batch_nums=2, algo='avg',
+                              onnx_format=True)
+        if paddle.__version__.startswith('2.'):  # 3.2's PIR program stacks the shape first
+            with pytest.raises(IndexError):
+                quantize('plain')
+        with paddle_calibration():
+            quantize('int8')
+        program, _, _ = paddle.static.load_inference_model(str(tmp_path / 'int8' / 'model'), exe)
+        assert 'quantize_linear' in {op.type for op in program.global_block().ops}
+    finally:
+        paddle.disable_static()
+
+
+@pytest.mark.parametrize('bins, bits', [(512, 8), (100, 8), (300, 4)])
+def test_kl_thresholds_are_paddles(bins, bits):
+    """The numpy KL search picks Paddle's bin: heavy and light tails, empty bins, counts as
+    int64 and float32, and histograms with fewer bins than levels."""
+    from paddle.static.quantization.cal_kl_threshold import cal_kl_threshold
+
+    from segslim.quant.calibration import kl_threshold
+    rs = np.random.RandomState(bins + bits)
+    for case in range(8):
+        x = np.abs(rs.standard_t(2 + case, size=20000)) * rs.rand()
+        if case % 3 == 0:
+            x[rs.rand(x.size) < 0.4] = 0
+        if case % 4 == 1:
+            x = x ** 3
+        hist, edges = np.histogram(x, bins=bins)
+        hist = hist.astype(np.float32) if case % 2 else hist
+        width = float(edges[1] - edges[0])
+        assert kl_threshold(hist, width, bits) == cal_kl_threshold(hist, width, bits), case
+
+
 
 def inference_weights(model_dir):
     """{name: array} of an inference model's persistable variables."""

@@ -26,6 +26,7 @@ from segslim.program import (
     program_input_names,
     read_program,
 )
+from segslim.quant.calibration import paddle_calibration
 from segslim.quant.qat import log_quant_summary, quant_plan
 from segslim.quant.rounding import learned_rounding
 
@@ -165,7 +166,8 @@ def post_training_quantize(fp32_dir: str, save_dir: str, image_paths: Sequence[s
                 activation_bits=qcfg['activation_bits'], weight_quantize_type=weight_type,
                 onnx_format=True, skip_tensor_list=list(skip_weights) or None,
                 bias_correction=rounding.bias_correction)
-            with quiet_native_output():  # PaddleSlim's progress bars and per-step logs
+            # PaddleSlim's progress bars and per-step logs
+            with quiet_native_output(), paddle_calibration():
                 if rounding.learned:
                     learned_rounding(common, rounding)
                 else:
