@@ -12,6 +12,8 @@ BRECQ region by region, QDrop), run on PaddleSlim's and Paddle's classes with th
 - regions are found on an index of each op's producers and consumers, built once; PaddleSlim
   scans every op of the program for each query, a cube of the op count (more than an hour
   on FCN-HRNetW18 without a region found, 55 s with the index);
+- ops whose gradient needs their XShape output (transposes and reshapes: SegFormer's
+  attention) get it back in each region's program, which an inference model has dropped;
 - each layer's rounding ops are built in a scratch program that names its variables from the
   model program's counter: PaddleSlim copies them into the model program by name, and Paddle 3
   counts names per program, so every scratch program would name its sigmoid
@@ -131,6 +133,7 @@ def _region_by_region(base: Any) -> Any:
                     if block.ops[i].type == 'fetch':
                         block._remove_op(i)
                 block.var(start).stop_gradient = True
+                _restore_xshapes(block)
                 names = self._region_weights_names[k]
                 loss = ReconstructionQuanterLoss(program=program, weight_region_names=names)
                 with paddle.static.program_guard(program, startup):
@@ -162,6 +165,24 @@ def _region_by_region(base: Any) -> Any:
                 self._bias_correction_w()
             return self._program, self._scale_dict
     return RegionByRegion
+
+
+# ops whose gradient reads the input's shape from an XShape output, which an inference model's
+# ops no longer have (SegFormer's attention transposes and reshapes)
+XSHAPE_OPS = ('transpose2', 'reshape2', 'squeeze2', 'unsqueeze2', 'flatten2',
+              'flatten_contiguous_range')
+
+
+def _restore_xshapes(block: Any) -> None:
+    """Gives each such op of `block` its XShape output back ((0, *input shape), as Paddle's
+    training programs have it), so that a region's backward can be built through it."""
+    for op in block.ops:
+        if op.type in XSHAPE_OPS and not ('XShape' in op.desc.output_names()
+                                          and op.desc.output('XShape')):
+            x = block.var(op.input('X')[0])
+            xshape = block.create_var(name=op.output('Out')[0] + '.xshape', dtype=x.dtype,
+                                      shape=[0] + list(x.shape), stop_gradient=True)
+            op.desc.set_output('XShape', [xshape.name])
 
 
 def _indexed_regions(base: Any) -> Any:
