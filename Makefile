@@ -102,11 +102,15 @@ street: install
 	done
 
 STREET_QAT_ITERS ?= 200
+# every street model is exported at the data's one size: PP-LiteSeg's adaptive pooling
+# converts to ONNX only at a fixed input
+STREET_SHAPE ?= 1 3 128 256
 street-compare: install
 	for m in $(STREET_MODELS); do \
 		$(PY) tools/compare_methods.py --config configs/street/$${m}_street_256x128.yml \
 			--model_path output/street/$$m/best_model/model.pdparams \
-			--qat_iters $(STREET_QAT_ITERS) --save_dir output/street/$$m/compare || exit 1; \
+			--qat_iters $(STREET_QAT_ITERS) --export_shape $(STREET_SHAPE) \
+			--save_dir output/street/$$m/compare || exit 1; \
 	done
 
 clean:

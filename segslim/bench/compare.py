@@ -19,7 +19,7 @@ from segslim.deploy.results import BenchRow, within_bound
 from segslim.errors import UserError
 from segslim.fileio import write_json
 from segslim.logger import logger
-from segslim.options import QAT_LEARNING_RATE, RECON_EPOCHS, qat_learning_rate
+from segslim.options import PTQ_ALGOS, QAT_LEARNING_RATE, RECON_EPOCHS, qat_learning_rate
 
 TIMES = 'times.json'
 # the timing input without --input_shape or --export_shape: the street scenes' 256x128
@@ -94,7 +94,6 @@ def _in(*parts: str) -> Callable[[Setup], str]:
     return lambda s: os.path.join(s.work_dir, *parts)
 
 
-PTQ_ALGOS = ('abs_max', 'avg', 'hist', 'KL', 'mse')
 METHODS: Tuple[Method, ...] = (
     *(Method(f'ptq_{a}', _ptq(a), _in(f'ptq_{a}')) for a in PTQ_ALGOS),
     Method('ptq_recon', _ptq('abs_max', recon='region', recon_epochs=RECON_EPOCHS),
