@@ -427,3 +427,40 @@ def test_skip_list_changes_what_qat_train_quantizes(analysed, tmp_path):
     summary = (tmp_path / 'q' / 'quant_summary.txt').read_text()
     for name in skip:
         assert re.search(re.escape(name) + r" +Conv2D +skipped: quant_config.skip", summary), name
+
+
+def test_region_programs_get_back_the_xshapes_their_backward_needs(tmp_path):
+    """An inference model's transposes and reshapes have lost their XShape outputs, without
+    which Paddle 2.6 cannot build their gradient (SegFormer's attention in a region)."""
+    from segslim._paddle import paddle
+    from segslim.quant.rounding import _restore_xshapes
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data('x', [2, 3, 4], 'float32')
+            y = paddle.reshape(paddle.transpose(paddle.static.nn.fc(x, 6, num_flatten_dims=2),
+                                                [0, 2, 1]), [2, 18])
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle.static.save_inference_model(str(tmp_path / 'model'), [x], [y], exe, program=main)
+
+        def gradient(restore):
+            program, _, fetches = paddle.static.load_inference_model(str(tmp_path / 'model'),
+                                                                     exe)
+            block = program.global_block()
+            if restore:
+                _restore_xshapes(block)
+            weight = next(v for n, v in block.vars.items() if n.endswith('w_0'))
+            with paddle.static.program_guard(program):
+                weight.stop_gradient = False
+                grad = paddle.static.gradients(paddle.mean(block.var(fetches[0].name)),
+                                               [weight])[0]
+            feed = {'x': np.ones((2, 3, 4), 'float32')}
+            return exe.run(program, feed=feed, fetch_list=[grad])[0]
+        if paddle.__version__.startswith('2.'):
+            with pytest.raises(RuntimeError, match='XShape'):
+                gradient(restore=False)
+        assert np.isfinite(gradient(restore=True)).all()
+    finally:
+        paddle.disable_static()
