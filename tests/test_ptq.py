@@ -167,6 +167,48 @@ def test_avg_calibration_of_a_model_that_reshapes_by_its_own_shape(tmp_path):
         paddle.disable_static()
 
 
+def test_graph_edits_without_scans_save_the_same_int8_program(tmp_path):
+    """Within paddle_calibration the quantize/dequantize pairs are linked without a scan of
+    the graph per edit: the same ops and the same outputs as PaddleSlim's own pass."""
+    from paddleslim.quant import quant_post_static
+
+    from segslim._paddle import paddle
+    from segslim.quant.calibration import paddle_calibration
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data('x', [-1, 3, 8, 8], 'float32')
+            y = paddle.static.nn.conv2d(paddle.nn.functional.relu(
+                paddle.static.nn.conv2d(x, 4, 3, padding=1)), 2, 3, padding=1)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        paddle.static.save_inference_model(str(tmp_path / 'fp32' / 'model'), [x], [y], exe,
+                                           program=main)
+        images = np.random.RandomState(0).rand(4, 3, 8, 8).astype('float32')
+        loader = paddle.io.DataLoader(images, batch_size=2, collate_fn=lambda b: {'x': np.stack(b)})
+
+        def quantize(save):
+            quant_post_static(executor=exe, model_dir=str(tmp_path / 'fp32'),
+                              quantize_model_path=str(tmp_path / save), data_loader=loader,
+                              model_filename='model.pdmodel', params_filename='model.pdiparams',
+                              batch_nums=2, algo='abs_max', onnx_format=True)
+            program, feeds, fetches = paddle.static.load_inference_model(
+                str(tmp_path / save / 'model'), exe)
+            def names(args):  # the saved output's name counts saves in this process
+                return tuple('out' if n.startswith('save_infer_model') else n for n in args)
+            ops = sorted((op.type, names(op.input_arg_names), names(op.output_arg_names))
+                         for op in program.global_block().ops)
+            return ops, exe.run(program, feed={feeds[0]: images}, fetch_list=fetches)[0]
+        plain_ops, plain_out = quantize('plain')
+        with paddle_calibration():
+            ops, out = quantize('ours')
+        assert 'quantize_linear' in {op[0] for op in ops} and ops == plain_ops
+        np.testing.assert_array_equal(out, plain_out)
+    finally:
+        paddle.disable_static()
+
+
 @pytest.mark.parametrize('bins, bits', [(512, 8), (100, 8), (300, 4)])
 def test_kl_thresholds_are_paddles(bins, bits):
     """The numpy KL search picks Paddle's bin: heavy and light tails, empty bins, counts as

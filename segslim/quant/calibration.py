@@ -1,7 +1,7 @@
 """Paddle's post-training calibration as segslim runs it (`paddle_calibration`).
 
-Two things differ from calling quant_post_static as it is, both in how activation scales
-are found, neither in what they are:
+Three things differ from calling quant_post_static as it is, none in the scales it finds
+or the program it saves:
 
 - **Float activations only.** Paddle observes the output of every op it can quantize or
   observe, `slice` among them. A model that takes its input's shape apart at run time
@@ -12,7 +12,12 @@ are found, neither in what they are:
   candidate clipping bins it builds the 127-level distribution bin by bin, about 2 s per
   activation of a 2048-bin histogram, so `--algo KL` took minutes on a model of a few
   hundred activations. `kl_threshold` computes the same divergences with arrays and picks
-  the same bin."""
+  the same bin.
+- **Graph edits without a scan per edit.** Inserting the quantize/dequantize pairs links
+  nodes with IrGraph.link_to and update_input_link, each of which first checks that its
+  nodes are in the graph by listing every node of it: quadratic in the graph's size, a
+  quarter of FCN-HRNetW18's PTQ time. The nodes come from the graph being edited, so the
+  edits run without that check."""
 import contextlib
 from typing import Any, Iterator
 
@@ -73,10 +78,25 @@ def paddle_calibration() -> Iterator[None]:
             if not dtype.startswith(('float', 'bfloat')):
                 self._quantized_act_var_name.discard(name)
                 self._zero_size_var_names.add(name)
+    from paddle.base.framework import IrGraph
+    original_link, original_update = IrGraph.link_to, IrGraph.update_input_link
+
+    def link_to(self: Any, node_in: Any, node_out: Any) -> None:
+        node_in.append_output(node_out)
+        node_out.append_input(node_in)
+
+    def update_input_link(self: Any, old: Any, new: Any, op_node: Any) -> None:
+        old.remove_output(op_node)
+        op_node.remove_input(old)
+        new.append_output(op_node)
+        op_node.append_input(new)
+        op_node.rename_input(old.name(), new.name())
     cls._collect_target_varnames = collect
     ptq_module.cal_kl_threshold = kl_threshold
+    IrGraph.link_to, IrGraph.update_input_link = link_to, update_input_link
     try:
         yield
     finally:
         cls._collect_target_varnames = original_collect
         ptq_module.cal_kl_threshold = original_kl
+        IrGraph.link_to, IrGraph.update_input_link = original_link, original_update
