@@ -128,40 +128,49 @@ def test_ptq_bad_inputs_are_one_line(exported, tmp_path):
     assert_one_line_error(proc, '--to_onnx', 'paddle2onnx')
 
 
+def tiny_quantizer(tmp_path, shape, build, algo):
+    """Saves the static model `build(x)` of a (-1, *shape) input (static mode on) and returns
+    (quantize, exe, images): quantize(folder) runs PaddleSlim's quant_post_static with `algo`
+    on 4 random images into tmp_path/folder and loads (program, feeds, fetches) from it."""
+    from paddleslim.quant import quant_post_static
+
+    from segslim._paddle import paddle
+    main, startup = paddle.static.Program(), paddle.static.Program()
+    with paddle.static.program_guard(main, startup):
+        x = paddle.static.data('x', [-1, *shape], 'float32')
+        y = build(x)
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    exe.run(startup)
+    paddle.static.save_inference_model(str(tmp_path / 'fp32' / 'model'), [x], [y], exe,
+                                       program=main)
+    images = np.random.RandomState(0).rand(4, *shape).astype('float32')
+    loader = paddle.io.DataLoader(images, batch_size=2, collate_fn=lambda b: {'x': np.stack(b)})
+
+    def quantize(save):
+        quant_post_static(executor=exe, model_dir=str(tmp_path / 'fp32'),
+                          quantize_model_path=str(tmp_path / save), data_loader=loader,
+                          model_filename='model.pdmodel', params_filename='model.pdiparams',
+                          batch_nums=2, algo=algo, onnx_format=True)
+        return paddle.static.load_inference_model(str(tmp_path / save / 'model'), exe)
+    return quantize, exe, images
+
+
 def test_avg_calibration_of_a_model_that_reshapes_by_its_own_shape(tmp_path):
     """SegFormer's `reshape([paddle.shape(x)[0], ...])` gives Paddle's PTQ a 0-d integer
     `slice` output to observe: the avg algorithm fails on it unless only float activations
     are calibrated."""
-    from paddleslim.quant import quant_post_static
-
     from segslim._paddle import paddle
     from segslim.quant.calibration import paddle_calibration
     paddle.enable_static()
     try:
-        main, startup = paddle.static.Program(), paddle.static.Program()
-        with paddle.static.program_guard(main, startup):
-            x = paddle.static.data('x', [-1, 3, 4, 4], 'float32')
-            rows = paddle.reshape(x, [paddle.shape(x)[0], 48])
-            out = paddle.static.nn.fc(rows, 5)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        paddle.static.save_inference_model(str(tmp_path / 'fp32' / 'model'), [x], [out], exe,
-                                           program=main)
-        images = paddle.io.DataLoader(np.random.RandomState(0).rand(4, 3, 4, 4).astype('float32'),
-                                      batch_size=2, collate_fn=lambda b: {'x': np.stack(b)})
-
-        def quantize(save):
-            quant_post_static(executor=exe, model_dir=str(tmp_path / 'fp32'),
-                              quantize_model_path=str(tmp_path / save),
-                              data_loader=images, model_filename='model.pdmodel',
-                              params_filename='model.pdiparams', batch_nums=2, algo='avg',
-                              onnx_format=True)
+        quantize, _, _ = tiny_quantizer(
+            tmp_path, (3, 4, 4),
+            lambda x: paddle.static.nn.fc(paddle.reshape(x, [paddle.shape(x)[0], 48]), 5), 'avg')
         if paddle.__version__.startswith('2.'):  # 3.2's PIR program stacks the shape first
             with pytest.raises(IndexError):
                 quantize('plain')
         with paddle_calibration():
-            quantize('int8')
-        program, _, _ = paddle.static.load_inference_model(str(tmp_path / 'int8' / 'model'), exe)
+            program, _, _ = quantize('int8')
         assert 'quantize_linear' in {op.type for op in program.global_block().ops}
     finally:
         paddle.disable_static()
@@ -170,39 +179,26 @@ def test_avg_calibration_of_a_model_that_reshapes_by_its_own_shape(tmp_path):
 def test_graph_edits_without_scans_save_the_same_int8_program(tmp_path):
     """Within paddle_calibration the quantize/dequantize pairs are linked without a scan of
     the graph per edit: the same ops and the same outputs as PaddleSlim's own pass."""
-    from paddleslim.quant import quant_post_static
-
     from segslim._paddle import paddle
     from segslim.quant.calibration import paddle_calibration
     paddle.enable_static()
     try:
-        main, startup = paddle.static.Program(), paddle.static.Program()
-        with paddle.static.program_guard(main, startup):
-            x = paddle.static.data('x', [-1, 3, 8, 8], 'float32')
-            y = paddle.static.nn.conv2d(paddle.nn.functional.relu(
-                paddle.static.nn.conv2d(x, 4, 3, padding=1)), 2, 3, padding=1)
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
-        paddle.static.save_inference_model(str(tmp_path / 'fp32' / 'model'), [x], [y], exe,
-                                           program=main)
-        images = np.random.RandomState(0).rand(4, 3, 8, 8).astype('float32')
-        loader = paddle.io.DataLoader(images, batch_size=2, collate_fn=lambda b: {'x': np.stack(b)})
+        quantize, exe, images = tiny_quantizer(
+            tmp_path, (3, 8, 8),
+            lambda x: paddle.static.nn.conv2d(paddle.nn.functional.relu(
+                paddle.static.nn.conv2d(x, 4, 3, padding=1)), 2, 3, padding=1), 'abs_max')
 
-        def quantize(save):
-            quant_post_static(executor=exe, model_dir=str(tmp_path / 'fp32'),
-                              quantize_model_path=str(tmp_path / save), data_loader=loader,
-                              model_filename='model.pdmodel', params_filename='model.pdiparams',
-                              batch_nums=2, algo='abs_max', onnx_format=True)
-            program, feeds, fetches = paddle.static.load_inference_model(
-                str(tmp_path / save / 'model'), exe)
-            def names(args):  # the saved output's name counts saves in this process
-                return tuple('out' if n.startswith('save_infer_model') else n for n in args)
+        def names(args):  # the saved output's name counts saves in this process
+            return tuple('out' if n.startswith('save_infer_model') else n for n in args)
+
+        def ops_and_output(save):
+            program, feeds, fetches = quantize(save)
             ops = sorted((op.type, names(op.input_arg_names), names(op.output_arg_names))
                          for op in program.global_block().ops)
             return ops, exe.run(program, feed={feeds[0]: images}, fetch_list=fetches)[0]
-        plain_ops, plain_out = quantize('plain')
+        plain_ops, plain_out = ops_and_output('plain')
         with paddle_calibration():
-            ops, out = quantize('ours')
+            ops, out = ops_and_output('ours')
         assert 'quantize_linear' in {op[0] for op in ops} and ops == plain_ops
         np.testing.assert_array_equal(out, plain_out)
     finally:
