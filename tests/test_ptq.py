@@ -196,9 +196,13 @@ def test_graph_edits_without_scans_save_the_same_int8_program(tmp_path):
             ops = sorted((op.type, names(op.input_arg_names), names(op.output_arg_names))
                          for op in program.global_block().ops)
             return ops, exe.run(program, feed={feeds[0]: images}, fetch_list=fetches)[0]
+        from paddle.base.framework import IrGraph
+        paddles_link = IrGraph.link_to
         plain_ops, plain_out = ops_and_output('plain')
         with paddle_calibration():
+            assert IrGraph.link_to is not paddles_link  # the edits without the scans ran
             ops, out = ops_and_output('ours')
+        assert IrGraph.link_to is paddles_link
         assert 'quantize_linear' in {op[0] for op in ops} and ops == plain_ops
         np.testing.assert_array_equal(out, plain_out)
     finally:
