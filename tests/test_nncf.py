@@ -107,3 +107,32 @@ def test_nncf_bad_inputs_are_one_line(exported, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'nncf', None)  # as if not installed
     proc = run_command('slim/quant/ptq.py', '--quantizer', 'nncf', *args)
     assert_one_line_error(proc, '--quantizer nncf', 'pip install')
+
+
+def test_nncf_is_told_a_transformer_is_one():
+    """NNCF's documentation asks for model_type=TRANSFORMER on transformers: a MatMul of two
+    computed tensors (attention) marks one; Linear layers' MatMuls of constants do not."""
+    import nncf
+    import openvino.opset13 as ops
+
+    from segslim.quant.nncf import nncf_model_type
+
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):  # fp16 weights behind a Convert, as a compressed IR stores them
+        return ops.convert(ops.constant(rng.standard_normal(shape).astype(np.float16)),
+                           'f32')
+
+    def model(attention):
+        x = ops.parameter([1, 6, 8], np.float32)
+        q, k = ops.matmul(x, weight(8, 8), False, False), ops.matmul(x, weight(8, 8), False,
+                                                                     False)
+        if attention:
+            out = ops.matmul(ops.softmax(ops.matmul(q, k, False, True), -1), x, False, False)
+        else:
+            out = ops.add(q, ops.matmul(k, ops.transpose(weight(8, 8), ops.constant(
+                np.array([1, 0]))), False, False))
+        return ov.Model([out], [x])
+
+    assert nncf_model_type(nncf, model(attention=True)) == nncf.ModelType.TRANSFORMER
+    assert nncf_model_type(nncf, model(attention=False)) is None

@@ -2,8 +2,9 @@
 it, on the same FP32 export and the same calibration images as our INT8 models, so that a
 benchmark times them beside ours in one run:
 
-- NNCF (OpenVINO): `nncf.quantize(model, nncf.Dataset(images))`, every setting its default,
-  saved with `openvino.save_model`;
+- NNCF (OpenVINO): `nncf.quantize(model, nncf.Dataset(images))`, every setting its default
+  but `model_type=nncf.ModelType.TRANSFORMER` for a transformer, as its documentation asks
+  (quant.nncf.nncf_model_type), saved with `openvino.save_model`;
 - onnxruntime: `quant_pre_process`, then `quantize_static` in QDQ format with per-channel
   weights, u8 activations and s8 weights (the x86 choice of its documentation);
 - PaddleSlim (Paddle Inference): `quant_post_static` with its defaults (hist activations,
@@ -46,20 +47,24 @@ class Peer:
         return PEER_LABELS[self.name]
 
 
-def _deploy_of(deploy: Deploy, peer: 'Peer', model: str, params: str,
-               images: int) -> Deploy:
+def _deploy_of(deploy: Deploy, peer: 'Peer', model: str, params: str, images: int,
+               **settings: str) -> Deploy:
     return quantized_deploy(deploy, model, params,
                             peer={'quantizer': peer.name, 'engine': peer.engine},
-                            calibration={'method': peer.name, 'images': images})
+                            calibration={'method': peer.name, 'images': images, **settings})
 
 
 def _nncf(deploy: Deploy, stage: str, batches: Sequence[np.ndarray]) -> Deploy:
     import nncf
     import openvino as ov
+
+    from segslim.quant.nncf import nncf_model_type
     model = ov.Core().read_model(deploy['model'], deploy['params'])
-    quantized = nncf.quantize(model, nncf.Dataset(list(batches)))
+    model_type = nncf_model_type(nncf, model)
+    quantized = nncf.quantize(model, nncf.Dataset(list(batches)), model_type=model_type)
     ov.save_model(quantized, os.path.join(stage, 'model.xml'))
-    return _deploy_of(deploy, PEERS['nncf_openvino'], 'model.xml', 'model.bin', len(batches))
+    return _deploy_of(deploy, PEERS['nncf_openvino'], 'model.xml', 'model.bin', len(batches),
+                      **({'model_type': model_type.value} if model_type else {}))
 
 
 def _onnxruntime(deploy: Deploy, stage: str,

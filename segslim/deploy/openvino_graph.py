@@ -262,6 +262,23 @@ def _through(node: Any, stop: str) -> Any:
     return node
 
 
+def multiplies_activations(model: Any) -> bool:
+    """Whether a MatMul of the model multiplies two computed tensors (neither input a
+    constant through WEIGHT_PATH_OPS): attention's scores and weighted sum, which mark a
+    transformer (SegFormer); a Linear layer's MatMul reads a constant."""
+    for op in model.get_ordered_ops():
+        if op.get_type_name() == 'MatMul' and not any(
+                _constant(op.input_value(i).get_node()) for i in range(2)):
+            return True
+    return False
+
+
+def _constant(node: Any) -> bool:
+    while node.get_type_name() in WEIGHT_PATH_OPS and node.get_input_size():
+        node = node.input_value(0).get_node()
+    return bool(node.get_type_name() == 'Constant')
+
+
 def seven_bit_weights(model: Any) -> int:
     """Requantizes the INT8 weights of the model's convolutions and matrix products to 7 bits
     (q -> round(q / 2), scale x 2); returns how many. For CPUs without VNNI, where OpenVINO's
