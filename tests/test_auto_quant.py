@@ -1,4 +1,5 @@
 """auto_quant.py: the decision over its steps (on fakes), one real run, resume, bad input."""
+import dataclasses
 import json
 import os
 import time
@@ -403,3 +404,23 @@ def test_qat_fine_tunes_adam_trained_configs_at_a_tenth_of_their_rate():
     assert rate('bisenetv2_street_256x128.yml') == 0.001  # SGD: PaddleSeg's QAT rate
     assert rate('pp_liteseg_stdc1_street_256x128.yml') == pytest.approx(1e-4)  # AdamW 0.001
     assert rate('segformer_b0_street_256x128.yml') == pytest.approx(6e-5)  # AdamW 6e-4
+
+
+def test_the_chosen_row_s_bf16_rest_is_written_for_its_engine(tmp_path):
+    """An INT8 row measured with its unquantized ops in bf16 is what the folder says, so the
+    engine runs best/ as the row that won (SegFormer-B0 lost 0.5 pt on OpenVINO with them
+    in f32, none in bf16)."""
+    class Bf16Rest(FakeSteps):
+        def bench(self, model_dirs):
+            rows = super().bench(model_dirs)
+            ptq = next(r for r in rows if r.model_dir.endswith('ptq'))
+            rows.append(dataclasses.replace(ptq, rest='bf16', s_per_img=ptq.s_per_img / 2))
+            return rows
+    mious = {'fp32': {'openvino': FP32}, 'ptq': {'openvino': FP32 - 0.001}}
+    ms = {'fp32': {'openvino': 40}, 'ptq': {'openvino': 20}}
+    for steps, rest in ((Bf16Rest(str(tmp_path / 'a'), mious, ms), 'bf16'),
+                        (FakeSteps(str(tmp_path / 'b'), mious, ms), None)):
+        run = tmp_path / f'run-{rest}'
+        assert AutoQuant(steps, str(run), 0.005, max_qat_iters=400).run() == 0
+        deploy = yaml.safe_load(open(run / 'best' / 'deploy.yaml'))['Deploy']
+        assert deploy['engine'] == 'openvino' and deploy.get('rest') == rest

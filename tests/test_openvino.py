@@ -372,3 +372,27 @@ def test_the_profile_of_an_int8_model_finds_its_int8_convs(exported):
         assert sum(shares.values()) == pytest.approx(1.0)
     assert time_shares(int8)['INT8 convs, matmuls'] > 0
     assert time_shares(fp32)['INT8 convs, matmuls'] == 0
+
+
+def test_a_folder_chosen_with_bf16_rest_runs_so(exported, tmp_path, monkeypatch):
+    """deploy.yaml `rest: bf16` (auto-quant's choice measured so) runs the unquantized ops in
+    bf16 by default on a bf16 CPU; elsewhere, or without the key, they stay f32."""
+    import shutil
+
+    from segslim.deploy import openvino_engine
+    from segslim.deploy.cpu import cpu_features
+    from segslim.modeldir import update_deploy
+    folder = str(tmp_path / 'best')
+    shutil.copytree(exported['int8'], folder)
+    update_deploy(folder, rest='bf16')
+    opts = EngineOptions(backend='openvino', input_shape=(1, 3, 64, 64), int8_layers='all')
+
+    def hint(model_dir):
+        pred = create_predictor(model_dir, opts)
+        return pred.rest, pred.properties['INFERENCE_PRECISION_HINT']
+    assert hint(exported['int8']) == (None, 'f32')
+    if cpu_features()['bf16']:
+        assert hint(folder) == ('bf16', 'bf16')
+    features = dict(cpu_features(), bf16=False)
+    monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: features)
+    assert hint(folder) == (None, 'f32')

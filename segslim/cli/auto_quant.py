@@ -347,7 +347,10 @@ class AutoQuant:
             partial = best + '.partial'  # a kill mid-copy leaves no half-written best/
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(choice.row.model_dir, partial)
-            update_deploy(partial, engine=choice.row.backend)
+            # the engine it was measured on, and its unquantized ops' precision where that
+            # row ran them in bf16 (the engine runs the folder so by default)
+            update_deploy(partial, engine=choice.row.backend,
+                          **({'rest': choice.row.rest} if choice.row.rest else {}))
             shutil.rmtree(best, ignore_errors=True)
             os.rename(partial, best)
             self.state['choice'] = {'candidate': choice.name, 'backend': choice.row.backend,

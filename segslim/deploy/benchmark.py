@@ -229,7 +229,8 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             # ops in bf16 where the engine can
             if opts.device == 'cpu' and bf16 and (
                     (i == 0 and opts.enable_mkldnn and not pred.quantized and
-                     BACKENDS[backend].bf16) or (pred.int8_ran and BACKENDS[backend].bf16_rest)):
+                     BACKENDS[backend].bf16) or (pred.int8_ran and BACKENDS[backend].bf16_rest
+                                                 and not pred.rest)):
                 runs.append(create_predictor(model_dir,
                                              dataclasses.replace(run_opts, precision='bf16')))
     batch = timing_batch(runs[0], dataset, shape)

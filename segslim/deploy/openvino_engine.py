@@ -69,7 +69,8 @@ class OpenVINOPredictor(EngineBase):
 
     FP32 models run with INFERENCE_PRECISION_HINT f32 (OpenVINO would otherwise run them in
     bf16 on bf16-capable CPUs) or bf16 when asked; a quantized model runs its FakeQuantize'd
-    ops in INT8 and the rest in f32, or in bf16 with --precision bf16 (`rest`). `engine` is
+    ops in INT8 and the rest in f32, or in bf16 (`rest`) with --precision bf16 or, on a bf16
+    CPU, when its deploy.yaml says `rest: bf16` (auto-quant's choice was measured so). `engine` is
     the runtime op summary of the last compiled shape. On CPUs without VNNI the INT8 weights
     run in 7 bits (seven_bit_weights; `seven_bit` says how many ops, `fallback` says so).
     """
@@ -110,10 +111,12 @@ class OpenVINOPredictor(EngineBase):
                 self.fallback = SEVEN_BIT_NOTE
         self.precision = Precision.INT8 if self.quantized else (
             Precision.BF16 if opts.precision == 'bf16' else Precision.FP32)
-        if self.quantized and opts.precision == 'bf16':
+        if self.quantized and (opts.precision == 'bf16' or (
+                self.deploy.get('rest') == 'bf16' and cpu_features()['bf16'])):
             self.rest = 'bf16'  # INT8 where quantized, every other op in bf16
         self.properties = {
-            'INFERENCE_PRECISION_HINT': 'bf16' if opts.precision == 'bf16' else 'f32',
+            'INFERENCE_PRECISION_HINT': 'bf16' if opts.precision == 'bf16' or self.rest
+            else 'f32',
             'INFERENCE_NUM_THREADS': int(opts.cpu_threads),
             'PERFORMANCE_HINT': 'LATENCY', 'NUM_STREAMS': 1}
         if self.quantized:
