@@ -323,7 +323,8 @@ def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkey
 
     def choose(present, build):
         calls.append(list(present))
-        return KindChoice(frozenset(present[:1]), {'none': 0.02, present[0]: 0.01})
+        return KindChoice(frozenset(present[:1]), {'none': 0.02, present[0]: 0.01},
+                          trials=[(present[0], 'none', 0.5)])
     monkeypatch.setattr(engine, 'choose_float_kinds', choose)
     monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(tmp_path / 'cache'))
 
@@ -337,6 +338,7 @@ def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkey
     second = load()
     assert len(calls) == 1  # not measured again
     assert second.kinds.float_kinds == first.kinds.float_kinds and second.kinds.cached
+    assert second.kinds.trials == first.kinds.trials and '0.50x of none' in second.fallback
     assert 'measured at an earlier load' in second.fallback
     load(threads=1)  # other settings: measured
     assert len(calls) == 2

@@ -183,6 +183,13 @@ def test_choose_float_kinds_keeps_int8_where_it_is_faster():
     assert choice.float_kinds == {'grouped'}
     assert set(choice.seconds) == {'none', 'grouped', 'grouped+pointwise', 'grouped+spatial'}
     assert choice.seconds['grouped'] < choice.seconds['none']
+    # each comparison as made: the variant, what it was timed against, their time ratio
+    assert [t[:2] for t in choice.trials] == [('grouped', 'none'), ('grouped+pointwise',
+                                                                    'grouped'),
+                                              ('grouped+spatial', 'grouped')]
+    ratios = {variant: ratio for variant, _, ratio in choice.trials}
+    assert ratios['grouped'] < 0.8 < 1.2 < ratios['grouped+spatial']
+    assert 'grouped {:.2f}x of none'.format(ratios['grouped']) in choice.describe()
     # a kind whose float variant is no faster than the model as quantized is not chosen
     flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: lambda: time.sleep(0.01))
     assert flat.float_kinds == frozenset() and not flat.describe()

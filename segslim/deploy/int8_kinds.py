@@ -18,7 +18,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,21 +51,27 @@ def conv_kind(groups: int, in_channels_per_group: int, out_channels_per_group: i
 
 @dataclass
 class KindChoice:
-    """What choose_float_kinds decided: the kinds run in float, and the seconds per run it
+    """What choose_float_kinds decided: the kinds run in float, the seconds per run it
     measured for each variant tried (by the kinds in float, sorted, joined by '+'; 'none'
-    for the model as quantized)."""
+    for the model as quantized; a variant timed twice keeps its last pair), and each
+    comparison in order: (variant, the variant it was timed against, the median of the
+    paired ratios of their times)."""
     float_kinds: FrozenSet[str] = frozenset()
     seconds: Dict[str, float] = field(default_factory=dict)
     # the cache file this choice was read from (None: measured in this process)
     cached: Optional[str] = None
+    trials: List[Tuple[str, str, float]] = field(default_factory=list)
 
     def describe(self) -> str:
         if not self.float_kinds:
             return ''
-        return '{} layers run in float: INT8 does not pay for them on this CPU ({}{})'.format(
-            ', '.join(sorted(self.float_kinds)), ', '.join(
-                f'{k} {1000 * s:.1f} ms' for k, s in self.seconds.items()),
-            f'; measured at an earlier load, kept in {self.cached}' if self.cached else '')
+        timed = ', '.join(f'{variant} {ratio:.2f}x of {base}'
+                          for variant, base, ratio in self.trials) or ', '.join(
+            f'{k} {1000 * s:.1f} ms' for k, s in self.seconds.items())
+        return '{} layers run in float: INT8 does not pay for them on this CPU ({}{}{})'.format(
+            ', '.join(sorted(self.float_kinds)),
+            'time of each variant over the one it was timed against: ' if self.trials else '',
+            timed, f'; measured at an earlier load, kept in {self.cached}' if self.cached else '')
 
 
 class ChoiceCache:
@@ -93,7 +99,9 @@ class ChoiceCache:
                 data = json.load(f)
             return KindChoice(frozenset(data['float_kinds']),
                               {str(k): float(v) for k, v in data['seconds'].items()},
-                              cached=self.path)
+                              cached=self.path,
+                              trials=[(str(v), str(b), float(r))
+                                      for v, b, r in data.get('trials', [])])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             logger.debug('INT8 per kind: ignoring %s (%s)', self.path, e)
             return None
@@ -105,7 +113,8 @@ class ChoiceCache:
             folder = os.path.dirname(self.path)
             os.makedirs(folder, exist_ok=True)
             write_json(self.path, {'float_kinds': sorted(choice.float_kinds),
-                                   'seconds': choice.seconds})
+                                   'seconds': choice.seconds,
+                                   'trials': [list(t) for t in choice.trials]})
             kept = sorted((os.path.join(folder, n) for n in os.listdir(folder)),
                           key=os.path.getmtime)
             for old in kept[:-CACHE_FILES]:  # the oldest go
@@ -174,11 +183,13 @@ def choose_float_kinds(present: Sequence[str],
         timed = _paired(best, trial)
         choice.seconds[_label(chosen)] = timed.first_s
         choice.seconds[_label(trial_kinds)] = timed.second_s
+        choice.trials.append((_label(trial_kinds), _label(chosen), timed.ratio))
         if timed.ratio < 1 - MARGIN:
             chosen, best = trial_kinds, trial
     if len(chosen) > 1:  # the choice against the model as quantized, side by side once more
         timed = _paired(quantized, best)
         choice.seconds['none'], choice.seconds[_label(chosen)] = timed.first_s, timed.second_s
+        choice.trials.append((_label(chosen), 'none', timed.ratio))
         if timed.ratio >= 1 - MARGIN:
             chosen = frozenset()
     choice.float_kinds = chosen
