@@ -395,6 +395,16 @@ def test_a_folder_chosen_with_bf16_rest_runs_so(exported, tmp_path, monkeypatch)
     assert hint(exported['int8']) == (None, 'f32')
     if cpu_features()['bf16']:
         assert hint(folder) == ('bf16', 'bf16')
+        # the benchmark gives such a folder its one row, INT8 with bf16 rest, and the
+        # folder without the key its two (f32 rest, then bf16 rest)
+        from segslim.deploy.benchmark import benchmark
+        report = benchmark([exported['fp32'], exported['int8'], folder], None, opts,
+                           shape=(1, 3, 64, 64), warmup=1, repeats=1, with_bf16=True,
+                           backends=('openvino',))
+        rows = [(os.path.basename(r.model_dir), r.precision, r.rest) for r in report.rows]
+        assert rows[2:] == [(os.path.basename(exported['int8']), 'int8', None),
+                            (os.path.basename(exported['int8']), 'int8', 'bf16'),
+                            ('best', 'int8', 'bf16')], rows
     features = dict(cpu_features(), bf16=False)
     monkeypatch.setattr(openvino_engine, 'cpu_features', lambda: features)
     assert hint(folder) == (None, 'f32')
