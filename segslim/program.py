@@ -1,7 +1,7 @@
 """Saved Paddle inference programs: reading them, the op types they hold, and the two
 rewrites the project applies (conv-bias fold for oneDNN, observer strip for engines that
 apply every quantize/dequantize pair). Every list of Paddle op types lives here."""
-from typing import Any, Collection, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Set, Tuple
 
 from segslim.errors import UserError
 from segslim.fileio import write_bytes
@@ -232,36 +232,74 @@ def conv_shape(block: Any, op: Any, producer: Dict[str, int], ops: List[Any]
     oc, icg, kh, kw = block.find_var(name.encode()).shape()
     groups = max(int(op.attr('groups')), 1)
     sh, sw = op.attr('strides')
+    if op.type() == 'conv2d_transpose':  # its filter is in channels x out channels per group
+        return (groups, oc, icg * groups, kh, kw, sh, sw)
     return (groups, icg * groups, oc, kh, kw, sh, sw)
 
 
-def run_convs_in_fp32(model_file: str, out_file: str,
-                      shapes: Collection[Tuple[int, ...]]) -> List[str]:
-    """Writes to `out_file` the program of `model_file` with the activation quantization
-    of the convs of these shapes (conv_shape) taken off their inputs, so the oneDNN engine
-    runs them in FP32 (their weights, stored INT8, are dequantized as before); returns the
-    output names of those convs. A quantize/dequantize pair that only such a conv reads is
-    removed; one that others read too stays for them."""
+# The inputs of each quantizable op type that its INT8 kernel reads quantized (a matmul's Y
+# is a weight, dequantized alone, or an activation with its own quantize/dequantize pair).
+ACTIVATION_INPUTS = {'conv2d': ('Input',), 'depthwise_conv2d': ('Input',),
+                     'conv2d_transpose': ('Input',), 'matmul': ('X', 'Y'),
+                     'matmul_v2': ('X', 'Y'), 'mul': ('X', 'Y')}
+
+
+def _layer_output(op: Any) -> str:
+    return op.output('Output' if 'Output' in op.output_names() else 'Out')[0]
+
+
+def input_quantized_layers(model_file: str
+                           ) -> Dict[str, Optional[Tuple[int, int, int, int, int, int, int]]]:
+    """{output name: conv_shape (None for a matrix product)} of the convs and matrix products
+    whose input is quantized (a quantize/dequantize pair): the layers oneDNN runs in INT8."""
     desc = read_program(model_file)
-    block = desc.block(0)
     ops = block_ops(desc)
-    consumers = consumers_map(ops)
     producer = producers_map(ops)
-    remove, changed = [], []
-    for i, op in enumerate(ops):
-        if op.type() not in ('conv2d', 'depthwise_conv2d') or \
-                conv_shape(block, op, producer, ops) not in shapes:
+    layers: Dict[str, Optional[Tuple[int, int, int, int, int, int, int]]] = {}
+    for op in ops:
+        names = ACTIVATION_INPUTS.get(op.type(), ())
+        if not any(quant_pair(ops, producer, a) for n in names if n in op.input_names()
+                   for a in op.input(n)):
             continue
-        x = op.input('Input')[0]
-        pair = quant_pair(ops, producer, x)
-        if pair is None:
+        layers[_layer_output(op)] = conv_shape(desc.block(0), op, producer, ops) \
+            if 'Filter' in op.input_names() else None
+    return layers
+
+
+def run_layers_in_float(model_file: str, out_file: str, outputs: Collection[str]) -> List[str]:
+    """Writes to `out_file` the program of `model_file` with the input quantization taken
+    off the convs and matrix products that write `outputs`, so the oneDNN engine runs them in
+    float (weights stored INT8 are dequantized as before); returns the output names of the
+    layers changed. A quantize/dequantize pair no other op reads any more is removed."""
+    desc = read_program(model_file)
+    ops = block_ops(desc)
+    producer = producers_map(ops)
+    changed: List[str] = []
+    pairs: Set[Tuple[int, int]] = set()
+    for op in ops:
+        names = [n for n in ACTIVATION_INPUTS.get(op.type(), ()) if n in op.input_names()]
+        if not names or _layer_output(op) not in outputs:
             continue
-        q, dq, original = pair
-        op.set_input('Input', [original])
-        changed.append(op.output('Output')[0])
-        if consumers.get(x) == [i] and consumers.get(ops[dq].input('X')[0]) == [dq]:
-            remove += [q, dq]
+        took = False
+        for name in names:
+            args = op.input(name)
+            found = [quant_pair(ops, producer, a) for a in args]
+            op.set_input(name, [p[2] if p else a for a, p in zip(args, found)])
+            pairs.update((p[0], p[1]) for p in found if p)
+            took = took or any(found)
+        if took:
+            changed.append(_layer_output(op))
+    consumers = consumers_map(ops)
+    remove = [i for q, dq in sorted(pairs) if not consumers.get(ops[dq].output('Y')[0])
+              and consumers.get(ops[q].output('Y')[0]) == [dq] for i in (q, dq)]
     _remove_ops(desc, remove)
     desc.flush()
     write_bytes(out_file, desc.serialize_to_string())
     return changed
+
+
+def run_convs_in_fp32(model_file: str, out_file: str,
+                      shapes: Collection[Tuple[int, ...]]) -> List[str]:
+    """run_layers_in_float for the INT8 convs of these shapes (conv_shape)."""
+    return run_layers_in_float(model_file, out_file, [
+        out for out, shape in input_quantized_layers(model_file).items() if shape in shapes])

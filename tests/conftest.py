@@ -1,9 +1,11 @@
+import atexit
 import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,9 +16,12 @@ from filelock import FileLock
 # Two pytest workers share the machine's cores: each one's dygraph work runs on one thread
 # (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
-# Each test measures the engines' INT8 per kind of layer afresh (no choice kept on disk from
-# another test or an earlier run); the cache's own tests set a folder.
-os.environ['SEGSLIM_CACHE_DIR'] = 'off'
+# The engines' INT8 choice per kind of layer is kept, as on a user's machine, but only for
+# this test session (one folder per worker, removed at exit): a model's later loads at the
+# same shape reuse it, and no choice of an earlier run or another checkout is read. The
+# cache's own tests set their folder.
+os.environ['SEGSLIM_CACHE_DIR'] = tempfile.mkdtemp(prefix='segslim-test-cache-')
+atexit.register(shutil.rmtree, os.environ['SEGSLIM_CACHE_DIR'], True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -88,7 +88,8 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
 def test_extra_onednn_passes_keep_the_masks(exported):
     x = np.random.default_rng(0).standard_normal((1, 3, 96, 80)).astype(np.float32)
     for kind, precision in (('fp32', 'fp32'), ('int8', 'int8')):
-        opts = EngineOptions(precision=precision, input_shape=(1, 3, 96, 80))
+        opts = EngineOptions(precision=precision, input_shape=(1, 3, 96, 80),
+                             int8_layers='all')
         plain = Predictor(exported[kind], opts, extra_passes=())
         fast = Predictor(exported[kind], opts)
         assert plain.passes.appended == () and fast.passes.appended
@@ -117,7 +118,9 @@ def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
     monkeypatch.setattr(predictor_mod, 'INT8_FALLBACK_OPS',
                         (predictor_mod.DEFAULT_INT8_OPS + ('concat', 'pool2d'),
                          predictor_mod.DEFAULT_INT8_OPS))
-    pred = Predictor(exported['int8'], EngineOptions(precision='int8'))
+    # the INT8 timing per kind of layer (at the probe shape) builds with the narrowed set too
+    pred = Predictor(exported['int8'], EngineOptions(precision='int8',
+                                                     input_shape=(1, 3, 64, 64)))
     assert pred.fallback and 'narrowed' in pred.fallback and 'concat' in pred.fallback
     assert pred.ops.int8_conv_ops > 0
     x = np.zeros((1, 3, 64, 64), np.float32)
@@ -182,7 +185,7 @@ def test_convs_on_reference_kernels_run_fp32_and_the_rest_int8(exported, monkeyp
     changed = run_convs_in_fp32(model_file, out, shapes[:1])
     assert changed and program_op_types(out).count('quantize_linear') == \
         program_op_types(model_file).count('quantize_linear') - len(changed)
-    opts = EngineOptions(precision='int8', input_shape=(1, 3, 64, 64))
+    opts = EngineOptions(precision='int8', input_shape=(1, 3, 64, 64), int8_layers='all')
     monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set())
     full = Predictor(exported['int8'], opts)
     assert full.ops.int8_conv_ops == full.ops.conv_ops and full.fallback is None
@@ -196,13 +199,100 @@ def test_convs_on_reference_kernels_run_fp32_and_the_rest_int8(exported, monkeyp
     assert (part.labels(x) == full.labels(x)).mean() >= 0.99
 
 
+def _raw_program(path, ops):
+    """A saved program of `ops` ((type, inputs, outputs) each), written op by op."""
+    from paddle.base import core
+    desc = core.ProgramDesc()
+    block = desc.block(0)
+    for op_type, inputs, outputs in ops:
+        for names in list(inputs.values()) + list(outputs.values()):
+            for name in names:
+                block.var(name.encode())
+        op = block.append_op()
+        op.set_type(op_type)
+        for key, names in inputs.items():
+            op.set_input(key, names)
+        for key, names in outputs.items():
+            op.set_output(key, names)
+    desc.flush()
+    path.write_bytes(desc.serialize_to_string())
+    return str(path)
+
+
+def _qdq(x):
+    scale = dict(Scale=[x + '.scale'], ZeroPoint=[x + '.zero'])
+    return [('quantize_linear', dict(X=[x], **scale), dict(Y=[x + '.q'])),
+            ('dequantize_linear', dict(X=[x + '.q'], **scale), dict(Y=[x + '.dq']))]
+
+
+def test_matmuls_of_quantized_inputs_are_found_and_run_in_float(tmp_path):
+    """A Linear (quantized input, weight stored INT8) and an attention product (both inputs
+    quantized, one pair shared with the Linear): both are INT8 layers; taking the attention
+    product's input quantization off removes only the pair nothing else reads."""
+    from segslim.program import (
+        block_ops,
+        input_quantized_layers,
+        read_program,
+        run_layers_in_float,
+    )
+    weight = ('dequantize_linear', dict(X=['w'], Scale=['w.scale'], ZeroPoint=['w.zero']),
+              dict(Y=['w.dq']))
+    model = _raw_program(tmp_path / 'model.pdmodel', _qdq('x') + [weight] + [
+        ('matmul_v2', dict(X=['x.dq'], Y=['w.dq']), dict(Out=['fc']))] + _qdq('fc') + [
+        ('matmul_v2', dict(X=['fc.dq'], Y=['x.dq']), dict(Out=['attention'])),
+        ('matmul_v2', dict(X=['attention'], Y=['x']), dict(Out=['plain']))])
+    assert input_quantized_layers(model) == {'fc': None, 'attention': None}
+    out = str(tmp_path / 'float.pdmodel')
+    assert run_layers_in_float(model, out, ['attention', 'plain']) == ['attention']
+    assert input_quantized_layers(out) == {'fc': None}
+    desc = read_program(out)
+    ops = {op.output(op.output_names()[0])[0]: op for op in block_ops(desc)}
+    assert ops['attention'].input('X') == ['fc'] and ops['attention'].input('Y') == ['x']
+    assert 'fc.q' not in ops and 'fc.dq' not in ops  # read by nothing else: gone
+    assert 'x.dq' in ops and ops['fc'].input('X') == ['x.dq']  # the Linear still reads it
+
+
+def test_paddle_runs_the_kinds_int8_does_not_pay_for_in_float(exported, monkeypatch):
+    """--int8_layers auto on Paddle Inference: the kinds the timing leaves in float run in
+    float (fewer INT8 convs, by exactly their count), every variant builds and runs, and the
+    engine says why."""
+    import dataclasses
+
+    from segslim.deploy import engine as engine_mod
+    from segslim.deploy.int8_kinds import KindChoice
+    kinds = predictor_mod.layer_kinds(os.path.join(exported['int8'], 'model.pdmodel'))
+    assert {'grouped', 'depthwise', 'spatial', 'pointwise'} <= set(kinds.values())
+    monkeypatch.setattr(predictor_mod, 'reference_int8_convs', lambda lines: set())
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', 'off')  # measured here, not read from a load before
+    opts = EngineOptions(precision='int8', input_shape=(1, 3, 64, 64))
+    full = Predictor(exported['int8'], dataclasses.replace(opts, int8_layers='all'))
+    assert not full.kinds.float_kinds and full.fallback is None
+    floated = frozenset({'grouped', 'depthwise'})
+    built = []
+
+    def choose(present, build):
+        assert sorted(present) == sorted(set(kinds.values()))
+        for trial in (frozenset(), floated):
+            build(trial)()
+            built.append(trial)
+        return KindChoice(floated, {'none': 0.02, 'depthwise+grouped': 0.01})
+    monkeypatch.setattr(engine_mod, 'choose_float_kinds', choose)
+    part = Predictor(exported['int8'], opts)
+    assert built == [frozenset(), floated] and part.kinds.float_kinds == floated
+    count = sum(kind in floated for kind in kinds.values())
+    assert part.ops.int8_conv_ops == full.ops.int8_conv_ops - count > 0
+    assert part.precision == 'int8' and 'depthwise, grouped layers run in float' in part.fallback
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    assert (part.labels(x) == full.labels(x)).mean() >= 0.9
+
+
 def test_without_the_onednn_library_the_probe_is_skipped(exported, monkeypatch):
     from segslim.deploy import onednn
 
     def missing():
         raise OSError('libdnnl.so.3: cannot open shared object file')
     monkeypatch.setattr(onednn, 'onednn', missing)
-    pred = Predictor(exported['int8'], EngineOptions(precision='int8',
+    pred = Predictor(exported['int8'], EngineOptions(precision='int8', int8_layers='all',
                                                      input_shape=(1, 3, 64, 64)))
     assert pred.precision == 'int8' and not pred.fp32_convs
     assert pred.model_file == os.path.join(exported['int8'], 'model.pdmodel')

@@ -110,7 +110,9 @@ def test_config_quantizes_exports_and_runs_int8(path, tmp_path):
     import yaml
     deploy = yaml.safe_load(open(os.path.join(dirs['int8'], 'deploy.yaml')))['Deploy']
     assert deploy['int8_ops'] == qcfg['int8_ops']  # the engine op set travels with the model
-    pred = Predictor(dirs['int8'], EngineOptions(input_shape=(1, 3, SIZE, SIZE)))
+    # every layer the model quantizes (the promise), whatever INT8 pays for on this CPU
+    pred = Predictor(dirs['int8'], EngineOptions(input_shape=(1, 3, SIZE, SIZE),
+                                                 int8_layers='all'))
     assert pred.precision == 'int8' and (pred.fallback is None) == (not pred.fp32_convs)
     out = pred.run(np.random.default_rng(0).standard_normal((1, 3, SIZE, SIZE))
                    .astype(np.float32))

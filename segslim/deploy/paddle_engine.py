@@ -6,7 +6,7 @@ import re
 import shutil
 import tempfile
 import weakref
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import numpy as np
 from paddle import inference as pi
@@ -14,6 +14,7 @@ from paddle import inference as pi
 from segslim._paddle import paddle
 from segslim.compat import pass_name
 from segslim.deploy.engine import EngineBase
+from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.onednn import ConvShape, reference_int8_convs, verbose_lines
 from segslim.deploy.results import OpSummary, PassChange, Precision
 from segslim.errors import UserError
@@ -24,9 +25,11 @@ from segslim.program import (
     DEFAULT_INT8_OPS,
     MATMUL_TYPES,
     block_ops,
+    input_quantized_layers,
     program_input_names,
     read_program,
     run_convs_in_fp32,
+    run_layers_in_float,
 )
 
 # INT8 op sets tried in order until the engine runs.
@@ -70,6 +73,13 @@ def check_engine_options(opts: EngineOptions) -> None:
     if opts.precision == 'fp16' and not (opts.device == 'gpu' and opts.use_trt):
         raise UserError('--precision fp16 runs only inside TensorRT; add --device gpu '
                         '--use_trt True, or use fp32 (or bf16 on CPU)')
+
+
+def layer_kinds(model_file: str) -> Dict[str, str]:
+    """{output name: int8_kinds kind} of the layers of a program that oneDNN runs in INT8."""
+    return {out: 'matmul' if shape is None else conv_kind(
+        shape[0], shape[1] // shape[0], shape[2] // shape[0], shape[3:5])
+        for out, shape in input_quantized_layers(model_file).items()}
 
 
 def describe_conv(shape: ConvShape) -> str:
@@ -120,6 +130,7 @@ class PaddlePredictor(EngineBase):
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.opts.enable_mkldnn:
             self._avoid_reference_convs()
+            self._choose_kinds()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
                 self.ops.quantizable_ops and not self.ops.int8_ops:
             self.ran_no_int8()
@@ -143,11 +154,12 @@ class PaddlePredictor(EngineBase):
             self.ran_no_int8()
 
     def _config(self, int8_ops: Sequence[str], cache: Optional[str],
-                native: Sequence[str] = ()) -> Any:
-        """The engine config; `native` op types run in Paddle's own CPU kernels instead of
-        oneDNN (ops oneDNN rejected for this model)."""
+                native: Sequence[str] = (), model_file: Optional[str] = None) -> Any:
+        """The engine config (of `model_file`, else the engine's program); `native` op types
+        run in Paddle's own CPU kernels instead of oneDNN (ops oneDNN rejected for this
+        model)."""
         opts = self.opts
-        config = pi.Config(self.model_file, self.deploy['params'])
+        config = pi.Config(model_file or self.model_file, self.deploy['params'])
         if not opts.print_detail:
             config.disable_glog_info()
         if opts.device == 'gpu':
@@ -211,6 +223,43 @@ class PaddlePredictor(EngineBase):
                                                                       sorted(shapes))))
         self.fallback = '; '.join(n for n in (self.fallback, note) if n)
 
+    def _choose_kinds(self) -> None:
+        """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds): each
+        variant is a copy of the program without the input quantization of those layers,
+        built with the op sets the engine runs and timed at the probe shape."""
+        layers = layer_kinds(self.model_file)
+        tmp = tempfile.mkdtemp(prefix='segslim-float-kinds-')
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+
+        def variant(kinds: FrozenSet[str]) -> str:
+            if not kinds:
+                return self.model_file
+            path = os.path.join(tmp, '+'.join(sorted(kinds)), os.path.basename(self.model_file))
+            if not os.path.isfile(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                run_layers_in_float(self.model_file, path,
+                                    [out for out, kind in layers.items() if kind in kinds])
+            return path
+
+        def build(kinds: FrozenSet[str], images: np.ndarray) -> Callable[[], None]:
+            with quiet_native_output(not self.opts.print_detail):
+                predictor = pi.create_predictor(self._config(
+                    self.int8_ops, None, self.native, variant(kinds)))
+            handle = predictor.get_input_handle(predictor.get_input_names()[0])
+
+            def run() -> None:
+                handle.reshape(list(images.shape))
+                handle.copy_from_cpu(images)
+                predictor.run()
+            run()
+            return run
+        chosen = self.choose_kinds(set(layers.values()), build)
+        if chosen.float_kinds:
+            self.model_file = variant(chosen.float_kinds)
+            kept = self.fallback  # the same op sets build again: nothing new to say
+            self._create()
+            self.fallback = kept
+
     def _enable_trt(self, config: Any) -> None:
         """TensorRT: dynamic shapes; INT8 QAT models carry their scales (no calibration)."""
         opts = self.opts
@@ -260,6 +309,9 @@ class PaddlePredictor(EngineBase):
                 INT8_FALLBACK_OPS
         errors: List[str] = []
         native: List[str] = []  # op types oneDNN rejected: they run in Paddle's kernels
+        # the INT8 op set and the native op types the engine runs with, once it does
+        self.int8_ops: Sequence[str] = ()
+        self.native: Sequence[str] = ()
         level = 0
         while level < len(ladders):
             ops = ladders[level]
@@ -277,6 +329,7 @@ class PaddlePredictor(EngineBase):
                         '/'.join(native)))
                 if changes:
                     self.fallback = '{} after: {}'.format('; '.join(changes), errors[-1])
+                self.int8_ops, self.native = ops, tuple(native)
                 optimized = os.path.join(cache, '_optimized.pdmodel') if cache else None
                 if optimized and os.path.exists(optimized):
                     self.ops = op_summary(optimized)
