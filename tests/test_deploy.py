@@ -22,7 +22,8 @@ def test_benchmark_json_has_every_field(exported, tmp_path):
     proc = run_cli('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
                    exported['fp32'], exported['int8'], '--device', 'cpu', '--cpu_threads', 2,
                    '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--repeats', 3,
-                   '--json', out, '--opts', *data_opts(exported['data']))
+                   '--json', out, '--int8_layers', 'all',
+                   '--opts', *data_opts(exported['data']))
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.load(open(out))
     assert report['threads'] == 2 and report['isa']

@@ -66,7 +66,8 @@ def test_bias_rewrite_keeps_outputs(tiny_model, tmp_path, monkeypatch):
 def test_qat_export_program_and_int8_engine(exported):
     ops = program_op_types(os.path.join(exported['int8'], 'model.pdmodel'))
     assert 'quantize_linear' in ops and 'dequantize_linear' in ops and 'reshape2' not in ops
-    pred = Predictor(exported['int8'], EngineOptions(device='cpu', precision='int8'))
+    pred = Predictor(exported['int8'], EngineOptions(device='cpu', precision='int8',
+                                                     int8_layers='all'))
     # every conv INT8, but those this CPU has only a reference INT8 kernel for (the engine
     # runs them FP32 and says so)
     assert pred.quantized and (pred.fallback is None) == (not pred.fp32_convs)
