@@ -28,6 +28,9 @@ MATMUL_TYPES = ('matmul', 'matmul_v2', 'fused_matmul', 'fc', 'mul')
 # Op types the oneDNN engine may be told to run in INT8 (quant_config.int8_ops).
 ONEDNN_INT8_OPS = CONV_TYPES + ('fc', 'matmul', 'matmul_v2', 'fused_matmul', 'pool2d',
                                 'concat')
+# A conv's (groups, in channels, out channels, kernel h, kernel w, stride h, stride w):
+# conv_shape of a program's op, or read from oneDNN's verbose log.
+ConvShape = Tuple[int, int, int, int, int, int, int]
 # The default INT8 set: Paddle's own default crashes on concat once the program is fused,
 # and pooling in INT8 ran no faster but agreed less with the QAT model.
 DEFAULT_INT8_OPS = ('conv2d', 'depthwise_conv2d', 'fused_conv2d')
@@ -223,7 +226,7 @@ def strip_observer_quantization(model_file: str, out_file: str) -> int:
 
 
 def conv_shape(block: Any, op: Any, producer: Dict[str, int], ops: List[Any]
-               ) -> Tuple[int, int, int, int, int, int, int]:
+               ) -> ConvShape:
     """(groups, in channels, out channels, kernel h, kernel w, stride h, stride w) of a conv
     op, read through the dequantize op of a quantized filter."""
     name = op.input('Filter')[0]
@@ -249,13 +252,13 @@ def _layer_output(op: Any) -> str:
 
 
 def input_quantized_layers(model_file: str
-                           ) -> Dict[str, Optional[Tuple[int, int, int, int, int, int, int]]]:
+                           ) -> Dict[str, Optional[ConvShape]]:
     """{output name: conv_shape (None for a matrix product)} of the convs and matrix products
     whose input is quantized (a quantize/dequantize pair): the layers oneDNN runs in INT8."""
     desc = read_program(model_file)
     ops = block_ops(desc)
     producer = producers_map(ops)
-    layers: Dict[str, Optional[Tuple[int, int, int, int, int, int, int]]] = {}
+    layers: Dict[str, Optional[ConvShape]] = {}
     for op in ops:
         names = ACTIVATION_INPUTS.get(op.type(), ())
         if not any(quant_pair(ops, producer, a) for n in names if n in op.input_names()
@@ -299,7 +302,7 @@ def run_layers_in_float(model_file: str, out_file: str, outputs: Collection[str]
 
 
 def run_convs_in_fp32(model_file: str, out_file: str,
-                      shapes: Collection[Tuple[int, ...]]) -> List[str]:
+                      shapes: Collection[ConvShape]) -> List[str]:
     """run_layers_in_float for the INT8 convs of these shapes (conv_shape)."""
     return run_layers_in_float(model_file, out_file, [
         out for out, shape in input_quantized_layers(model_file).items() if shape in shapes])

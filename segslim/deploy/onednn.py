@@ -8,12 +8,12 @@ import sys
 import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
+from segslim.program import ConvShape
+
 # A 2-D convolution's problem in oneDNN's verbose log, e.g.
 # g16mb1_ic16oc96_ih128oh64kh3sh2dh0ph0_iw128ow64kw3sw2dw0pw0
 CONV_PROBLEM = re.compile(r'^(?:g(\d+))?mb\d+_ic(\d+)oc(\d+)_ih\d+oh\d+kh(\d+)sh(\d+)dh\d+ph\d+'
                           r'_iw\d+ow\d+kw(\d+)sw(\d+)')
-# (groups, in channels, out channels, kernel h, kernel w, stride h, stride w)
-ConvShape = Tuple[int, int, int, int, int, int, int]
 
 
 def onednn() -> Any:

@@ -15,7 +15,7 @@ from segslim._paddle import paddle
 from segslim.compat import pass_name
 from segslim.deploy.engine import EngineBase
 from segslim.deploy.int8_kinds import conv_kind
-from segslim.deploy.onednn import ConvShape, reference_int8_convs, verbose_lines
+from segslim.deploy.onednn import reference_int8_convs, verbose_lines
 from segslim.deploy.results import OpSummary, PassChange, Precision
 from segslim.errors import UserError
 from segslim.logger import quiet_native_output
@@ -24,6 +24,7 @@ from segslim.program import (
     CONV_TYPES,
     DEFAULT_INT8_OPS,
     MATMUL_TYPES,
+    ConvShape,
     block_ops,
     input_quantized_layers,
     program_input_names,
