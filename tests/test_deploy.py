@@ -287,6 +287,24 @@ def test_paddle_runs_the_kinds_int8_does_not_pay_for_in_float(exported, monkeypa
     assert (part.labels(x) == full.labels(x)).mean() >= 0.9
 
 
+def test_benchmark_engines_make_their_load_choices_at_the_timed_shape(exported, monkeypatch):
+    """The engines benchmark() loads choose INT8 per kind at the shape it times, not at the
+    options' default: a choice made at 512x512 for rows timed at 64x64 was both slow to make
+    and made for another input."""
+    from segslim.deploy import benchmark as bench_mod
+    real, seen = bench_mod.create_predictor, []
+
+    def recording(model_dir, opts):
+        seen.append(tuple(opts.input_shape))
+        return real(model_dir, opts)
+    monkeypatch.setattr(bench_mod, 'create_predictor', recording)
+    shape = (1, 3, 64, 64)
+    assert tuple(EngineOptions().input_shape) != shape
+    report = bench_mod.benchmark([exported['fp32'], exported['int8']], None, EngineOptions(),
+                                 shape=shape, warmup=1, repeats=1, with_bf16=False)
+    assert len(report.rows) == 2 and seen == [shape, shape]
+
+
 def test_without_the_onednn_library_the_probe_is_skipped(exported, monkeypatch):
     from segslim.deploy import onednn
 

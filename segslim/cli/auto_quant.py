@@ -152,7 +152,7 @@ class Steps:
     def _opts(self, backend: str, precision: str) -> Any:
         from segslim.options import EngineOptions
         return EngineOptions(backend=backend, precision=precision, device='cpu',
-                             cpu_threads=self.threads)
+                             cpu_threads=self.threads, input_shape=tuple(self.shape))
 
     def miou(self, model_dir: str, int8: bool) -> Dict[str, float]:
         """Engine mIoU on the val set, per backend."""

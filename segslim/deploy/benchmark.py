@@ -222,7 +222,9 @@ def benchmark(model_dirs: Sequence[str], dataset: Optional[SegDataset], opts: En
             if i and not runs_model(backend, model_dir):  # IR, ONNX-only or a peer's folder
                 logger.info('%s is not for %s; no row', model_dir, BACKENDS[backend].label)
                 continue
-            run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend)
+            # an engine's choices at load (INT8 per kind) are made at the shape timed here
+            run_opts = dataclasses.replace(opts, precision=float_precision, backend=backend,
+                                           input_shape=tuple(shape))
             pred = create_predictor(model_dir, run_opts)
             runs.append(pred)
             # a bf16 row: the FP32 baseline in bf16, and each INT8 model with its unquantized
