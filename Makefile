@@ -8,9 +8,10 @@
 # make bench    -> docs/benchmark.md: latency FP32 vs bf16 vs INT8 of the shipped configs on Paddle
 #                 Inference, OpenVINO and onnxruntime, against the CPU's ceiling and the engines'
 #                 own quantizers (hours; a killed run goes on from its last finished model)
-# make street   -> synthetic 19-class street scenes (data/street) and the four zoo models of
+# make street   -> synthetic 19-class street scenes (data/street) and four zoo models of
 #                 configs/street trained on them (output/street/<model>; hours on 2 CPU cores,
-#                 docs/accuracy.md); STREET_ITERS=N shortens every schedule
+#                 docs/accuracy.md); STREET_ITERS=N shortens every schedule, STREET_MODELS=...
+#                 picks models (fcn_hrnetw18: the larger HRNet, hours more)
 # make street-compare -> every quantization method and the engines' own quantizers on each
 #                 trained street model, on every engine (output/street/<model>/compare/compare.md)
 # make wheels-check PY_VERSION=3.13 -> whether make install's packages exist as wheels there
@@ -90,7 +91,7 @@ lint: install
 bench: install
 	$(PY) tools/bench_models.py --backend paddle openvino onnxruntime --repeats 5 --out docs/benchmark.md
 
-STREET_MODELS ?= bisenetv2 pp_liteseg_stdc1 segformer_b0 fcn_hrnetw18
+STREET_MODELS ?= bisenetv2 pp_liteseg_stdc1 segformer_b0 fcn_hrnetw18_small
 STREET_ITERS ?=
 
 street: install
