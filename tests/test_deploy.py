@@ -305,6 +305,27 @@ def test_benchmark_engines_make_their_load_choices_at_the_timed_shape(exported, 
     assert len(report.rows) == 2 and seen == [shape, shape]
 
 
+def test_infer_makes_the_load_choices_at_its_images_shape(exported, tmp_path, monkeypatch):
+    """infer.py's engine chooses INT8 per kind at the first batch's shape after the deploy
+    transforms, not at the options' default 512x512."""
+    from segslim.deploy import engines
+    real, seen = engines.create_predictor, []
+
+    def recording(model_dir, opts):
+        seen.append(tuple(opts.input_shape))
+        return real(model_dir, opts)
+    monkeypatch.setattr(engines, 'create_predictor', recording)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for name in ('a.png', 'b.png'):
+        Image.open(os.path.join(exported['data'], 'JPEGImages', 'N0000.jpg')).resize(
+            (80, 48)).save(folder / name)
+    proc = run_command('deploy/python/infer.py', '--config', exported['fp32'], '--image_path',
+                       folder, '--save_dir', tmp_path / 'out', '--batch_size', 4)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert seen == [(2, 3, 48, 80)]
+
+
 def test_without_the_onednn_library_the_probe_is_skipped(exported, monkeypatch):
     from segslim.deploy import onednn
 

@@ -165,8 +165,8 @@ def test_channel_topk_runs_planar_with_the_same_answers(exported):
         np.testing.assert_array_equal(got[i], want[i])
     assert (want[1][:, 0] == data.argmax(1)).all()
     # the export's argmax head is rewritten when the engine loads it, its resize included
-    pred = create_predictor(exported['int8'], EngineOptions(backend='openvino',
-                                                            precision='int8', cpu_threads=2))
+    pred = create_predictor(exported['int8'], EngineOptions(
+        backend='openvino', precision='int8', cpu_threads=2, input_shape=(1, 3, 64, 64)))
     assert pred.planar_topk == 1
     assert _interpolate_ranks(pred.model) and set(_interpolate_ranks(pred.model)[-1:]) == {3}
 

@@ -18,9 +18,14 @@ def run_infer(args: argparse.Namespace) -> int:
     """deploy/python/infer.py: masks for image files."""
     from segslim.deploy.engines import create_predictor
     from segslim.deploy.infer import STAGES, list_images, predict_images
+    from segslim.modeldir import Preprocessor, read_deploy
     images = list_images(args.image_path)
+    # the engine's load-time choices (INT8 per kind of layer) are timed at the input it
+    # will run: the first batch's shape after the deploy transforms
+    first, _ = Preprocessor(read_deploy(args.config)['transforms'])(images[0][0])
     predictor = create_predictor(args.config, EngineOptions.from_args(
-        args, device=set_device(args.device)))
+        args, device=set_device(args.device),
+        input_shape=(min(args.batch_size, len(images)), *first.shape)))
     if predictor.fallback:
         logger.warning(predictor.fallback)
     if predictor.precision != 'int8' and predictor.quantized:
