@@ -127,7 +127,8 @@ def test_qat_export_heads(qat_run, tmp_path):
         proc = run_cli('slim/quant/qat_export.py', '--config', INSTANT, '--model_path', weights,
                        '--save_dir', out, flag, '--verify_images', 0)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        pred = Predictor(str(out), EngineOptions(precision='int8', input_shape=(1, 3, 64, 64)))
+        pred = Predictor(str(out), EngineOptions(precision='int8', input_shape=(1, 3, 64, 64),
+                                                 int8_layers='all'))
         y = pred.run(np.zeros((1, 3, 64, 64), np.float32))
         assert str(y.dtype) == dtype and y.shape == (1, channels, 64, 64)
         assert pred.ops.int8_conv_ops > 0
