@@ -67,7 +67,7 @@ def test_heads_follow_paddleseg_contract(exported):
     for kind in ('fp32', 'int8'):
         deploy = yaml.safe_load(open(os.path.join(exported[kind], 'deploy.yaml')))['Deploy']
         assert deploy['output_op'] == 'argmax' and deploy['output_dtype'] == 'int32'
-        pred = Predictor(exported[kind], EngineOptions(precision='fp32'))
+        pred = Predictor(exported[kind], EngineOptions(precision='fp32', input_shape=x.shape))
         y = pred.run(x)
         assert y.shape == (2, 64, 64) and y.dtype == np.int32  # N,H,W as WrappedModel
         assert pred.labels(x).shape == (2, 64, 64)
