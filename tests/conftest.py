@@ -13,7 +13,7 @@ import tempfile
 import pytest
 from filelock import FileLock
 
-# Two pytest workers share the machine's cores: each one's dygraph work runs on one thread
+# The pytest workers share the machine's cores: each one's dygraph work runs on one thread
 # (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 # The engines' INT8 choice per kind of layer is kept, as on a user's machine, but only for
