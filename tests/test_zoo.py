@@ -94,8 +94,10 @@ def run_config(path, tmp_path):
     from segslim.config import load_config
     if family_of(load_config(path)) not in LIGHTER_BACKBONE:
         return path
+    import yaml
     lighter = tmp_path / 'lighter_backbone.yml'
-    lighter.write_text(f'_base_: {path}\nmodel:\n  backbone:\n    type: ResNet18_vd\n')
+    lighter.write_text(yaml.safe_dump({'_base_': path,
+                                       'model': {'backbone': {'type': 'ResNet18_vd'}}}))
     return str(lighter)
 
 
