@@ -48,7 +48,7 @@ def test_qat_resume_restores_iteration_lr_and_weights(qat_run, tmp_path):
 def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     # two threads, so two local processes of one thread: the same seed, thread and process
     # count give the same weights, resumed or not, and killing the first kills the job
-    common = ['--config', INSTANT, '--iters', 30, '--save_interval', 5, '--log_iters', 5,
+    common = ['--config', INSTANT, '--iters', 20, '--save_interval', 5, '--log_iters', 5,
               '--seed', 0, '--keep_checkpoint_max', 2, '--cpu_threads', 2,
               '--opts'] + data_opts(instant_data)
     straight = str(tmp_path / 'straight')
@@ -72,15 +72,15 @@ def test_killed_run_resumes_to_identical_weights(instant_data, tmp_path):
     child.wait()
     assert not [n for n in os.listdir(tmp) if n.startswith('segslim-')]  # nothing left behind
     done = sorted(int(n[5:]) for n in os.listdir(killed) if re.fullmatch(r'iter_\d+', n))
-    assert done and done[-1] < 30, done
+    assert done and done[-1] < 20, done
     last = os.path.join(killed, f'iter_{done[-1]}')
     proc = run_cli('train.py', '--save_dir', killed, '--resume_model', last, *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert_same_weights(os.path.join(killed, 'iter_30', 'model.pdparams'),
-                        os.path.join(straight, 'iter_30', 'model.pdparams'))
+    assert_same_weights(os.path.join(killed, 'iter_20', 'model.pdparams'),
+                        os.path.join(straight, 'iter_20', 'model.pdparams'))
     # keep_checkpoint_max 2 pruned the old ones but never the one resumed from
     left = sorted(n for n in os.listdir(killed) if n.startswith('iter_'))
-    assert 'iter_30' in left and os.path.basename(last) in left and len(left) <= 3
+    assert 'iter_20' in left and os.path.basename(last) in left and len(left) <= 3
 
 
 def test_worker_processes_feed_the_same_batches(instant_data, tmp_path):
