@@ -287,17 +287,24 @@ def test_paddle_runs_the_kinds_int8_does_not_pay_for_in_float(exported, monkeypa
     assert (part.labels(x) == full.labels(x)).mean() >= 0.9
 
 
+def record_input_shapes(monkeypatch, module):
+    """The input_shape of every engine `module`.create_predictor loads from now on (a list
+    that grows); the engines are the real ones."""
+    real, seen = module.create_predictor, []
+
+    def recording(model_dir, opts):
+        seen.append(tuple(opts.input_shape))
+        return real(model_dir, opts)
+    monkeypatch.setattr(module, 'create_predictor', recording)
+    return seen
+
+
 def test_benchmark_engines_make_their_load_choices_at_the_timed_shape(exported, monkeypatch):
     """The engines benchmark() loads choose INT8 per kind at the shape it times, not at the
     options' default: a choice made at 512x512 for rows timed at 64x64 was both slow to make
     and made for another input."""
     from segslim.deploy import benchmark as bench_mod
-    real, seen = bench_mod.create_predictor, []
-
-    def recording(model_dir, opts):
-        seen.append(tuple(opts.input_shape))
-        return real(model_dir, opts)
-    monkeypatch.setattr(bench_mod, 'create_predictor', recording)
+    seen = record_input_shapes(monkeypatch, bench_mod)
     shape = (1, 3, 64, 64)
     assert tuple(EngineOptions().input_shape) != shape
     report = bench_mod.benchmark([exported['fp32'], exported['int8']], None, EngineOptions(),
@@ -309,12 +316,7 @@ def test_infer_makes_the_load_choices_at_its_images_shape(exported, tmp_path, mo
     """infer.py's engine chooses INT8 per kind at the first batch's shape after the deploy
     transforms, not at the options' default 512x512."""
     from segslim.deploy import engines
-    real, seen = engines.create_predictor, []
-
-    def recording(model_dir, opts):
-        seen.append(tuple(opts.input_shape))
-        return real(model_dir, opts)
-    monkeypatch.setattr(engines, 'create_predictor', recording)
+    seen = record_input_shapes(monkeypatch, engines)
     folder = tmp_path / 'images'
     folder.mkdir()
     for name in ('a.png', 'b.png'):

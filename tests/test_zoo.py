@@ -88,11 +88,10 @@ RUNS = [os.path.join(ROOT, 'configs', p) for p in FAMILY_RUNS.values()]
 LIGHTER_BACKBONE = {'DANet', 'GCNet', 'PSPNet'}
 
 
-def run_config(path, tmp_path):
-    """The config a family's end-to-end run exports: `path`, on ResNet18_vd for the
-    families of LIGHTER_BACKBONE."""
-    from segslim.config import load_config
-    if family_of(load_config(path)) not in LIGHTER_BACKBONE:
+def run_config(path, cfg, tmp_path):
+    """The config a family's end-to-end run exports: `path` (loaded as `cfg`), on
+    ResNet18_vd for the families of LIGHTER_BACKBONE."""
+    if family_of(cfg) not in LIGHTER_BACKBONE:
         return path
     import yaml
     lighter = tmp_path / 'lighter_backbone.yml'
@@ -123,7 +122,7 @@ def test_config_quantizes_exports_and_runs_int8(path, tmp_path):
     from segslim.quant.qat import quant_config_of
     cfg = load_config(path)
     qcfg = quant_config_of(cfg)
-    dirs = export_pair(run_config(path, tmp_path), str(tmp_path), SIZE, calib=1, layers=None,
+    dirs = export_pair(run_config(path, cfg, tmp_path), str(tmp_path), SIZE, calib=1, layers=None,
                        fp32=False)
     import yaml
     deploy = yaml.safe_load(open(os.path.join(dirs['int8'], 'deploy.yaml')))['Deploy']
