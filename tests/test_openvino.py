@@ -270,12 +270,53 @@ def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():
     floated_out = ov.Core().compile_model(floated, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})
     np.testing.assert_allclose(floated_out({0: x})[1], want({0: x})[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(got, want({0: x})[1])  # the shared model did round the tensor
+    # pools as a kind of their own: left on the float tensor when timed slower in INT8
+    from segslim.deploy.openvino_graph import shareable_pools
+    model, relu = block()
+    assert shareable_pools(model) == 1
+    assert share_quantized_inputs(model, pools=False) == 1  # the concat only
+    assert users(relu) == ['AvgPool', 'FakeQuantize', 'Relu'] and shareable_pools(model) == 1
     # a tensor two FakeQuantizes read (two scales) is left alone
     model, relu = block()
     extra = ops.convolution(_fq(relu, 0, 2), ops.constant(np.ones((4, 4, 1, 1), np.float32)),
                             [1, 1], [0, 0], [0, 0], [1, 1])
     model.add_results([ops.result(extra)])
     assert share_quantized_inputs(model) == 0
+
+
+def test_pools_read_the_int8_tensor_unless_the_timing_leaves_them_in_float(exported,
+                                                                          monkeypatch):
+    """--int8_layers auto on OpenVINO: `pool` is a kind to time when a pool would read a
+    conv's INT8 input (the instant model's BiSeNetV2 stem pools beside a conv), and the
+    variant with it in float keeps the pools on the float tensor."""
+    from segslim.deploy import engine as engine_mod
+    from segslim.deploy.int8_kinds import KindChoice
+    from segslim.deploy.openvino_graph import POOLS
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', 'off')
+    presents = []
+
+    def choosing(float_kinds):
+        def choose(present, build):
+            presents.append(set(present))
+            build(float_kinds)()  # every variant builds and runs
+            return KindChoice(float_kinds, {'none': 0.02})
+        return choose
+
+    def pool_inputs(pred):
+        return sorted(op.input_value(0).get_node().get_type_name()
+                      for op in pred.model.get_ordered_ops() if op.get_type_name() in POOLS)
+    opts = EngineOptions(backend='openvino', precision='int8', input_shape=(1, 3, 64, 64))
+    monkeypatch.setattr(engine_mod, 'choose_float_kinds', choosing(frozenset()))
+    shared = create_predictor(exported['int8'], opts)
+    monkeypatch.setattr(engine_mod, 'choose_float_kinds', choosing(frozenset({'pool'})))
+    floated = create_predictor(exported['int8'], opts)
+    assert all('pool' in present for present in presents) and len(presents) == 2
+    assert 'FakeQuantize' in pool_inputs(shared)
+    assert 'FakeQuantize' not in pool_inputs(floated) and floated.shared < shared.shared
+    assert floated.ops.int8_conv_ops == shared.ops.int8_conv_ops  # the convs stay INT8
+    assert 'pool layers run in float' in floated.fallback
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    assert (floated.labels(x) == shared.labels(x)).mean() >= 0.9
 
 
 def test_quantization_moves_above_layout_ops_to_the_producer_with_the_same_answers():

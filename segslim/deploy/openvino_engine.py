@@ -21,6 +21,7 @@ from segslim.deploy.openvino_graph import (
     quantized_kinds,
     seven_bit_weights,
     share_quantized_inputs,
+    shareable_pools,
     with_float_kinds,
 )
 from segslim.deploy.results import OpSummary, Precision
@@ -129,24 +130,29 @@ class OpenVINOPredictor(EngineBase):
 
     def _choose_kinds(self) -> None:
         """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds),
-        timed at the probe shape, and keeps that variant as the model."""
+        timed at the probe shape, and keeps that variant as the model; `pool` is there when
+        pools would read a conv's INT8 input (share_quantized_inputs)."""
         def build(kinds: Any, images: np.ndarray) -> Any:
             model = self._variant(kinds)
             model.reshape({model.inputs[0].get_any_name(): list(images.shape)})
             request = self.core.compile_model(model, 'CPU', self.properties) \
                 .create_infer_request()
             return lambda: request.infer({0: images})
-        chosen = self.choose_kinds({kind for _, kind in quantized_kinds(self.model)}, build)
+        present = {kind for _, kind in quantized_kinds(self.model)}
+        if self.rewrite and shareable_pools(self.model):
+            present.add('pool')
+        chosen = self.choose_kinds(present, build)
         self.model = self._variant(chosen.float_kinds)
 
     def _variant(self, kinds: Any) -> Any:
         """A copy of the model with the layers of `kinds` in float; in our own quantized
         models each quantized tensor is then shared with the other ops that read it and its
         quantization moved up to the op that produces it (share_quantized_inputs,
-        hoist_quantization), so that op writes INT8. `shared` and `hoisted` count them."""
+        hoist_quantization), so that op writes INT8 (pools only unless `pool` is in `kinds`).
+        `shared` and `hoisted` count them."""
         model = with_float_kinds(self.model, kinds)
         if self.rewrite:
-            self.shared = share_quantized_inputs(model)
+            self.shared = share_quantized_inputs(model, pools='pool' not in kinds)
             self.hoisted = hoist_quantization(model)
         return model
 

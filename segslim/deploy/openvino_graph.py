@@ -15,6 +15,10 @@ QUANTIZED_CONSUMERS = ('Convolution', 'GroupConvolution', 'ConvolutionBackpropDa
 # them on INT8 data, as NNCF and onnxruntime's quantize_static quantize them.
 INT8_PASSTHROUGH = ('Concat', 'AvgPool', 'MaxPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool',
                     'ReduceMean', 'ReduceMax', 'Add', 'Interpolate')
+# Those of them that are the int8_kinds kind `pool`: whether they read the INT8 tensor is
+# timed like a kind of layer (the plugin's INT8 max pool over 36 channels on AVX2 ran 9x
+# slower than its f32 one: HumanSeg-Lite's stem).
+POOLS = ('AvgPool', 'MaxPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool', 'ReduceMean', 'ReduceMax')
 # Ops that per-tensor rounding commutes with exactly (hoist_quantization).
 QUANTIZATION_COMMUTES = ('Concat', 'Reshape', 'Transpose', 'Squeeze', 'Unsqueeze')
 # Ops between a weighted op and its dequantize Multiply (per-channel scales get reshaped).
@@ -40,14 +44,33 @@ def drop_observer_quantization(model: Any) -> List[str]:
     return dropped
 
 
-def share_quantized_inputs(model: Any) -> int:
+def share_quantized_inputs(model: Any, pools: bool = True) -> int:
     """Where a tensor feeds a conv or matrix product through one FakeQuantize and also feeds
-    INT8_PASSTHROUGH ops directly, those take the FakeQuantize's output as well; returns how
-    many inputs changed. A QAT program quantizes a layer's input on that layer's edge only,
-    so the producer of a tensor that STDC's or BiSeNet's blocks also concatenate or pool
-    wrote float for those and quantized it again for the conv; sharing the quantized tensor
-    lets the producing conv write u8 (its requantization fused) for all of them."""
+    INT8_PASSTHROUGH ops directly (the POOLS only if `pools`), those take the FakeQuantize's
+    output as well; returns how many inputs changed. A QAT program quantizes a layer's input
+    on that layer's edge only, so the producer of a tensor that STDC's or BiSeNet's blocks
+    also concatenate or pool wrote float for those and quantized it again for the conv;
+    sharing the quantized tensor lets the producing conv write u8 (its requantization fused)
+    for all of them."""
     done = 0
+    for user, fq in _shareable(model):
+        if pools or user.get_node().get_type_name() not in POOLS:
+            user.replace_source_output(fq.output(0))
+            done += 1
+    if done:
+        model.validate_nodes_and_infer_types()
+    return done
+
+
+def shareable_pools(model: Any) -> int:
+    """How many POOLS inputs share_quantized_inputs would give a quantized tensor."""
+    return sum(user.get_node().get_type_name() in POOLS for user, _ in _shareable(model))
+
+
+def _shareable(model: Any) -> List[Tuple[Any, Any]]:
+    """(input, FakeQuantize) of each INT8_PASSTHROUGH op's input that reads a tensor which
+    one FakeQuantize, feeding a layer, also reads."""
+    found: List[Tuple[Any, Any]] = []
     for op in model.get_ordered_ops():
         if op.get_type_name() == 'FakeQuantize':
             continue
@@ -56,13 +79,9 @@ def share_quantized_inputs(model: Any) -> int:
             fqs = [u.get_node() for u in users if u.get_node().get_type_name() == 'FakeQuantize']
             if len(fqs) != 1 or not _feeds_layer(fqs[0]):
                 continue
-            for user in users:
-                if user.get_node().get_type_name() in INT8_PASSTHROUGH:
-                    user.replace_source_output(fqs[0].output(0))
-                    done += 1
-    if done:
-        model.validate_nodes_and_infer_types()
-    return done
+            found.extend((user, fqs[0]) for user in users
+                         if user.get_node().get_type_name() in INT8_PASSTHROUGH)
+    return found
 
 
 def _feeds_layer(fq: Any) -> bool:
