@@ -292,10 +292,17 @@ def run_layers_in_float(model_file: str, out_file: str, outputs: Collection[str]
             took = took or any(found)
         if took:
             changed.append(_layer_output(op))
+    # a pair nothing reads any more goes; PaddleSlim writes the pairs of two Linears that
+    # quantize one tensor (SegFormer's query and key-value) to the same names, so every
+    # pair of those names is looked at, not only the one the producers map points to
     consumers = consumers_map(ops)
-    remove = [i for q, dq in sorted(pairs) if not consumers.get(ops[dq].output('Y')[0])
-              and consumers.get(ops[q].output('Y')[0]) == [dq] for i in (q, dq)]
-    _remove_ops(desc, remove)
+    quantized = {ops[q].output('Y')[0] for q, _ in pairs}
+    dead = {i for i, op in enumerate(ops) if op.type() == 'dequantize_linear'
+            and op.input('X')[0] in quantized and not consumers.get(op.output('Y')[0])}
+    dead |= {i for i, op in enumerate(ops) if op.type() == 'quantize_linear'
+             and op.output('Y')[0] in quantized
+             and set(consumers.get(op.output('Y')[0], ())) <= dead}
+    _remove_ops(desc, sorted(dead))
     desc.flush()
     write_bytes(out_file, desc.serialize_to_string())
     return changed

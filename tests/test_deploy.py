@@ -253,6 +253,29 @@ def test_matmuls_of_quantized_inputs_are_found_and_run_in_float(tmp_path):
     assert 'x.dq' in ops and ops['fc'].input('X') == ['x.dq']  # the Linear still reads it
 
 
+def test_pairs_of_one_name_go_when_no_layer_reads_them(tmp_path):
+    """Two Linears that quantize one tensor (SegFormer's query and key-value): PaddleSlim
+    writes both pairs to the same names. With both layers in float both pairs go, or the
+    tensor keeps a scale and oneDNN runs both in INT8 anyway; with one of them still
+    quantized both stay."""
+    from segslim.program import block_ops, read_program, run_layers_in_float
+    weight = ('dequantize_linear', dict(X=['w'], Scale=['w.scale'], ZeroPoint=['w.zero']),
+              dict(Y=['w.dq']))
+    model = _raw_program(tmp_path / 'model.pdmodel', _qdq('x') + _qdq('x') + [weight] + [
+        ('matmul_v2', dict(X=['x.dq'], Y=['w.dq']), dict(Out=['q'])),
+        ('matmul_v2', dict(X=['x.dq'], Y=['w.dq']), dict(Out=['kv']))])
+
+    def pairs(path):
+        desc = read_program(path)  # the ops live as long as their program
+        return sorted(op.type() for op in block_ops(desc)
+                      if op.type().endswith('quantize_linear') and op.input('X')[0] != 'w')
+    both, one = str(tmp_path / 'both.pdmodel'), str(tmp_path / 'one.pdmodel')
+    assert run_layers_in_float(model, both, ['q', 'kv']) == ['q', 'kv']
+    assert pairs(both) == []
+    assert run_layers_in_float(model, one, ['q']) == ['q']
+    assert pairs(one) == pairs(model) == ['dequantize_linear'] * 2 + ['quantize_linear'] * 2
+
+
 def test_paddle_runs_the_kinds_int8_does_not_pay_for_in_float(exported, monkeypatch):
     """--int8_layers auto on Paddle Inference: the kinds the timing leaves in float run in
     float (fewer INT8 convs, by exactly their count), every variant builds and runs, and the
@@ -285,6 +308,15 @@ def test_paddle_runs_the_kinds_int8_does_not_pay_for_in_float(exported, monkeypa
     assert part.precision == 'int8' and 'depthwise, grouped layers run in float' in part.fallback
     x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
     assert (part.labels(x) == full.labels(x)).mean() >= 0.9
+    # matmuls in float: no matrix-product op type left INT8 for oneDNN (a Linear that reads
+    # a tensor a quantized conv also reads keeps its scale there)
+    told = []
+    monkeypatch.setattr(predictor_mod.pi.Config, 'enable_mkldnn_int8',
+                        lambda config, types: told.append(types))
+    for floats in (frozenset(), frozenset({'matmul'})):
+        full._config(('conv2d', 'fc', 'matmul_v2'), None, float_kinds=floats)
+    full._config(('fc',), None, float_kinds=frozenset({'matmul'}))  # never "every type"
+    assert told == [{'conv2d', 'fc', 'matmul_v2'}, {'conv2d'}, {'fc'}]
 
 
 def record_input_shapes(monkeypatch, module):

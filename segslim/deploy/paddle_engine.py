@@ -155,10 +155,14 @@ class PaddlePredictor(EngineBase):
             self.ran_no_int8()
 
     def _config(self, int8_ops: Sequence[str], cache: Optional[str],
-                native: Sequence[str] = (), model_file: Optional[str] = None) -> Any:
+                native: Sequence[str] = (), model_file: Optional[str] = None,
+                float_kinds: Optional[FrozenSet[str]] = None) -> Any:
         """The engine config (of `model_file`, else the engine's program); `native` op types
         run in Paddle's own CPU kernels instead of oneDNN (ops oneDNN rejected for this
-        model)."""
+        model); with `float_kinds` (else the chosen ones) holding `matmul`, no matrix-product
+        op type runs INT8: oneDNN quantizes every op of an INT8 type whose input has a scale,
+        and a Linear whose input another layer still reads through a quantize/dequantize
+        pair keeps one."""
         opts = self.opts
         config = pi.Config(model_file or self.model_file, self.deploy['params'])
         if not opts.print_detail:
@@ -186,7 +190,9 @@ class PaddlePredictor(EngineBase):
         if opts.precision == 'bf16':
             config.enable_mkldnn_bfloat16()
         if self.quantized:
-            config.enable_mkldnn_int8(set(int8_ops))
+            floated = self.kinds.float_kinds if float_kinds is None else float_kinds
+            types = set(int8_ops) - (set(MATMUL_TYPES) if 'matmul' in floated else set())
+            config.enable_mkldnn_int8(types or set(int8_ops))  # empty would mean every type
             for name in self.delete_passes:
                 config.delete_pass(name)
         for name in self.extra_passes:
@@ -245,7 +251,7 @@ class PaddlePredictor(EngineBase):
         def build(kinds: FrozenSet[str], images: np.ndarray) -> Callable[[], None]:
             with quiet_native_output(not self.opts.print_detail):
                 predictor = pi.create_predictor(self._config(
-                    self.int8_ops, None, self.native, variant(kinds)))
+                    self.int8_ops, None, self.native, variant(kinds), kinds))
             handle = predictor.get_input_handle(predictor.get_input_names()[0])
 
             def run() -> None:
