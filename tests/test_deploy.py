@@ -390,8 +390,10 @@ def test_timing_runs_engine_after_engine_with_a_pause_between(monkeypatch):
                                        min_sample_s=0)
     assert [len(t) for t in times] == [2, 2, 2]
     pause = f'sleep {bench_mod.SETTLE_S}'
-    turn = [pause, 'p1', 'p1', 'p2', 'p2', pause, 'o1', 'o1']
-    assert events == ['p1', 'o1', 'p2'] + turn + turn
+    # an engine's predictors in a rotating order: each first in as many turns
+    first = [pause, 'p1', 'p1', 'p2', 'p2', pause, 'o1', 'o1']
+    second = [pause, 'p2', 'p2', 'p1', 'p1', pause, 'o1', 'o1']
+    assert events == ['p1', 'o1', 'p2'] + first + second
     events.clear()
     bench_mod.time_interleaved(preds[:1], ['p1'], warmup=0, repeats=1, min_sample_s=0)
     assert events == ['p1', 'p1']  # one engine: nothing to wait for

@@ -170,7 +170,11 @@ def time_interleaved(predictors: Sequence[EngineBase], batches: Sequence[np.ndar
     while, which would otherwise be charged to the next one.
     Each sample follows an untimed run of the same predictor, for the same reason within an
     engine, and is the mean of as many runs as fill `min_sample_s` at that untimed run's
-    speed (one run of a light model is no longer than the machine's own hiccups)."""
+    speed (one run of a light model is no longer than the machine's own hiccups). The
+    predictors of an engine take turns in a rotating order, so that each is timed in every
+    place of the turn equally often: the one right after another model ran slower
+    (STDC2 on Paddle Inference after its FP32 row: 1.5-3 % against the same model later in
+    the turn), which a fixed order charged to the same row every turn."""
     groups: Dict[str, List[int]] = {}
     for i, p in enumerate(predictors):
         groups.setdefault(p.backend, []).append(i)
@@ -180,11 +184,12 @@ def time_interleaved(predictors: Sequence[EngineBase], batches: Sequence[np.ndar
         for _ in range(warmup):
             p.run(batch)
     times: List[List[float]] = [[] for _ in predictors]
-    for _ in progress(range(repeats), 'Timing'):
+    for turn in progress(range(repeats), 'Timing'):
         for members in groups.values():
             if len(groups) > 1:
                 time.sleep(SETTLE_S)
-            for i in members:
+            shift = turn % len(members)
+            for i in members[shift:] + members[:shift]:
                 tic = time.perf_counter()
                 predictors[i].run(batches[i])
                 once = time.perf_counter() - tic
