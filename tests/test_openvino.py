@@ -237,6 +237,28 @@ def _fq(x, low, high):
     return ops.fake_quantize(x, lo, hi, lo, hi, 256)
 
 
+def test_int8_weights_on_float_data_are_not_counted_int8():
+    """A matrix product with INT8 weights and a float input runs in float (the plugin
+    decompresses the weights for an f32 kernel, runtime precision i8): not an INT8 op; with
+    its input quantized too it is one."""
+    import openvino.opset13 as ops
+
+    from segslim.deploy.openvino_engine import runtime_summary
+    rng = np.random.default_rng(0)
+
+    def model(quantized):
+        x = ops.parameter([1, 64, 32], np.float32)
+        w = ops.constant(rng.integers(-127, 128, (32, 32)).astype(np.int8))
+        w = ops.multiply(ops.convert(w, 'f32'), ops.constant(np.full((32, 1), 0.01, np.float32)))
+        data = _fq(x, -4, 4) if quantized else x
+        return ov.Model([ops.matmul(data, w, False, True).output(0)], [x])
+    for quantized in (False, True):
+        compiled = ov.Core().compile_model(model(quantized), 'CPU',
+                                           {'INFERENCE_PRECISION_HINT': 'f32'})
+        summary = runtime_summary(compiled.get_runtime_model())
+        assert (summary.matmul_ops, summary.int8_matmul_ops) == (1, int(quantized)), summary
+
+
 def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():
     import openvino.opset13 as ops
 

@@ -43,12 +43,17 @@ def import_openvino() -> Any:
 
 def runtime_summary(runtime_model: Any) -> OpSummary:
     """What a compiled model executes in INT8, from its runtime graph (layerType,
-    runtimePrecision), counted as op_summary() counts the oneDNN program."""
+    runtimePrecision, the data input's type), counted as op_summary() counts the oneDNN
+    program. A layer runs INT8 when its runtime precision is INT8 and it reads INT8 data: a
+    FullyConnected whose weights stay INT8 but whose input is float (the plugin's weight
+    decompression, a brgemm f32 kernel) runs in float."""
     ops = []
     for op in runtime_model.get_ordered_ops():
         info = op.get_rt_info()
-        ops.append((info['layerType'].astype(str),
-                    info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS,
+        int8 = info['runtimePrecision'].astype(str).lower() in INT8_PRECISIONS and (
+            op.get_input_size() == 0 or
+            op.input(0).get_element_type().get_type_name() in INT8_PRECISIONS)
+        ops.append((info['layerType'].astype(str), int8,
                     info['originalLayersNames'].astype(str).split(',')[0] or
                     op.get_friendly_name()))
     return OpSummary.count(ops, CONV_LAYERS, MATMUL_LAYERS)
