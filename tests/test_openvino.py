@@ -20,7 +20,7 @@ def test_benchmark_rows_of_both_engines(exported, tmp_path):
     proc = run_cli('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
                    exported['fp32'], exported['int8'], '--backend', 'paddle', 'openvino',
                    '--threads', 2, '--input_shape', 1, 3, 64, 64, '--warmup', 1, '--no_ceiling',
-                   '--repeats', 3, '--no_bf16', '--json', out,
+                   '--repeats', 3, '--no_bf16', '--json', out, '--int8_layers', 'all',
                    '--opts', *data_opts(exported['data']))
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {(r['backend'], r['precision']): r for r in json.load(open(out))['rows']}

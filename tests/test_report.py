@@ -85,7 +85,7 @@ def test_report_dir_writes_report_charts_and_gallery(exported, tmp_path):
     proc = run_cli('deploy/python/benchmark.py', '--config', INSTANT, '--model_dirs',
                    exported['fp32'], exported['int8'], '--input_shape', 1, 3, 64, 64,
                    '--warmup', 1, '--repeats', 3, '--no_bf16', '--no_ceiling', '--report_dir', out,
-                   '--gallery', 3, '--opts', *data_opts(exported['data']))
+                   '--gallery', 3, '--int8_layers', 'all', '--opts', *data_opts(exported['data']))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert str(out / 'report.md') in proc.stderr + proc.stdout
     text = (out / 'report.md').read_text()
