@@ -269,6 +269,21 @@ def test_onnxruntime_runs_concats_and_the_channel_shuffle_on_uint8(tmp_path):
     assert np.abs(got - expected).max() <= 0.1 * np.abs(expected).max()
 
 
+def test_a_layer_read_only_by_a_concat_rounds_onto_the_concat_grid():
+    """The conv outputs that only a concat reads take the concat's scale and zero point, so
+    onnxruntime's QLinearConcat copies them instead of requantizing each value."""
+    model, scales = shuffle_model()
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
+    inits = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer
+             if not i.dims}
+    grid = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in quantized.graph.node
+            if n.op_type == 'QuantizeLinear'}
+    assert grid['ra'] == grid['rb'] == grid['c'] and grid['re'] == grid['f'], grid
+    assert stats['on_concat_grid'] == 3
+
+
 def residual_model():
     """Two residual sums as paddle2onnx writes them: conv+relu, conv, Add of both, Relu, read
     by a conv and by a Shape; then that conv's output added to its input, read by a Sigmoid
