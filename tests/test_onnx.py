@@ -282,6 +282,34 @@ def test_a_layer_read_only_by_a_concat_rounds_onto_the_concat_grid():
             if n.op_type == 'QuantizeLinear'}
     assert grid['ra'] == grid['rb'] == grid['c'] and grid['re'] == grid['f'], grid
     assert stats['on_concat_grid'] == 3
+    # a signed concat (zero point 128): a Relu output keeps zero point 0, so its Relu still
+    # folds into the conv; the signed conv output beside it takes the concat's grid
+    rng = np.random.default_rng(0)
+    consts, quants = {}, {}
+    for name, cout in (('wa', 4), ('wb', 4), ('wd', 2)):
+        q = rng.integers(-127, 128, (cout, 4 if name != 'wd' else 8, 1, 1)).astype(np.int8)
+        step = np.full(cout, 0.01, np.float32)
+        consts[name] = q.astype(np.float32) * step[:, None, None, None]
+        quants[name] = WeightQuant(q, step, 0)
+    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+             for k, v in consts.items()]
+    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+              helper.make_node('Conv', ['x', 'wb'], ['b']),
+              helper.make_node('Concat', ['ra', 'b'], ['c'], axis=1),
+              helper.make_node('Conv', ['c', 'wd'], ['y'])]
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info(
+            'y', onnx.TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    quantized, stats = qdq.quantize_graph(
+        model, qdq.ProgramScales({'wa': 0.02, 'wb': 0.02, 'wd': 0.05}, quants), 'onnxruntime',
+        batches)
+    inits = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer
+             if not i.dims}
+    grid = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in quantized.graph.node
+            if n.op_type == 'QuantizeLinear'}
+    assert grid['c'][1] == 128 and grid['b'] == grid['c'] and grid['ra'][1] == 0, grid
+    assert stats['on_concat_grid'] == 1
 
 
 def residual_model():

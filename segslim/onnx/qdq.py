@@ -257,7 +257,7 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
     for tensor, step in steps.items():
         if tensor not in placed:
             placed[tensor] = (step, 0 if _nonnegative(g, producers, tensor) else 128)
-    grids = _concat_grids(g, [t for t in lone if t not in in_region], placed)
+    grids = _concat_grids(g, producers, [t for t in lone if t not in in_region], placed)
     stats['on_concat_grid'] = len(grids)
     for tensor in measure:
         if tensor in in_region:
@@ -275,19 +275,24 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
         _qdq(g, tensor, scale, zero, np.uint8, g.consumers(tensor))
 
 
-def _concat_grids(g: Graph, lone: Sequence[str], placed: Dict[str, Tuple[float, int]]
-                  ) -> Dict[str, Tuple[float, int]]:
+def _concat_grids(g: Graph, producers: Dict[str, 'NodeProto'], lone: Sequence[str],
+                  placed: Dict[str, Tuple[float, int]]) -> Dict[str, Tuple[float, int]]:
     """{tensor: the scale and zero point of the concat that alone reads it}, for the layer
     outputs in `lone` (quantized on a measured range of their own) whose one reader (besides
     Shape) is a concat with a placed output: on its grid, the layer rounds straight into it
     and onnxruntime's QLinearConcat copies that input instead of requantizing it (a table
     lookup per value; the stride-2 ShuffleNet units requantized both halves). The concat's
-    output is rounded to that grid anyway, so this drops a rounding and loses none."""
+    output is rounded to that grid anyway, so this drops a rounding and loses none. A
+    non-negative output keeps its own grid when the concat's is signed (zero point 128):
+    with zero point 0 its Relu folds into the conv's requantization."""
     grids = {}
     for tensor in lone:
         users = [u for u in g.consumers(tensor) if u.op_type != 'Shape']
-        if len(users) == 1 and users[0].op_type == 'Concat' and users[0].output[0] in placed:
-            grids[tensor] = placed[users[0].output[0]]
+        if len(users) != 1 or users[0].op_type != 'Concat' or users[0].output[0] not in placed:
+            continue
+        grid = placed[users[0].output[0]]
+        if grid[1] == 0 or not _nonnegative(g, producers, tensor):
+            grids[tensor] = grid
     return grids
 
 
