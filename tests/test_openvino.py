@@ -379,6 +379,65 @@ def test_quantization_moves_above_layout_ops_to_the_producer_with_the_same_answe
     assert hoist_quantization(model) == 3  # concat and the reshape, transpose after it
 
 
+def test_a_channel_shuffle_runs_int8_when_the_quantization_moves_above_its_split():
+    """A ShuffleNet unit: concat of the passed-through half and the branch, the shuffle
+    (reshape, transpose, reshape; a ShapeOf reads the concat), split; the next conv quantizes
+    one half. With `splits` the FakeQuantize moves above the split, the shuffle and the
+    concat onto the concat's inputs, so the plugin shuffles INT8 data; without, it stays."""
+    import openvino.opset13 as ops
+
+    from segslim.deploy.openvino_graph import hoist_quantization, hoistable_splits
+
+    rng = np.random.default_rng(0)
+    w = [rng.standard_normal(shape).astype(np.float32) for shape in
+         ((8, 4, 1, 1), (8, 8, 1, 1), (8, 8, 1, 1))]
+
+    def unit():
+        x = ops.parameter([1, 4, 16, 16], np.float32)
+        a = ops.relu(ops.convolution(x, ops.constant(w[0]), [1, 1], [0, 0], [0, 0], [1, 1]))
+        half, branch = ops.split(a, ops.constant(np.int64(1)), 2).outputs()
+        branch = ops.relu(ops.convolution(_fq(branch, 0, 4), ops.constant(w[1][:4, :4]),
+                                          [1, 1], [0, 0], [0, 0], [1, 1]))
+        joined = ops.concat([half, branch], 1)
+        shape = ops.shape_of(joined)
+        shuffled = ops.reshape(ops.transpose(ops.reshape(
+            joined, ops.constant(np.array([1, 2, 4, 16, 16])), False),
+            ops.constant(np.array([0, 2, 1, 3, 4]))), shape, False)
+        keep, conv_in = ops.split(shuffled, ops.constant(np.int64(1)), 2).outputs()
+        conv = ops.relu(ops.convolution(_fq(conv_in, 0, 4), ops.constant(w[2][:4, :4]),
+                                        [1, 1], [0, 0], [0, 0], [1, 1]))
+        out = ops.concat([keep, conv], 1)
+        return ov.Model([ops.convolution(_fq(out, 0, 4), ops.constant(w[1]), [1, 1], [0, 0],
+                                         [0, 0], [1, 1])], [x])
+
+    def sources(model):
+        return sorted(op.input_value(0).get_node().get_type_name()
+                      for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize')
+
+    plain = unit()
+    hoist_quantization(plain)  # the last concat's quantization moves onto its inputs
+    assert sources(plain) == ['Relu', 'Split', 'Split', 'Split'], sources(plain)
+    model = unit()
+    assert hoistable_splits(model) == 2  # the kind `shuffle` is timed for this model
+    # both splits, the reshape, transpose, reshape and both concats: every conv writes
+    # INT8, and the passed-through halves are requantized (FakeQuantize on a split output)
+    # where they join the next concat
+    assert hoist_quantization(model, splits=True) == 7
+    assert sources(model) == ['Relu', 'Relu', 'Relu', 'Split', 'Split'], sources(model)
+    assert hoistable_splits(model) == 0
+    config = {'INFERENCE_PRECISION_HINT': 'f32'}
+    compiled = ov.Core().compile_model(model, 'CPU', config)
+    precisions = {op.get_rt_info()['layerType'].astype(str):
+                  op.get_rt_info()['runtimePrecision'].astype(str).lower()
+                  for op in compiled.get_runtime_model().get_ordered_ops()}
+    assert precisions.get('Transpose', precisions.get('ShuffleChannels')) in ('u8', 'i8'), \
+        precisions
+    x = rng.uniform(0, 1, (1, 4, 16, 16)).astype(np.float32)
+    want = ov.Core().compile_model(unit(), 'CPU', config)({0: x})[0]
+    got = compiled({0: x})[0]
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # one more rounding, no more
+
+
 def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkeypatch):
     from segslim.deploy import engine
     from segslim.deploy.int8_kinds import KindChoice

@@ -254,7 +254,8 @@ def add_engine_args(p: argparse.ArgumentParser,
     add_bool(p, '--enable_mkldnn', EngineOptions.enable_mkldnn, 'oneDNN on CPU')
     p.add_argument('--int8_layers', choices=INT8_LAYERS, default=EngineOptions.int8_layers,
                    help='auto: a quantized model runs INT8 only for the kinds of layer '
-                        '(depthwise, grouped, 1x1, larger convs, matmuls; pools on OpenVINO) '
+                        '(depthwise, grouped, 1x1, larger convs, matmuls; pools and channel '
+                        'shuffles on OpenVINO) '
                         'that this CPU runs faster in INT8, timed when the engine loads '
                         '(every engine on CPU); '
                         'all: every quantized layer INT8')

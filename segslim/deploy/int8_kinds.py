@@ -4,11 +4,13 @@ in float on this CPU, measured on the model itself with the engine's reorders.
 The kinds are the convolution shapes whose INT8 kernels differ most from their float ones:
 `depthwise` (one input channel per group), `grouped` (other grouped convs), `pointwise`
 (1x1) and `spatial` (larger kernels), and `matmul`; on OpenVINO also `pool`, the pools that
-read a conv's INT8 input (openvino_graph.share_quantized_inputs). An engine builds the model
-with a set of kinds in float (their input quantization removed, their weights dequantized)
-and choose_float_kinds times the variants interleaved: a kind stays INT8 only when the model
-with it in float is not faster. Running a layer in float never loses accuracy against the
-INT8 model (it drops a rounding), so the choice is made on speed alone.
+read a conv's INT8 input (openvino_graph.share_quantized_inputs), and `shuffle`, the channel
+shuffles of ShuffleNet units run on INT8 (openvino_graph.hoist_quantization). An engine
+builds the model with a set of kinds in float (their input quantization removed, their
+weights dequantized) and choose_float_kinds times the variants interleaved: a kind stays
+INT8 only when the model with it in float is not faster. Running a layer in float never
+loses accuracy against the INT8 model (it drops a rounding), so the choice is made on speed
+alone.
 
 A choice is kept on disk (ChoiceCache), keyed by the model's files, the engine and its
 settings and the CPU, so that every later load of the same model on this machine runs the
@@ -33,7 +35,7 @@ CACHE_ENV = 'SEGSLIM_CACHE_DIR'
 # Choices kept at most (each a few hundred bytes); the oldest go first.
 CACHE_FILES = 1000
 
-KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool')
+KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuffle')
 # A variant must be this much faster than the model it is compared with to change the
 # choice: below it, timing noise decides.
 MARGIN = 0.03

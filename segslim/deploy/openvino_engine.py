@@ -17,6 +17,7 @@ from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase
 from segslim.deploy.openvino_graph import (
     drop_observer_quantization,
     hoist_quantization,
+    hoistable_splits,
     planar_channel_topk,
     quantized_kinds,
     seven_bit_weights,
@@ -136,7 +137,8 @@ class OpenVINOPredictor(EngineBase):
     def _choose_kinds(self) -> None:
         """Leaves in float the kinds of layer INT8 does not speed up here (int8_kinds),
         timed at the probe shape, and keeps that variant as the model; `pool` is there when
-        pools would read a conv's INT8 input (share_quantized_inputs)."""
+        pools would read a conv's INT8 input (share_quantized_inputs), `shuffle` when a
+        channel shuffle would run on INT8 (hoist_quantization with `splits`)."""
         def build(kinds: Any, images: np.ndarray) -> Any:
             model = self._variant(kinds)
             model.reshape({model.inputs[0].get_any_name(): list(images.shape)})
@@ -146,6 +148,8 @@ class OpenVINOPredictor(EngineBase):
         present = {kind for _, kind in quantized_kinds(self.model)}
         if self.rewrite and shareable_pools(self.model):
             present.add('pool')
+        if self.rewrite and hoistable_splits(self.model):
+            present.add('shuffle')
         chosen = self.choose_kinds(present, build)
         self.model = self._variant(chosen.float_kinds)
 
@@ -153,12 +157,13 @@ class OpenVINOPredictor(EngineBase):
         """A copy of the model with the layers of `kinds` in float; in our own quantized
         models each quantized tensor is then shared with the other ops that read it and its
         quantization moved up to the op that produces it (share_quantized_inputs,
-        hoist_quantization), so that op writes INT8 (pools only unless `pool` is in `kinds`).
-        `shared` and `hoisted` count them."""
+        hoist_quantization), so that op writes INT8 (pools only unless `pool` is in `kinds`,
+        and through the channel shuffles unless `shuffle` is). `shared` and `hoisted` count
+        them."""
         model = with_float_kinds(self.model, kinds)
         if self.rewrite:
             self.shared = share_quantized_inputs(model, pools='pool' not in kinds)
-            self.hoisted = hoist_quantization(model)
+            self.hoisted = hoist_quantization(model, splits='shuffle' not in kinds)
         return model
 
     def _request(self, shape: Tuple[int, ...]) -> Any:

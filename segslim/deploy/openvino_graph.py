@@ -21,6 +21,8 @@ INT8_PASSTHROUGH = ('Concat', 'AvgPool', 'MaxPool', 'AdaptiveAvgPool', 'Adaptive
 POOLS = ('AvgPool', 'MaxPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool', 'ReduceMean', 'ReduceMax')
 # Ops that per-tensor rounding commutes with exactly (hoist_quantization).
 QUANTIZATION_COMMUTES = ('Concat', 'Reshape', 'Transpose', 'Squeeze', 'Unsqueeze')
+# Ops that split a tensor into parts (hoist_quantization with `splits`).
+SPLITS = ('Split', 'VariadicSplit')
 # Ops between a weighted op and its dequantize Multiply (per-channel scales get reshaped).
 WEIGHT_PATH_OPS = ('Reshape', 'Unsqueeze', 'Squeeze', 'Transpose', 'Convert')
 
@@ -89,34 +91,73 @@ def _feeds_layer(fq: Any) -> bool:
                for u in fq.output(0).get_target_inputs())
 
 
-def hoist_quantization(model: Any) -> int:
+def hoist_quantization(model: Any, splits: bool = False) -> int:
     """Moves each per-tensor FakeQuantize above the QUANTIZATION_COMMUTES op it reads when
-    that op feeds nothing else (one FakeQuantize per input of a Concat), repeatedly; returns
-    how many moved. Rounding commutes with these ops exactly, so the answers stay the same,
-    and the quantization reaches the conv or matrix product that produced the tensor, which
-    then writes INT8: SegFormer's head transposed and concatenated its 128x128x256 float
-    tokens before quantizing them for the fusing conv."""
-    import openvino.opset13 as ops
+    that op feeds nothing else (one FakeQuantize per input of a Concat; a ShapeOf reads only
+    the shape), repeatedly; returns how many moved. Rounding commutes with these ops exactly,
+    so the answers stay the same, and the quantization reaches the conv or matrix product
+    that produced the tensor, which then writes INT8: SegFormer's head transposed and
+    concatenated its 128x128x256 float tokens before quantizing them for the fusing conv.
+    With `splits`, also above a SPLITS op whose other outputs only concats read: the channel
+    shuffle of a ShuffleNet unit (concat, reshape, transpose, reshape, split), whose conv
+    quantizes one half, then runs on INT8 end to end; the half passed through to the next
+    unit's concat is rounded too, which the FP32 model does not do (quantize_static and
+    onnxruntime's uint8 regions round it as well)."""
+    fqs = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
     moved = 0
-    todo = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
-    while todo:
-        fq = todo.pop()
-        source = fq.input_value(0)
-        node = source.get_node()
-        ranges = _scalar_ranges(fq)
-        if node.get_type_name() not in QUANTIZATION_COMMUTES or ranges is None or \
-                node.get_output_size() != 1 or len(source.get_target_inputs()) != 1:
-            continue
-        levels = fq.get_attributes()['levels']
-        for i in range(node.get_input_size()) if node.get_type_name() == 'Concat' else [0]:
-            above = ops.fake_quantize(node.input_value(i), *ranges, levels)
-            node.input(i).replace_source_output(above.output(0))
-            todo.append(above)
-        fq.output(0).replace(node.output(0))
-        moved += 1
+    if splits:  # first, before a concat's quantization reaches the other half of a split
+        for fq in fqs:
+            source = fq.input_value(0)
+            if _passes_through(source.get_node(), source) and _move_up(fq) is not None:
+                moved += 1
+        fqs = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
+    while fqs:
+        fq = fqs.pop()
+        if fq.input_value(0).get_node().get_type_name() in QUANTIZATION_COMMUTES and \
+                fq.input_value(0).get_node().get_output_size() == 1:
+            above = _move_up(fq)
+            if above is not None:
+                fqs.extend(above)
+                moved += 1
     if moved:
         model.validate_nodes_and_infer_types()
     return moved
+
+
+def _move_up(fq: Any) -> Optional[List[Any]]:
+    """Moves a per-tensor FakeQuantize from the output of the op it reads (which nothing
+    else but ShapeOf reads) onto that op's data inputs (every input of a Concat, else the
+    first); returns the new FakeQuantize ops, None when it stays."""
+    import openvino.opset13 as ops
+    source = fq.input_value(0)
+    node = source.get_node()
+    ranges = _scalar_ranges(fq)
+    readers = [t for t in source.get_target_inputs() if t.get_node().get_type_name() != 'ShapeOf']
+    if ranges is None or len(readers) != 1:
+        return None
+    levels = fq.get_attributes()['levels']
+    above = []
+    for i in range(node.get_input_size()) if node.get_type_name() == 'Concat' else [0]:
+        above.append(ops.fake_quantize(node.input_value(i), *ranges, levels))
+        node.input(i).replace_source_output(above[-1].output(0))
+    fq.output(0).replace(source)
+    return above
+
+
+def hoistable_splits(model: Any) -> int:
+    """How many FakeQuantize ops hoist_quantization with `splits` would move above a split
+    (the int8_kinds kind `shuffle`)."""
+    return sum(_passes_through(op.input_value(0).get_node(), op.input_value(0)) and
+               _scalar_ranges(op) is not None for op in model.get_ordered_ops()
+               if op.get_type_name() == 'FakeQuantize')
+
+
+def _passes_through(node: Any, source: Any) -> bool:
+    """Whether `node` is a SPLITS op whose outputs other than `source` only concats read."""
+    if node.get_type_name() not in SPLITS:
+        return False
+    return all(t.get_node().get_type_name() == 'Concat'
+               for out in node.outputs() if out != source for t in out.get_target_inputs())
 
 
 def _scalar_ranges(fq: Any) -> Optional[List[Any]]:
