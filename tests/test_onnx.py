@@ -216,36 +216,53 @@ def run_optimized(model, x, tmp_path):
     return got, [n.op_type for n in onnx.load(str(tmp_path / 'optimized.onnx')).graph.node]
 
 
+def conv_model(weights, nodes, step, consts=(), outputs=(('y', onnx.TensorProto.FLOAT),)):
+    """A graph of `nodes` on the input x (1x4x8x8) whose conv weights (name -> shape) hold
+    random int8 values times `step` per output channel, with their WeightQuant; `consts`
+    are further Constant values by name."""
+    rng = np.random.default_rng(0)
+    values, quants = {}, {}
+    for name, shape in weights.items():
+        q = rng.integers(-127, 128, shape).astype(np.int8)
+        per_channel = np.full(shape[0], step, np.float32)
+        values[name] = q.astype(np.float32) * per_channel[:, None, None, None]
+        quants[name] = WeightQuant(q, per_channel, 0)
+    values.update(consts)
+    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
+             for k, v in values.items()] + nodes
+    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
+        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [
+            helper.make_tensor_value_info(name, kind, None) for name, kind in outputs])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)]), quants
+
+
+def quantize_grids(quantized):
+    """{tensor: (scale, zero point)} of every QuantizeLinear of a QDQ model."""
+    inits = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer
+             if not i.dims}
+    return {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in quantized.graph.node
+            if n.op_type == 'QuantizeLinear'}
+
+
 def shuffle_model():
     """A ShuffleNet block as paddle2onnx writes it: two conv+relu branches, concat, channel
     shuffle (reshape, transpose, reshape), split; one half into a conv, the other into a
     concat with that conv's output, then a last conv."""
-    rng = np.random.default_rng(0)
-    consts, quants, nodes = {}, {}, []
-    for name, cin in (('wa', 4), ('wb', 4), ('wc', 4), ('wd', 8)):
-        q = rng.integers(-127, 128, (4 if name != 'wd' else 2, cin, 1, 1)).astype(np.int8)
-        step = np.full(q.shape[0], 0.01, np.float32)
-        consts[name] = q.astype(np.float32) * step[:, None, None, None]
-        quants[name] = WeightQuant(q, step, 0)
-    consts.update(s1=np.array([1, 2, 4, 8, 8], np.int64), s2=np.array([1, 8, 8, 8], np.int64),
-                  split=np.array([4, 4], np.int64))
-    nodes += [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
-              for k, v in consts.items()]
-    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
-              helper.make_node('Conv', ['x', 'wb'], ['b']), helper.make_node('Relu', ['b'], ['rb']),
-              helper.make_node('Concat', ['ra', 'rb'], ['c'], axis=1),
-              helper.make_node('Reshape', ['c', 's1'], ['r1']),
-              helper.make_node('Transpose', ['r1'], ['t'], perm=[0, 2, 1, 3, 4]),
-              helper.make_node('Reshape', ['t', 's2'], ['r2']),
-              helper.make_node('Split', ['r2', 'split'], ['h1', 'h2'], axis=1),
-              helper.make_node('Conv', ['h1', 'wc'], ['e']),
-              helper.make_node('Relu', ['e'], ['re']),
-              helper.make_node('Concat', ['re', 'h2'], ['f'], axis=1),
-              helper.make_node('Conv', ['f', 'wd'], ['y'])]
-    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
-        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info(
-            'y', onnx.TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    nodes = [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+             helper.make_node('Conv', ['x', 'wb'], ['b']), helper.make_node('Relu', ['b'], ['rb']),
+             helper.make_node('Concat', ['ra', 'rb'], ['c'], axis=1),
+             helper.make_node('Reshape', ['c', 's1'], ['r1']),
+             helper.make_node('Transpose', ['r1'], ['t'], perm=[0, 2, 1, 3, 4]),
+             helper.make_node('Reshape', ['t', 's2'], ['r2']),
+             helper.make_node('Split', ['r2', 'split'], ['h1', 'h2'], axis=1),
+             helper.make_node('Conv', ['h1', 'wc'], ['e']),
+             helper.make_node('Relu', ['e'], ['re']),
+             helper.make_node('Concat', ['re', 'h2'], ['f'], axis=1),
+             helper.make_node('Conv', ['f', 'wd'], ['y'])]
+    model, quants = conv_model(
+        {'wa': (4, 4, 1, 1), 'wb': (4, 4, 1, 1), 'wc': (4, 4, 1, 1), 'wd': (2, 8, 1, 1)}, nodes,
+        0.01, {'s1': np.array([1, 2, 4, 8, 8], np.int64), 's2': np.array([1, 8, 8, 8], np.int64),
+               'split': np.array([4, 4], np.int64)})
     steps = {'wa': 4 / 127, 'wb': 4 / 127, 'wc': 0.05, 'wd': 0.06}
     return model, qdq.ProgramScales(steps, quants)
 
@@ -276,38 +293,21 @@ def test_a_layer_read_only_by_a_concat_rounds_onto_the_concat_grid():
     rng = np.random.default_rng(1)
     batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
     quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
-    inits = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer
-             if not i.dims}
-    grid = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in quantized.graph.node
-            if n.op_type == 'QuantizeLinear'}
+    grid = quantize_grids(quantized)
     assert grid['ra'] == grid['rb'] == grid['c'] and grid['re'] == grid['f'], grid
     assert stats['on_concat_grid'] == 3
     # a signed concat (zero point 128): a Relu output keeps zero point 0, so its Relu still
     # folds into the conv; the signed conv output beside it takes the concat's grid
-    rng = np.random.default_rng(0)
-    consts, quants = {}, {}
-    for name, cout in (('wa', 4), ('wb', 4), ('wd', 2)):
-        q = rng.integers(-127, 128, (cout, 4 if name != 'wd' else 8, 1, 1)).astype(np.int8)
-        step = np.full(cout, 0.01, np.float32)
-        consts[name] = q.astype(np.float32) * step[:, None, None, None]
-        quants[name] = WeightQuant(q, step, 0)
-    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
-             for k, v in consts.items()]
-    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
-              helper.make_node('Conv', ['x', 'wb'], ['b']),
-              helper.make_node('Concat', ['ra', 'b'], ['c'], axis=1),
-              helper.make_node('Conv', ['c', 'wd'], ['y'])]
-    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
-        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [helper.make_tensor_value_info(
-            'y', onnx.TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    model, quants = conv_model(
+        {'wa': (4, 4, 1, 1), 'wb': (4, 4, 1, 1), 'wd': (2, 8, 1, 1)},
+        [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+         helper.make_node('Conv', ['x', 'wb'], ['b']),
+         helper.make_node('Concat', ['ra', 'b'], ['c'], axis=1),
+         helper.make_node('Conv', ['c', 'wd'], ['y'])], 0.01)
     quantized, stats = qdq.quantize_graph(
         model, qdq.ProgramScales({'wa': 0.02, 'wb': 0.02, 'wd': 0.05}, quants), 'onnxruntime',
         batches)
-    inits = {i.name: float(numpy_helper.to_array(i)) for i in quantized.graph.initializer
-             if not i.dims}
-    grid = {n.input[0]: (inits[n.input[1]], inits[n.input[2]]) for n in quantized.graph.node
-            if n.op_type == 'QuantizeLinear'}
+    grid = quantize_grids(quantized)
     assert grid['c'][1] == 128 and grid['b'] == grid['c'] and grid['ra'][1] == 0, grid
     assert stats['on_concat_grid'] == 1
 
@@ -316,27 +316,16 @@ def residual_model():
     """Two residual sums as paddle2onnx writes them: conv+relu, conv, Add of both, Relu, read
     by a conv and by a Shape; then that conv's output added to its input, read by a Sigmoid
     (a float op) into the graph output."""
-    rng = np.random.default_rng(0)
-    consts, quants = {}, {}
-    for name in ('wa', 'wb', 'wc'):
-        q = rng.integers(-127, 128, (4, 4, 1, 1)).astype(np.int8)
-        step = np.full(4, 0.002, np.float32)
-        consts[name] = q.astype(np.float32) * step[:, None, None, None]
-        quants[name] = WeightQuant(q, step, 0)
-    nodes = [helper.make_node('Constant', [], [k], value=numpy_helper.from_array(v, k))
-             for k, v in consts.items()]
-    nodes += [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
-              helper.make_node('Conv', ['ra', 'wb'], ['b']),
-              helper.make_node('Add', ['b', 'ra'], ['s']), helper.make_node('Relu', ['s'], ['rs']),
-              helper.make_node('Shape', ['rs'], ['shape']),
-              helper.make_node('Conv', ['rs', 'wc'], ['c']),
-              helper.make_node('Add', ['c', 'rs'], ['t']),
-              helper.make_node('Sigmoid', ['t'], ['y'])]
-    graph = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info(
-        'x', onnx.TensorProto.FLOAT, [1, 4, 8, 8])], [
-            helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, None),
-            helper.make_tensor_value_info('shape', onnx.TensorProto.INT64, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 13)])
+    nodes = [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
+             helper.make_node('Conv', ['ra', 'wb'], ['b']),
+             helper.make_node('Add', ['b', 'ra'], ['s']), helper.make_node('Relu', ['s'], ['rs']),
+             helper.make_node('Shape', ['rs'], ['shape']),
+             helper.make_node('Conv', ['rs', 'wc'], ['c']),
+             helper.make_node('Add', ['c', 'rs'], ['t']),
+             helper.make_node('Sigmoid', ['t'], ['y'])]
+    model, quants = conv_model({name: (4, 4, 1, 1) for name in ('wa', 'wb', 'wc')}, nodes, 0.002,
+                               outputs=(('y', onnx.TensorProto.FLOAT),
+                                        ('shape', onnx.TensorProto.INT64)))
     return model, qdq.ProgramScales({'wa': 4 / 127, 'wb': 0.02, 'wc': 0.03}, quants)
 
 
