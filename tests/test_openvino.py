@@ -141,7 +141,7 @@ def test_int8_weights_run_in_seven_bits_without_vnni(exported, monkeypatch):
 def test_channel_topk_runs_planar_with_the_same_answers(exported):
     import openvino.opset13 as ops
 
-    from segslim.deploy.openvino_graph import planar_channel_topk
+    from segslim.deploy.openvino_head import planar_channel_topk
 
     def argmax_model(classes=5):
         x = ops.parameter([-1, classes, -1, -1], np.float32)
@@ -207,7 +207,7 @@ def _resize_head(classes=3, mode='linear_onnx', axes=False, pads=0, also_read=Fa
 @pytest.mark.parametrize('mode', ['linear_onnx', 'nearest', 'cubic'])
 @pytest.mark.parametrize('axes', [False, True])
 def test_resize_before_channel_topk_runs_planar_with_the_same_labels(mode, axes):
-    from segslim.deploy.openvino_graph import planar_channel_topk
+    from segslim.deploy.openvino_head import planar_channel_topk
     rng = np.random.default_rng(1)
     data = rng.normal(size=(2, 3, 5, 7)).astype(np.float32)
     data[:, :, :2] = rng.integers(0, 2, (2, 3, 2, 7))  # ties
@@ -223,7 +223,7 @@ def test_resize_before_channel_topk_runs_planar_with_the_same_labels(mode, axes)
 
 
 def test_resize_read_elsewhere_or_padded_keeps_its_layout():
-    from segslim.deploy.openvino_graph import planar_channel_topk
+    from segslim.deploy.openvino_head import planar_channel_topk
     for model in (_resize_head(also_read=True), _resize_head(pads=1)):
         assert planar_channel_topk(model, 16) == 1  # the TopK still runs planar
         assert _interpolate_ranks(model) == [4]
@@ -257,6 +257,19 @@ def test_int8_weights_on_float_data_are_not_counted_int8():
                                            {'INFERENCE_PRECISION_HINT': 'f32'})
         summary = runtime_summary(compiled.get_runtime_model())
         assert (summary.matmul_ops, summary.int8_matmul_ops) == (1, int(quantized)), summary
+    # the matmul kind in float: its dequantized weight becomes one float constant (SegFormer's
+    # INT8 weights on float input ran the plugin's decompressing kernel), same answers
+    from segslim.deploy.openvino_graph import with_float_kinds
+    quantized = model(True)
+    q = next(op.get_data() for op in quantized.get_ordered_ops()
+             if op.get_type_name() == 'Constant' and op.get_data().dtype == np.int8)
+    floated = with_float_kinds(quantized, {'matmul'})
+    matmul = next(op for op in floated.get_ordered_ops() if op.get_type_name() == 'MatMul')
+    weight = matmul.input_value(1).get_node()
+    assert weight.get_type_name() == 'Constant' and weight.get_data().dtype == np.float32
+    x = rng.standard_normal((1, 64, 32)).astype(np.float32)
+    got = ov.Core().compile_model(floated, 'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})({0: x})[0]
+    np.testing.assert_allclose(got, x @ (q.astype(np.float32) * 0.01).T, rtol=1e-4, atol=1e-4)
 
 
 def test_a_tensor_quantized_for_a_conv_is_shared_with_its_concat_and_pool():

@@ -18,13 +18,13 @@ from segslim.deploy.openvino_graph import (
     drop_observer_quantization,
     hoist_quantization,
     hoistable_splits,
-    planar_channel_topk,
     quantized_kinds,
     seven_bit_weights,
     share_quantized_inputs,
     shareable_pools,
     with_float_kinds,
 )
+from segslim.deploy.openvino_head import planar_channel_topk
 from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError, require
 from segslim.options import EngineOptions

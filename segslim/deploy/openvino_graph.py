@@ -1,7 +1,7 @@
 """Rewrites of a converted OpenVINO model before it is compiled: which FakeQuantize ops
 stay (observers dropped), where the quantization sits (shared with the ops that read the
-same tensor, moved above layout ops), which kinds of layer run in float, the argmax head's
-layout, and 7-bit weights for CPUs without VNNI."""
+same tensor, moved above layout ops), which kinds of layer run in float, and 7-bit weights
+for CPUs without VNNI (the argmax head's layout: openvino_head)."""
 from typing import Any, List, Optional, Tuple
 
 import numpy as np
@@ -200,7 +200,11 @@ def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
 def with_float_kinds(model: Any, kinds: Any) -> Any:
     """A copy of `model` whose layers of `kinds` take their input unquantized: the plugin
     runs them in float. A FakeQuantize that then feeds no conv or matrix product is removed
-    (the ops that shared it get its input back)."""
+    (the ops that shared it get its input back). A matrix product's dequantized INT8 weight
+    becomes one float constant: the plugin keeps INT8 weights of a float matrix product
+    compressed (its f32 kernel with weight decompression ran SegFormer-B0's matmuls 1.3-1.5 %
+    slower, whole model, than float weights)."""
+    import openvino.opset13 as ops
     model = model.clone()
     if kinds:
         for op, kind in quantized_kinds(model):
@@ -209,107 +213,28 @@ def with_float_kinds(model: Any, kinds: Any) -> Any:
                 op.input(0).replace_source_output(fq.input_value(0))
                 if not _feeds_layer(fq):
                     fq.output(0).replace(fq.input_value(0))
+                weight = _constant_value(op.input_value(1)) if kind == 'matmul' else None
+                if weight is not None:
+                    op.input(1).replace_source_output(ops.constant(weight).output(0))
         model.validate_nodes_and_infer_types()
     return model
 
 
-def planar_channel_topk(model: Any, max_channels: int) -> int:
-    """Runs each TopK over the channels of a 4-D tensor (the export's argmax head) with
-    fewer than `max_channels` channels on the tensor reshaped to N x C x H*W, and reshapes
-    its outputs back: the same values and indices. A 4-D TopK follows its producer's layout,
-    and after INT8 layers that is blocked or channels-last, where the plugin's TopK over two
-    classes at 512x512 runs several times slower than the reorder to a planar layout that
-    the 3-D input gets. With a channel block or more (16 float32 channels with AVX-512, so
-    Cityscapes' 19 classes) it is the other way round: that reorder costs 2-3x the TopK it
-    saves. When the TopK's input is a resize over height and width read by nothing else (the
-    logits upsampled to the image), the resize runs on the N*C x h x w logits too
-    (_planar_resize), so it writes the planar tensor the TopK reads instead of a blocked
-    one padded to the channel block. Returns how many TopK ops changed."""
-    import openvino.opset13 as ops
-    done = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != 'TopK':
-            continue
-        rank = op.get_input_partial_shape(0).rank
-        if not rank.is_static or rank.get_length() != 4:
-            continue
-        attrs = op.get_attributes()
-        channels = op.get_input_partial_shape(0)[1]
-        if attrs['axis'] not in (1, -3) or not channels.is_static or \
-                channels.get_length() >= max_channels:
-            continue
-        targets = [list(op.output(i).get_target_inputs()) for i in range(2)]
-        k = op.input_value(1)
-        planar = _planar_resize(op.input_value(0))
-        if planar is None:
-            data = op.input_value(0)
-            flat = ops.reshape(data, ops.constant(np.array([0, 0, -1], np.int64)), True)
-            shape = ops.shape_of(data, 'i64')
-            batch, height_width = _gather(shape, [0]), _gather(shape, [2, 3])
-        else:
-            flat, batch, height_width = planar
-        topk = ops.topk(flat, k, 1, attrs['mode'], attrs['sort'], attrs['index_element_type'],
-                        bool(attrs.get('stable', False)))
-        # N, k, H, W of the original output, whatever the input shape is at run time
-        out_shape = ops.concat([
-            batch, ops.convert(ops.reshape(k, ops.constant(np.array([1], np.int64)), False),
-                               'i64'), height_width], 0)
-        for i, consumers in enumerate(targets):
-            back = ops.reshape(topk.output(i), out_shape, False)
-            for target in consumers:
-                target.replace_source_output(back.output(0))
-        done += 1
-    if done:
-        model.validate_nodes_and_infer_types()
-    return done
-
-
-def _gather(shape: Any, index: List[int]) -> Any:
-    import openvino.opset13 as ops
-    return ops.gather(shape, ops.constant(np.array(index, np.int64)), 0)
-
-
-def _planar_resize(resized: Any) -> Optional[Tuple[Any, Any, Any]]:
-    """For `resized`, the output of an Interpolate over the last two axes of a N,C,h,w tensor
-    with no padding that nothing but the TopK reads: the same resize run on the input
-    reshaped to N*C x h x w, reshaped to N x C x H*W, with N and H,W as 1-D i64 tensors.
-    Each of the N*C planes is resized on its own either way, so the values are the same. The
-    plugin runs this 3-D resize on a planar layout: a 2-class 64 -> 512 head (resize and
-    TopK) took 0.8-1.2 ms instead of 4-6 ms (docs/measurements.md). None for any other
-    producer."""
-    import openvino.opset13 as ops
-    node = resized.get_node()
-    if node.get_type_name() != 'Interpolate' or len(resized.get_target_inputs()) != 1:
+def _constant_value(output: Any) -> Optional[np.ndarray]:
+    """The value of an op output computed from constants only (each op's own evaluate),
+    else None."""
+    import openvino as ov
+    node = output.get_node()
+    if node.get_type_name() == 'Constant':
+        return node.get_data()
+    inputs = [_constant_value(node.input_value(i)) for i in range(node.get_input_size())]
+    if not inputs or any(v is None for v in inputs):
         return None
-    attrs = node.get_attributes()
-    if any(attrs['pads_begin']) or any(attrs['pads_end']) or \
-            node.get_input_partial_shape(0)[1] != node.get_output_partial_shape(0)[1]:
+    outs = [ov.Tensor(node.get_output_element_type(i), node.get_output_shape(i))
+            for i in range(node.get_output_size())]
+    if not node.evaluate(outs, [ov.Tensor(np.ascontiguousarray(v)) for v in inputs]):
         return None
-    # v4: data, sizes, scales[, axes]; v11: data, sizes or scales[, axes]
-    v4 = node.get_type_info().version_id == 'opset4'
-    target = node.input_value(2 if v4 and attrs['shape_calculation_mode'] == 'scales' else 1)
-    axes_at = 3 if v4 else 2
-    if node.get_input_size() > axes_at:
-        axes = node.input_value(axes_at).get_node()
-        if axes.get_type_name() != 'Constant' or \
-                [int(a) % 4 for a in axes.get_data().reshape(-1)] != [2, 3]:
-            return None
-    elif target.get_partial_shape().rank.is_static and target.get_partial_shape()[0] == 4:
-        target = _gather(target, [2, 3])
-    else:
-        return None
-    data = node.input_value(0)  # 4-D: the TopK reads its output
-    shape = ops.shape_of(data, 'i64')
-    planes = ops.reshape(data, ops.concat([ops.constant(np.array([-1], np.int64)),
-                                           _gather(shape, [2, 3])], 0), False)
-    up = ops.interpolate(planes, target, attrs['mode'], attrs['shape_calculation_mode'],
-                         [0, 0, 0], [0, 0, 0], attrs['coordinate_transformation_mode'],
-                         attrs['nearest_mode'], attrs['antialias'], attrs['cube_coeff'],
-                         ops.constant(np.array([1, 2], np.int64)))
-    batch = _gather(shape, [0])
-    flat = ops.reshape(up, ops.concat([batch, _gather(shape, [1]),
-                                       ops.constant(np.array([-1], np.int64))], 0), False)
-    return flat, batch, _gather(ops.shape_of(up, 'i64'), [1, 2])
+    return outs[output.get_index()].data.copy()
 
 
 def _through(node: Any, stop: str) -> Any:
