@@ -174,11 +174,21 @@ def test_conv_kinds():
     assert conv_kind(4, 8, 8, [3, 3]) == 'grouped'
 
 
-def test_choose_float_kinds_keeps_int8_where_it_is_faster():
-    # a model whose grouped convs are slower in INT8 and whose spatial convs are faster
+def test_choose_float_kinds_keeps_int8_where_it_is_faster(monkeypatch):
+    # a model whose grouped convs are slower in INT8 and whose spatial convs are faster, on
+    # a clock that each run moves by its time (a loaded machine's sleeps moved by more than
+    # the choice's margin)
+    from segslim.deploy import int8_kinds
+    clock = [0.0]
+    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
+
+    def after(secs):
+        def run():
+            clock[0] += secs
+        return run
+
     def build(kinds):
-        secs = 0.02 - 0.008 * ('grouped' in kinds) + 0.008 * ('spatial' in kinds)
-        return lambda: time.sleep(secs)
+        return after(0.02 - 0.008 * ('grouped' in kinds) + 0.008 * ('spatial' in kinds))
     choice = choose_float_kinds(['spatial', 'grouped', 'pointwise'], build)
     assert choice.float_kinds == {'grouped'}
     assert set(choice.seconds) == {'none', 'grouped', 'grouped+pointwise', 'grouped+spatial'}
@@ -191,7 +201,7 @@ def test_choose_float_kinds_keeps_int8_where_it_is_faster():
     assert ratios['grouped'] < 0.8 < 1.2 < ratios['grouped+spatial']
     assert 'grouped {:.2f}x of none'.format(ratios['grouped']) in choice.describe()
     # a kind whose float variant is no faster than the model as quantized is not chosen
-    flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: lambda: time.sleep(0.01))
+    flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: after(0.01))
     assert flat.float_kinds == frozenset() and not flat.describe()
     assert 'grouped layers run in float' in choice.describe()
     assert list(KINDS).index('grouped') < list(KINDS).index('spatial')
