@@ -107,18 +107,17 @@ def hoist_quantization(model: Any, splits: bool = False) -> int:
     moved = 0
     if splits:  # first, before a concat's quantization reaches the other half of a split
         for fq in fqs:
-            source = fq.input_value(0)
-            if _passes_through(source.get_node(), source) and _move_up(fq) is not None:
+            if _passes_through(fq.input_value(0)) and _move_up(fq) is not None:
                 moved += 1
         fqs = [op for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize']
     while fqs:
         fq = fqs.pop()
-        if fq.input_value(0).get_node().get_type_name() in QUANTIZATION_COMMUTES and \
-                fq.input_value(0).get_node().get_output_size() == 1:
-            above = _move_up(fq)
-            if above is not None:
-                fqs.extend(above)
-                moved += 1
+        node = fq.input_value(0).get_node()
+        above = _move_up(fq) if node.get_type_name() in QUANTIZATION_COMMUTES and \
+            node.get_output_size() == 1 else None
+        if above is not None:
+            fqs.extend(above)
+            moved += 1
     if moved:
         model.validate_nodes_and_infer_types()
     return moved
@@ -147,13 +146,13 @@ def _move_up(fq: Any) -> Optional[List[Any]]:
 def hoistable_splits(model: Any) -> int:
     """How many FakeQuantize ops hoist_quantization with `splits` would move above a split
     (the int8_kinds kind `shuffle`)."""
-    return sum(_passes_through(op.input_value(0).get_node(), op.input_value(0)) and
-               _scalar_ranges(op) is not None for op in model.get_ordered_ops()
-               if op.get_type_name() == 'FakeQuantize')
+    return sum(_passes_through(op.input_value(0)) and _scalar_ranges(op) is not None
+               for op in model.get_ordered_ops() if op.get_type_name() == 'FakeQuantize')
 
 
-def _passes_through(node: Any, source: Any) -> bool:
-    """Whether `node` is a SPLITS op whose outputs other than `source` only concats read."""
+def _passes_through(source: Any) -> bool:
+    """Whether `source` is an output of a SPLITS op whose other outputs only concats read."""
+    node = source.get_node()
     if node.get_type_name() not in SPLITS:
         return False
     return all(t.get_node().get_type_name() == 'Concat'
@@ -213,21 +212,27 @@ def with_float_kinds(model: Any, kinds: Any) -> Any:
                 op.input(0).replace_source_output(fq.input_value(0))
                 if not _feeds_layer(fq):
                     fq.output(0).replace(fq.input_value(0))
-                weight = _constant_value(op.input_value(1)) if kind == 'matmul' else None
+                weight = op.input_value(1)
+                weight = _constant_value(weight) if kind == 'matmul' and \
+                    weight.get_node().get_type_name() != 'Constant' else None
                 if weight is not None:
                     op.input(1).replace_source_output(ops.constant(weight).output(0))
         model.validate_nodes_and_infer_types()
     return model
 
 
-def _constant_value(output: Any) -> Optional[np.ndarray]:
-    """The value of an op output computed from constants only (each op's own evaluate),
-    else None."""
+def _constant_value(output: Any, depth: int = 8) -> Optional[np.ndarray]:
+    """The value of an op output computed from constants only (each op's own evaluate)
+    within `depth` ops (a weight's dequantization takes a few), else None: an activation's
+    path is not walked up the model."""
     import openvino as ov
     node = output.get_node()
     if node.get_type_name() == 'Constant':
         return node.get_data()
-    inputs = [_constant_value(node.input_value(i)) for i in range(node.get_input_size())]
+    if depth == 0:
+        return None
+    inputs = [_constant_value(node.input_value(i), depth - 1)
+              for i in range(node.get_input_size())]
     if not inputs or any(v is None for v in inputs):
         return None
     outs = [ov.Tensor(node.get_output_element_type(i), node.get_output_shape(i))

@@ -257,7 +257,7 @@ def _place_uint8(g: Graph, producers: Dict[str, 'NodeProto'],
     for tensor, step in steps.items():
         if tensor not in placed:
             placed[tensor] = (step, 0 if _nonnegative(g, producers, tensor) else 128)
-    grids = _concat_grids(g, producers, [t for t in lone if t not in in_region], placed)
+    grids = _concat_grids(g, producers, lone, placed)
     stats['on_concat_grid'] = len(grids)
     for tensor in measure:
         if tensor in in_region:
