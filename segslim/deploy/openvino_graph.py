@@ -201,8 +201,8 @@ def with_float_kinds(model: Any, kinds: Any) -> Any:
     runs them in float. A FakeQuantize that then feeds no conv or matrix product is removed
     (the ops that shared it get its input back). A matrix product's dequantized INT8 weight
     becomes one float constant: the plugin keeps INT8 weights of a float matrix product
-    compressed (its f32 kernel with weight decompression ran SegFormer-B0's matmuls 1.3-1.5 %
-    slower, whole model, than float weights)."""
+    compressed (with its f32 kernel decompressing the weights, SegFormer-B0's float-matmul
+    variant ran 1.3-1.5 % slower, whole model, than with float weights)."""
     import openvino.opset13 as ops
     model = model.clone()
     if kinds:
