@@ -151,6 +151,17 @@ def test_openvino_layers_by_kind_and_what_int8_can_gain():
     assert openvino_kind('Transpose', 'unknown_i8') == 'layout'
     assert openvino_kind('AdaptiveAvgPool', 'jit_avx512_f32') == 'pooling'
     assert openvino_kind('Bucketize', 'ref_f32') == 'bucketize'
+    # onnxruntime: the op type says the data (QLinearConv reads uint8, FusedConv float)
+    from segslim.deploy.profile import onnxruntime_kind
+    assert [onnxruntime_kind(t) for t in ('QLinearConv', 'FusedConv', 'Conv', 'QLinearMatMul',
+                                          'MatMulIntegerToFloat', 'FusedMatMul', 'Gemm')] == \
+        ['convolution int8', 'convolution f32', 'convolution f32', 'matmul int8',
+         'matmul int8', 'matmul f32', 'matmul f32']
+    assert [onnxruntime_kind(t) for t in ('Resize', 'ReorderInput', 'QLinearConcat',
+                                          'NhwcMaxPool', 'QLinearAdd', 'Transpose',
+                                          'LayerNormalization', 'ArgMax', 'Cast')] == \
+        ['resampling', 'reorder', 'concat', 'pooling', 'eltwise', 'layout',
+         'layer_normalization', 'argmax', 'cast']
     # half of the unquantized time in convs: with convs 2x faster, 1 / (0.5 + 0.25)
     unquantized = {'by_kind': {'convolution bf16': 4.0, 'matmul bf16': 1.0, 'resampling': 3.0},
                    'native_ms': 2.0, 'total_ms': 10.0}

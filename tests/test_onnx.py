@@ -88,6 +88,22 @@ def test_qat_export_to_onnx_runs_every_conv_int8_in_onnxruntime(qat_run, exporte
     assert size <= 0.3 * os.path.getsize(os.path.join(onnx_models['fp32'], 'model.onnx'))
 
 
+def test_the_profile_of_an_int8_onnx_finds_its_int8_convs(onnx_models):
+    """onnxruntime's own per-node profile, grouped as oneDNN's verbose kinds: the INT8 file's
+    convs run QLinearConv, the FP32 file's float, and the shares add up to the whole."""
+    from segslim.deploy.profile import TIME_GROUPS, profile_onnxruntime, time_shares
+    int8 = profile_onnxruntime(onnx_models['ort'], 1, (1, 3, 64, 64), runs=2)
+    fp32 = profile_onnxruntime(onnx_models['fp32'], 1, (1, 3, 64, 64), runs=2)
+    assert int8['engine'] == 'onnxruntime' and int8['wall_ms'] > 0
+    assert int8['by_kind'].get('convolution int8', 0) > 0
+    assert fp32['by_kind'].get('convolution f32', 0) > 0
+    assert not [k for k in fp32['by_kind'] if k.endswith(' int8')]
+    for prof in (int8, fp32):
+        assert sum(time_shares(prof).values()) == pytest.approx(1.0)
+        assert list(time_shares(prof)) == list(TIME_GROUPS)
+    assert time_shares(int8)['INT8 convs, matmuls'] > time_shares(int8)['float convs, matmuls']
+
+
 def test_fp32_onnx_is_plain_float(onnx_models):
     model = load(onnx_models['fp32'])
     ops = {n.op_type for n in model.graph.node}

@@ -1,6 +1,7 @@
 """onnxruntime predictors for the model.onnx that export/qat_export/ptq --to_onnx write beside
 the Paddle program: the engine interface of segslim.deploy.engine, CPU only. What runs
 INT8 is read from a profiled run of the optimized graph (QLinearConv and kin), not assumed."""
+import collections
 import glob
 import json
 import os
@@ -275,22 +276,42 @@ class OnnxRuntimePredictor(EngineBase):
             so.profile_file_prefix = profile_prefix
         return so
 
-    def _profile(self, images: np.ndarray) -> OpSummary:
-        """Op summary of the optimized graph, from one profiled run in a second session."""
+    def _profiled(self, images: np.ndarray, runs: int) -> List[Dict[str, Any]]:
+        """onnxruntime's profile events (one per node and run, 'dur' in microseconds) of
+        `runs` runs of `images` in a second session of the model as it is run."""
         with tempfile.TemporaryDirectory(prefix='segslim-ort-') as tmp:
             session = self.ort.InferenceSession(self.model,
                                                 self._options(os.path.join(tmp, 'prof')),
                                                 providers=['CPUExecutionProvider'])
-            session.run(None, {self.input_name: images})
+            feed = {self.input_name: np.ascontiguousarray(images, dtype=np.float32)}
+            for _ in range(runs):
+                session.run(None, feed)
             session.end_profiling()
-            nodes = {}
+            events = []
             for path in glob.glob(os.path.join(tmp, 'prof*.json')):
                 with open(path) as f:
-                    for event in json.load(f):
-                        args = event.get('args') or {}
-                        if event.get('cat') == 'Node' and 'op_name' in args:
-                            nodes[event['name'].rsplit('_kernel_time', 1)[0]] = args['op_name']
-        return profiled_summary(nodes)
+                    events += [e for e in json.load(f) if e.get('cat') == 'Node' and
+                               'op_name' in (e.get('args') or {}) and
+                               e['name'].endswith('_kernel_time')]
+        return events
+
+    def _profile(self, images: np.ndarray) -> OpSummary:
+        """Op summary of the optimized graph, from one profiled run in a second session."""
+        return profiled_summary({e['name'].rsplit('_kernel_time', 1)[0]: e['args']['op_name']
+                                 for e in self._profiled(images, 1)})
+
+    def node_times(self, images: np.ndarray, runs: int) -> Dict[Tuple[str, str], float]:
+        """ms per run of `images` in each (op type, '') of the optimized graph, from
+        onnxruntime's own profile of each node (a session with profiling on, after one
+        untimed run; the rows are timed without it)."""
+        totals: Dict[Tuple[str, str], float] = collections.defaultdict(float)
+        seen = set()  # each node's first run warms its kernel: left out
+        for e in sorted(self._profiled(images, runs + 1), key=lambda e: e['ts']):
+            if e['name'] not in seen:
+                seen.add(e['name'])
+                continue
+            totals[(e['args']['op_name'], '')] += e['dur'] / 1000 / runs
+        return {key: ms for key, ms in totals.items() if ms > 0}
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""

@@ -6,7 +6,8 @@ CPU kernels (bilinear resize, arg_max, ...). The engine runs in a child process 
 it with logging off, then turns oneDNN's verbose mode on (dnnl_set_verbose) for the same
 number of runs; oneDNN times each primitive itself, so the log's cost stays out of the
 numbers. OpenVINO: the plugin's per-node counters (PERF_COUNT), on a second compilation of
-the model as it is timed; the remainder is the runtime's own time between nodes."""
+the model as it is timed; onnxruntime: its own profile of each node, in a second session of
+the model as it is timed; for both the remainder is the runtime's own time between nodes."""
 import json
 import os
 import subprocess
@@ -36,6 +37,34 @@ OPENVINO_KINDS = {
     'Concatenation': 'concat', 'Concat': 'concat', 'Split': 'layout', 'Transpose': 'layout',
     'Reshape': 'layout', 'Gather': 'layout', 'StridedSlice': 'layout',
     'ShuffleChannels': 'layout', 'DepthToSpace': 'layout', 'SpaceToDepth': 'layout'}
+# onnxruntime CPU op types (after its graph optimizations) by oneDNN's kinds; the data a
+# compute op reads is in its type (QLinearConv reads uint8, FusedConv float).
+ONNXRUNTIME_INT8 = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger',
+                    'MatMulIntegerToFloat', 'DynamicQuantizeMatMul', 'QGemm', 'QAttention',
+                    'QLinearConvTranspose')
+ONNXRUNTIME_KINDS = {
+    'QLinearConv': 'convolution', 'ConvInteger': 'convolution', 'Conv': 'convolution',
+    'FusedConv': 'convolution', 'NhwcFusedConv': 'convolution',
+    'QLinearConvTranspose': 'deconvolution', 'ConvTranspose': 'deconvolution',
+    'QLinearMatMul': 'matmul', 'MatMulInteger': 'matmul', 'MatMulIntegerToFloat': 'matmul',
+    'DynamicQuantizeMatMul': 'matmul', 'QGemm': 'matmul', 'QAttention': 'matmul',
+    'MatMul': 'matmul', 'FusedMatMul': 'matmul', 'Gemm': 'matmul', 'FusedGemm': 'matmul',
+    'Resize': 'resampling', 'Upsample': 'resampling',
+    'ReorderInput': 'reorder', 'ReorderOutput': 'reorder',
+    'QuantizeLinear': 'quantize', 'DequantizeLinear': 'quantize',
+    'DynamicQuantizeLinear': 'quantize',
+    'Softmax': 'softmax', 'QLinearSoftmax': 'softmax',
+    'LayerNormalization': 'layer_normalization', 'SimplifiedLayerNormalization':
+    'layer_normalization', 'SkipLayerNormalization': 'layer_normalization',
+    'BatchNormalization': 'batch_normalization', 'InstanceNormalization': 'normalization',
+    'MaxPool': 'pooling', 'NhwcMaxPool': 'pooling', 'AveragePool': 'pooling',
+    'GlobalAveragePool': 'pooling', 'GlobalMaxPool': 'pooling',
+    'QLinearAveragePool': 'pooling', 'QLinearGlobalAveragePool': 'pooling',
+    'ArgMax': 'argmax', 'TopK': 'argmax', 'Concat': 'concat', 'QLinearConcat': 'concat',
+    'Transpose': 'layout', 'Reshape': 'layout', 'Split': 'layout', 'Slice': 'layout',
+    'Gather': 'layout', 'Squeeze': 'layout', 'Unsqueeze': 'layout', 'Flatten': 'layout',
+    'Expand': 'layout', 'DepthToSpace': 'layout', 'SpaceToDepth': 'layout',
+    'ReduceMean': 'reduction', 'ReduceMax': 'reduction', 'ReduceSum': 'reduction'}
 # What the gain table groups the kinds into (compute kinds by the data they read).
 TIME_GROUPS = ('INT8 convs, matmuls', 'float convs, matmuls', 'resize',
                'elementwise, softmax, norms', 'concat, split, transpose, reorder', 'other')
@@ -50,7 +79,8 @@ KIND_GROUPS = {'resampling': 'resize', 'eltwise': 'elementwise, softmax, norms',
                'layout': 'concat, split, transpose, reorder',
                'shuffle': 'concat, split, transpose, reorder'}
 REMAINDER = {'paddle': 'Paddle native kernels (resize, arg_max, ...) and overhead',
-             'openvino': 'runtime between its nodes'}
+             'openvino': 'runtime between its nodes',
+             'onnxruntime': 'runtime between its nodes'}
 
 START = 'SEGSLIM-PROFILE-START'
 END = 'SEGSLIM-PROFILE-END'
@@ -90,6 +120,15 @@ def openvino_kind(layer_type: str, implementation: str) -> str:
     return kind
 
 
+def onnxruntime_kind(op_type: str) -> str:
+    """The kind of an onnxruntime CPU op as openvino_kind gives an OpenVINO node's."""
+    kind = ONNXRUNTIME_KINDS.get(op_type, 'eltwise' if op_type.startswith('QLinear') else
+                                 op_type.lower())
+    if kind in COMPUTE_KINDS:
+        kind += ' int8' if op_type in ONNXRUNTIME_INT8 else ' f32'
+    return kind
+
+
 def profile_openvino(model_dir: str, precision: str, threads: int, shape: Sequence[int],
                      runs: int = 10) -> Dict[str, Any]:
     """profile_engine's answer for the OpenVINO predictor of `model_dir` in `precision`
@@ -99,6 +138,22 @@ def profile_openvino(model_dir: str, precision: str, threads: int, shape: Sequen
     pred = OpenVINOPredictor(model_dir, EngineOptions(
         backend='openvino', precision=precision, cpu_threads=threads,
         input_shape=tuple(shape)))
+    return _profile_nodes(pred, shape, runs, 'openvino')
+
+
+def profile_onnxruntime(model_dir: str, threads: int, shape: Sequence[int],
+                        runs: int = 10) -> Dict[str, Any]:
+    """profile_engine's answer for the onnxruntime predictor of `model_dir` (a quantized
+    export runs INT8 in the layers the engine chose)."""
+    from segslim.deploy.onnxruntime_engine import OnnxRuntimePredictor
+    from segslim.options import EngineOptions
+    pred = OnnxRuntimePredictor(model_dir, EngineOptions(
+        backend='onnxruntime', cpu_threads=threads, input_shape=tuple(shape)))
+    return _profile_nodes(pred, shape, runs, 'onnxruntime')
+
+
+def _profile_nodes(pred: Any, shape: Sequence[int], runs: int, engine: str) -> Dict[str, Any]:
+    """The wall time of `pred` per run and its own per-node times by kind."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(3):
         pred.run(x)
@@ -108,23 +163,26 @@ def profile_openvino(model_dir: str, precision: str, threads: int, shape: Sequen
     wall_ms = (time.perf_counter() - tic) * 1000 / runs
     by_kind: Dict[str, float] = {}
     for (layer_type, implementation), ms in pred.node_times(x, runs).items():
-        kind = openvino_kind(layer_type, implementation)
+        kind = openvino_kind(layer_type, implementation) if engine == 'openvino' else \
+            onnxruntime_kind(layer_type)
         by_kind[kind] = by_kind.get(kind, 0.0) + ms
     nodes = sum(by_kind.values())
     return {'wall_ms': wall_ms, 'by_kind': by_kind, 'native_ms': max(wall_ms - nodes, 0.0),
-            'total_ms': max(wall_ms, nodes), 'engine': 'openvino'}
+            'total_ms': max(wall_ms, nodes), 'engine': engine}
 
 
 def profile_row(row: BenchRow, threads: int, shape: Sequence[int],
                 runs: int = 10) -> Optional[Dict[str, Any]]:
     """Where the time of a benchmark row goes (its model, engine and precision), None on an
-    engine without a profiler here (onnxruntime)."""
+    engine without a profiler here."""
     precision = 'bf16' if 'bf16' in (row.rest, row.precision.value) else 'fp32'
     if row.backend == 'openvino':
         return profile_openvino(row.model_dir, precision, threads, shape, runs)
     if row.backend == 'paddle':
         return profile_engine(row.model_dir, 'int8' if row.int8 and not row.rest else precision,
                               threads, shape, runs)
+    if row.backend == 'onnxruntime':
+        return profile_onnxruntime(row.model_dir, threads, shape, runs)
     return None
 
 
