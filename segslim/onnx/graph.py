@@ -1,6 +1,6 @@
 """A mutable view of an ONNX graph (initializers by name, producers and consumers, written
 back in topological order) and the ranges of its tensors on calibration images."""
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,6 +71,32 @@ class Graph:
             for i, name in enumerate(node.input):
                 if name == old:
                     node.input[i] = new
+
+    def sole_consumer(self, name: str, op_type: str,
+                      readers: Optional[Dict[str, List[Any]]] = None) -> Optional[Any]:
+        """The one node that reads tensor `name` when it is an `op_type` and the tensor is no
+        graph output, else None (`readers`: a snapshot to look it up in)."""
+        users = readers.get(name, []) if readers is not None else self.consumers(name)
+        if len(users) == 1 and users[0].op_type == op_type and not self.is_output(name):
+            return users[0]
+        return None
+
+    def insert_qdq(self, tensor: str, scale: float, zero_point: int, dtype: Any,
+                   users: Sequence[Any]) -> str:
+        """Inserts QuantizeLinear -> DequantizeLinear after `tensor` and points `users` at
+        the dequantized tensor; returns its name."""
+        from onnx import helper
+        s = self.add_init(tensor + '.scale', np.array(scale, np.float32))
+        z = self.add_init(tensor + '.zero_point', np.array(zero_point, dtype))
+        quantized, restored = self.fresh(tensor + '.q'), self.fresh(tensor + '.dq')
+        # a Shape reads the uint8 tensor: no dequantize is computed for it alone
+        self.redirect(tensor, quantized, [u for u in users if u.op_type == 'Shape'])
+        self.redirect(tensor, restored, [u for u in users if u.op_type != 'Shape'])
+        self.nodes.append(helper.make_node('QuantizeLinear', [tensor, s, z], [quantized],
+                                           name=quantized))
+        self.nodes.append(helper.make_node('DequantizeLinear', [quantized, s, z], [restored],
+                                           name=restored))
+        return restored
 
     def finish(self) -> Any:
         """Writes nodes (topologically sorted) and the used initializers back."""
