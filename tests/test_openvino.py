@@ -462,6 +462,8 @@ def test_the_int8_kind_choice_is_kept_for_later_loads(exported, tmp_path, monkey
                           trials=[(present[0], 'none', 0.5)])
     monkeypatch.setattr(engine, 'choose_float_kinds', choose)
     monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(tmp_path / 'cache'))
+    from segslim.deploy import int8_kinds
+    monkeypatch.setattr(int8_kinds, 'machine_busy', lambda: False)  # the test's own load
 
     def load(threads=2):
         return create_predictor(exported['int8'], EngineOptions(

@@ -15,7 +15,11 @@ alone.
 A choice is kept on disk (ChoiceCache), keyed by the model's files, the engine and its
 settings and the CPU, so that every later load of the same model on this machine runs the
 same layers in INT8 and gives the same answers: timing noise decides close calls, and it
-decided differently from one load to the next."""
+decided differently from one load to the next. A choice timed while other work held the
+cores (machine_busy) is kept only until a load finds the machine quiet, which times it
+again: on a loaded machine every variant slows and the margin keeps kinds in float that
+INT8 speeds up on quiet cores (a test run of 4 workers on 2 cores put every kind of a model
+in float)."""
 import hashlib
 import json
 import os
@@ -41,6 +45,19 @@ KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuf
 MARGIN = 0.03
 WARMUP = 2
 REPEATS = 9
+
+
+def machine_busy() -> bool:
+    """Whether other work holds this machine's cores: the one-minute load average (runnable
+    threads, this process's own included) is a whole thread or more above the core count."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        return os.getloadavg()[0] >= cores + 1
+    except OSError:  # no load average here
+        return False
 
 
 def conv_kind(groups: int, in_channels_per_group: int, out_channels_per_group: int,
@@ -100,6 +117,10 @@ class ChoiceCache:
         try:
             with open(self.path) as f:
                 data = json.load(f)
+            if data.get('busy') and not machine_busy():
+                logger.info('INT8 per kind: the choice in %s was timed on a busy machine; '
+                            'timing it again', self.path)
+                return None
             return KindChoice(frozenset(data['float_kinds']),
                               {str(k): float(v) for k, v in data['seconds'].items()},
                               cached=self.path,
@@ -117,7 +138,8 @@ class ChoiceCache:
             os.makedirs(folder, exist_ok=True)
             write_json(self.path, {'float_kinds': sorted(choice.float_kinds),
                                    'seconds': choice.seconds,
-                                   'trials': [list(t) for t in choice.trials]})
+                                   'trials': [list(t) for t in choice.trials],
+                                   'busy': machine_busy()})
             kept = sorted((os.path.join(folder, n) for n in os.listdir(folder)),
                           key=os.path.getmtime)
             for old in kept[:-CACHE_FILES]:  # the oldest go
