@@ -77,10 +77,15 @@ AGREEMENT_IMAGES = 4
 CITYSCAPES_SEVEN = ('ANN', 'DANet', 'DeepLabV3P', 'DNLNet', 'EMANet', 'GCNet', 'PSPNet')
 
 
+# Config folders that are not zoo models: bases, the optic-disc quick starts, and the street
+# configs (zoo architectures again, trained on the generated street data: `make street`).
+NOT_ZOO = ('_base_', 'quick_start', 'street')
+
+
 def zoo_configs(root: str = 'configs') -> List[str]:
     """Every model config of the zoo (configs/<model>/*.yml), sorted."""
     return sorted(p for p in glob.glob(os.path.join(root, '*', '*.yml'))
-                  if os.path.basename(os.path.dirname(p)) not in ('_base_', 'quick_start'))
+                  if os.path.basename(os.path.dirname(p)) not in NOT_ZOO)
 
 
 def bench_shape(cfg: Yaml, size: int) -> List[int]:
