@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from segslim.compat import patch_paddle  # noqa: E402
+from segslim.machine import usable_cores  # noqa: E402
 
 patch_paddle(paddle.__version__)
 
@@ -69,10 +70,7 @@ def default_cpu_threads() -> int:
     given = os.environ.get('SEGSLIM_USER_OMP_NUM_THREADS', os.environ.get('OMP_NUM_THREADS', ''))
     if given.isdigit() and int(given) > 0:
         return int(given)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     local = os.environ.get('PADDLE_LOCAL_SIZE') or os.environ.get('PADDLE_TRAINERS_NUM') or '1'
     return max(1, cores // max(1, int(local) if local.isdigit() else 1))
 

@@ -32,6 +32,7 @@ import numpy as np
 from segslim.deploy.results import paired_ratio
 from segslim.fileio import write_json
 from segslim.logger import logger
+from segslim.machine import machine_busy
 
 # Where measured choices are kept: $SEGSLIM_CACHE_DIR/int8_kinds ('off' keeps none), else
 # $XDG_CACHE_HOME/segslim/int8_kinds or ~/.cache/segslim/int8_kinds.
@@ -45,19 +46,6 @@ KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuf
 MARGIN = 0.03
 WARMUP = 2
 REPEATS = 9
-
-
-def machine_busy() -> bool:
-    """Whether other work holds this machine's cores: the one-minute load average (runnable
-    threads, this process's own included) is a whole thread or more above the core count."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        return os.getloadavg()[0] >= cores + 1
-    except OSError:  # no load average here
-        return False
 
 
 def conv_kind(groups: int, in_channels_per_group: int, out_channels_per_group: int,

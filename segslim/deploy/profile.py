@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from segslim.deploy.onednn import flush_all, onednn, parse_verbose
+from segslim.deploy.onnxruntime_engine import CONV_KINDS, INT8_KINDS, MATMUL_KINDS
 from segslim.deploy.results import BenchRow
 
 # Kinds of layer INT8 speeds up: the ceiling probe's convolutions and matrix products.
@@ -37,18 +38,9 @@ OPENVINO_KINDS = {
     'Concatenation': 'concat', 'Concat': 'concat', 'Split': 'layout', 'Transpose': 'layout',
     'Reshape': 'layout', 'Gather': 'layout', 'StridedSlice': 'layout',
     'ShuffleChannels': 'layout', 'DepthToSpace': 'layout', 'SpaceToDepth': 'layout'}
-# onnxruntime CPU op types (after its graph optimizations) by oneDNN's kinds; the data a
-# compute op reads is in its type (QLinearConv reads uint8, FusedConv float).
-ONNXRUNTIME_INT8 = ('QLinearConv', 'ConvInteger', 'QLinearMatMul', 'MatMulInteger',
-                    'MatMulIntegerToFloat', 'DynamicQuantizeMatMul', 'QGemm', 'QAttention',
-                    'QLinearConvTranspose')
+# onnxruntime CPU op types (after its graph optimizations) by oneDNN's kinds, besides the
+# engine's conv and matmul types (onnxruntime_engine.CONV_KINDS, MATMUL_KINDS, INT8_KINDS).
 ONNXRUNTIME_KINDS = {
-    'QLinearConv': 'convolution', 'ConvInteger': 'convolution', 'Conv': 'convolution',
-    'FusedConv': 'convolution', 'NhwcFusedConv': 'convolution',
-    'QLinearConvTranspose': 'deconvolution', 'ConvTranspose': 'deconvolution',
-    'QLinearMatMul': 'matmul', 'MatMulInteger': 'matmul', 'MatMulIntegerToFloat': 'matmul',
-    'DynamicQuantizeMatMul': 'matmul', 'QGemm': 'matmul', 'QAttention': 'matmul',
-    'MatMul': 'matmul', 'FusedMatMul': 'matmul', 'Gemm': 'matmul', 'FusedGemm': 'matmul',
     'Resize': 'resampling', 'Upsample': 'resampling',
     'ReorderInput': 'reorder', 'ReorderOutput': 'reorder',
     'QuantizeLinear': 'quantize', 'DequantizeLinear': 'quantize',
@@ -121,12 +113,14 @@ def openvino_kind(layer_type: str, implementation: str) -> str:
 
 
 def onnxruntime_kind(op_type: str) -> str:
-    """The kind of an onnxruntime CPU op as openvino_kind gives an OpenVINO node's."""
-    kind = ONNXRUNTIME_KINDS.get(op_type, 'eltwise' if op_type.startswith('QLinear') else
+    """The kind of an onnxruntime CPU op as openvino_kind gives an OpenVINO node's (the op
+    type says the data a conv or matmul reads: QLinearConv uint8, FusedConv float)."""
+    if op_type in CONV_KINDS or op_type in MATMUL_KINDS:
+        kind = 'matmul' if op_type in MATMUL_KINDS else \
+            'deconvolution' if op_type == 'ConvTranspose' else 'convolution'
+        return kind + (' int8' if op_type in INT8_KINDS else ' f32')
+    return ONNXRUNTIME_KINDS.get(op_type, 'eltwise' if op_type.startswith('QLinear') else
                                  op_type.lower())
-    if kind in COMPUTE_KINDS:
-        kind += ' int8' if op_type in ONNXRUNTIME_INT8 else ' f32'
-    return kind
 
 
 def profile_openvino(model_dir: str, precision: str, threads: int, shape: Sequence[int],
@@ -138,7 +132,7 @@ def profile_openvino(model_dir: str, precision: str, threads: int, shape: Sequen
     pred = OpenVINOPredictor(model_dir, EngineOptions(
         backend='openvino', precision=precision, cpu_threads=threads,
         input_shape=tuple(shape)))
-    return _profile_nodes(pred, shape, runs, 'openvino')
+    return _profile_nodes(pred, shape, runs, lambda key: openvino_kind(*key))
 
 
 def profile_onnxruntime(model_dir: str, threads: int, shape: Sequence[int],
@@ -149,11 +143,13 @@ def profile_onnxruntime(model_dir: str, threads: int, shape: Sequence[int],
     from segslim.options import EngineOptions
     pred = OnnxRuntimePredictor(model_dir, EngineOptions(
         backend='onnxruntime', cpu_threads=threads, input_shape=tuple(shape)))
-    return _profile_nodes(pred, shape, runs, 'onnxruntime')
+    return _profile_nodes(pred, shape, runs, lambda key: onnxruntime_kind(key[0]))
 
 
-def _profile_nodes(pred: Any, shape: Sequence[int], runs: int, engine: str) -> Dict[str, Any]:
-    """The wall time of `pred` per run and its own per-node times by kind."""
+def _profile_nodes(pred: Any, shape: Sequence[int], runs: int,
+                   kind_of: Callable[[Tuple[str, str]], str]) -> Dict[str, Any]:
+    """The wall time of `pred` per run and its own per-node times (pred.node_times), each
+    node's key given its kind by `kind_of`."""
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(3):
         pred.run(x)
@@ -162,13 +158,12 @@ def _profile_nodes(pred: Any, shape: Sequence[int], runs: int, engine: str) -> D
         pred.run(x)
     wall_ms = (time.perf_counter() - tic) * 1000 / runs
     by_kind: Dict[str, float] = {}
-    for (layer_type, implementation), ms in pred.node_times(x, runs).items():
-        kind = openvino_kind(layer_type, implementation) if engine == 'openvino' else \
-            onnxruntime_kind(layer_type)
+    for key, ms in pred.node_times(x, runs).items():
+        kind = kind_of(key)
         by_kind[kind] = by_kind.get(kind, 0.0) + ms
     nodes = sum(by_kind.values())
     return {'wall_ms': wall_ms, 'by_kind': by_kind, 'native_ms': max(wall_ms - nodes, 0.0),
-            'total_ms': max(wall_ms, nodes), 'engine': engine}
+            'total_ms': max(wall_ms, nodes), 'engine': pred.backend}
 
 
 def profile_row(row: BenchRow, threads: int, shape: Sequence[int],
