@@ -308,3 +308,42 @@ def test_the_ceiling_probe_runs_every_conv_int8(monkeypatch, tmp_path):
     out = probe.ceilings()
     assert out['paddle'].int8_x == 2.0 and out['paddle'].fp32_s == 3.0
     assert out['paddle'].ran == '5/5 convs INT8' and out['paddle'].bf16_s is None
+
+
+def test_profiles_take_the_median_run_so_one_slow_run_does_not_move_them():
+    """A shared VM stalls now and then: the profile's wall time and each node's time are
+    medians over the runs, where a mean would carry the stall into every share."""
+    import time
+
+    from segslim.deploy.engine import median_per_key
+    from segslim.deploy.onnxruntime_engine import OnnxRuntimePredictor
+    from segslim.deploy.profile import _profile_nodes
+    runs = [{'conv': 1.0, 'resize': 0.5}, {'conv': 50.0, 'resize': 0.5}, {'conv': 1.2}]
+    assert median_per_key(runs) == {'conv': 1.2, 'resize': 0.5}
+    assert median_per_key([{'conv': 1.0, 'topk': 3.0}, {'conv': 1.0}, {'conv': 1.0}]) == \
+        {'conv': 1.0}  # in one run of three: its median is 0
+
+    class Stalling:  # the fourth timed run stalls for 0.3 s
+        backend = 'openvino'
+        calls = 0
+
+        def run(self, images):
+            self.calls += 1
+            if self.calls == 3 + 4:
+                time.sleep(0.3)
+
+        def node_times(self, images, runs):
+            return {('Convolution', 'brgconv_avx512_I8'): 2.0}
+    prof = _profile_nodes(Stalling(), (1, 3, 8, 8), 5, lambda key: 'convolution int8')
+    assert prof['wall_ms'] < 30  # the mean of the five runs is 60 ms or more
+    assert prof['by_kind'] == {'convolution int8': 2.0} and prof['engine'] == 'openvino'
+
+    # onnxruntime's profile: the n-th event of a node is its n-th run, the first left out
+    pred = object.__new__(OnnxRuntimePredictor)
+    durations = {'conv_0': [900, 1000, 40000, 1100], 'add_0': [10, 200, 200, 200]}
+    events = [{'name': name, 'ts': run * 100 + i, 'dur': dur,
+               'args': {'op_name': 'QLinearConv' if name.startswith('conv') else 'QLinearAdd'}}
+              for i, (name, durs) in enumerate(durations.items())
+              for run, dur in enumerate(durs)]
+    pred._profiled = lambda images, runs: events
+    assert pred.node_times(None, 3) == {('QLinearConv', ''): 1.1, ('QLinearAdd', ''): 0.2}

@@ -73,6 +73,10 @@ def export_pair(config: str, work_dir: str, size: int, calib: int = 4,
 CALIB_IMAGES = 4
 AGREEMENT_IMAGES = 4
 
+# Runs of the gain table's per-node profiles, at least (medians: segslim.deploy.profile); a
+# three-run profile of a 12 ms row once read 30 ms on a shared VM.
+PROFILE_RUNS = 10
+
 # PaddleSeg's published QAT table: ResNet50_vd OS8 models timed on Cityscapes 1024x512 crops.
 CITYSCAPES_SEVEN = ('ANN', 'DANet', 'DeepLabV3P', 'DNLNet', 'EMANet', 'GCNet', 'PSPNet')
 
@@ -167,12 +171,12 @@ def _bench_one(config: str, name: str, threads: int, size: int, repeats: int, wa
             failures.append(str(e))
         apply_ceilings(report, probe.ceilings())
         result = ZooResult(model=name, config=config, report=report, engine_failures=failures)
-        runs = max(3, repeats // 4)
         try:  # where the INT8 engine's time goes, in a child process
-            result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape, runs)
+            result.int8_profile = profile_engine(dirs['int8'], 'int8', threads, shape,
+                                                 max(3, repeats // 4))
         except RuntimeError as e:
             logger.warning('%s', e)
-        result.gain_profile = gain_profile(report, threads, shape, runs)
+        result.gain_profile = gain_profile(report, threads, shape, max(PROFILE_RUNS, repeats))
     return result
 
 

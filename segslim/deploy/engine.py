@@ -2,7 +2,7 @@
 folder's deploy.yaml, the deploy transforms, restoring label maps to the image size and
 the op summary that says what ran INT8."""
 import os
-from typing import Any, List, Optional
+from typing import Any, Dict, Hashable, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,18 @@ def seven_bit(q: np.ndarray) -> Optional[np.ndarray]:
         return None
     return np.clip(np.round(q.astype(np.float32) / 2), -SEVEN_BIT_LIMIT,
                    SEVEN_BIT_LIMIT).astype(np.int8)
+
+
+Key = TypeVar('Key', bound=Hashable)
+
+
+def median_per_key(runs: Sequence[Dict[Key, float]]) -> Dict[Key, float]:
+    """Each key's median over `runs` (one {key: ms} per run; a key a run lacks is 0 there),
+    keys whose median is 0 left out: an engine's per-node times on a shared machine, where
+    one slow run moves a mean by more than the differences a profile is read for."""
+    keys = {key for run in runs for key in run}
+    medians = {key: float(np.median([run.get(key, 0.0) for run in runs])) for key in keys}
+    return {key: ms for key, ms in medians.items() if ms > 0}
 
 
 def onnx_op_types(model_file: str) -> List[str]:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from onnx import TensorProto
 
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, seven_bit
+from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, median_per_key, seven_bit
 from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError, require
@@ -301,17 +301,19 @@ class OnnxRuntimePredictor(EngineBase):
                                  for e in self._profiled(images, 1)})
 
     def node_times(self, images: np.ndarray, runs: int) -> Dict[Tuple[str, str], float]:
-        """ms per run of `images` in each (op type, '') of the optimized graph, from
-        onnxruntime's own profile of each node (a session with profiling on, after one
+        """ms per run of `images` in each (op type, '') of the optimized graph, the median
+        over `runs` (median_per_key), from onnxruntime's own profile of each node (a session
+        with profiling on, after one
         untimed run; the rows are timed without it)."""
-        totals: Dict[Tuple[str, str], float] = collections.defaultdict(float)
-        seen = set()  # each node's first run warms its kernel: left out
+        per_run: List[Dict[Tuple[str, str], float]] = [
+            collections.defaultdict(float) for _ in range(runs)]
+        seen: Dict[str, int] = collections.Counter()  # the n-th time a node ran is run n
         for e in sorted(self._profiled(images, runs + 1), key=lambda e: e['ts']):
-            if e['name'] not in seen:
-                seen.add(e['name'])
-                continue
-            totals[(e['args']['op_name'], '')] += e['dur'] / 1000 / runs
-        return {key: ms for key, ms in totals.items() if ms > 0}
+            run = seen[e['name']] - 1  # each node's first run warms its kernel: left out
+            seen[e['name']] += 1
+            if 0 <= run < runs:
+                per_run[run][(e['args']['op_name'], '')] += e['dur'] / 1000
+        return median_per_key(per_run)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""

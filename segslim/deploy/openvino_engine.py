@@ -13,7 +13,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from segslim.deploy.cpu import cpu_features
-from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase
+from segslim.deploy.engine import SEVEN_BIT_NOTE, EngineBase, median_per_key
 from segslim.deploy.openvino_graph import (
     drop_observer_quantization,
     hoist_quantization,
@@ -187,21 +187,23 @@ class OpenVINOPredictor(EngineBase):
 
     def node_times(self, images: np.ndarray, runs: int) -> Dict[Tuple[str, str], float]:
         """ms per run of `images` in each (layer type, implementation) of the compiled model,
-        from the plugin's own per-node counters: the model compiled again with PERF_COUNT on
-        (the counters cost time of their own, so the rows are timed without them)."""
+        the median over `runs` (median_per_key), from the plugin's own per-node counters: the
+        model compiled again with PERF_COUNT on (the counters cost time of their own, so the
+        rows are timed without them)."""
         model = self.model.clone()
         model.reshape({model.inputs[0].get_any_name(): list(images.shape)})
         request = self.core.compile_model(model, 'CPU', dict(self.properties, PERF_COUNT=True)) \
             .create_infer_request()
         data = {0: np.ascontiguousarray(images, dtype=np.float32)}
         request.infer(data)
-        totals: Dict[Tuple[str, str], float] = collections.defaultdict(float)
+        per_run = []
         for _ in range(runs):
             request.infer(data)
+            totals: Dict[Tuple[str, str], float] = collections.defaultdict(float)
             for node in request.get_profiling_info():
-                totals[(node.node_type, node.exec_type)] += \
-                    node.real_time.total_seconds() * 1000 / runs
-        return {key: ms for key, ms in totals.items() if ms > 0}
+                totals[(node.node_type, node.exec_type)] += node.real_time.total_seconds() * 1000
+            per_run.append(totals)
+        return median_per_key(per_run)
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """Runs a N,C,H,W float32 batch; returns the first output."""

@@ -80,7 +80,8 @@ END = 'SEGSLIM-PROFILE-END'
 
 def profile_engine(model_dir: str, precision: str, threads: int, shape: Sequence[int],
                    runs: int = 10) -> Dict[str, Any]:
-    """{'wall_ms', 'by_kind': {kind: ms}, 'native_ms'} per run of the model's engine."""
+    """{'wall_ms', 'by_kind': {kind: ms}, 'native_ms'} per run of the model's engine (wall:
+    the median of `runs`; oneDNN's primitive times: their mean over `runs` more)."""
     env = {k: v for k, v in os.environ.items() if k not in ('ONEDNN_VERBOSE', 'DNNL_VERBOSE')}
     code = ('import sys, json; from segslim.deploy.profile import _child; '
             '_child(*json.loads(sys.argv[1]))')
@@ -93,7 +94,7 @@ def profile_engine(model_dir: str, precision: str, threads: int, shape: Sequence
         raise RuntimeError('profiling {} failed: {}'.format(
             model_dir, (proc.stderr.strip().splitlines() or ['no output'])[-1]))
     window = lines[lines.index(START) + 1:lines.index(END)]
-    wall_ms = float(lines[lines.index(END) + 1]) / runs
+    wall_ms = float(lines[lines.index(END) + 1])
     by_kind = {k: v / runs for k, v in parse_verbose(window).items()}
     native = max(wall_ms - sum(by_kind.values()), 0.0)
     # on small models oneDNN's timing of its own primitives can add up to more than the
@@ -146,6 +147,17 @@ def profile_onnxruntime(model_dir: str, threads: int, shape: Sequence[int],
     return _profile_nodes(pred, shape, runs, lambda key: onnxruntime_kind(key[0]))
 
 
+def median_ms(run: Callable[[], Any], runs: int) -> float:
+    """The median wall time of `runs` calls of `run`, in ms: one slow run on a shared
+    machine moves a mean by more than the differences a profile is read for."""
+    times = []
+    for _ in range(runs):
+        tic = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - tic) * 1000)
+    return float(np.median(times))
+
+
 def _profile_nodes(pred: Any, shape: Sequence[int], runs: int,
                    kind_of: Callable[[Tuple[str, str]], str]) -> Dict[str, Any]:
     """The wall time of `pred` per run and its own per-node times (pred.node_times), each
@@ -153,10 +165,7 @@ def _profile_nodes(pred: Any, shape: Sequence[int], runs: int,
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(3):
         pred.run(x)
-    tic = time.perf_counter()
-    for _ in range(runs):
-        pred.run(x)
-    wall_ms = (time.perf_counter() - tic) * 1000 / runs
+    wall_ms = median_ms(lambda: pred.run(x), runs)
     by_kind: Dict[str, float] = {}
     for key, ms in pred.node_times(x, runs).items():
         kind = kind_of(key)
@@ -222,10 +231,6 @@ class GainProfile:
 
 def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
            runs: int) -> None:
-    import time
-
-    import numpy as np
-
     from segslim.deploy.paddle_engine import PaddlePredictor
     from segslim.options import EngineOptions
     pred = PaddlePredictor(model_dir, EngineOptions(precision=precision, cpu_threads=threads,
@@ -234,10 +239,7 @@ def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
     dnnl = onednn()
     for _ in range(3):
         pred.run(x)
-    tic = time.perf_counter()
-    for _ in range(runs):
-        pred.run(x)
-    wall = time.perf_counter() - tic
+    wall_ms = median_ms(lambda: pred.run(x), runs)
     flush_all()
     print(START, flush=True)
     dnnl.dnnl_set_verbose(1)
@@ -246,7 +248,7 @@ def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
     dnnl.dnnl_set_verbose(0)
     flush_all()
     print(END)
-    print(wall * 1000, flush=True)
+    print(wall_ms, flush=True)
 
 
 def format_profile(name: str, prof: Dict[str, Any]) -> str:
