@@ -332,9 +332,13 @@ def test_profiles_take_the_median_run_so_one_slow_run_does_not_move_them():
             if self.calls == 3 + 4:
                 time.sleep(0.3)
 
-        def node_times(self, images, runs):
+        def node_times(self, images, runs, between=None):
+            for _ in range(runs):  # each profiled run after a timed one: the same minutes
+                between()
             return {('Convolution', 'brgconv_avx512_I8'): 2.0}
-    prof = _profile_nodes(Stalling(), (1, 3, 8, 8), 5, lambda key: 'convolution int8')
+    stalling = Stalling()
+    prof = _profile_nodes(stalling, (1, 3, 8, 8), 5, lambda key: 'convolution int8')
+    assert stalling.calls == 3 + 5
     assert prof['wall_ms'] < 30  # the mean of the five runs is 60 ms or more
     assert prof['by_kind'] == {'convolution int8': 2.0} and prof['engine'] == 'openvino'
 
@@ -345,5 +349,5 @@ def test_profiles_take_the_median_run_so_one_slow_run_does_not_move_them():
                'args': {'op_name': 'QLinearConv' if name.startswith('conv') else 'QLinearAdd'}}
               for i, (name, durs) in enumerate(durations.items())
               for run, dur in enumerate(durs)]
-    pred._profiled = lambda images, runs: events
+    pred._profiled = lambda images, runs, between=None: events
     assert pred.node_times(None, 3) == {('QLinearConv', ''): 1.1, ('QLinearAdd', ''): 0.2}

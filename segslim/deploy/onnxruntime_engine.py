@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -276,15 +276,19 @@ class OnnxRuntimePredictor(EngineBase):
             so.profile_file_prefix = profile_prefix
         return so
 
-    def _profiled(self, images: np.ndarray, runs: int) -> List[Dict[str, Any]]:
+    def _profiled(self, images: np.ndarray, runs: int,
+                  between: Optional[Callable[[], None]] = None) -> List[Dict[str, Any]]:
         """onnxruntime's profile events (one per node and run, 'dur' in microseconds) of
-        `runs` runs of `images` in a second session of the model as it is run."""
+        `runs` runs of `images` in a second session of the model as it is run (`between`
+        called before each)."""
         with tempfile.TemporaryDirectory(prefix='segslim-ort-') as tmp:
             session = self.ort.InferenceSession(self.model,
                                                 self._options(os.path.join(tmp, 'prof')),
                                                 providers=['CPUExecutionProvider'])
             feed = {self.input_name: np.ascontiguousarray(images, dtype=np.float32)}
             for _ in range(runs):
+                if between is not None:
+                    between()
                 session.run(None, feed)
             session.end_profiling()
             events = []
@@ -300,15 +304,17 @@ class OnnxRuntimePredictor(EngineBase):
         return profiled_summary({e['name'].rsplit('_kernel_time', 1)[0]: e['args']['op_name']
                                  for e in self._profiled(images, 1)})
 
-    def node_times(self, images: np.ndarray, runs: int) -> Dict[Tuple[str, str], float]:
+    def node_times(self, images: np.ndarray, runs: int,
+                   between: Optional[Callable[[], None]] = None
+                   ) -> Dict[Tuple[str, str], float]:
         """ms per run of `images` in each (op type, '') of the optimized graph, the median
         over `runs` (median_per_key), from onnxruntime's own profile of each node (a session
-        with profiling on, after one
-        untimed run; the rows are timed without it)."""
+        with profiling on, after one untimed run; the rows are timed without it); `between`
+        is called before each run."""
         per_run: List[Dict[Tuple[str, str], float]] = [
             collections.defaultdict(float) for _ in range(runs)]
         seen: Dict[str, int] = collections.Counter()  # the n-th time a node ran is run n
-        for e in sorted(self._profiled(images, runs + 1), key=lambda e: e['ts']):
+        for e in sorted(self._profiled(images, runs + 1, between), key=lambda e: e['ts']):
             run = seen[e['name']] - 1  # each node's first run warms its kernel: left out
             seen[e['name']] += 1
             if 0 <= run < runs:

@@ -8,7 +8,7 @@ nncf writes (model.xml/model.bin), FakeQuantize ops as NNCF placed them."""
 import collections
 import os
 import tempfile
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -185,11 +185,13 @@ class OpenVINOPredictor(EngineBase):
             self._compiled.popitem(last=False)
         return self._compiled[shape]
 
-    def node_times(self, images: np.ndarray, runs: int) -> Dict[Tuple[str, str], float]:
+    def node_times(self, images: np.ndarray, runs: int,
+                   between: Optional[Callable[[], None]] = None
+                   ) -> Dict[Tuple[str, str], float]:
         """ms per run of `images` in each (layer type, implementation) of the compiled model,
         the median over `runs` (median_per_key), from the plugin's own per-node counters: the
         model compiled again with PERF_COUNT on (the counters cost time of their own, so the
-        rows are timed without them)."""
+        rows are timed without them); `between` is called before each profiled run."""
         model = self.model.clone()
         model.reshape({model.inputs[0].get_any_name(): list(images.shape)})
         request = self.core.compile_model(model, 'CPU', dict(self.properties, PERF_COUNT=True)) \
@@ -198,6 +200,8 @@ class OpenVINOPredictor(EngineBase):
         request.infer(data)
         per_run = []
         for _ in range(runs):
+            if between is not None:
+                between()
             request.infer(data)
             totals: Dict[Tuple[str, str], float] = collections.defaultdict(float)
             for node in request.get_profiling_info():

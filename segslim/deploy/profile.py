@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -147,15 +147,23 @@ def profile_onnxruntime(model_dir: str, threads: int, shape: Sequence[int],
     return _profile_nodes(pred, shape, runs, lambda key: onnxruntime_kind(key[0]))
 
 
-def median_ms(run: Callable[[], Any], runs: int) -> float:
-    """The median wall time of `runs` calls of `run`, in ms: one slow run on a shared
-    machine moves a mean by more than the differences a profile is read for."""
-    times = []
-    for _ in range(runs):
+class RunTimer:
+    """Calls `run` and keeps its wall time (ms) each time it is called; `median` of them:
+    one slow run on a shared machine moves a mean by more than the differences a profile is
+    read for."""
+
+    def __init__(self, run: Callable[[], Any]) -> None:
+        self.run = run
+        self.ms: List[float] = []
+
+    def __call__(self) -> None:
         tic = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - tic) * 1000)
-    return float(np.median(times))
+        self.run()
+        self.ms.append((time.perf_counter() - tic) * 1000)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.ms))
 
 
 def _profile_nodes(pred: Any, shape: Sequence[int], runs: int,
@@ -165,12 +173,12 @@ def _profile_nodes(pred: Any, shape: Sequence[int], runs: int,
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     for _ in range(3):
         pred.run(x)
-    wall_ms = median_ms(lambda: pred.run(x), runs)
+    wall = RunTimer(lambda: pred.run(x))  # timed between the profiled runs: the same minutes
     by_kind: Dict[str, float] = {}
-    for key, ms in pred.node_times(x, runs).items():
+    for key, ms in pred.node_times(x, runs, between=wall).items():
         kind = kind_of(key)
         by_kind[kind] = by_kind.get(kind, 0.0) + ms
-    nodes = sum(by_kind.values())
+    nodes, wall_ms = sum(by_kind.values()), wall.median
     return {'wall_ms': wall_ms, 'by_kind': by_kind, 'native_ms': max(wall_ms - nodes, 0.0),
             'total_ms': max(wall_ms, nodes), 'engine': pred.backend}
 
@@ -239,7 +247,9 @@ def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
     dnnl = onednn()
     for _ in range(3):
         pred.run(x)
-    wall_ms = median_ms(lambda: pred.run(x), runs)
+    wall = RunTimer(lambda: pred.run(x))
+    for _ in range(runs):
+        wall()
     flush_all()
     print(START, flush=True)
     dnnl.dnnl_set_verbose(1)
@@ -248,7 +258,7 @@ def _child(model_dir: str, precision: str, threads: int, shape: Sequence[int],
     dnnl.dnnl_set_verbose(0)
     flush_all()
     print(END)
-    print(wall_ms, flush=True)
+    print(wall.median, flush=True)
 
 
 def format_profile(name: str, prof: Dict[str, Any]) -> str:
