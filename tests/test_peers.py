@@ -233,6 +233,34 @@ def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(monkeypatc
     assert frozenset() in calls and not any(c == frozenset() for c in calls[len(calls) // 2:])
 
 
+def test_a_close_call_is_timed_twice_as_long(monkeypatch):
+    """A kind whose first nine turns land within the margin of the threshold is timed for
+    nine more and decided on all eighteen; a clear call is timed once."""
+    from segslim.deploy import int8_kinds
+    clock = [0.0]
+    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
+    runs = {'grouped': 0}
+
+    def build(kinds):
+        def run():
+            secs = 0.010 * (1.5 if 'spatial' in kinds else 1.0)
+            if 'grouped' in kinds:  # 2 % faster in the first pairing, 10 % in the second
+                runs['grouped'] += 1
+                secs *= 0.98 if runs['grouped'] <= 2 + 2 * 9 else 0.90
+            clock[0] += secs
+        return run
+    choice = choose_float_kinds(['grouped'], build)
+    assert runs['grouped'] == 2 * (2 + 2 * 9)  # two pairings of warm-up and nine turns
+    assert choice.float_kinds == {'grouped'}  # 0.94x over both: faster than the margin
+    ratio = {variant: r for variant, _, r in choice.trials}['grouped']
+    assert ratio == pytest.approx(0.94)
+    runs['grouped'] = 10 ** 6  # 0.90x from the start: chosen after one pairing
+    clear = choose_float_kinds(['grouped', 'spatial'], build)
+    # its own trial, then grouped and grouped+spatial in spatial's (1.5x: clear as well)
+    assert runs['grouped'] == 10 ** 6 + 3 * (2 + 2 * 9)
+    assert clear.float_kinds == {'grouped'}
+
+
 @pytest.mark.skipif('openvino' not in BACKENDS, reason='openvino is not installed')
 def test_openvino_runs_the_float_kinds_in_float(exported):
     from segslim.deploy.openvino_graph import quantized_kinds, with_float_kinds
