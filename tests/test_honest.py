@@ -121,8 +121,9 @@ def test_op_summary_counts_matmuls(tmp_path):
     assert summary.by_type['conv2d'] == (0, 1) and len(summary.fp32_ops) == 2
 
 
-def test_cpu_features_parsing(tmp_path):
+def test_cpu_features_parsing(tmp_path, monkeypatch):
     from segslim.deploy.cpu import cpu_features
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 2, 5}, raising=False)
     cases = {'fpu avx2 avx512f avx512_vnni avx512_bf16': ('AVX-512 VNNI', True),
              'fpu avx2 avx512f avx512_bf16 amx_bf16 amx_int8 amx_tile': ('AMX', True),
              'fpu avx2 avx_vnni': ('AVX-VNNI', True), 'fpu avx2': ('AVX2', False)}
@@ -132,6 +133,7 @@ def test_cpu_features_parsing(tmp_path):
         found = cpu_features(str(info), ask_paddle=False)
         assert found['model'] == 'Test CPU' and found['isa'] == isa and found['vnni'] == vnni
         assert found['amx'] == ('amx_int8' in flags)
+        assert found['cores'] == 3  # the cores this process may use, not the machine's
 
 
 # Every mistake: exit code 2 and one line -------------------------------------------------

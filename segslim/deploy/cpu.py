@@ -3,12 +3,15 @@ import os
 import platform
 from typing import Any, Dict, Set
 
+from segslim.machine import usable_cores
+
 
 def cpu_features(cpuinfo: str = '/proc/cpuinfo', ask_paddle: bool = True) -> Dict[str, Any]:
     """{'model', 'isa', 'vnni', 'bf16', 'amx', 'cores', 'simd_floats'}; isa names the best
     INT8 path: AMX > AVX-512 VNNI > AVX-VNNI > AVX-512 > AVX2 > other; simd_floats is how
     many float32 values one vector register holds (16 with AVX-512, else 8), the channel
-    block of the engines' blocked layouts.
+    block of the engines' blocked layouts; cores are those this process may run on (its CPU
+    affinity: a container or `taskset` gives fewer than the machine has).
 
     `vnni` and `bf16` come from paddle (what its oneDNN kernels detect) when ask_paddle;
     /proc/cpuinfo is read for what paddle does not expose: the model name, AMX and the ISA
@@ -43,4 +46,4 @@ def cpu_features(cpuinfo: str = '/proc/cpuinfo', ask_paddle: bool = True) -> Dic
     else:
         isa = platform.machine()
     return {'model': model, 'isa': isa, 'vnni': vnni, 'bf16': bf16, 'amx': amx,
-            'cores': os.cpu_count(), 'simd_floats': 16 if 'avx512f' in flags else 8}
+            'cores': usable_cores(), 'simd_floats': 16 if 'avx512f' in flags else 8}
