@@ -15,6 +15,7 @@ from segslim._paddle import paddle
 from segslim.compat import patch_paddleseg
 from segslim.config import Yaml
 from segslim.data.datasets import SegDataset, check_files, check_root
+from segslim.decoders import with_fast_decoder
 from segslim.errors import UserError
 
 KINDS = {
@@ -120,7 +121,7 @@ def build_model(cfg: Yaml) -> paddle.nn.Layer:
     """The segmentation network with random weights (`pretrained` keys are not loaded here)."""
     model_cfg = _without_pretrained(cfg['model'])
     model_cfg['num_classes'] = num_classes_of(cfg)
-    return build_component('model', model_cfg, 'model')
+    return with_fast_decoder(build_component('model', model_cfg, 'model'))
 
 
 def pretrained_paths(cfg: Yaml) -> List[Tuple[str, str]]:

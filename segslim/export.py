@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence
 
 from segslim._paddle import paddle
 from segslim.config import Yaml
+from segslim.decoders import frozen_decoder
 from segslim.errors import UserError
 from segslim.logger import logger
 from segslim.modeldir import Deploy, deploy_transforms, staged_model_folder, write_deploy
@@ -71,20 +72,21 @@ def export_inference_model(model: paddle.nn.Layer, cfg: Yaml, save_dir: str,
         net.eval()
         spec = [paddle.static.InputSpec(shape=shape, dtype='float32', name='x')]
         prefix = os.path.join(stage, 'model')
-        if quanter is not None:
-            # Paddle's QAT save warns about its own internal calls; keep the log readable.
-            io_logger = logging.getLogger('paddle.static.io')
-            level = io_logger.level
-            io_logger.setLevel(logging.ERROR)
-            try:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings('ignore', message='full_graph=False')
-                    quanter.save_quantized_model(net, prefix, input_spec=spec)
-            finally:
-                io_logger.setLevel(level)
-        else:
-            paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
-                            prefix)
+        with frozen_decoder(model):
+            if quanter is not None:
+                # Paddle's QAT save warns about its own internal calls; keep the log readable.
+                io_logger = logging.getLogger('paddle.static.io')
+                level = io_logger.level
+                io_logger.setLevel(logging.ERROR)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings('ignore', message='full_graph=False')
+                        quanter.save_quantized_model(net, prefix, input_spec=spec)
+                finally:
+                    io_logger.setLevel(level)
+            else:
+                paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True),
+                                prefix)
         folded = fold_conv_bias_reshape(prefix + '.pdmodel')
         section: Deploy = {
             'model': 'model.pdmodel',

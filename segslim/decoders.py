@@ -1,0 +1,112 @@
+"""Decoders that compute PaddleSeg's function with fewer operations, on the same parameters
+(checkpoints load and save as PaddleSeg's do).
+
+SegFormer's MLP decoder projects each of the four backbone stages to `embedding_dim` channels (a
+Linear on the flattened, transposed features), transposes back, resizes the three coarse stages
+to the finest stage's size, concatenates the four and mixes them with a 1x1 conv (ConvBNReLU).
+Every step before the batch norm is linear, and bilinear resizing keeps constants, so the conv
+over the concat equals the sum over the stages of resize(conv_i(stage_i)), where conv_i is the
+1x1 conv whose weight is the fuse conv's slice for the stage times the stage's Linear (and whose
+bias carries the Linear's bias). That sum skips the concat of 4 x embedding_dim channels at a
+quarter of the input's size, the 1x1 conv over it (4.3 G multiply-adds for SegFormer-B0 at
+512x512, 44 % of its FP32 time on OpenVINO with the reorder of its input) and the transposes
+around the Linears. In training and evaluation the composed weights are computed from the
+parameters at each step (a few small matmuls), so training updates PaddleSeg's parameters; an
+export (`frozen_decoder`) holds them as constants of plain convs. The decoder's convs are not
+quantized (they are no QAT layer)."""
+import contextlib
+from typing import Any, Iterator, List
+
+from paddleseg.models.segformer import SegFormer
+
+from segslim._paddle import paddle
+
+F = paddle.nn.functional
+
+
+def _param(layer: Any, name: str) -> Any:
+    """The layer's parameter `name`, under QAT's wrappers (which hold the layer as _layer)."""
+    while not hasattr(layer, name) and hasattr(layer, '_layer'):
+        layer = layer._layer
+    return getattr(layer, name)
+
+
+def _stage_weights(model: Any, index: int, mlp: Any) -> List[Any]:
+    """[weight, bias] of stage `index`'s 1x1 conv (the fuse conv's input channels hold the
+    stages in the order c4, c3, c2, c1)."""
+    fuse_weight = _param(model.linear_fuse._conv, 'weight')
+    dim = fuse_weight.shape[0]
+    mix = fuse_weight[:, index * dim:(index + 1) * dim, 0, 0]  # [embedding, embedding]
+    weight = paddle.matmul(mix, _param(mlp.proj, 'weight'), transpose_y=True)  # [emb, stage]
+    bias = paddle.matmul(mix, _param(mlp.proj, 'bias').unsqueeze(1)).squeeze(1)
+    return [weight.unsqueeze([2, 3]), bias]
+
+
+def _stages(model: Any) -> Any:
+    return ((model.linear_c4, 0), (model.linear_c3, 1), (model.linear_c2, 2),
+            (model.linear_c1, 3))
+
+
+def _summed_stage(model: Any, index: int, mlp: Any, feat: Any) -> Any:
+    """The stage's share of the fuse conv's output: its 1x1 conv with the composed weight,
+    or the frozen conv of an export."""
+    frozen = getattr(model, '_frozen_stages', None)
+    if frozen is not None:
+        return frozen[index](feat)
+    weight, bias = _stage_weights(model, index, mlp)
+    return F.conv2d(feat, weight, bias=bias)
+
+
+def summed_segformer_forward(self: Any, x: Any) -> Any:
+    """SegFormer.forward (PaddleSeg 2.8) with the decoder's concat and fuse conv summed per
+    stage; the same output up to float rounding."""
+    c1, c2, c3, c4 = self.backbone(x)
+    size = paddle.shape(c1)[2:]
+    out = _summed_stage(self, 3, self.linear_c1, c1)
+    for index, (mlp, feat) in enumerate(((self.linear_c4, c4), (self.linear_c3, c3),
+                                         (self.linear_c2, c2))):
+        out = out + F.interpolate(_summed_stage(self, index, mlp, feat),
+                                  size=size, mode='bilinear', align_corners=self.align_corners)
+    fuse = self.linear_fuse
+    out = fuse._relu(fuse._batch_norm(out))
+    logit = self.linear_pred(self.dropout(out))
+    return [F.interpolate(logit, size=paddle.shape(x)[2:], mode='bilinear',
+                          align_corners=self.align_corners)]
+
+
+class SummedSegFormer(SegFormer):
+    """PaddleSeg's SegFormer whose decoder sums per-stage convs; parameters as SegFormer's."""
+    forward = summed_segformer_forward
+
+
+def with_fast_decoder(model: Any) -> Any:
+    """`model` with the summed decoder when it is PaddleSeg's SegFormer (its class becomes
+    SummedSegFormer, which only changes forward); any other model as it is."""
+    if type(model) is SegFormer:
+        model.__class__ = SummedSegFormer
+    return model
+
+
+@contextlib.contextmanager
+def frozen_decoder(model: Any) -> Iterator[None]:
+    """While it lasts, a SummedSegFormer's stage convs are plain Conv2D layers holding the
+    composed weights as constants (what an export saves: no matmuls on parameters, which
+    Paddle Inference's INT8 passes and PaddleSlim's PTQ would take for layers); other models
+    are left as they are. The layers are gone afterwards, so checkpoints keep PaddleSeg's
+    keys."""
+    if not isinstance(model, SummedSegFormer):
+        yield
+        return
+    convs = []
+    with paddle.no_grad():
+        for mlp, index in _stages(model):
+            weight, bias = _stage_weights(model, index, mlp)
+            conv = paddle.nn.Conv2D(weight.shape[1], weight.shape[0], 1)
+            conv.weight.set_value(weight)
+            conv.bias.set_value(bias)
+            convs.append(conv)
+    model._frozen_stages = paddle.nn.LayerList(convs)
+    try:
+        yield
+    finally:
+        del model._frozen_stages
