@@ -12,9 +12,11 @@ quarter of the input's size, the 1x1 conv over it (4.3 G multiply-adds for SegFo
 512x512, 44 % of its FP32 time on OpenVINO with the reorder of its input) and the transposes
 around the Linears. In training and evaluation the composed weights are computed from the
 parameters at each step (a few small matmuls), so training updates PaddleSeg's parameters; an
-export (`frozen_decoder`) holds them as constants of plain convs. The decoder's convs are not
-quantized (they are no QAT layer)."""
+export (`frozen_decoder`) holds them as constants of plain convs. In a QAT model each stage's
+input is rounded on the range its Linear's quantizer observes and the composed weight per
+output channel as the fuse conv's is, in training and in the INT8 export alike."""
 import contextlib
+import copy
 from typing import Any, Iterator, List
 
 from paddleseg.models.segformer import SegFormer
@@ -24,11 +26,16 @@ from segslim._paddle import paddle
 F = paddle.nn.functional
 
 
-def _param(layer: Any, name: str) -> Any:
-    """The layer's parameter `name`, under QAT's wrappers (which hold the layer as _layer)."""
-    while not hasattr(layer, name) and hasattr(layer, '_layer'):
+def _inner(layer: Any) -> Any:
+    """The layer under QAT's output-scale wrapper (which holds it as _layer): a Conv2D or
+    Linear, or QAT's QuantizedConv2D or QuantizedLinear."""
+    while hasattr(layer, '_layer'):
         layer = layer._layer
-    return getattr(layer, name)
+    return layer
+
+
+def _param(layer: Any, name: str) -> Any:
+    return getattr(_inner(layer), name)
 
 
 def _stage_weights(model: Any, index: int, mlp: Any) -> List[Any]:
@@ -54,6 +61,10 @@ def _summed_stage(model: Any, index: int, mlp: Any, feat: Any) -> Any:
     if frozen is not None:
         return frozen[index](feat)
     weight, bias = _stage_weights(model, index, mlp)
+    fuse, proj = _inner(model.linear_fuse._conv), _inner(mlp.proj)
+    if hasattr(proj, '_fake_quant_input'):  # QAT: rounded as the INT8 export rounds them
+        feat = proj._fake_quant_input(feat)  # the stage's range, which the Linear observed
+        weight = fuse._fake_quant_weight(weight)  # per output channel, as the fuse conv's
     return F.conv2d(feat, weight, bias=bias)
 
 
@@ -98,12 +109,21 @@ def frozen_decoder(model: Any) -> Iterator[None]:
         yield
         return
     convs = []
+    fuse = _inner(model.linear_fuse._conv)
     with paddle.no_grad():
         for mlp, index in _stages(model):
             weight, bias = _stage_weights(model, index, mlp)
             conv = paddle.nn.Conv2D(weight.shape[1], weight.shape[0], 1)
             conv.weight.set_value(weight)
             conv.bias.set_value(bias)
+            proj = _inner(mlp.proj)
+            if hasattr(proj, '_fake_quant_input'):
+                # a QAT model: the fuse conv's quantized layer (per-channel weights) with
+                # this stage's weights, and the stage's input range its Linear observed
+                quantized = copy.deepcopy(fuse)
+                quantized.weight, quantized.bias = conv.weight, conv.bias
+                quantized._fake_quant_input = copy.deepcopy(proj._fake_quant_input)
+                conv = quantized
             convs.append(conv)
     model._frozen_stages = paddle.nn.LayerList(convs)
     try:

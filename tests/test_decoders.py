@@ -10,7 +10,7 @@ from segslim.decoders import SummedSegFormer
 from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
 from segslim.export import export_inference_model
 from segslim.options import EngineOptions
-from segslim.program import program_op_types
+from segslim.program import block_ops, program_op_types, read_program
 
 SEGFORMER = 'configs/segformer/segformer_b0_cityscapes_1024x1024_160k.yml'
 
@@ -97,4 +97,29 @@ def test_exported_segformer_has_no_decoder_concat(segformer, tmp_path):
     # PaddleSeg's program has the 4 Linears on the stages
     assert ops.count('matmul_v2') == 7 * 8
     # the export's constant convs are gone again: checkpoints keep PaddleSeg's keys
+    assert not any(k.startswith('_frozen') for k in model.state_dict())
+
+
+def test_qat_rounds_each_stage_on_its_observed_range_and_exports_int8_convs(tmp_path):
+    from segslim.decoders import _inner
+    from segslim.quant.qat import calibrate, quant_config_of, quantize_model
+    cfg = load_config(SEGFORMER, required=('model',))
+    paddle.seed(0)
+    model = builder.build_model(cfg)
+    quanter = quantize_model(model, quant_config_of(cfg), summary=False)
+    observer = _inner(model.linear_c1.proj)._fake_quant_input
+    before = float(observer._scale.numpy().reshape(-1)[0])
+    calibrate(model, [np.random.default_rng(3).standard_normal((1, 3, 64, 64)).astype('float32')])
+    # the Linear is not called by the summed decoder; its input observer still sees the stage
+    assert float(observer._scale.numpy().reshape(-1)[0]) != before
+    export_inference_model(model, cfg, str(tmp_path), quanter=quanter,
+                           input_shape=[1, 3, 64, 64])
+    desc = read_program(str(tmp_path / 'model.pdmodel'))
+    ops = block_ops(desc)
+    made_by = {name: op.type() for op in ops for name in op.output_arg_names()}
+    convs = [op for op in ops if op.type() == 'conv2d']
+    # every conv2d reads a dequantized input and weight: the decoder's stage convs are INT8 too
+    assert len(convs) == 15
+    assert all(made_by[op.input('Input')[0]] == 'dequantize_linear' and
+               made_by[op.input('Filter')[0]] == 'dequantize_linear' for op in convs)
     assert not any(k.startswith('_frozen') for k in model.state_dict())
