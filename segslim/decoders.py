@@ -38,6 +38,12 @@ def _param(layer: Any, name: str) -> Any:
     return getattr(_inner(layer), name)
 
 
+def _quantized(fuse: Any, proj: Any) -> bool:
+    """Whether QAT quantizes the stage: its Linear's input and the fuse conv's weights (a
+    quant_config that skips either leaves the stage conv float)."""
+    return hasattr(proj, '_fake_quant_input') and hasattr(fuse, '_fake_quant_weight')
+
+
 def _stage_weights(model: Any, index: int, mlp: Any) -> List[Any]:
     """[weight, bias] of stage `index`'s 1x1 conv (the fuse conv's input channels hold the
     stages in the order c4, c3, c2, c1)."""
@@ -62,7 +68,7 @@ def _summed_stage(model: Any, index: int, mlp: Any, feat: Any) -> Any:
         return frozen[index](feat)
     weight, bias = _stage_weights(model, index, mlp)
     fuse, proj = _inner(model.linear_fuse._conv), _inner(mlp.proj)
-    if hasattr(proj, '_fake_quant_input'):  # QAT: rounded as the INT8 export rounds them
+    if _quantized(fuse, proj):  # QAT: rounded as the INT8 export rounds them
         feat = proj._fake_quant_input(feat)  # the stage's range, which the Linear observed
         weight = fuse._fake_quant_weight(weight)  # per output channel, as the fuse conv's
     return F.conv2d(feat, weight, bias=bias)
@@ -117,7 +123,7 @@ def frozen_decoder(model: Any) -> Iterator[None]:
             conv.weight.set_value(weight)
             conv.bias.set_value(bias)
             proj = _inner(mlp.proj)
-            if hasattr(proj, '_fake_quant_input'):
+            if _quantized(fuse, proj):
                 # a QAT model: the fuse conv's quantized layer (per-channel weights) with
                 # this stage's weights, and the stage's input range its Linear observed
                 quantized = copy.deepcopy(fuse)

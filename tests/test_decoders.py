@@ -123,3 +123,25 @@ def test_qat_rounds_each_stage_on_its_observed_range_and_exports_int8_convs(tmp_
     assert all(made_by[op.input('Input')[0]] == 'dequantize_linear' and
                made_by[op.input('Filter')[0]] == 'dequantize_linear' for op in convs)
     assert not any(k.startswith('_frozen') for k in model.state_dict())
+
+
+def test_a_stage_whose_fuse_conv_qat_skipped_stays_float(tmp_path):
+    from segslim.quant.qat import quant_config_of, quantize_model
+    cfg = load_config(SEGFORMER, required=('model',))
+    paddle.seed(0)
+    model = builder.build_model(cfg)
+    fuse = model.linear_fuse._conv
+    quanter = quantize_model(model, quant_config_of(cfg), summary=False)
+    model.linear_fuse._conv = fuse  # as a quant_config that skips the fuse conv leaves it
+    model.eval()
+    x = paddle.to_tensor(np.random.default_rng(4).standard_normal((1, 3, 64, 64)),
+                         dtype='float32')
+    assert model(x)[0].shape == [1, 19, 64, 64]
+    export_inference_model(model, cfg, str(tmp_path), quanter=quanter,
+                           input_shape=[1, 3, 64, 64])
+    desc = read_program(str(tmp_path / 'model.pdmodel'))
+    ops = block_ops(desc)
+    made_by = {name: op.type() for op in ops for name in op.output_arg_names()}
+    float_convs = [op for op in ops if op.type() == 'conv2d' and
+                   made_by.get(op.input('Filter')[0]) != 'dequantize_linear']
+    assert len(float_convs) == 4  # the decoder's stage convs
