@@ -1,12 +1,15 @@
-"""SegFormer's decoder summed per stage: PaddleSeg's function and gradients, fewer ops."""
+"""SegFormer's decoder summed per stage: PaddleSeg's function and gradients, fewer ops.
+
+PaddleSeg's SegFormer comes through segslim.decoders: importing paddleseg first would import
+paddle before segslim sets its program format (segslim/compat.py), and Paddle 3 would save
+model.json."""
 import numpy as np
 import pytest
-from paddleseg.models.segformer import SegFormer
 
 from segslim import builder
 from segslim._paddle import paddle
 from segslim.config import load_config
-from segslim.decoders import SummedSegFormer
+from segslim.decoders import SegFormer, SummedSegFormer  # after segslim set the program format
 from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
 from segslim.export import export_inference_model
 from segslim.options import EngineOptions
