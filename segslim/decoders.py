@@ -55,9 +55,9 @@ def _stage_weights(model: Any, index: int, mlp: Any) -> List[Any]:
     return [weight.unsqueeze([2, 3]), bias]
 
 
-def _stages(model: Any) -> Any:
-    return ((model.linear_c4, 0), (model.linear_c3, 1), (model.linear_c2, 2),
-            (model.linear_c1, 3))
+# Each stage: its Linear, its slice of the fuse conv's input channels (PaddleSeg concatenates
+# c4, c3, c2, c1) and its place among the backbone's outputs (c1, c2, c3, c4).
+STAGES = (('linear_c4', 0, 3), ('linear_c3', 1, 2), ('linear_c2', 2, 1), ('linear_c1', 3, 0))
 
 
 def _summed_stage(model: Any, index: int, mlp: Any, feat: Any) -> Any:
@@ -77,13 +77,16 @@ def _summed_stage(model: Any, index: int, mlp: Any, feat: Any) -> Any:
 def summed_segformer_forward(self: Any, x: Any) -> Any:
     """SegFormer.forward (PaddleSeg 2.8) with the decoder's concat and fuse conv summed per
     stage; the same output up to float rounding."""
-    c1, c2, c3, c4 = self.backbone(x)
-    size = paddle.shape(c1)[2:]
-    out = _summed_stage(self, 3, self.linear_c1, c1)
-    for index, (mlp, feat) in enumerate(((self.linear_c4, c4), (self.linear_c3, c3),
-                                         (self.linear_c2, c2))):
-        out = out + F.interpolate(_summed_stage(self, index, mlp, feat),
-                                  size=size, mode='bilinear', align_corners=self.align_corners)
+    feats = self.backbone(x)
+    size = paddle.shape(feats[0])[2:]
+    parts = []
+    for name, index, place in STAGES:
+        part = _summed_stage(self, index, getattr(self, name), feats[place])
+        if place:  # a coarse stage, resized to the finest one's size
+            part = F.interpolate(part, size=size, mode='bilinear',
+                                 align_corners=self.align_corners)
+        parts.append(part)
+    out = parts[0] + parts[1] + parts[2] + parts[3]
     fuse = self.linear_fuse
     out = fuse._relu(fuse._batch_norm(out))
     logit = self.linear_pred(self.dropout(out))
@@ -117,7 +120,8 @@ def frozen_decoder(model: Any) -> Iterator[None]:
     convs = []
     fuse = _inner(model.linear_fuse._conv)
     with paddle.no_grad():
-        for mlp, index in _stages(model):
+        for name, index, _ in STAGES:
+            mlp = getattr(model, name)
             weight, bias = _stage_weights(model, index, mlp)
             conv = paddle.nn.Conv2D(weight.shape[1], weight.shape[0], 1)
             conv.weight.set_value(weight)
