@@ -333,18 +333,20 @@ def test_a_layer_read_only_by_a_concat_rounds_onto_the_concat_grid():
     assert stats['on_concat_grid'] == 1
 
 
-def residual_model():
+def residual_model(last_kernel=1):
     """Two residual sums as paddle2onnx writes them: conv+relu, conv, Add of both, Relu, read
-    by a conv and by a Shape; then that conv's output added to its input, read by a Sigmoid
-    (a float op) into the graph output."""
+    by a conv (`last_kernel` square) and by a Shape; then that conv's output added to its
+    input, read by a Sigmoid (a float op) into the graph output."""
+    pad = last_kernel // 2
     nodes = [helper.make_node('Conv', ['x', 'wa'], ['a']), helper.make_node('Relu', ['a'], ['ra']),
              helper.make_node('Conv', ['ra', 'wb'], ['b']),
              helper.make_node('Add', ['b', 'ra'], ['s']), helper.make_node('Relu', ['s'], ['rs']),
              helper.make_node('Shape', ['rs'], ['shape']),
-             helper.make_node('Conv', ['rs', 'wc'], ['c']),
+             helper.make_node('Conv', ['rs', 'wc'], ['c'], pads=[pad] * 4),
              helper.make_node('Add', ['c', 'rs'], ['t']),
              helper.make_node('Sigmoid', ['t'], ['y'])]
-    model, quants = conv_model({name: (4, 4, 1, 1) for name in ('wa', 'wb', 'wc')}, nodes, 0.002,
+    model, quants = conv_model({'wa': (4, 4, 1, 1), 'wb': (4, 4, 1, 1),
+                                'wc': (4, 4, last_kernel, last_kernel)}, nodes, 0.002,
                                outputs=(('y', onnx.TensorProto.FLOAT),
                                         ('shape', onnx.TensorProto.INT64)))
     return model, qdq.ProgramScales({'wa': 4 / 127, 'wb': 0.02, 'wc': 0.03}, quants)
@@ -366,6 +368,30 @@ def test_onnxruntime_runs_residual_sums_between_quantized_layers_on_uint8(tmp_pa
     got, ops = run_optimized(quantized, batches[0], tmp_path)
     assert ops.count('QLinearAdd') == 1 and ops.count('Add') == 1, ops
     assert 'Relu' not in ops and ops.count('QLinearConv') == 3, ops
+    assert np.abs(got - expected).max() <= 0.02
+
+
+def test_float_layers_take_the_uint8_regions_only_they_used_with_them(tmp_path):
+    """A layer run in float (the INT8 kind choice) needs no quantized output: with every layer
+    float no QuantizeLinear is left, not even around the residual sum onnxruntime ran as
+    QLinearAdd, and the graph computes the float model; with the last conv still INT8 its
+    input and output regions and the QLinearAdd that feeds it stay."""
+    from segslim.deploy.onnxruntime_engine import with_float_kinds
+    rng = np.random.default_rng(1)
+    batches = [rng.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32) for _ in range(4)]
+    model, scales = residual_model()
+    expected = run(model, batches[0])  # before quantize_graph, which edits the model
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
+    assert stats['uint8_adds'] == 1
+    floated = with_float_kinds(quantized, {'pointwise'})
+    left = [n.op_type for n in floated.graph.node]
+    assert 'QuantizeLinear' not in left and 'DequantizeLinear' not in left, left
+    np.testing.assert_allclose(run(floated, batches[0]), expected, atol=1e-5)
+    model, scales = residual_model(last_kernel=3)
+    expected = run(model, batches[0])
+    quantized, stats = qdq.quantize_graph(model, scales, 'onnxruntime', batches)
+    got, ops = run_optimized(with_float_kinds(quantized, {'pointwise'}), batches[0], tmp_path)
+    assert ops.count('QLinearConv') == 1 and ops.count('QLinearAdd') == 1, ops
     assert np.abs(got - expected).max() <= 0.02
 
 

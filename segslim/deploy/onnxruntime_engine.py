@@ -20,6 +20,7 @@ from segslim.deploy.results import OpSummary, Precision
 from segslim.errors import UserError, require
 from segslim.logger import logger
 from segslim.onnx.graph import producers_of
+from segslim.onnx.uint8 import drop_idle_uint8
 from segslim.options import EngineOptions
 
 # Node kinds of onnxruntime's optimized CPU graph, counted as op_summary() counts oneDNN's.
@@ -129,8 +130,9 @@ def quantized_kinds(model: Any) -> List[Tuple[Any, str]]:
 
 def with_float_kinds(model: Any, kinds: Any) -> Any:
     """A copy of the QDQ `model` whose Conv / MatMul nodes of `kinds` read their input
-    before its Q/DQ pair and float weights and bias: onnxruntime runs them in float. Nodes
-    and initializers nothing reads any more are removed."""
+    before its Q/DQ pair and float weights and bias: onnxruntime runs them in float. The
+    Q/DQ regions no INT8 kernel uses any more (a float layer's quantized output,
+    uint8.drop_idle_uint8), nodes and initializers nothing reads any more are removed."""
     import onnx
     from onnx import numpy_helper
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -150,6 +152,8 @@ def with_float_kinds(model: Any, kinds: Any) -> Any:
                 name = f'{node.name or node.output[0]}_float_{i}'
                 graph.initializer.append(numpy_helper.from_array(values, name))
                 node.input[i] = name
+    if kinds:
+        drop_idle_uint8(graph)
     _prune(graph)
     return model
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tupl
 
 import numpy as np
 
-from segslim.onnx.graph import Graph, tensor_ranges
+from segslim.onnx.graph import Graph, producers_of, tensor_ranges
 
 if TYPE_CHECKING:
     from onnx import NodeProto
@@ -205,3 +205,88 @@ def _moving_regions(g: Graph, producers: Dict[str, 'NodeProto'], layer_ids: Set[
     # region's grid (a concat's output is its own root and already a member)
     return {root: members + [root] * (root not in members)
             for root, members in regions.items() if users_ok(members) and sources_ok(root)}
+
+
+def drop_idle_uint8(graph: Any) -> int:
+    """Removes, in place, the Q/DQ regions of the onnxruntime graph that no INT8 kernel uses
+    any more; returns how many QuantizeLinear ops went. place_uint8 quantizes a layer's output
+    so that onnxruntime fuses the layer into QLinearConv / QLinearMatMul, and the ops that
+    move the tensor on, up to the DequantizeLinear ops of its float readers. Once the layer
+    runs in float (onnxruntime_engine.with_float_kinds), such a region only rounds a float
+    tensor at the cost of a quantize and a dequantize per value. A region (a QuantizeLinear,
+    the MOVING_OPS after it, the DequantizeLinear ops that end it) is kept when a quantized
+    layer (its input and weight dequantized) writes or reads it, or a residual Add that
+    onnxruntime runs as QLinearAdd (both inputs dequantized, the output, or its Relu's,
+    quantized) next to a kept region does; the Adds are found as a fixed point, so a chain of
+    them with no quantized layer at either end goes as a whole. A region that reaches an op
+    other than those (a Concat: its other inputs stay uint8) or a graph output is kept.
+    Dropping a region drops a rounding: it never loses accuracy against the INT8 graph."""
+    producer = producers_of(graph.node)
+    readers: Dict[str, List[Any]] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):
+            readers.setdefault(name, []).append(node)
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def made_by(name: str, op_type: str) -> bool:
+        node = producer.get(name)
+        return node is not None and node.op_type == op_type
+
+    def quantized_layer(node: Any) -> bool:
+        return node.op_type in ('Conv', 'MatMul', 'Gemm') and len(node.input) > 1 and \
+            made_by(node.input[0], 'DequantizeLinear') and \
+            made_by(node.input[1], 'DequantizeLinear')
+
+    # (QuantizeLinear, its DequantizeLinear ops, the op that writes its input) per region
+    regions: List[Tuple[Any, List[Any], Any]] = []
+    owner: Dict[int, int] = {}  # id(DequantizeLinear) -> index of its region
+    kept = set()
+    for q in [n for n in graph.node if n.op_type == 'QuantizeLinear' and n.input[0] not in inits]:
+        index, dqs, stack = len(regions), [], [q.output[0]]
+        while stack:
+            tensor = stack.pop()
+            if tensor in outputs:
+                kept.add(index)
+            for user in readers.get(tensor, []):
+                if user.op_type == 'DequantizeLinear':
+                    dqs.append(user)
+                    owner[id(user)] = index
+                    kept.update([index] if user.output[0] in outputs else [])
+                elif user.op_type in MOVING_OPS:
+                    stack.extend(user.output)
+                elif user.op_type != 'Shape':
+                    kept.add(index)
+        writer = producer.get(q.input[0])
+        while writer is not None and writer.op_type in MOVING_OPS + ('Relu',):
+            writer = producer.get(writer.input[0])
+        regions.append((q, dqs, writer))
+        if (writer is not None and quantized_layer(writer)) or any(
+                quantized_layer(u) and u.input[0] == dq.output[0]
+                for dq in dqs for u in readers.get(dq.output[0], [])):
+            kept.add(index)
+    adds: List[Set[int]] = []  # the regions each Add onnxruntime runs as QLinearAdd touches
+    for i, (_, _, writer) in enumerate(regions):
+        if writer is not None and writer.op_type == 'Add' and \
+                all(made_by(name, 'DequantizeLinear') for name in writer.input):
+            adds.append({i} | {owner[id(producer[name])] for name in writer.input
+                               if id(producer[name]) in owner})
+    while True:
+        grown = {i for touched in adds if touched & kept for i in touched} - kept
+        if not grown:
+            break
+        kept |= grown
+    dropped = 0
+    for i, (q, dqs, _) in enumerate(regions):
+        if i in kept:
+            continue
+        for old, new in [(q.output[0], q.input[0])] + [(dq.output[0], None) for dq in dqs]:
+            for user in [n for n in graph.node if old in n.input]:
+                for k, name in enumerate(user.input):
+                    if name == old:
+                        user.input[k] = new if new is not None else \
+                            next(dq.input[0] for dq in dqs if dq.output[0] == old)
+        for node in [q] + dqs:
+            graph.node.remove(node)
+        dropped += 1
+    return dropped
