@@ -1,8 +1,9 @@
 """The one import of paddle: every module that needs paddle imports it through here, so
 paddle's logging and warnings are set once (the zlib fix runs earlier, in segslim/__init__)."""
+import contextlib
 import os
 import warnings
-from typing import Optional
+from typing import Iterator, Optional
 
 os.environ.setdefault('GLOG_minloglevel', '2')
 warnings.filterwarnings('ignore', message='Setuptools is replacing distutils')
@@ -20,6 +21,18 @@ patch_paddle(paddle.__version__)
 
 SUPPORTED_PADDLE = ('2.6', '3.2')
 _CPU = paddle.CPUPlace()
+
+
+@contextlib.contextmanager
+def static_mode() -> Iterator[None]:
+    """Paddle's static graph mode for the block, dygraph again afterwards if it was on."""
+    was_dygraph = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        yield
+    finally:
+        if was_dygraph:
+            paddle.disable_static()
 
 
 def check_versions() -> None:

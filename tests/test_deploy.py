@@ -447,3 +447,71 @@ def test_companions_are_timed_in_the_rows_turns_on_their_own_batch(exported, mon
     assert calls == [2]  # one timing: the row and the companion share the turns
     assert len(report.rows) == 1 and len(probe.samples_s) == 3
     assert set(seen) == {(1, 3, 8, 8)}  # on its own batch, not the rows'
+
+
+def square_linear_model(folder, column_scales):
+    """A quantized program as QAT exports a Linear: x (N,4,8,8) to channels-last, its
+    quantize/dequantize pair, a matmul with a square INT8 weight quantized per column (the
+    Linear's output channel, quant_axis 1), back to channels-first; returns the weight."""
+    from segslim._paddle import paddle, static_mode
+    from segslim.modeldir import write_deploy
+    rng = np.random.default_rng(0)
+    q = rng.integers(-127, 128, (4, 4)).astype(np.float32)
+    weight = q * np.asarray(column_scales, np.float32) / 127
+    with static_mode():
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            block = main.global_block()
+
+            def const(name, value):
+                return paddle.static.create_parameter(
+                    list(value.shape), 'float32', name=name,
+                    default_initializer=paddle.nn.initializer.Assign(value))
+            x = paddle.static.data('x', [None, 4, 8, 8], 'float32')
+            t = paddle.transpose(x, [0, 2, 3, 1])
+            xs, zero = const('x_scale', np.array([4.0], np.float32)), \
+                const('x_zero', np.zeros(1, np.float32))
+            ws, wz = const('w_scale', np.asarray(column_scales, np.float32)), \
+                const('w_zero', np.zeros(4, np.float32))
+            w = const('w', q)
+            names = {n: block.create_var(name=n, dtype='float32') for n in ('tq', 'tdq', 'wdq')}
+            attrs = {'quant_axis': -1, 'bit_length': 8}
+            block.append_op(type='quantize_linear', inputs={'X': t, 'Scale': xs,
+                            'ZeroPoint': zero}, outputs={'Y': names['tq']}, attrs=attrs)
+            block.append_op(type='dequantize_linear', inputs={'X': names['tq'], 'Scale': xs,
+                            'ZeroPoint': zero}, outputs={'Y': names['tdq']}, attrs=attrs)
+            block.append_op(type='dequantize_linear', inputs={'X': w, 'Scale': ws,
+                            'ZeroPoint': wz}, outputs={'Y': names['wdq']},
+                            attrs={'quant_axis': 1, 'bit_length': 8})
+            y = paddle.transpose(paddle.matmul(names['tdq'], names['wdq']), [0, 3, 1, 2])
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        # stored as int8, as PaddleSlim saves a quantized weight
+        paddle.static.global_scope().find_var('w').get_tensor().set(q.astype(np.int8),
+                                                                    paddle.CPUPlace())
+        paddle.static.save_inference_model(os.path.join(folder, 'model'), [x], [y], exe,
+                                           program=main)
+    write_deploy(folder, {'model': 'model.pdmodel', 'params': 'model.pdiparams',
+                          'transforms': [], 'input_shape': [None, 4, None, None],
+                          'output_op': 'none', 'output_dtype': 'float32', 'quantized': True,
+                          'int8_ops': ['conv2d', 'fc']})
+    return weight
+
+
+def test_square_int8_linear_weights_keep_their_output_channel_scales(tmp_path):
+    """Paddle's oneDNN INT8 passes dequantize a weight whose scales number its first
+    dimension per row; a square Linear's scales are per column. The engine runs the weight
+    transposed, per row, so each output channel keeps its scale and the product is the
+    program's (a wrong axis puts columns off by up to 2000x here)."""
+    weight = square_linear_model(str(tmp_path), [0.01, 1.0, 5.0, 20.0])
+    x = np.random.default_rng(1).uniform(-1, 1, (1, 4, 8, 8)).astype(np.float32)
+    step = 4.0 / 127
+    rounded = np.clip(np.round(x / step), -127, 127) * step
+    expected = np.einsum('nchw,co->nohw', rounded, weight)
+    pred = Predictor(str(tmp_path), EngineOptions(device='cpu', precision='int8',
+                                                  cpu_threads=1, input_shape=(1, 4, 8, 8),
+                                                  int8_layers='all'))
+    got = pred.run(x)
+    scale = np.abs(expected).max(axis=(0, 2, 3))
+    assert (np.abs(got - expected).max(axis=(0, 2, 3)) <= 0.05 * scale).all(), \
+        np.abs(got - expected).max(axis=(0, 2, 3)) / scale

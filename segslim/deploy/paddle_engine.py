@@ -15,7 +15,7 @@ from segslim._paddle import paddle
 from segslim.compat import pass_name
 from segslim.deploy.engine import EngineBase
 from segslim.deploy.int8_kinds import conv_kind
-from segslim.deploy.onednn import reference_int8_convs, verbose_lines
+from segslim.deploy.onednn import reference_int8_convs, square_weights_by_rows, verbose_lines
 from segslim.deploy.results import OpSummary, PassChange, Precision
 from segslim.errors import UserError
 from segslim.logger import quiet_native_output
@@ -126,10 +126,13 @@ class PaddlePredictor(EngineBase):
         probe = self.probe_shape()
         self.trt_max = (max(TRT_MAX_SIDE, probe[2]), max(TRT_MAX_SIDE, probe[3]))
         self._set_precision()
-        self.model_file = self.deploy['model']
+        self.model_file, self.params_file = self.deploy['model'], self.deploy['params']
+        onednn_int8 = self.quantized and self.precision == 'int8' and \
+            self.opts.device == 'cpu' and self.opts.enable_mkldnn
+        if onednn_int8:
+            self._square_weights_by_rows()
         self._create()
-        if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
-                self.opts.enable_mkldnn:
+        if onednn_int8:
             self._avoid_reference_convs()
             self._choose_kinds()
         if self.quantized and self.precision == 'int8' and self.opts.device == 'cpu' and \
@@ -164,7 +167,7 @@ class PaddlePredictor(EngineBase):
         and a Linear whose input another layer still reads through a quantize/dequantize
         pair keeps one."""
         opts = self.opts
-        config = pi.Config(model_file or self.model_file, self.deploy['params'])
+        config = pi.Config(model_file or self.model_file, self.params_file)
         if not opts.print_detail:
             config.disable_glog_info()
         if opts.device == 'gpu':
@@ -201,6 +204,16 @@ class PaddlePredictor(EngineBase):
             config.set_optim_cache_dir(cache)
             config.enable_save_optim_model(True)
         return config
+
+    def _square_weights_by_rows(self) -> None:
+        """Runs a copy of the model whose square INT8 matmul weights are stored per row
+        (onednn.square_weights_by_rows: Paddle's oneDNN INT8 passes scale them along the
+        wrong axis otherwise), when it has any."""
+        tmp = tempfile.mkdtemp(prefix='segslim-square-')
+        weakref.finalize(self, shutil.rmtree, tmp, True)
+        prefix = os.path.join(tmp, 'model')
+        if square_weights_by_rows(self.model_file, self.params_file, prefix):
+            self.model_file, self.params_file = prefix + '.pdmodel', prefix + '.pdiparams'
 
     def _avoid_reference_convs(self) -> None:
         """Runs in FP32 the INT8 convs that oneDNN has only its reference kernel for on this

@@ -4,15 +4,14 @@ paddle2onnx converts the float program; for a quantized folder the float program
 quantized one with every quantize/dequantize pair taken out and the INT8 weights dequantized,
 and the scales of those pairs go to segslim.onnx.qdq, which places the QuantizeLinear /
 DequantizeLinear nodes where the target runs them as INT8 kernels."""
-import contextlib
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from segslim._paddle import paddle
+from segslim._paddle import paddle, static_mode
 from segslim.errors import UserError, require
 from segslim.fileio import write_bytes
 from segslim.logger import logger, quiet_native_output
@@ -52,18 +51,6 @@ def require_onnx_export(python: Optional[Tuple[int, int]] = None) -> None:
                         'environment (make install PYTHON=python3.12); everything else runs '
                         'here'.format(*python)) from None
     import_onnx()
-
-
-@contextlib.contextmanager
-def static_mode() -> Iterator[None]:
-    """Paddle's static graph mode for the block, dygraph again afterwards if it was on."""
-    was_dygraph = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        yield
-    finally:
-        if was_dygraph:
-            paddle.disable_static()
 
 
 def dequantized_program(model_dir: str, out_dir: str) -> ProgramScales:
