@@ -9,7 +9,7 @@ import sys
 import tempfile
 from typing import Any, Callable, Dict, Iterator, List, Sequence, Set, Tuple
 
-from segslim.program import ConvShape
+from segslim.program import ConvShape, block_ops, read_program
 
 # A 2-D convolution's problem in oneDNN's verbose log, e.g.
 # g16mb1_ic16oc96_ih128oh64kh3sh2dh0ph0_iw128ow64kw3sw2dw0pw0
@@ -109,6 +109,13 @@ def square_weights_by_rows(model_file: str, params_file: str, out_prefix: str) -
 
     from segslim._paddle import paddle, static_mode
     from segslim.logger import quiet_native_output
+    desc = read_program(model_file)  # the cheap look first: most programs have none
+    block0 = desc.block(0)
+    shapes = [block0.find_var(op.input('X')[0].encode()) for op in block_ops(desc)
+              if op.type() == 'dequantize_linear' and op.attr('quant_axis') == 1]
+    if not any(v is not None and v.persistable() and len(v.shape()) == 2 and
+               v.shape()[0] == v.shape()[1] for v in shapes):
+        return 0
     changed = 0
     with static_mode():
         exe = paddle.static.Executor(paddle.CPUPlace())
