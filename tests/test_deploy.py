@@ -515,3 +515,15 @@ def test_square_int8_linear_weights_keep_their_output_channel_scales(tmp_path):
     scale = np.abs(expected).max(axis=(0, 2, 3))
     assert (np.abs(got - expected).max(axis=(0, 2, 3)) <= 0.05 * scale).all(), \
         np.abs(got - expected).max(axis=(0, 2, 3)) / scale
+
+
+def test_a_failed_square_weight_rewrite_loads_the_files_as_they_are(tmp_path, monkeypatch):
+    square_linear_model(str(tmp_path), [1.0, 1.0, 1.0, 1.0])
+
+    def fail(*args):
+        raise RuntimeError('unreadable')
+    monkeypatch.setattr(predictor_mod, 'square_weights_by_rows', fail)
+    pred = Predictor(str(tmp_path), EngineOptions(device='cpu', precision='int8', cpu_threads=1,
+                                                  input_shape=(1, 4, 8, 8), int8_layers='all'))
+    assert pred.model_file == os.path.join(str(tmp_path), 'model.pdmodel')
+    assert pred.run(np.zeros((1, 4, 8, 8), np.float32)).shape == (1, 4, 8, 8)

@@ -18,7 +18,7 @@ from segslim.deploy.int8_kinds import conv_kind
 from segslim.deploy.onednn import reference_int8_convs, square_weights_by_rows, verbose_lines
 from segslim.deploy.results import OpSummary, PassChange, Precision
 from segslim.errors import UserError
-from segslim.logger import quiet_native_output
+from segslim.logger import logger, quiet_native_output
 from segslim.options import EngineOptions
 from segslim.program import (
     CONV_TYPES,
@@ -212,7 +212,13 @@ class PaddlePredictor(EngineBase):
         tmp = tempfile.mkdtemp(prefix='segslim-square-')
         weakref.finalize(self, shutil.rmtree, tmp, True)
         prefix = os.path.join(tmp, 'model')
-        if square_weights_by_rows(self.model_file, self.params_file, prefix):
+        try:
+            changed = square_weights_by_rows(self.model_file, self.params_file, prefix)
+        except Exception as e:  # paddle raises generic errors; the files load as they are
+            logger.warning('%s: could not store its square INT8 weights per row (%s); they '
+                           'run as Paddle dequantizes them', self.model_dir, str(e)[:160])
+            return
+        if changed:
             self.model_file, self.params_file = prefix + '.pdmodel', prefix + '.pdiparams'
 
     def _avoid_reference_convs(self) -> None:
