@@ -252,7 +252,8 @@ def drop_idle_uint8(graph: Any) -> int:
                 if user.op_type == 'DequantizeLinear':
                     dqs.append(user)
                     owner[id(user)] = index
-                    kept.update([index] if user.output[0] in outputs else [])
+                    if user.output[0] in outputs:
+                        kept.add(index)
                 elif user.op_type in MOVING_OPS:
                     stack.extend(user.output)
                 elif user.op_type != 'Shape':
