@@ -527,3 +527,31 @@ def test_a_failed_square_weight_rewrite_loads_the_files_as_they_are(tmp_path, mo
                                                   input_shape=(1, 4, 8, 8), int8_layers='all'))
     assert pred.model_file == os.path.join(str(tmp_path), 'model.pdmodel')
     assert pred.run(np.zeros((1, 4, 8, 8), np.float32)).shape == (1, 4, 8, 8)
+
+
+def test_the_kind_choice_is_kept_for_the_program_the_engine_runs(tmp_path, monkeypatch):
+    """The kind choice is cached for the program as the engine runs it: a choice timed on
+    the program with its square weights as Paddle dequantizes them is not reused once the
+    engine runs them per row (nor the other way round), while each is reused as it is."""
+    from segslim.deploy import engine as engine_mod
+    from segslim.deploy import int8_kinds
+    from segslim.deploy.int8_kinds import KindChoice
+    square_linear_model(str(tmp_path / 'model'), [1.0, 2.0, 3.0, 4.0])
+    calls = []
+
+    def choose(present, build):
+        calls.append(list(present))
+        return KindChoice(frozenset(), {'none': 0.02})
+    monkeypatch.setattr(engine_mod, 'choose_float_kinds', choose)
+    monkeypatch.setattr(int8_kinds, 'machine_busy', lambda: False)
+    monkeypatch.setenv('SEGSLIM_CACHE_DIR', str(tmp_path / 'cache'))
+
+    def load():
+        return Predictor(str(tmp_path / 'model'), EngineOptions(
+            device='cpu', precision='int8', cpu_threads=1, input_shape=(1, 4, 8, 8)))
+    assert load().program_changes == {'square_weights_by_rows': 1} and calls == [['matmul']]
+    assert load().kinds.cached and len(calls) == 1
+    monkeypatch.setattr(predictor_mod, 'square_weights_by_rows', lambda *args: 0)
+    as_exported = load()  # the program as exported: a choice of its own
+    assert as_exported.kinds.cached is None and len(calls) == 2
+    assert load().kinds.cached and len(calls) == 2

@@ -134,6 +134,9 @@ class EngineBase:
         # convs the model quantizes that the engine runs in FP32 (no fast INT8 kernel for them
         # on this CPU); `fallback` says why
         self.fp32_convs: List[str] = []
+        # what the engine changed in the exported program before running it, by change: a
+        # kind choice is kept for the program as run (_choice_cache)
+        self.program_changes: Dict[str, Any] = {}
         self.ops = OpSummary()
         if opts.precision == 'int8' and not self.quantized:
             raise UserError(f'{model_dir} holds no quantization scales, so INT8 would silently '
@@ -201,14 +204,16 @@ class EngineBase:
         return self.kinds
 
     def _choice_cache(self, present: List[str]) -> ChoiceCache:
-        """Where the kind choice of this model, engine, precision, thread count, input shape
-        and CPU is kept (int8_kinds.ChoiceCache)."""
+        """Where the kind choice of this model as the engine runs it (program_changes), with
+        this engine, precision, thread count, input shape and CPU, is kept
+        (int8_kinds.ChoiceCache)."""
         cpu = cpu_features(ask_paddle=False)
         files = [p for p in (self.deploy['model'], self.deploy.get('params'))
                  if p and os.path.isfile(p)]
         return ChoiceCache(files, {
             'backend': self.backend, 'precision': self.opts.precision,
             'threads': self.opts.cpu_threads, 'shape': self.probe_shape(), 'kinds': present,
+            'program_changes': self.program_changes,
             'cpu': [cpu['model'], cpu['isa']], 'segslim': segslim.__version__,
             'versions': package_versions([self.package])})
 

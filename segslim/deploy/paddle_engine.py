@@ -220,6 +220,7 @@ class PaddlePredictor(EngineBase):
             return
         if changed:
             self.model_file, self.params_file = prefix + '.pdmodel', prefix + '.pdiparams'
+            self.program_changes['square_weights_by_rows'] = changed
 
     def _avoid_reference_convs(self) -> None:
         """Runs in FP32 the INT8 convs that oneDNN has only its reference kernel for on this
@@ -243,7 +244,7 @@ class PaddlePredictor(EngineBase):
             return
         self.model_file = model_file
         self._create()  # keeps `fallback` unless the engine needed another change
-        self.fp32_convs = changed
+        self.fp32_convs = self.program_changes['fp32_convs'] = changed
         note = '{} INT8 convs run FP32: this CPU has only oneDNN\'s reference INT8 kernel for ' \
                'their shapes ({})'.format(len(changed), '; '.join(map(describe_conv,
                                                                       sorted(shapes))))
