@@ -421,6 +421,12 @@ def test_choice_cache_keys_by_contents_and_settings_and_keeps_the_newest(tmp_pat
     got = ChoiceCache([str(model)], {'threads': 2}).load()
     assert got.float_kinds == {'grouped'} and got.seconds == choice.seconds and got.cached
     assert ChoiceCache([str(model)], {'threads': 1}).load() is None
+    # made by an earlier version of the choice: timed again
+    version = int8_kinds.CHOICE_VERSION
+    monkeypatch.setattr(int8_kinds, 'CHOICE_VERSION', version + 1)
+    assert ChoiceCache([str(model)], {'threads': 2}).load() is None
+    monkeypatch.setattr(int8_kinds, 'CHOICE_VERSION', version)
+    assert ChoiceCache([str(model)], {'threads': 2}).load() is not None
     model.write_bytes(b'two')  # another model in the same file: measured again
     assert ChoiceCache([str(model)], {'threads': 2}).load() is None
     for threads in (3, 4):

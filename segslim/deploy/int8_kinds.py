@@ -40,6 +40,10 @@ CACHE_ENV = 'SEGSLIM_CACHE_DIR'
 # Choices kept at most (each a few hundred bytes); the oldest go first.
 CACHE_FILES = 1000
 
+# Changed with what choose_float_kinds tries: a choice made by an earlier version is timed
+# again (2: every kind in float is tried as well).
+CHOICE_VERSION = 2
+
 KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuffle')
 # A variant must be this much faster than the model it is compared with to change the
 # choice: below it, timing noise decides.
@@ -83,16 +87,17 @@ class KindChoice:
 
 
 class ChoiceCache:
-    """Measured choices on disk, one JSON file per key: the sha256 of `settings` and of the
-    contents of `files`. A cache that cannot be read or written is passed over (a read-only
-    home must not stop a run)."""
+    """Measured choices on disk, one JSON file per key: the sha256 of `settings`, of
+    CHOICE_VERSION and of the contents of `files`. A cache that cannot be read or written
+    is passed over (a read-only home must not stop a run)."""
 
     def __init__(self, files: Sequence[str], settings: Dict[str, Any]):
         self.path: Optional[str] = None
         folder = cache_dir()
         if folder is None:  # turned off: the model files are not read
             return
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        digest = hashlib.sha256(json.dumps({**settings, 'choice': CHOICE_VERSION},
+                                           sort_keys=True).encode())
         for path in files:
             with open(path, 'rb') as f:
                 for block in iter(lambda: f.read(1 << 20), b''):
