@@ -10,6 +10,7 @@ from PIL import Image
 
 from segslim.deploy import paddle_engine as predictor_mod
 from segslim.deploy.paddle_engine import PaddlePredictor as Predictor
+from segslim.deploy.results import NOT_FASTER_NOTE
 from segslim.options import EngineOptions
 
 ROW_FIELDS = ('model_dir', 'precision', 'miou', 'class_iou', 's_per_img', 'p90_s', 'speedup',
@@ -123,9 +124,15 @@ def test_int8_op_set_falls_back_and_says_so(exported, monkeypatch):
     pred = Predictor(exported['int8'], EngineOptions(precision='int8',
                                                      input_shape=(1, 3, 64, 64)))
     assert pred.fallback and 'narrowed' in pred.fallback and 'concat' in pred.fallback
-    assert pred.ops.int8_conv_ops > 0
+    assert 'none' in pred.kinds.seconds
+    # on a busy machine every kind of the instant model's tiny convs may time faster in
+    # float (the engine then says INT8 did not pay); every layer INT8 runs on the narrowed set
+    assert pred.ops.int8_conv_ops > 0 or pred.precision_note == NOT_FASTER_NOTE
+    every = Predictor(exported['int8'], EngineOptions(precision='int8', int8_layers='all',
+                                                      input_shape=(1, 3, 64, 64)))
+    assert 'narrowed' in every.fallback and every.ops.int8_conv_ops > 0
     x = np.zeros((1, 3, 64, 64), np.float32)
-    assert pred.labels(x).shape == (1, 64, 64)
+    assert pred.labels(x).shape == every.labels(x).shape == (1, 64, 64)
 
 
 def test_model_folder_without_deploy_yaml_is_one_line_error(tmp_path):
