@@ -237,7 +237,7 @@ def choose_float_kinds(present: Sequence[str],
             chosen, best = trial_kinds, variant
     for kind in kinds:
         trial(chosen | {kind})
-    if chosen != every and not any(t[0] == _label(every) for t in choice.trials):
+    if chosen != every and _label(every) not in choice.seconds:
         # every kind in float, unless the greedy steps timed it already: kinds that each
         # save less than the margin can save more together, and on onnxruntime a quantized
         # region between two kinds goes only when both are float (uint8.drop_idle_uint8)

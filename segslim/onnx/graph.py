@@ -13,6 +13,23 @@ def producers_of(nodes: Iterable['NodeProto']) -> Dict[str, 'NodeProto']:
     return {name: node for node in nodes for name in node.output}
 
 
+def readers_of(nodes: Iterable['NodeProto']) -> Dict[str, List['NodeProto']]:
+    """{tensor: the nodes that read it} of ONNX nodes (each node once per tensor)."""
+    found: Dict[str, List[NodeProto]] = {}
+    for node in nodes:
+        for name in dict.fromkeys(node.input):
+            found.setdefault(name, []).append(node)
+    return found
+
+
+def redirect(old: str, new: str, users: Iterable['NodeProto']) -> None:
+    """Points every input of `users` that reads `old` at `new`."""
+    for node in users:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
 class GraphError(Exception):
     """onnxruntime cannot run the float graph (e.g. a converter's op at a dynamic size)."""
 
@@ -43,11 +60,7 @@ class Graph:
 
     def readers(self) -> Dict[str, List[Any]]:
         """{tensor: the nodes that read it} now (a snapshot: edits after it are not in it)."""
-        found: Dict[str, List[Any]] = {}
-        for node in self.nodes:
-            for name in dict.fromkeys(node.input):
-                found.setdefault(name, []).append(node)
-        return found
+        return readers_of(self.nodes)
 
     def producers(self) -> Dict[str, 'NodeProto']:
         """{tensor: the node that writes it} now (a snapshot)."""
@@ -65,12 +78,6 @@ class Graph:
         self.inits[name] = value
         self.origin[name] = self.origin.get(base, base)
         return name
-
-    def redirect(self, old: str, new: str, users: Sequence[Any]) -> None:
-        for node in users:
-            for i, name in enumerate(node.input):
-                if name == old:
-                    node.input[i] = new
 
     def sole_consumer(self, name: str, op_type: str,
                       readers: Optional[Dict[str, List[Any]]] = None) -> Optional[Any]:
@@ -90,8 +97,8 @@ class Graph:
         z = self.add_init(tensor + '.zero_point', np.array(zero_point, dtype))
         quantized, restored = self.fresh(tensor + '.q'), self.fresh(tensor + '.dq')
         # a Shape reads the uint8 tensor: no dequantize is computed for it alone
-        self.redirect(tensor, quantized, [u for u in users if u.op_type == 'Shape'])
-        self.redirect(tensor, restored, [u for u in users if u.op_type != 'Shape'])
+        redirect(tensor, quantized, [u for u in users if u.op_type == 'Shape'])
+        redirect(tensor, restored, [u for u in users if u.op_type != 'Shape'])
         self.nodes.append(helper.make_node('QuantizeLinear', [tensor, s, z], [quantized],
                                            name=quantized))
         self.nodes.append(helper.make_node('DequantizeLinear', [quantized, s, z], [restored],

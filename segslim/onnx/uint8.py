@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Set, Tupl
 
 import numpy as np
 
-from segslim.onnx.graph import Graph, producers_of, tensor_ranges
+from segslim.onnx.graph import Graph, producers_of, readers_of, redirect, tensor_ranges
 
 if TYPE_CHECKING:
     from onnx import NodeProto
@@ -222,10 +222,7 @@ def drop_idle_uint8(graph: Any) -> int:
     other than those (a Concat: its other inputs stay uint8) or a graph output is kept.
     Dropping a region drops a rounding: it never loses accuracy against the INT8 graph."""
     producer = producers_of(graph.node)
-    readers: Dict[str, List[Any]] = {}
-    for node in graph.node:
-        for name in dict.fromkeys(node.input):
-            readers.setdefault(name, []).append(node)
+    readers = readers_of(graph.node)
     inits = {t.name for t in graph.initializer}
     outputs = {o.name for o in graph.output}
 
@@ -281,12 +278,11 @@ def drop_idle_uint8(graph: Any) -> int:
     for i, (q, dqs, _) in enumerate(regions):
         if i in kept:
             continue
-        for old, new in [(q.output[0], q.input[0])] + [(dq.output[0], None) for dq in dqs]:
-            for user in [n for n in graph.node if old in n.input]:
-                for k, name in enumerate(user.input):
-                    if name == old:
-                        user.input[k] = new if new is not None else \
-                            next(dq.input[0] for dq in dqs if dq.output[0] == old)
+        # the quantized tensor is the float one again, and then (a dequantize may read the
+        # quantize itself) each dequantize's readers read what the dequantize reads
+        for node in [q] + dqs:
+            old = node.output[0]
+            redirect(old, node.input[0], [n for n in graph.node if old in n.input])
         for node in [q] + dqs:
             graph.node.remove(node)
         dropped += 1
