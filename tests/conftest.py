@@ -1,11 +1,9 @@
-import atexit
 import contextlib
 import hashlib
 import importlib.util
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -16,12 +14,9 @@ from filelock import FileLock
 # The pytest workers share the machine's cores: each one's dygraph work runs on one thread
 # (segslim's default is every core; OMP_NUM_THREADS, where set, wins).
 os.environ.setdefault('OMP_NUM_THREADS', '1')
-# The engines' INT8 choice per kind of layer is kept, as on a user's machine, but only for
-# this test session (one folder per worker, removed at exit): a model's later loads at the
-# same shape reuse it, and no choice of an earlier run or another checkout is read. The
-# cache's own tests set their folder.
-os.environ['SEGSLIM_CACHE_DIR'] = tempfile.mkdtemp(prefix='segslim-test-cache-')
-atexit.register(shutil.rmtree, os.environ['SEGSLIM_CACHE_DIR'], True)
+# No INT8 kind choice of the user's cache is read: the run's own folder is set by the
+# kind_choice_cache fixture before the first test.
+os.environ['SEGSLIM_CACHE_DIR'] = 'off'
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -244,6 +239,19 @@ def instant_data(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('data') / 'instant')
     make_demo_dataset(root, num_train=8, num_val=4, num_test=2, size=64, seed=3)
     return root
+
+
+@pytest.fixture(scope='session', autouse=True)
+def kind_choice_cache(tmp_path_factory):
+    """The engines' INT8 choice per kind of layer is kept, as on a user's machine, but only
+    for this test run: in one folder that the run's pytest-xdist workers share (beside
+    once_per_run's values), so a model that tests in several workers load at the same shape
+    is timed once (the shared `exported` model was timed three times with a folder per
+    worker), and no choice of an earlier run or another checkout is read. The cache's own
+    tests set their folder."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+    os.environ['SEGSLIM_CACHE_DIR'] = str(shared / 'segslim-cache')
 
 
 def once_per_run(tmp_path_factory, name, make):
