@@ -246,7 +246,7 @@ def kind_choice_cache(tmp_path_factory):
     """The engines' INT8 choice per kind of layer is kept, as on a user's machine, but only
     for this test run: in one folder that the run's pytest-xdist workers share (beside
     once_per_run's values), so a model that tests in several workers load at the same shape
-    is timed once (the shared `exported` model was timed three times with a folder per
+    is timed once (the shared `exported` model was timed in two workers with a folder per
     worker), and no choice of an earlier run or another checkout is read. The cache's own
     tests set their folder."""
     base = tmp_path_factory.getbasetemp()

@@ -274,7 +274,7 @@ def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(monkeypatc
 
 def test_a_close_call_is_timed_twice_as_long(monkeypatch):
     """A kind whose first nine turns land within the margin of the threshold is timed for
-    nine more and decided on all eighteen; a clear call is timed once."""
+    nine more and decided on all eighteen; a clear call is timed once, for three turns."""
     from segslim.deploy import int8_kinds
     clock = [0.0]
     monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
@@ -293,11 +293,37 @@ def test_a_close_call_is_timed_twice_as_long(monkeypatch):
     assert choice.float_kinds == {'grouped'}  # 0.94x over both: faster than the margin
     ratio = {variant: r for variant, _, r in choice.trials}['grouped']
     assert ratio == pytest.approx(0.94)
-    runs['grouped'] = 10 ** 6  # 0.90x from the start: chosen after one pairing
+    runs['grouped'] = 10 ** 6  # 0.90x from the start: chosen after three turns
     clear = choose_float_kinds(['grouped', 'spatial'], build)
     # its own trial, then grouped and grouped+spatial in spatial's (1.5x: clear as well)
-    assert runs['grouped'] == 10 ** 6 + 3 * (2 + 2 * 9)
+    assert runs['grouped'] == 10 ** 6 + 3 * (2 + 2 * 3)
     assert clear.float_kinds == {'grouped'}
+    # a turn on the other side of the band (or inside it) takes all nine turns
+    assert not int8_kinds._clear([1.0, 1.0, 1.0], [0.90, 0.90, 0.95])
+    assert not int8_kinds._clear([1.0, 1.0, 1.0], [1.05, 0.90, 1.05])
+    assert int8_kinds._clear([1.0, 1.0, 1.0], [1.05, 1.5, 1.04])
+
+
+def test_a_slow_model_is_timed_for_three_turns_or_its_budget(monkeypatch):
+    """A model that runs for seconds (a 1024x512 ResNet50 head) is timed for three turns,
+    close calls included, once the turns have taken the budget; a fast one for nine."""
+    from segslim.deploy import int8_kinds
+    clock = [0.0]
+    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
+
+    def timed(secs, ratio):
+        def run(secs):
+            def once():
+                clock[0] += secs
+            return once
+        return int8_kinds._compare(run(secs), run(secs * ratio))
+    # four runs a turn: 3 turns of 4 x 4 s pass the 30 s budget, a close call's 3 more too
+    assert len(timed(4.0, 0.98).first) == 3 + 3
+    assert len(timed(4.0, 1.00).first) == 3
+    assert len(timed(0.01, 1.00).first) == 9
+    assert len(timed(0.01, 0.98).first) == 18
+    # the turns before the budget is spent decide: 30 s in 2-s runs is four turns
+    assert len(timed(2.0, 1.00).first) == 4
 
 
 def assert_auto_claims_what_ran(auto, kinds):

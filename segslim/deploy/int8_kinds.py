@@ -50,6 +50,12 @@ KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuf
 MARGIN = 0.03
 WARMUP = 2
 REPEATS = 9
+# A comparison ends after this many turns when each of them is on the same side of the
+# threshold (1 - MARGIN) by more than twice the margin (a clear call), or when its turns
+# have taken TURNS_BUDGET_S seconds: the choice on a 1024x512 ResNet50 model (ANN) took six
+# minutes on two AVX2 cores with nine turns for its close calls.
+CLEAR_TURNS = 3
+TURNS_BUDGET_S = 30.0
 
 
 def conv_kind(groups: int, in_channels_per_group: int, out_channels_per_group: int,
@@ -180,23 +186,39 @@ class Paired:
         return Paired(self.first + other.first, self.second + other.second)
 
 
-def _paired(first: Callable[[], object], second: Callable[[], object]) -> Paired:
+def _paired(first: Callable[[], object], second: Callable[[], object],
+            stop_when_clear: bool = True) -> Paired:
     """The two timed in turns, each timed run after an untimed one (the engine's threads
-    spin down between callables), REPEATS turns. A turn's ratio compares two runs a few
-    milliseconds apart, so load on the machine that comes and goes over seconds (which
-    moved the lower quartiles of the two by more than MARGIN in either direction) falls
-    on both sides of it."""
+    spin down between callables), REPEATS turns; at least CLEAR_TURNS, and no more once
+    the turns have taken TURNS_BUDGET_S or, when `stop_when_clear`, are a clear call
+    (_clear). A turn's ratio compares two runs a few milliseconds apart, so load on the
+    machine that comes and goes over seconds (which moved the lower quartiles of the two by
+    more than MARGIN in either direction) falls on both sides of it."""
     for run in (first, second):
         for _ in range(WARMUP):
             run()
     times: List[List[float]] = [[], []]
-    for _ in range(REPEATS):
+    start = time.perf_counter()
+    for turn in range(1, REPEATS + 1):
         for i, run in enumerate((first, second)):
             run()
             tic = time.perf_counter()
             run()
             times[i].append(time.perf_counter() - tic)
+        if turn >= CLEAR_TURNS and (time.perf_counter() - start >= TURNS_BUDGET_S or
+                                    stop_when_clear and _clear(times[0], times[1])):
+            break
     return Paired(tuple(times[0]), tuple(times[1]))
+
+
+def _clear(first: Sequence[float], second: Sequence[float]) -> bool:
+    """Whether each turn put the second's time over the first's on the same side of the
+    threshold (1 - MARGIN), more than 2 * MARGIN away: their median is then outside the
+    band that _compare times again."""
+    ratios = np.divide(second, first)
+    threshold = 1 - MARGIN
+    return bool(np.all(ratios > threshold + 2 * MARGIN) or
+                np.all(ratios < threshold - 2 * MARGIN))
 
 
 def _compare(first: Callable[[], object], second: Callable[[], object]) -> Paired:
@@ -207,7 +229,7 @@ def _compare(first: Callable[[], object], second: Callable[[], object]) -> Paire
     more than the kind itself does."""
     timed = _paired(first, second)
     if abs(timed.ratio - (1 - MARGIN)) < MARGIN:
-        timed = timed + _paired(first, second)
+        timed = timed + _paired(first, second, stop_when_clear=False)
     return timed
 
 
