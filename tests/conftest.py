@@ -249,9 +249,14 @@ def kind_choice_cache(tmp_path_factory):
     is timed once (the shared `exported` model was timed in two workers with a folder per
     worker), and no choice of an earlier run or another checkout is read. The cache's own
     tests set their folder."""
+    os.environ['SEGSLIM_CACHE_DIR'] = str(run_folder(tmp_path_factory) / 'segslim-cache')
+
+
+def run_folder(tmp_path_factory):
+    """The temp folder of this test run that its pytest-xdist workers share (each worker's
+    own is a folder in it)."""
     base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
-    os.environ['SEGSLIM_CACHE_DIR'] = str(shared / 'segslim-cache')
+    return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
 
 
 def once_per_run(tmp_path_factory, name, make):
@@ -260,7 +265,7 @@ def once_per_run(tmp_path_factory, name, make):
     worker's temp folder, which lasts the run) while the others wait, then read it."""
     if not os.environ.get('PYTEST_XDIST_WORKER'):
         return make()
-    shared = tmp_path_factory.getbasetemp().parent / f'{name}.json'
+    shared = run_folder(tmp_path_factory) / f'{name}.json'
     with FileLock(f'{shared}.lock'):
         if shared.is_file():
             return json.loads(shared.read_text())
