@@ -52,8 +52,9 @@ WARMUP = 2
 REPEATS = 9
 # A comparison ends after this many turns when each of them is on the same side of the
 # threshold (1 - MARGIN) by more than twice the margin (a clear call), or when its turns
-# have taken TURNS_BUDGET_S seconds: the choice on a 1024x512 ResNet50 model (ANN) took six
-# minutes on two AVX2 cores with nine turns for its close calls.
+# have taken TURNS_BUDGET_S seconds: with nine turns a comparison, the choice on a 1024x512
+# ResNet50 model (ANN, OpenVINO) took ten minutes on two AVX2 cores, six with clear calls cut
+# short (its close call on pools took eighteen turns of runs over a second each).
 CLEAR_TURNS = 3
 TURNS_BUDGET_S = 30.0
 
