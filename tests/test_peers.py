@@ -175,21 +175,28 @@ def test_conv_kinds():
     assert conv_kind(4, 8, 8, [3, 3]) == 'grouped'
 
 
-def test_choose_float_kinds_keeps_int8_where_it_is_faster(monkeypatch):
-    # a model whose grouped convs are slower in INT8 and whose spatial convs are faster, on
-    # a clock that each run moves by its time (a loaded machine's sleeps moved by more than
-    # the choice's margin)
+@pytest.fixture
+def clock(monkeypatch):
+    """The kind choice's clock, moved only by the runs of fake variants (runs_for): a
+    loaded machine's sleeps moved by more than the choice's margin."""
     from segslim.deploy import int8_kinds
-    clock = [0.0]
-    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
+    now = [0.0]
+    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: now[0])
+    return now
 
-    def after(secs):
-        def run():
-            clock[0] += secs
-        return run
 
+def runs_for(clock, secs):
+    """A fake variant's run: moves `clock` by `secs`."""
+    def run():
+        clock[0] += secs
+    return run
+
+
+def test_choose_float_kinds_keeps_int8_where_it_is_faster(clock):
+    # a model whose grouped convs are slower in INT8 and whose spatial convs are faster
     def build(kinds):
-        return after(0.02 - 0.008 * ('grouped' in kinds) + 0.008 * ('spatial' in kinds))
+        return runs_for(clock, 0.02 - 0.008 * ('grouped' in kinds) +
+                        0.008 * ('spatial' in kinds))
     choice = choose_float_kinds(['spatial', 'grouped', 'pointwise'], build)
     assert choice.float_kinds == {'grouped'}
     every = 'grouped+pointwise+spatial'
@@ -206,26 +213,18 @@ def test_choose_float_kinds_keeps_int8_where_it_is_faster(monkeypatch):
     assert ratios['grouped'] < 0.8 < 1.2 < ratios['grouped+spatial']
     assert 'grouped {:.2f}x of none'.format(ratios['grouped']) in choice.describe()
     # a kind whose float variant is no faster than the model as quantized is not chosen
-    flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: after(0.01))
+    flat = choose_float_kinds(['spatial', 'grouped'], lambda kinds: runs_for(clock, 0.01))
     assert flat.float_kinds == frozenset() and not flat.describe()
     assert 'grouped layers run in float' in choice.describe()
     assert list(KINDS).index('grouped') < list(KINDS).index('spatial')
 
 
-def test_kinds_that_pay_only_together_run_in_float_together(monkeypatch):
+def test_kinds_that_pay_only_together_run_in_float_together(clock):
     """Each kind alone is 2 % faster in float (within the margin: kept INT8 by the greedy
     steps), both together 10 % (as when the quantized regions between them go only with
     both): every kind runs in float, checked once more against the model as quantized."""
-    from segslim.deploy import int8_kinds
-    clock = [0.0]
-    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
-
     def build(kinds):
-        secs = 0.010 * {0: 1.0, 1: 0.98, 2: 0.90}[len(kinds)]
-
-        def run():
-            clock[0] += secs
-        return run
+        return runs_for(clock, 0.010 * {0: 1.0, 1: 0.98, 2: 0.90}[len(kinds)])
     choice = choose_float_kinds(['spatial', 'pointwise'], build)
     assert choice.float_kinds == {'pointwise', 'spatial'}
     assert [t[:2] for t in choice.trials] == [
@@ -234,26 +233,19 @@ def test_kinds_that_pay_only_together_run_in_float_together(monkeypatch):
     assert choice.trials[-1][2] == pytest.approx(0.90)
     # when the greedy steps timed every kind in float already, it is not timed again
     def spatial_slower(kinds):
-        secs = 0.010 * (0.9 if 'pointwise' in kinds else 1.0) * (1.2 if 'spatial' in kinds
-                                                                  else 1.0)
-
-        def run():
-            clock[0] += secs
-        return run
+        return runs_for(clock, 0.010 * (0.9 if 'pointwise' in kinds else 1.0) *
+                        (1.2 if 'spatial' in kinds else 1.0))
     greedy = choose_float_kinds(['spatial', 'pointwise'], spatial_slower)
     assert greedy.float_kinds == {'pointwise'}
     assert [t[:2] for t in greedy.trials] == [('pointwise', 'none'),
                                               ('pointwise+spatial', 'pointwise')]
 
 
-def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(monkeypatch):
+def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(clock):
     """Each variant is timed on a fake clock while the machine's load changes from one turn
     to the next (up to 1.6x): the float variant 6 % faster is chosen, one 1 % faster is not,
     and a single chosen kind is not timed against the quantized model a second time."""
-    from segslim.deploy import int8_kinds
-    clock = [0.0]
     calls = []
-    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
     load = iter(np.random.default_rng(0).uniform(1.0, 1.6, 10 ** 4))
     state = {'turn_load': 1.0, 'runs': 0}
 
@@ -272,12 +264,10 @@ def test_the_kind_choice_pairs_turns_against_load_that_comes_and_goes(monkeypatc
     assert frozenset() in calls and not any(c == frozenset() for c in calls[len(calls) // 2:])
 
 
-def test_a_close_call_is_timed_twice_as_long(monkeypatch):
+def test_a_close_call_is_timed_twice_as_long(clock):
     """A kind whose first nine turns land within the margin of the threshold is timed for
     nine more and decided on all eighteen; a clear call is timed once, for three turns."""
     from segslim.deploy import int8_kinds
-    clock = [0.0]
-    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
     runs = {'grouped': 0}
 
     def build(kinds):
@@ -304,19 +294,13 @@ def test_a_close_call_is_timed_twice_as_long(monkeypatch):
     assert int8_kinds._clear([1.0, 1.0, 1.0], [1.05, 1.5, 1.04])
 
 
-def test_a_slow_model_is_timed_for_three_turns_or_its_budget(monkeypatch):
+def test_a_slow_model_is_timed_for_three_turns_or_its_budget(clock):
     """A model that runs for seconds (a 1024x512 ResNet50 head) is timed for three turns,
     close calls included, once the turns have taken the budget; a fast one for nine."""
     from segslim.deploy import int8_kinds
-    clock = [0.0]
-    monkeypatch.setattr(int8_kinds.time, 'perf_counter', lambda: clock[0])
 
     def timed(secs, ratio):
-        def run(secs):
-            def once():
-                clock[0] += secs
-            return once
-        return int8_kinds._compare(run(secs), run(secs * ratio))
+        return int8_kinds._compare(runs_for(clock, secs), runs_for(clock, secs * ratio))
     # four runs a turn: 3 turns of 4 x 4 s pass the 30 s budget, a close call's 3 more too
     assert len(timed(4.0, 0.98).first) == 3 + 3
     assert len(timed(4.0, 1.00).first) == 3

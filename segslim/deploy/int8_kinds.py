@@ -48,13 +48,15 @@ KINDS = ('depthwise', 'grouped', 'pointwise', 'spatial', 'matmul', 'pool', 'shuf
 # A variant must be this much faster than the model it is compared with to change the
 # choice: below it, timing noise decides.
 MARGIN = 0.03
+# What a variant's time over the model's it is compared with must be under to be chosen.
+THRESHOLD = 1 - MARGIN
 WARMUP = 2
 REPEATS = 9
-# A comparison ends after this many turns when each of them is on the same side of the
-# threshold (1 - MARGIN) by more than twice the margin (a clear call), or when its turns
-# have taken TURNS_BUDGET_S seconds: with nine turns a comparison, the choice on a 1024x512
-# ResNet50 model (ANN, OpenVINO) took ten minutes on two AVX2 cores, six with clear calls cut
-# short (its close call on pools took eighteen turns of runs over a second each).
+# A comparison ends after this many turns when each of them is on the same side of
+# THRESHOLD by more than twice the margin (a clear call), or when its turns have taken
+# TURNS_BUDGET_S seconds: with nine turns a comparison, the choice on a 1024x512 ResNet50
+# model (ANN, OpenVINO) took ten minutes on two AVX2 cores, six with clear calls cut short
+# (its close call on pools took eighteen turns of runs over a second each).
 CLEAR_TURNS = 3
 TURNS_BUDGET_S = 30.0
 
@@ -207,29 +209,28 @@ def _paired(first: Callable[[], object], second: Callable[[], object],
             run()
             times[i].append(time.perf_counter() - tic)
         if turn >= CLEAR_TURNS and (time.perf_counter() - start >= TURNS_BUDGET_S or
-                                    stop_when_clear and _clear(times[0], times[1])):
+                                    (stop_when_clear and _clear(times[0], times[1]))):
             break
     return Paired(tuple(times[0]), tuple(times[1]))
 
 
 def _clear(first: Sequence[float], second: Sequence[float]) -> bool:
-    """Whether each turn put the second's time over the first's on the same side of the
-    threshold (1 - MARGIN), more than 2 * MARGIN away: their median is then outside the
-    band that _compare times again."""
+    """Whether each turn put the second's time over the first's on the same side of
+    THRESHOLD, more than 2 * MARGIN away: their median is then outside the band that
+    _compare times again."""
     ratios = np.divide(second, first)
-    threshold = 1 - MARGIN
-    return bool(np.all(ratios > threshold + 2 * MARGIN) or
-                np.all(ratios < threshold - 2 * MARGIN))
+    return bool(np.all(ratios > THRESHOLD + 2 * MARGIN) or
+                np.all(ratios < THRESHOLD - 2 * MARGIN))
 
 
 def _compare(first: Callable[[], object], second: Callable[[], object]) -> Paired:
-    """_paired, and once more when the ratio lands within MARGIN of the choice's threshold
-    (1 - MARGIN), the two pooled: on a shared VM nine turns put a kind 4 % faster in float
-    on either side of the threshold from one load to the next (SegFormer-B0's larger convs
-    on a VNNI EPYC: 0.92x to 1.02x in six pairings), and that flip moved the model's time by
-    more than the kind itself does."""
+    """_paired, and once more when the ratio lands within MARGIN of THRESHOLD, the two
+    pooled: on a shared VM nine turns put a kind 4 % faster in float on either side of the
+    threshold from one load to the next (SegFormer-B0's larger convs on a VNNI EPYC: 0.92x
+    to 1.02x in six pairings), and that flip moved the model's time by more than the kind
+    itself does."""
     timed = _paired(first, second)
-    if abs(timed.ratio - (1 - MARGIN)) < MARGIN:
+    if abs(timed.ratio - THRESHOLD) < MARGIN:
         timed = timed + _paired(first, second, stop_when_clear=False)
     return timed
 
@@ -256,7 +257,7 @@ def choose_float_kinds(present: Sequence[str],
         choice.seconds[_label(chosen)] = timed.first_s
         choice.seconds[_label(trial_kinds)] = timed.second_s
         choice.trials.append((_label(trial_kinds), _label(chosen), timed.ratio))
-        if timed.ratio < 1 - MARGIN:
+        if timed.ratio < THRESHOLD:
             chosen, best = trial_kinds, variant
     for kind in kinds:
         trial(chosen | {kind})
@@ -269,7 +270,7 @@ def choose_float_kinds(present: Sequence[str],
         timed = _compare(quantized, best)
         choice.seconds['none'], choice.seconds[_label(chosen)] = timed.first_s, timed.second_s
         choice.trials.append((_label(chosen), 'none', timed.ratio))
-        if timed.ratio >= 1 - MARGIN:
+        if timed.ratio >= THRESHOLD:
             chosen = frozenset()
     choice.float_kinds = chosen
     if chosen:
